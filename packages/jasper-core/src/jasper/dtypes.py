@@ -1,0 +1,85 @@
+"""Logical dtypes, and the bridge between torch tensors and numpy storage.
+
+jasper's public API is tensors in, tensors out. Most storage libraries (numpy, h5py, zarr) speak
+numpy, which has no bfloat16; bfloat16 arrays are therefore stored as their raw 16-bit pattern
+(``uint16``) and the manifest records the logical dtype, so the round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Logical dtype name -> torch dtype. Names are what the manifest records.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+
+# Logical dtype name -> numpy dtype used on disk. bfloat16 travels as its bit pattern.
+STORAGE_NUMPY: dict[str, np.dtype] = {
+    name: np.dtype("uint16") if name == "bfloat16" else np.dtype(name) for name in TORCH_DTYPES
+}
+
+FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The logical name of a torch dtype, e.g. ``torch.bfloat16 -> "bfloat16"``."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise TypeError(f"dtype {dtype} is not supported by jasper") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a logical dtype name."""
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise TypeError(
+            f"unknown dtype name {name!r}; known: {', '.join(sorted(TORCH_DTYPES))}"
+        ) from None
+
+
+def to_storage(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor's bytes, in its storage dtype (no copy when contiguous)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+        return t.numpy().view(np.uint16)
+    return t.numpy()
+
+
+def from_storage(array: np.ndarray, logical: str) -> torch.Tensor:
+    """A tensor sharing memory with ``array`` (storage dtype) that has the logical dtype.
+
+    Read-only arrays (memory maps opened ``"r"``) are shared as well; torch warns about writing to
+    them, so callers that hand such tensors to users must treat them as read-only.
+    """
+    expected = STORAGE_NUMPY[logical]
+    if array.dtype != expected:
+        array = array.astype(expected)
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch warns once for non-writable numpy arrays; jasper documents mapped tensors as
+        # read-only instead of paying for a copy.
+        warnings.simplefilter("ignore", UserWarning)
+        if logical == "bfloat16":
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
