@@ -249,6 +249,9 @@ class BackendEntrypoint(abc.ABC):
     marker_files: ClassVar[tuple[str, ...]] = ()
     #: When several backends recognise a directory, the highest priority opens it.
     open_priority: ClassVar[int] = 0
+    #: Named sets of write options worth comparing (e.g. ``{"lzf": {"compression": "lzf"}}``).
+    #: The benchmark suite measures each; the conformance kit round-trips each.
+    write_presets: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}
 
     def guess_can_open(self, path: str | Path) -> bool:
         """Whether ``path`` (a dataset directory) looks like this backend's. Cheap: no parsing."""
