@@ -176,6 +176,25 @@ class StoreReader(abc.ABC):
             "(e.g. `jasper convert SRC DST --to pt`)"
         )
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (a preallocated CPU tensor of the array's shape and dtype, possibly a
+        view into a larger buffer) with the whole array; returns ``out``.
+
+        This is how a preload avoids double copies: backends override it to read straight into
+        ``out`` (h5py ``read_direct``, a copy from a mapped file). The default streams chunks, so
+        its extra memory is one chunk, never a second whole array.
+        """
+        info = self.info(name)
+        if tuple(out.shape) != tuple(info.shape) or out.dtype != info.dtype:
+            raise ValueError(f"read_into({name!r}): out is {tuple(out.shape)} {out.dtype}, "
+                             f"the array is {info.shape} {info.dtype}")
+        row = 0
+        for chunk in self.iter_chunks(name):
+            n = chunk.shape[0] if chunk.dim() else 1
+            out[row : row + n].copy_(chunk)
+            row += n
+        return out
+
     def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of ``name`` (default: slice a whole read)."""
         return self.read(name)[start:stop].clone()
