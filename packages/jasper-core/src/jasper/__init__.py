@@ -63,14 +63,19 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from jasper.backend import BackendEntrypoint, Capabilities, StoreReader
-    from jasper.manifest import Manifest
-    from jasper.registry import (
-        get_backend,
-        guess_backend,
-        list_backends,
-        refresh_backends,
-        register_backend,
-    )
-    from jasper.store import ConvertReport, convert, open_store, write_store
-    from jasper.validation import DataQualityWarning, check_arrays, validate
+    from jasper.backend import BackendEntrypoint as BackendEntrypoint
+    from jasper.backend import Capabilities as Capabilities
+    from jasper.backend import StoreReader as StoreReader
+    from jasper.manifest import Manifest as Manifest
+    from jasper.registry import get_backend as get_backend
+    from jasper.registry import guess_backend as guess_backend
+    from jasper.registry import list_backends as list_backends
+    from jasper.registry import refresh_backends as refresh_backends
+    from jasper.registry import register_backend as register_backend
+    from jasper.store import ConvertReport as ConvertReport
+    from jasper.store import convert as convert
+    from jasper.store import open_store as open_store
+    from jasper.store import write_store as write_store
+    from jasper.validation import DataQualityWarning as DataQualityWarning
+    from jasper.validation import check_arrays as check_arrays
+    from jasper.validation import validate as validate

@@ -218,7 +218,7 @@ class StoreReader(abc.ABC):
         for start in range(0, n, step):
             yield self.read_slice(name, start, min(n, start + step))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op for stateless readers
         """Release files and maps. Tensors already returned by :meth:`read` stay valid."""
 
     def __enter__(self) -> StoreReader:

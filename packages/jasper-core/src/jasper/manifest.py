@@ -197,7 +197,7 @@ class Checksummer:
 
     def update(self, chunk: torch.Tensor | np.ndarray) -> None:
         arr = to_storage(chunk) if isinstance(chunk, torch.Tensor) else np.ascontiguousarray(chunk)
-        self._h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+        self._h.update(arr.reshape(-1).view(np.uint8).data)
 
     def hexdigest(self) -> str:
         return f"{CHECKSUM_ALGORITHM}:{self._h.hexdigest()}"

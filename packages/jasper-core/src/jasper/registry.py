@@ -357,9 +357,8 @@ def guess_backend(path: str | Path, preferred: str | None = None) -> str:
     """
     p = Path(path)
     infos = list_backends()
-    if preferred and preferred in infos:
-        if get_backend(preferred).guess_can_open(p):
-            return preferred
+    if preferred and preferred in infos and get_backend(preferred).guess_can_open(p):
+        return preferred
     matches: list[tuple[int, str]] = []
     for name in infos:
         backend = get_backend(name)

@@ -126,7 +126,7 @@ def check_layout(arrays: Mapping[str, ArraySource], manifest: Manifest) -> None:
         want = {Cols.EMBEDDING_DIM: manifest.embedding_dim, Cols.N_NEG: manifest.n_neg,
                 Cols.TWO: 2}.get(spec.cols) if spec.cols else None
         if want is not None and shape[1] != want:
-            raise ShapeError(f"{name} has {shape[1]} columns, expected {want} ({spec.cols.value})",
+            raise ShapeError(f"{name} has {shape[1]} columns, expected {want}",
                              array=name, rule="columns")
         if spec.role is Role.PAIR and shape[0] != n_pairs:
             raise ShapeError(f"{name} has {shape[0]} rows but pair_index has {n_pairs}",
@@ -181,7 +181,7 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_leftovers(target: Path) -> list[Path]:
     """Remove temporary directories of interrupted writes to ``target`` whose writer is dead."""
-    removed = []
+    removed: list[Path] = []
     parent = target.parent
     if not parent.is_dir():
         return removed
@@ -344,9 +344,9 @@ def convert(
 
 
 __all__ = [
+    "MANIFEST_NAME",
     "ConvertReport",
     "DatasetExistsError",
-    "MANIFEST_NAME",
     "clean_leftovers",
     "convert",
     "dir_size",

@@ -244,8 +244,8 @@ class _PairGenerator:
 def _split_indices(cfg: SynthConfig) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([cfg.seed, 3])
     perm = rng.permutation(cfg.n_pairs).astype(np.int64)
-    n_train = int(round(cfg.split_ratios[0] * cfg.n_pairs))
-    n_val = int(round(cfg.split_ratios[1] * cfg.n_pairs))
+    n_train = round(cfg.split_ratios[0] * cfg.n_pairs)
+    n_val = round(cfg.split_ratios[1] * cfg.n_pairs)
     n_val = min(n_val, cfg.n_pairs - n_train)
     return {
         "train_idx": np.sort(perm[:n_train]),

@@ -1,0 +1,311 @@
+"""The ``jasper`` command line: backends, synth, info, validate, convert, demo.
+
+Exit codes: 0 success, 1 a jasper error (bad dataset, failed validation...), 2 bad usage,
+130 interrupted. Errors print one line without a traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jasper import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """``key=value`` with JSON values where they parse (``level=4`` -> 4, ``shuffle=true``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.replace("-", "_"), value
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    opts = dict(args.option or [])
+    if getattr(args, "compression", None) is not None:
+        opts["compression"] = args.compression
+    if getattr(args, "compression_level", None) is not None:
+        opts["compression_level"] = args.compression_level
+    return opts
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+# --- commands ---------------------------------------------------------------------------------
+def cmd_backends(args: argparse.Namespace) -> int:
+    from jasper.registry import get_backend, installable_backends, list_backends
+
+    installed = []
+    for name, info in list_backends().items():
+        entry = info.to_dict()
+        try:
+            flags = get_backend(name).capabilities
+            entry["capabilities"] = {k: bool(v) for k, v in vars(flags).items()}
+        except Exception as exc:  # a broken backend is reported, not fatal to the listing
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        installed.append(entry)
+    missing = [{"name": k.name, "package": k.package, "description": k.description,
+                "install": f"pip install {k.package}"} for k in installable_backends().values()]
+    if args.json:
+        print(json.dumps({"installed": installed, "installable": missing}, indent=2))
+        return EXIT_OK
+    print("Installed backends:")
+    if not installed:
+        print("  (none) - pip install jasper-pt")
+    for e in installed:
+        caps = ", ".join(k for k, v in (e.get("capabilities") or {}).items() if v)
+        origin = f"{e['distribution']} {e['version']}" if e["distribution"] else "run-time"
+        print(f"  {e['name']:<15} {origin:<28} {e['description']}")
+        if caps:
+            print(f"  {'':<15} capabilities: {caps}")
+        if "error" in e:
+            print(f"  {'':<15} ERROR: {e['error']}")
+    if missing:
+        print("Installable:")
+        for m in missing:
+            print(f"  {m['name']:<15} {m['install']:<35} {m['description']}")
+    return EXIT_OK
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import time
+
+    if args.kind == "cluster-labeled":
+        try:
+            from jasper_memmap_sqlite import write_synthetic_cluster_labeled
+        except ImportError:
+            from jasper.errors import BackendNotFoundError
+            from jasper.registry import list_backends
+
+            raise BackendNotFoundError("memmap-sqlite", list_backends(),
+                                       "pip install jasper-memmap-sqlite") from None
+        t0 = time.perf_counter()
+        out = write_synthetic_cluster_labeled(
+            args.path, n_samples=args.samples, embedding_dim=args.dim,
+            n_clusters=args.clusters, seed=args.seed, overwrite=args.overwrite,
+            progress=_progress(args),
+        )
+        print(f"wrote cluster-labeled dataset {out} ({args.samples} samples, D={args.dim}, "
+              f"{args.clusters} clusters) in {time.perf_counter() - t0:.1f} s")
+        return EXIT_OK
+
+    from jasper.store import dir_size
+    from jasper.synth import SynthConfig, write_synthetic
+
+    cfg = SynthConfig(
+        n_pairs=args.pairs, embedding_dim=args.dim, n_neg=args.neg, n_clusters=args.clusters,
+        dtype=args.dtype, seed=args.seed, dataset_name=args.name or Path(args.path).name,
+    )
+    t0 = time.perf_counter()
+    out = write_synthetic(args.path, cfg, backend=args.backend, overwrite=args.overwrite,
+                          progress=_progress(args), **_options(args))
+    print(f"wrote {out} with backend {args.backend!r}: {cfg.n_pairs:,} pairs, D={cfg.embedding_dim}, "
+          f"n_neg={cfg.n_neg}, {cfg.dtype}, {_mib(dir_size(out))} in {time.perf_counter() - t0:.1f} s")
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from jasper.dtypes import dtype_name
+    from jasper.store import dir_size, open_store
+
+    with open_store(args.path, args.backend) as reader:
+        m = reader.manifest
+        arrays = {n: reader.info(n) for n in reader.array_names()}
+        data: dict[str, Any] = {
+            "path": str(reader.path),
+            "backend": reader.backend_name,
+            "size_bytes": dir_size(reader.path),
+            "schema_version": m.schema_version,
+            "writer": m.writer,
+            "dataset_name": m.dataset_name,
+            "embedding_dim": m.embedding_dim,
+            "n_neg": m.n_neg,
+            "n_clusters": m.n_clusters,
+            "created_at": m.created_at,
+            "splits": {s: int(arrays[f"{s}_idx"].shape[0]) for s in ("train", "val", "test")
+                       if f"{s}_idx" in arrays},
+            "arrays": {n: {"shape": list(i.shape), "dtype": dtype_name(i.dtype),
+                           "bytes": i.nbytes} for n, i in arrays.items()},
+        }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"{data['path']}  [{data['backend']}]  {_mib(data['size_bytes'])}")
+    era = "original system (seed-era manifest)" if m.is_seed_era else f"schema {m.schema_version}"
+    print(f"  name: {data['dataset_name']}   created: {data['created_at']}   {era}")
+    print(f"  D={m.embedding_dim}  n_neg={m.n_neg}  clusters={m.n_clusters}  "
+          f"pairs={arrays['pair_index'].shape[0] if 'pair_index' in arrays else '?'}")
+    print("  splits: " + ", ".join(f"{k}={v:,}" for k, v in data["splits"].items()))
+    for n, a in data["arrays"].items():
+        print(f"  {n:<27} {a['dtype']:<9} {tuple(a['shape'])!s:<18} {_mib(a['bytes']):>14}")
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import warnings
+
+    from jasper.validation import DataQualityWarning, validate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataQualityWarning)
+        report = validate(args.path, deep=args.deep, strict=args.strict, backend=args.backend,
+                          progress=_progress(args))
+    if args.json:
+        print(json.dumps({
+            "path": str(report.path), "ok": report.ok, "n_pairs": report.n_pairs,
+            "seconds": report.seconds, "pairs_per_second": report.pairs_per_second,
+            "checksums_verified": report.checksums_verified,
+            "findings": [vars(f) for f in report.findings],
+        }, indent=2))
+    else:
+        what = "deep " if args.deep else ""
+        print(f"{report.path}: {what}validation passed for {report.n_pairs:,} pairs in "
+              f"{report.seconds:.2f} s ({report.pairs_per_second:,.0f} pairs/s)"
+              + (f"; {report.checksums_verified} checksums verified" if args.deep else ""))
+        for f in report.findings:
+            print(f"  warning: {f.message}")
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from jasper.store import convert
+
+    report = convert(args.src, args.dst, to=args.to, src_backend=args.src_backend,
+                     overwrite=args.overwrite, progress=_progress(args), **_options(args))
+    print(f"source: {report.src} ({report.src_backend}) {_mib(report.src_bytes)}")
+    print(f"target: {report.dst} ({report.dst_backend}) {_mib(report.dst_bytes)}")
+    print(f"saving: {report.saving * 100:+.1f}%  ({report.seconds:.1f} s, bit-exact: checksums match)")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jasper.demo import main as demo_main
+
+    return int(demo_main(list(args.demo_args)))
+
+
+# --- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common.add_argument("--no-progress", action="store_true", help="never show progress bars")
+
+    p = argparse.ArgumentParser(
+        prog="jasper", parents=[common],
+        description="Serve JASPER steering datasets to PyTorch from pluggable storage backends.",
+    )
+    p.add_argument("--version", action="version", version=f"jasper-core {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    b = sub.add_parser("backends", parents=[common], help="list installed and installable backends")
+    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b.set_defaults(func=cmd_backends)
+
+    s = sub.add_parser("synth", parents=[common], help="write a realistic synthetic dataset",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("path", help="target dataset directory (written atomically)")
+    s.add_argument("--kind", choices=["jasper", "cluster-labeled"], default="jasper")
+    s.add_argument("--pairs", type=int, default=20_000, help="number of question-source pairs")
+    s.add_argument("--samples", type=int, default=10_000, help="samples (cluster-labeled kind)")
+    s.add_argument("--dim", type=int, default=384, help="embedding dimension D")
+    s.add_argument("--neg", type=int, default=8, help="hard negatives per pair")
+    s.add_argument("--clusters", type=int, default=16)
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--name", help="dataset_name in the manifest (default: directory name)")
+    s.add_argument("--backend", default="pt", help="storage backend to write with")
+    s.add_argument("--compression", help="compression, for backends that take it")
+    s.add_argument("--compression-level", type=int)
+    s.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE",
+                   help="a backend write option (repeatable)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    s.set_defaults(func=cmd_synth)
+
+    i = sub.add_parser("info", parents=[common], help="describe a dataset")
+    i.add_argument("path")
+    i.add_argument("--backend", default="auto")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("validate", parents=[common], help="check a dataset's integrity")
+    v.add_argument("path")
+    v.add_argument("--deep", action="store_true",
+                   help="also verify every checksum and the backend's own integrity checks")
+    v.add_argument("--strict", action="store_true",
+                   help="fail on data-quality findings (which otherwise only warn)")
+    v.add_argument("--backend", default="auto")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_validate)
+
+    c = sub.add_parser("convert", parents=[common], help="convert a dataset to another backend")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--to", required=True, help="target backend name")
+    c.add_argument("--src-backend", default="auto")
+    c.add_argument("--compression")
+    c.add_argument("--compression-level", type=int)
+    c.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("demo", parents=[common], add_help=False,
+                       help="the main job: synthesise, write with every backend, train, report")
+    d.add_argument("demo_args", nargs=argparse.REMAINDER,
+                   help="options of the demo (see `jasper demo --help`)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # `jasper demo --help` belongs to the demo's own parser
+    if args_list[:1] == ["demo"]:
+        args = argparse.Namespace(command="demo", demo_args=args_list[1:], debug="--debug" in args_list,
+                                  no_progress=False, func=cmd_demo)
+        args.demo_args = [a for a in args.demo_args if a != "--debug"]
+    else:
+        args = parser.parse_args(args_list)
+    from jasper.errors import JasperError
+
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `jasper backends --json | head`: the reader left, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (JasperError, FileExistsError) as exc:
+        if args.debug:
+            raise
+        print(f"jasper {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except TypeError as exc:  # e.g. an unknown write option
+        if args.debug:
+            raise
+        print(f"jasper {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
