@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.demo_args = [a for a in args.demo_args if a != "--debug"]
     else:
         args = parser.parse_args(args_list)
-    from jasper.errors import JasperError
+    from jasper.errors import JasperError, WriteOptionError
 
     try:
         return int(args.func(args))
@@ -299,12 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"jasper {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except TypeError as exc:  # e.g. an unknown write option
-        if args.debug:
-            raise
-        print(f"jasper {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        # an option the backend does not take is a usage error, like argparse's
+        return EXIT_USAGE if isinstance(exc, WriteOptionError) else EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover
