@@ -171,3 +171,38 @@ def test_validate_catches_store_disagreeing_with_manifest(
     torch.save(t[:-1].clone(), broken / "pair_relevance.pt")
     with pytest.raises(ShapeError, match="manifest records"):
         jasper.validate(broken)
+
+
+def test_streamed_finite_check_for_backends_that_cannot_map(
+    small_dataset: Path, copy_dataset: Callable[[Path], Path],
+) -> None:
+    """Without mmap, large float arrays are checked chunk by chunk, never copied whole; the
+    reported row is still the absolute first bad row."""
+    from jasper.backend import Capabilities
+    from jasper.registry import register_backend, unregister_backend
+    from jasper_pt.backend import PTBackend
+
+    class NoMapPT(PTBackend):
+        name = "pt-nomap-validate"
+        capabilities = Capabilities(mmap=False)
+
+    broken = copy_dataset(small_dataset)
+    t = torch.load(broken / "steering_keyword_weighted.pt", weights_only=True)
+    t[1777, 5] = float("-inf")
+    torch.save(t, broken / "steering_keyword_weighted.pt")
+    register_backend("pt-nomap-validate", NoMapPT)
+    try:
+        jasper.validate(small_dataset, backend="pt-nomap-validate")
+        with pytest.raises(IntegrityError, match=r"steering_keyword_weighted\[1777, 5\] = -inf") as info:
+            # a tiny chunk size puts the bad row in a later chunk
+            import jasper.backend as jb
+
+            original = jb.default_rows_per_chunk
+            jb.default_rows_per_chunk = lambda source, target_bytes=0: 100  # type: ignore[assignment]
+            try:
+                jasper.validate(broken, backend="pt-nomap-validate")
+            finally:
+                jb.default_rows_per_chunk = original
+        assert info.value.row == 1777
+    finally:
+        unregister_backend("pt-nomap-validate")

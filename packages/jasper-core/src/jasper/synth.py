@@ -73,13 +73,15 @@ class SynthConfig:
         if abs(sum(self.split_ratios) - 1.0) > 1e-6 or min(self.split_ratios) < 0:
             raise ValueError(f"split_ratios must be non-negative and sum to 1: {self.split_ratios}")
 
+    # Tables default to a quarter of the pairs, capped at 10^6 rows, so that 10^7 pairs at D=384
+    # need about 3 GB of tables in RAM while the pair arrays stream through scratch files.
     @property
     def questions(self) -> int:
-        return self.n_questions or max(self.n_clusters, self.n_pairs // 4)
+        return self.n_questions or max(self.n_clusters, min(self.n_pairs // 4, 1_000_000))
 
     @property
     def sources(self) -> int:
-        n = self.n_sources or max(2 * self.n_clusters, self.n_pairs // 4)
+        n = self.n_sources or max(2 * self.n_clusters, min(self.n_pairs // 4, 1_000_000))
         return max(n, self.n_neg + 2)
 
     @property
