@@ -1,0 +1,329 @@
+"""The ``memmap-sqlite`` backend: one page-aligned ``.npy`` per array, a SQLite catalogue.
+
+Layout of a dataset directory::
+
+    config.json          core's manifest, written last (the commit marker)
+    catalogue.db         SQLite (WAL): the manifest as written, and for every array its file,
+                         logical and storage dtype, shape, data offset, checksum, block checksums
+    <array>.npy          one per array of jasper.schema.ARRAYS (CSR keyword ids as two arrays)
+
+Reads come three ways:
+
+- :meth:`MemmapSqliteReader.map`: a zero-copy read-only tensor over ``numpy.memmap`` with
+  ``madvise(MADV_RANDOM)`` (shuffled batches fault in only the pages they touch; readahead would
+  waste the page cache on neighbours nobody asked for);
+- :meth:`~MemmapSqliteReader.read_rows`: sort + de-duplicate, gather from the map, un-permute;
+- :meth:`~MemmapSqliteReader.read` / ``read_into`` / ``read_slice``: ``preadv`` straight from
+  the file into the destination tensor, the one copy a preload needs.
+
+Mapped tensors are read-only: writing into one crashes the process (the pages are mapped without
+write permission). Clone a tensor before changing it.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap as _mmap
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from jasper.backend import (
+    ArrayInfo,
+    ArraySource,
+    BackendEntrypoint,
+    Capabilities,
+    StoreReader,
+    default_rows_per_chunk,
+)
+from jasper.dtypes import STORAGE_NUMPY, dtype_name, to_storage, torch_dtype
+from jasper.errors import DatasetNotFoundError, FormatError, JasperError, ShapeError
+from jasper.manifest import MANIFEST_NAME, Manifest
+from jasper.schema import ARRAYS
+from jasper_memmap_sqlite.catalogue import (
+    CATALOGUE_DDL,
+    CatalogueEntry,
+    ProcessConnection,
+    block_checksums,
+    check_entry_file,
+    connect,
+    insert_array,
+    load_catalogue,
+    require_tables,
+    sqlite_checks,
+    transaction,
+    verify_blocks,
+)
+from jasper_memmap_sqlite.gather import as_index, gather_rows
+from jasper_memmap_sqlite.npy import (
+    DEFAULT_ALIGN,
+    check_size,
+    madvise,
+    map_tensor,
+    open_memmap,
+    pread_into,
+    read_header,
+    read_rows_direct,
+    tensor_chunks,
+    write_npy,
+)
+
+CATALOGUE_NAME = "catalogue.db"
+FORMAT = "jasper-memmap-sqlite"
+FORMAT_VERSION = 1
+TABLES = ("jasper_meta", "arrays", "array_blocks", "csr")
+
+_BACKEND_DDL = """
+CREATE TABLE IF NOT EXISTS csr (
+    name TEXT PRIMARY KEY,
+    offsets TEXT NOT NULL REFERENCES arrays(name),
+    "values" TEXT NOT NULL REFERENCES arrays(name)
+);
+"""
+
+
+class MemmapSqliteReader(StoreReader):
+    """A read handle on a ``memmap-sqlite`` dataset.
+
+    The catalogue is read and every file's header and size checked when the reader opens; maps
+    are created on first use in each process. Pickling keeps paths and catalogue only, so readers
+    travel to spawned workers and remap there; forked workers share the parent's maps.
+    """
+
+    backend_name = "memmap-sqlite"
+
+    def __init__(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> None:
+        super().__init__(path, manifest)
+        self.mmap = mmap
+        self._db = ProcessConnection(self.path / CATALOGUE_NAME, readonly=True)
+        self._maps: dict[str, torch.Tensor] = {}
+        self._mms: dict[str, np.ndarray] = {}
+        self.entries = self._load_catalogue()
+
+    def _load_catalogue(self) -> dict[str, CatalogueEntry]:
+        db = self.path / CATALOGUE_NAME
+        with self._db.use() as conn:
+            require_tables(conn, db, TABLES, "memmap-sqlite catalogue")
+            meta = dict(conn.execute("SELECT key, value FROM jasper_meta"))
+            if meta.get("format") != FORMAT:
+                raise FormatError(db, f"jasper_meta.format is {meta.get('format')!r}, expected "
+                                  f"{FORMAT!r} (rule: memmap-sqlite catalogue)")
+            version = int(meta.get("format_version", "0"))
+            if version > FORMAT_VERSION:
+                raise FormatError(db, f"format_version {version} is newer than this "
+                                  f"jasper-memmap-sqlite reads ({FORMAT_VERSION}); upgrade it "
+                                  "with `pip install -U jasper-memmap-sqlite`")
+            entries = load_catalogue(conn, db)
+        for e in entries.values():
+            f = self.path / e.file
+            header = read_header(f, e.name)
+            if (header.dtype, header.shape, header.offset) != (e.storage_dtype, e.shape,
+                                                                e.data_offset):
+                raise ShapeError(
+                    f"{e.file}: header says {header.dtype.str} {header.shape} with data at "
+                    f"byte {header.offset}, the catalogue records {e.storage_dtype.str} "
+                    f"{e.shape} at {e.data_offset}", array=e.name, row=None,
+                    rule="file header matches the catalogue", path=f)
+            check_size(f, header, e.name)
+        return entries
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        state["_mms"] = {}
+        return state
+
+    # --- the contract ------------------------------------------------------------------------
+    def array_names(self) -> list[str]:
+        known = [n for n in ARRAYS if n in self.entries]
+        return known + [n for n in self.entries if n not in ARRAYS]
+
+    def _entry(self, name: str) -> CatalogueEntry:
+        e = self.entries.get(name)
+        if e is None:
+            raise self._missing(name)
+        return e
+
+    def info(self, name: str) -> ArrayInfo:
+        e = self._entry(name)
+        return ArrayInfo(e.shape, torch_dtype(e.dtype))
+
+    def map(self, name: str) -> torch.Tensor:
+        t = self._maps.get(name)
+        if t is None:
+            e = self._entry(name)
+            mm = open_memmap(self.path / e.file, e.header(), mode="r", advice=_mmap.MADV_RANDOM)
+            t = map_tensor(mm, e.dtype)
+            self._maps[name] = t
+            self._mms[name] = mm
+        return t
+
+    def advise(self, name: str, advice: int) -> None:
+        """Change the ``madvise`` hint of ``name``'s map, e.g. ``mmap.MADV_SEQUENTIAL`` before
+        a full scan through the map (maps start as ``MADV_RANDOM``)."""
+        self.map(name)
+        mm = self._mms.get(name)
+        if mm is not None:
+            madvise(mm, advice)
+
+    def read(self, name: str) -> torch.Tensor:
+        e = self._entry(name)
+        out = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
+        return self.read_into(name, out)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        e = self._entry(name)
+        if tuple(out.shape) != e.shape or out.dtype != torch_dtype(e.dtype):
+            raise ValueError(f"read_into({name!r}): out is {tuple(out.shape)} {out.dtype}, "
+                             f"the array is {e.shape} {e.dtype}")
+        if out.device.type != "cpu" or not out.is_contiguous():
+            out.copy_(self.read(name))
+            return out
+        if e.nbytes:
+            view = to_storage(out).reshape(-1).view(np.uint8)
+            pread_into(self.path / e.file, e.data_offset, memoryview(view), array=name)
+        return out
+
+    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        e = self._entry(name)
+        n = e.shape[0] if e.shape else 0
+        start, stop, _ = slice(start, stop).indices(n)
+        return read_rows_direct(self.path / e.file, e.header(), start, max(start, stop), e.dtype,
+                                array=name)
+
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        return gather_rows(self.map(name), as_index(rows), name)
+
+    def iter_chunks(self, name: str, rows_per_chunk: int | None = None) -> Iterator[torch.Tensor]:
+        e = self._entry(name)
+        step = rows_per_chunk or default_rows_per_chunk(self.info(name))
+        n = e.shape[0] if e.shape else 0
+        if n == 0:
+            yield self.read_slice(name, 0, 0)
+            return
+        for start in range(0, n, step):
+            yield self.read_slice(name, start, min(n, start + step))
+
+    def close(self) -> None:
+        self._maps.clear()
+        self._mms.clear()
+        self._db.close()
+
+
+class MemmapSqliteBackend(BackendEntrypoint):
+    """Memory-mapped page-aligned ``.npy`` arrays with a SQLite catalogue."""
+
+    name: ClassVar[str] = "memmap-sqlite"
+    description: ClassVar[str] = (
+        "memory-mapped page-aligned .npy arrays + SQLite catalogue; serves data larger than RAM"
+    )
+    url: ClassVar[str] = "https://pypi.org/project/jasper-memmap-sqlite/"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        write=True, mmap=True, compression=False, row_access=True, worker_safe=True
+    )
+    marker_files: ClassVar[tuple[str, ...]] = (CATALOGUE_NAME,)
+    write_presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "default": {},
+        # numpy's own alignment: smaller files for tiny arrays, rows may straddle pages
+        "align-64": {"align": 64},
+    }
+
+    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> MemmapSqliteReader:
+        p = Path(path)
+        if not p.is_dir():
+            raise DatasetNotFoundError(p)
+        if not (p / CATALOGUE_NAME).exists():
+            raise DatasetNotFoundError(p / CATALOGUE_NAME, "memmap-sqlite catalogue",
+                                       "The directory was not written by the memmap-sqlite "
+                                       "backend, or its write was interrupted")
+        return MemmapSqliteReader(p, manifest, mmap=mmap)
+
+    def write_arrays(
+        self,
+        directory: Path,
+        arrays: Mapping[str, ArraySource],
+        manifest: Manifest,
+        *,
+        align: int = DEFAULT_ALIGN,
+        progress: Any = None,
+    ) -> None:
+        """Stream every array into ``<name>.npy`` (data page-aligned), then record the catalogue
+        in one transaction. ``align``: byte multiple where each file's data starts."""
+        if not isinstance(align, int) or align < 64 or align % 64:
+            from jasper.errors import WriteOptionError
+
+            raise WriteOptionError(f"align must be a positive multiple of 64, got {align!r}")
+        directory = Path(directory)
+        written = {}
+        for name, source in arrays.items():
+            logical = dtype_name(source.dtype)
+            storage = STORAGE_NUMPY[logical]
+            rows = default_rows_per_chunk(source)
+            written[name] = (logical, write_npy(
+                directory / f"{name}.npy", tuple(source.shape), storage,
+                tensor_chunks(source.iter_chunks(rows)), align=align, array=name,
+                on_bytes=progress))
+        conn = connect(directory / CATALOGUE_NAME, readonly=False, create=True)
+        try:
+            conn.executescript(CATALOGUE_DDL + _BACKEND_DDL)
+            with transaction(conn):
+                conn.executemany("INSERT INTO jasper_meta (key, value) VALUES (?, ?)", [
+                    ("format", FORMAT),
+                    ("format_version", str(FORMAT_VERSION)),
+                    ("align", str(align)),
+                    ("manifest", json.dumps(manifest.to_dict())),
+                ])
+                for name, (logical, w) in written.items():
+                    insert_array(conn, name, logical, w)
+                if "pair_keyword_offsets" in written and "pair_keyword_ids" in written:
+                    conn.execute('INSERT INTO csr (name, offsets, "values") VALUES (?, ?, ?)',
+                                 ("pair_keywords", "pair_keyword_offsets", "pair_keyword_ids"))
+        finally:
+            conn.close()  # the last close checkpoints the WAL into the database file
+
+    def deep_check(self, path: Path) -> list[str]:
+        """``integrity_check``, ``foreign_key_check``, and every file against the catalogue:
+        header, size, block checksums, and the catalogue against ``config.json``."""
+        p = Path(path)
+        db = p / CATALOGUE_NAME
+        try:
+            conn = connect(db, readonly=True)
+        except JasperError as exc:
+            return [str(exc)]
+        try:
+            problems = sqlite_checks(conn, db)
+            try:
+                require_tables(conn, db, TABLES, "memmap-sqlite catalogue")
+                entries = load_catalogue(conn, db)
+            except FormatError as exc:
+                return [*problems, str(exc)]
+            blocks = {n: block_checksums(conn, n) for n in entries}
+        finally:
+            conn.close()
+        for e in entries.values():
+            file_problems = check_entry_file(p, e)
+            problems += file_problems
+            if not file_problems:
+                problems += verify_blocks(p, e, blocks[e.name])
+        manifest_path = p / MANIFEST_NAME
+        if manifest_path.is_file():
+            try:
+                recorded = Manifest.load(p).arrays
+            except JasperError as exc:
+                return [*problems, str(exc)]
+            for n, rec in recorded.items():
+                e = entries.get(n)
+                if e is None:
+                    problems.append(f"{db}: array {n!r} is in {MANIFEST_NAME} but not in the "
+                                    "catalogue (rule: catalogue covers the manifest)")
+                elif rec.checksum and e.checksum and rec.checksum != e.checksum:
+                    problems.append(f"{db}: {n!r} has checksum {e.checksum} in the catalogue "
+                                    f"but {rec.checksum} in {MANIFEST_NAME} (rule: catalogue "
+                                    "agrees with the manifest)")
+        return problems
+
+
+__all__ = ["CATALOGUE_NAME", "MemmapSqliteBackend", "MemmapSqliteReader"]
