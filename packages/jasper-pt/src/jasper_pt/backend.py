@@ -68,7 +68,7 @@ def _ragged_to_csr(lists: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             (int(v) for v in itertools.chain.from_iterable(lists)), dtype=np.int64,
             count=int(lengths.sum()),
         )
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise FormatError(path, f"keyword ids must be lists of ints: {exc}",
                           array="pair_keyword_ids") from None
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -149,8 +149,6 @@ class PTReader(StoreReader):
 
     def read(self, name: str) -> torch.Tensor:
         t = self._mapped(name)
-        if name in ("pair_keyword_ids", "pair_keyword_offsets") and self._is_legacy_csr():
-            return t
         return t.clone(memory_format=torch.contiguous_format)
 
     def map(self, name: str) -> torch.Tensor:
