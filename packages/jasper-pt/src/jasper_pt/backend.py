@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,8 +48,11 @@ def _load_safe(path: Path, *, mmap: bool) -> Any:
             "refused: loading it needs unrestricted unpickling, which can run arbitrary code. "
             f"jasper only loads tensors and plain containers ({str(exc).splitlines()[0][:200]})",
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        if mmap and "mmap" in str(exc).lower():
+    except Exception as exc:
+        # The weights-only unpickler runs no code, so whatever it raises on malformed bytes
+        # (IndexError, KeyError, struct.error... as well as RuntimeError/EOFError) is a broken
+        # file, never a reason to retry unsafely.
+        if mmap and isinstance(exc, RuntimeError) and "mmap" in str(exc).lower():
             raise
         raise FormatError(
             path, f"not a readable .pt file (truncated or corrupt?): {type(exc).__name__}: {exc}"
