@@ -1,0 +1,235 @@
+"""create_loader, set_epoch and validate_first_batch, with real DataLoader workers."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+
+from jasper.curriculum import draw_variants
+from jasper.dataset import BATCH_KEYS, JASPERSteeringDataset
+from jasper.loader import create_loader, set_epoch, validate_first_batch
+
+
+def _served(loader: Iterable[dict[str, torch.Tensor]], n_pairs: int) -> dict[str, torch.Tensor]:
+    """Every batch of an epoch concatenated, plus the pair id of each sample (read back from
+    ``relevance``, which the ``tagged`` dataset sets to pair_id / N_p)."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in BATCH_KEYS}
+    for batch in loader:
+        for k in BATCH_KEYS:
+            parts[k].append(batch[k].clone())
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    out["pair"] = torch.round(out["relevance"].double() * n_pairs).long()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small dataset whose relevance identifies the pair exactly (pair_id / N_p)."""
+    from jasper.store import write_store
+    from jasper.testing.data import make_arrays
+
+    arrays, manifest = make_arrays(n_pairs=300, embedding_dim=8, n_neg=3, seed=5)
+    arrays["pair_relevance"] = torch.arange(300, dtype=torch.float32) / 300
+    return write_store(tmp_path_factory.mktemp("tagged") / "ds", arrays, manifest, backend="pt")
+
+
+def _by_pair(served: dict[str, torch.Tensor]) -> dict[int, tuple[int, torch.Tensor]]:
+    return {int(p): (int(v), s) for p, v, s in
+            zip(served["pair"], served["steering_variant"], served["steering"], strict=True)}
+
+
+# --- defaults of the original -------------------------------------------------------------------
+def test_defaults_follow_the_original(small_dataset: Path) -> None:
+    train = create_loader(small_dataset, "train", batch_size=64)
+    assert isinstance(train.dataset_obj, JASPERSteeringDataset)
+    assert train.sampler_obj is None
+    assert isinstance(train.sampler, RandomSampler) and train.drop_last
+    assert len(train) == len(train.dataset_obj) // 64
+    val = create_loader(small_dataset, "val", batch_size=64)
+    assert isinstance(val.sampler, SequentialSampler) and not val.drop_last
+    assert sum(len(b["cluster_id"]) for b in val) == len(val.dataset_obj)
+    dist = create_loader(small_dataset, "train", batch_size=8, distributed=True,
+                         num_replicas=2, rank=1)
+    assert isinstance(dist.sampler_obj, DistributedSampler) and dist.sampler is dist.sampler_obj
+    assert dist.sampler_obj.rank == 1 and dist.sampler_obj.drop_last
+
+
+def test_pin_memory_without_cuda_is_silent(small_dataset: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader = create_loader(small_dataset, "val", batch_size=32, pin_memory=True)
+        assert loader.pin_memory == torch.cuda.is_available()
+        next(iter(loader))
+
+
+def test_validate_first_batch_passes(small_dataset: Path) -> None:
+    assert validate_first_batch(create_loader(small_dataset, "train", batch_size=16)) is True
+    assert validate_first_batch(create_loader(small_dataset, "test", batch_size=5,
+                                              use_mmap=True)) is True
+
+
+def _good_batch() -> dict[str, torch.Tensor]:
+    b, d, k = 4, 6, 3
+    return {
+        "question_emb": torch.zeros(b, d), "target_source_emb": torch.zeros(b, d),
+        "steering": torch.zeros(b, d), "negative_embs": torch.zeros(b, k, d),
+        "cluster_id": torch.zeros(b, dtype=torch.int64), "relevance": torch.full((b,), 0.5),
+        "centroid_distance": torch.ones(b), "steering_variant": torch.zeros(b, dtype=torch.int64),
+        "negative_tiers": torch.ones(b, k, dtype=torch.int64),
+    }
+
+
+def _spoil(key: str, fn: Callable[[torch.Tensor], Any]) -> Callable[[dict[str, Any]], None]:
+    def apply(batch: dict[str, Any]) -> None:
+        batch[key] = fn(batch[key])
+    return apply
+
+
+def _set(key: str, value: float) -> Callable[[dict[str, Any]], None]:
+    def apply(batch: dict[str, Any]) -> None:
+        batch[key] = batch[key].clone()
+        batch[key].view(-1)[1] = value
+    return apply
+
+
+@pytest.mark.parametrize(("spoil", "message"), [
+    (lambda b: b.pop("relevance"), "batch keys"),
+    (lambda b: b.update(extra=torch.zeros(4)), "batch keys"),
+    (_spoil("steering", lambda t: t[:, :-1]), "steering shape"),
+    (_spoil("negative_tiers", lambda t: t[:, :-1]), "negative_tiers shape"),
+    (_spoil("cluster_id", lambda t: t[:-1]), "cluster_id shape"),
+    (_spoil("negative_embs", lambda t: t[:-1]), "negative_embs shape"),
+    (_set("question_emb", float("nan")), "NaN detected in question_emb"),
+    (_set("negative_embs", float("inf")), "Inf detected in negative_embs"),
+    (_set("target_source_emb", float("-inf")), "Inf detected in target_source_emb"),
+    (_set("cluster_id", -1), "cluster_id must be non-negative"),
+    (_set("relevance", 1.5), "relevance must be <= 1"),
+    (_set("relevance", -0.1), "relevance must be >= 0"),
+    (_set("centroid_distance", 2.5), "centroid_distance must be <= 2"),
+    (_set("centroid_distance", -1), "centroid_distance must be >= 0"),
+    (_set("steering_variant", 4), "steering_variant must be <= 3"),
+    (_set("steering_variant", -1), "steering_variant must be >= 0"),
+])
+def test_validate_first_batch_names_the_failed_check(spoil: Callable[[dict[str, Any]], None],
+                                                     message: str) -> None:
+    batch = _good_batch()
+    assert validate_first_batch([batch]) is True
+    spoil(batch)
+    with pytest.raises(AssertionError, match=message):
+        validate_first_batch([batch])
+
+
+def test_validate_first_batch_checks_clusters_against_the_dataset(small_dataset: Path) -> None:
+    loader = create_loader(small_dataset, "val", batch_size=8)
+
+    class Wrapped:
+        dataset_obj = loader.dataset_obj
+
+        def __iter__(self) -> Any:
+            batch = dict(next(iter(loader)))
+            batch["cluster_id"] = batch["cluster_id"].clone()
+            batch["cluster_id"][0] = loader.dataset_obj.n_clusters
+            return iter([batch])
+
+    with pytest.raises(AssertionError, match=f"cluster_id must be < {loader.dataset_obj.n_clusters}"):
+        validate_first_batch(Wrapped())
+
+
+# --- the draw across batch sizes, workers and shuffles --------------------------------------
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch_size=st.integers(1, 97), workers=st.sampled_from([0, 2]),
+       shuffle=st.booleans(), epoch=st.integers(0, 50))
+def test_every_sample_is_the_same_whatever_the_loader(tagged: Path, batch_size: int,
+                                                      workers: int, shuffle: bool,
+                                                      epoch: int) -> None:
+    n_pairs = 300
+    base = create_loader(tagged, "train", batch_size=len(JASPERSteeringDataset(tagged, "train")),
+                         shuffle=False, drop_last=False, epoch=epoch)
+    expect = _by_pair(_served(base, n_pairs))
+    loader = create_loader(tagged, "train", batch_size=batch_size, num_workers=workers,
+                           shuffle=shuffle, drop_last=False, epoch=epoch)
+    got = _by_pair(_served(loader, n_pairs))
+    assert got.keys() == expect.keys()
+    for pair, (variant, steering) in got.items():
+        assert variant == expect[pair][0]
+        assert torch.equal(steering, expect[pair][1])
+
+
+def test_persistent_workers_follow_force_steering_set_epoch_and_reloads(
+        tagged: Path, copy_dataset: Callable[[Path], Path]) -> None:
+    path = copy_dataset(tagged)
+    n_pairs = 300
+    loader = create_loader(path, "train", batch_size=32, num_workers=2, persistent_workers=True,
+                           drop_last=False)
+    ds = loader.dataset_obj
+    first = _served(loader, n_pairs)
+    assert torch.equal(first["steering_variant"],
+                       draw_variants(first["pair"], 0, ds.seed, ds.curriculum))
+    workers = loader._iterator._workers
+    assert workers and all(w.is_alive() for w in workers)
+
+    ds.force_steering("residual")
+    forced = _served(loader, n_pairs)
+    assert set(forced["steering_variant"].tolist()) == {3}
+
+    ds.force_steering(None)
+    set_epoch(loader, 45)
+    later = _served(loader, n_pairs)
+    want = draw_variants(later["pair"], 45, ds.seed, ds.curriculum)
+    assert torch.equal(later["steering_variant"], want)
+    # the workers really moved on: epoch 0's draw differs for most pairs
+    assert not torch.equal(want, draw_variants(later["pair"], 0, ds.seed, ds.curriculum))
+
+    # re-mined negatives reach the same (still running) workers
+    from jasper.store import open_store, write_store
+
+    with open_store(path) as r:
+        arrays = {n: r.read(n) for n in r.array_names()}
+        manifest = r.manifest
+    arrays["negative_tiers"] = torch.full_like(arrays["negative_tiers"], 9)
+    write_store(path, arrays, manifest, backend="pt", overwrite=True)
+    ds.reload_negatives()
+    reloaded = _served(loader, n_pairs)
+    assert set(reloaded["negative_tiers"].unique().tolist()) == {9}
+    assert loader._iterator._workers == workers  # the same worker processes served it
+
+
+def test_spawned_workers_share_the_controls(tagged: Path) -> None:
+    loader = create_loader(tagged, "val", batch_size=16, num_workers=1, persistent_workers=True,
+                           use_mmap=True, multiprocessing_context="spawn")
+    n_pairs = 300
+    _served(loader, n_pairs)
+    loader.dataset_obj.force_steering("keyword")
+    assert set(_served(loader, n_pairs)["steering_variant"].tolist()) == {2}
+
+
+def test_set_epoch_reseeds_the_shuffle_reproducibly(small_dataset: Path) -> None:
+    a = create_loader(small_dataset, "train", batch_size=50, seed=3)
+    b = create_loader(small_dataset, "train", batch_size=50, seed=3)
+
+    def order(loader: Any) -> torch.Tensor:
+        return torch.cat([x["target_source_emb"][:, 0] for x in loader])
+
+    set_epoch(a, 4)
+    set_epoch(b, 4)
+    first = order(a)
+    assert torch.equal(first, order(b))
+    set_epoch(a, 5)
+    assert not torch.equal(first, order(a))
+    assert a.dataset_obj.current_epoch == 5
+
+
+def test_distributed_sampler_epoch(small_dataset: Path) -> None:
+    loader = create_loader(small_dataset, "train", batch_size=8, distributed=True,
+                           num_replicas=2, rank=0, epoch=3)
+    assert loader.sampler_obj.epoch == 3
+    set_epoch(loader, 7)
+    assert loader.sampler_obj.epoch == 7 and loader.dataset_obj.current_epoch == 7
