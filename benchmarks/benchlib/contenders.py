@@ -1,0 +1,310 @@
+"""What the serving benchmarks time: jasper's paths, the ceilings and the peers.
+
+Every contender serves the same batches: item ``i`` of the train split is pair
+``p = train_idx[i]``; a batch holds the question, target, steering, ``n_neg`` negatives, their
+tiers, cluster id, relevance, centroid distance and variant id (DATA_MODEL.md section 3). Steering
+is pinned to the ``centroid`` variant everywhere (``force_steering("centroid")`` for jasper and the
+reference), so every sample moves exactly ``jasper.schema.bytes_per_sample`` bytes and no
+contender profits from the zero variant's empty rows.
+
+Peers are used the way their documentation recommends for speed: tensordict as a memory-mapped
+``TensorDict`` (``memmap_`` once, ``TensorDict.load_memmap`` after) indexed with whole batches of
+indices; Hugging Face ``datasets`` saved with ``save_to_disk``, reopened memory-mapped with
+``load_from_disk``, ``with_format("torch")`` and indexed with a list of indices per batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+Batch = dict[str, torch.Tensor]
+BatchFn = Callable[[torch.Tensor], Any]
+
+#: Arrays a served batch touches (with the centroid variant).
+SERVED_ARRAYS: tuple[str, ...] = (
+    "question_embs", "source_embs", "pair_index", "hard_negatives", "negative_tiers",
+    "pair_cluster_id", "pair_relevance", "centroid_distances", "steering_centroid", "train_idx",
+)
+STEERING = "centroid"
+STEERING_ARRAY = "steering_centroid"
+
+
+class Unavailable(Exception):
+    """A contender cannot run here (module missing, no CUDA...); the message says why."""
+
+
+def optional_import(module: str, why: str) -> Any:
+    """Import ``module`` or raise :class:`Unavailable` naming it and what it is for."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise Unavailable(f"{module} is not importable ({exc}); {why}") from None
+
+
+# --- the index stream -------------------------------------------------------------------------
+def index_stream(n_items: int, batch_size: int, n_batches: int, seed: int = 0) -> torch.Tensor:
+    """``[n_batches, batch_size]`` item indices: shuffled epochs of ``range(n_items)`` laid end to
+    end (the order a shuffling sampler produces). Every contender gets exactly this stream."""
+    g = torch.Generator().manual_seed(seed)
+    need = n_batches * batch_size
+    parts, have = [], 0
+    while have < need:
+        parts.append(torch.randperm(n_items, generator=g))
+        have += n_items
+    return torch.cat(parts)[:need].view(n_batches, batch_size)
+
+
+# --- preloaded arrays (ceilings and peers read the same bytes) -------------------------------
+def load_arrays(path: Path, names: tuple[str, ...] = SERVED_ARRAYS) -> dict[str, torch.Tensor]:
+    """The arrays a batch touches, preloaded into RAM through jasper's store API."""
+    from jasper.store import open_store
+
+    with open_store(path) as reader:
+        return {n: reader.read(n) for n in names}
+
+
+# --- ceiling: raw gather into one preallocated buffer ----------------------------------------
+class RawGather:
+    """The ceiling of any batched loader: ``index_select`` of every field of a batch straight into
+    views of one preallocated buffer (no allocation, no Python per sample). On a CUDA device this
+    is the "bare on-device index_select loop" of issue 3."""
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], batch_size: int,
+                 device: str | torch.device = "cpu") -> None:
+        dev = torch.device(device)
+        self.t = {n: arrays[n].to(dev) for n in SERVED_ARRAYS}
+        b = batch_size
+        d = self.t["question_embs"].shape[1]
+        k = self.t["hard_negatives"].shape[1]
+        fdt = self.t["question_embs"].dtype
+        layout: list[tuple[str, tuple[int, ...], torch.dtype]] = [
+            ("question_emb", (b, d), fdt),
+            ("target_source_emb", (b, d), fdt),
+            ("steering", (b, d), fdt),
+            ("negative_embs", (b, k, d), fdt),
+            ("negative_tiers", (b, k), torch.int64),
+            ("cluster_id", (b,), torch.int64),
+            ("steering_variant", (b,), torch.int64),
+            ("relevance", (b,), torch.float32),
+            ("centroid_distance", (b,), torch.float32),
+        ]
+        sizes = [int(np.prod(s)) * dt.itemsize for _, s, dt in layout]
+        offsets = np.concatenate([[0], np.cumsum([(x + 63) // 64 * 64 for x in sizes])])
+        self.buffer = torch.empty(int(offsets[-1]), dtype=torch.uint8, device=dev)
+        self.out: Batch = {
+            name: self.buffer[int(o) : int(o) + n].view(dt).view(shape)
+            for (name, shape, dt), o, n in zip(layout, offsets, sizes)
+        }
+        self.out["steering_variant"].fill_(1)
+        self.batch_bytes = sum(sizes)
+        self.device = dev
+
+    def __call__(self, items: torch.Tensor) -> Batch:
+        t, o = self.t, self.out
+        p = t["train_idx"].index_select(0, items)
+        qs = t["pair_index"].index_select(0, p)
+        torch.index_select(t["question_embs"], 0, qs[:, 0], out=o["question_emb"])
+        torch.index_select(t["source_embs"], 0, qs[:, 1], out=o["target_source_emb"])
+        torch.index_select(t[STEERING_ARRAY], 0, p, out=o["steering"])
+        neg = t["hard_negatives"].index_select(0, p).view(-1)
+        d = o["negative_embs"].shape[-1]
+        torch.index_select(t["source_embs"], 0, neg, out=o["negative_embs"].view(-1, d))
+        _select_into(t["negative_tiers"], p, o["negative_tiers"])
+        _select_into(t["pair_cluster_id"], p, o["cluster_id"])
+        _select_into(t["pair_relevance"], p, o["relevance"])
+        _select_into(t["centroid_distances"], p, o["centroid_distance"])
+        return o
+
+
+def _select_into(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+    if src.dtype == out.dtype:
+        torch.index_select(src, 0, rows, out=out)
+    else:  # int8 tiers on disk, int64 in the batch
+        out.copy_(src.index_select(0, rows))
+
+
+# --- jasper ------------------------------------------------------------------------------------
+def jasper_dataset(path: Path, *, use_mmap: bool, device: str | None = None) -> Any:
+    """``JASPERSteeringDataset`` on the train split, steering pinned to the centroid variant."""
+    mod = optional_import("jasper.dataset", "jasper's dataset module has not landed yet")
+    kwargs: dict[str, Any] = {"use_mmap": use_mmap}
+    if device is not None:
+        kwargs["device"] = device
+    ds = mod.JASPERSteeringDataset(str(path), "train", **kwargs)
+    ds.force_steering(STEERING)
+    return ds
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def dataloader(dataset: Any, stream: torch.Tensor, workers: int, *,
+               collate: Callable[[Any], Any] | None = _identity) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` that serves exactly ``stream`` (one batch per row).
+
+    With ``collate=_identity`` and a dataset with ``__getitems__`` (jasper's), each batch is one
+    ``__getitems__`` call; with ``collate=None`` the DataLoader's ``default_collate`` stacks
+    per-item dicts (what the original system did). Workers are persistent, so timed rounds see
+    steady-state serving and the warm-up round pays the fork.
+    """
+    from torch.utils.data import DataLoader
+
+    kwargs: dict[str, Any] = {}
+    if collate is not None:
+        kwargs["collate_fn"] = collate
+    if workers > 0:
+        kwargs.update(persistent_workers=True, multiprocessing_context="fork")
+    return DataLoader(dataset, batch_size=stream.shape[1], sampler=stream.reshape(-1).tolist(),
+                      drop_last=True, num_workers=workers, pin_memory=False, **kwargs)
+
+
+# --- peers -------------------------------------------------------------------------------------
+def reference_dataset(path: Path) -> Any:
+    """The per-item reference (what the original system did), steering pinned to centroid."""
+    mod = optional_import("jasper.testing.reference",
+                          "the per-item reference dataset has not landed yet")
+    return mod.ReferenceSteeringDataset(str(path), "train", forced=STEERING)
+
+
+def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build a peer's on-disk copy into a temporary directory and rename it into place, so that
+    an interrupted build is never mistaken for a complete one."""
+    if (target / ".complete").is_file():
+        return target
+    tmp = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    (tmp / ".complete").write_text(json.dumps({"ok": True}))
+    tmp.rename(target)
+    return target
+
+
+class TensorDictPeer:
+    """tensordict's memory-mapped TensorDict: pair arrays in one TensorDict with batch size
+    ``[N_p]``, tables in their own; a batch is one indexing of the pair TensorDict with the batch's
+    pair ids, then one indexing of each table."""
+
+    name = "tensordict memmap"
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], cache: Path) -> None:
+        td_mod = optional_import("tensordict", "install it to compare with tensordict")
+        TensorDict = td_mod.TensorDict
+
+        def build(tmp: Path) -> None:
+            n_p = arrays["pair_index"].shape[0]
+            td = TensorDict({
+                "pairs": TensorDict({
+                    n: arrays[n] for n in ("pair_index", "hard_negatives", "negative_tiers",
+                                           "pair_cluster_id", "pair_relevance",
+                                           "centroid_distances", STEERING_ARRAY)
+                }, batch_size=[n_p]),
+                "questions": TensorDict({"emb": arrays["question_embs"]},
+                                        batch_size=[arrays["question_embs"].shape[0]]),
+                "sources": TensorDict({"emb": arrays["source_embs"]},
+                                      batch_size=[arrays["source_embs"].shape[0]]),
+            }, batch_size=[])
+            td.memmap_(str(tmp / "td"))
+
+        root = _atomic_build(cache, build)
+        self.td = TensorDict.load_memmap(str(root / "td"))
+        self.pairs = self.td["pairs"]
+        self.questions = self.td["questions", "emb"]
+        self.sources = self.td["sources", "emb"]
+        self.train_idx = arrays["train_idx"]
+
+    def __call__(self, items: torch.Tensor) -> Batch:
+        p = self.train_idx[items]
+        rows = self.pairs[p]
+        qs = rows["pair_index"]
+        neg = rows["hard_negatives"]
+        return {
+            "question_emb": self.questions[qs[:, 0]],
+            "target_source_emb": self.sources[qs[:, 1]],
+            "steering": rows[STEERING_ARRAY],
+            "negative_embs": self.sources[neg.reshape(-1)].view(*neg.shape, -1),
+            "negative_tiers": rows["negative_tiers"].long(),
+            "cluster_id": rows["pair_cluster_id"],
+            "relevance": rows["pair_relevance"],
+            "centroid_distance": rows["centroid_distances"],
+            "steering_variant": torch.ones(p.shape[0], dtype=torch.int64),
+        }
+
+
+class HFDatasetsPeer:
+    """Hugging Face ``datasets``: a pairs table and the two embedding tables as Arrow datasets
+    (fixed-size list columns), reopened memory-mapped with ``with_format("torch")``; a batch is
+    one list-indexing of the pairs table and one of each embedding table. bfloat16, which Arrow
+    lacks, is stored as its 16-bit pattern and viewed back."""
+
+    name = "HF datasets"
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], cache: Path) -> None:
+        ds_mod = optional_import("datasets", "install it to compare with Hugging Face datasets")
+        pa = optional_import("pyarrow", "Hugging Face datasets needs it")
+        ds_mod.disable_progress_bars()
+        self.bf16 = arrays["question_embs"].dtype == torch.bfloat16
+
+        def column(t: torch.Tensor) -> Any:
+            if t.dtype == torch.bfloat16:
+                t = t.view(torch.int16)
+            a = t.contiguous().numpy()
+            flat = pa.array(a.reshape(-1))
+            return flat if a.ndim == 1 else pa.FixedSizeListArray.from_arrays(flat, a.shape[1])
+
+        def save(table: dict[str, torch.Tensor], where: Path) -> None:
+            pt = pa.table({k: column(v) for k, v in table.items()})
+            ds_mod.Dataset(ds_mod.table.InMemoryTable(pt)).save_to_disk(str(where))
+
+        def build(tmp: Path) -> None:
+            save({n: arrays[n] for n in ("pair_index", "hard_negatives", "negative_tiers",
+                                          "pair_cluster_id", "pair_relevance",
+                                          "centroid_distances", STEERING_ARRAY)}, tmp / "pairs")
+            save({"emb": arrays["question_embs"]}, tmp / "questions")
+            save({"emb": arrays["source_embs"]}, tmp / "sources")
+
+        root = _atomic_build(cache, build)
+        load = ds_mod.load_from_disk
+        self.pairs = load(str(root / "pairs")).with_format("torch")
+        self.questions = load(str(root / "questions")).with_format("torch")
+        self.sources = load(str(root / "sources")).with_format("torch")
+        self.train_idx = arrays["train_idx"]
+
+    def _emb(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.bfloat16) if self.bf16 else t
+
+    def __call__(self, items: torch.Tensor) -> Batch:
+        p = self.train_idx[items].tolist()
+        rows = self.pairs[p]
+        qs = rows["pair_index"]
+        neg = rows["hard_negatives"]
+        q = self.questions[qs[:, 0].tolist()]["emb"]
+        s = self.sources[qs[:, 1].tolist()]["emb"]
+        n = self.sources[neg.reshape(-1).tolist()]["emb"]
+        return {
+            "question_emb": self._emb(q),
+            "target_source_emb": self._emb(s),
+            "steering": self._emb(rows[STEERING_ARRAY]),
+            "negative_embs": self._emb(n).view(*neg.shape, -1),
+            "negative_tiers": rows["negative_tiers"].long(),
+            "cluster_id": rows["pair_cluster_id"],
+            "relevance": rows["pair_relevance"],
+            "centroid_distance": rows["centroid_distances"],
+            "steering_variant": torch.ones(len(p), dtype=torch.int64),
+        }
+
+
+def iterate_direct(fn: BatchFn, stream: torch.Tensor) -> Iterator[Any]:
+    """Batches of ``fn`` over ``stream`` (no DataLoader)."""
+    for row in stream:
+        yield fn(row)

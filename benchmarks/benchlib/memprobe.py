@@ -1,0 +1,64 @@
+"""Memory probe, run in a fresh interpreter so that nothing else the suite did is counted.
+
+    python -m benchlib.memprobe PATH [--mmap] [--workers 0 2] [--batch-size B]
+
+Opens PATH with ``JASPERSteeringDataset(..., use_mmap=...)`` and records the resident set size
+before and after; then, for each worker count in turn, serves one epoch of the train split through
+a DataLoader with that many persistent workers and records the summed proportional set size of
+this process and its workers (shared pages counted once in total) before shutting them down.
+Prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--mmap", action="store_true")
+    ap.add_argument("--workers", type=int, nargs="*", default=[0, 2])
+    ap.add_argument("--batch-size", type=int, default=4096)
+    args = ap.parse_args(argv)
+
+    from benchlib.contenders import dataloader, index_stream, jasper_dataset
+    from benchlib.measure import child_pids, pss_bytes, rss_bytes
+
+    gc.collect()
+    out: dict = {"rss_before": rss_bytes(), "pss": {}, "procs": {}, "epoch_s": {}}
+    t0 = time.perf_counter()
+    ds = jasper_dataset(args.path, use_mmap=args.mmap)
+    out["open_s"] = time.perf_counter() - t0
+    gc.collect()
+    out["rss_after"] = rss_bytes()
+    n = len(ds)
+    b = min(args.batch_size, n)
+    stream = index_stream(n, b, max(1, n // b))
+    for workers in args.workers:
+        loader = dataloader(ds, stream, workers)
+        it = iter(loader)
+        t0 = time.perf_counter()
+        for _ in it:
+            pass
+        out["epoch_s"][workers] = time.perf_counter() - t0
+        gc.collect()
+        pids = [os.getpid(), *child_pids()]
+        out["procs"][workers] = len(pids)
+        out["pss"][workers] = pss_bytes(pids)
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        del it, loader
+        gc.collect()
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
