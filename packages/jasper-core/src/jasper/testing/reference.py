@@ -72,6 +72,7 @@ class ReferenceSteeringDataset(Dataset[dict[str, Any]]):
         self.seed = int(seed if seed is not None else (self.manifest.random_seed or 0))
         self.epoch = epoch
         self.forced = None if forced is None else VARIANT_NAMES[variant_id(forced)]
+        self._drawn: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.split_indices)
@@ -82,8 +83,14 @@ class ReferenceSteeringDataset(Dataset[dict[str, Any]]):
     def variant_of(self, pair_idx: int) -> str:
         if self.forced is not None:
             return self.forced
-        v = draw_variants(torch.tensor([pair_idx]), self.epoch, self.seed, self.curriculum)
-        return VARIANT_NAMES[int(v[0])]
+        # The original drew one numpy choice per item (a few microseconds); the deterministic
+        # draw is cheapest for a whole epoch at once, so it is computed once per epoch and
+        # looked up per item, keeping the per-item cost comparable to the original's.
+        if self._drawn is None or self._drawn[0] != self.epoch:
+            pairs = torch.arange(self.pair_index.shape[0])
+            self._drawn = (self.epoch, draw_variants(pairs, self.epoch, self.seed,
+                                                     self.curriculum).tolist())
+        return VARIANT_NAMES[self._drawn[1][pair_idx]]
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         if not 0 <= idx < len(self.split_indices):
