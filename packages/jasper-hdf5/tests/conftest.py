@@ -30,12 +30,12 @@ def small_arrays() -> tuple[dict[str, torch.Tensor], Manifest]:
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory: pytest.TempPathFactory,
                   small_arrays: tuple[dict[str, torch.Tensor], Manifest]) -> Path:
-    """:data:`SMALL` written with hdf5 and the default options (lzf)."""
+    """:data:`SMALL` written with hdf5, lzf-compressed (so its arrays are chunked)."""
     from jasper.store import write_store
 
     arrays, manifest = small_arrays
     return write_store(tmp_path_factory.mktemp("datasets") / "small", arrays, manifest,
-                       backend="hdf5")
+                       backend="hdf5", compression="lzf")
 
 
 @pytest.fixture

@@ -120,7 +120,7 @@ def test_chunks_are_whole_rows_of_bounded_size(tmp_path: Path) -> None:
 def test_uncompressed_arrays_are_contiguous_unless_chunk_rows(tmp_path: Path,
                                                               small_arrays: tuple) -> None:
     arrays, manifest = small_arrays
-    plain = write_store(tmp_path / "plain", arrays, manifest, backend="hdf5", compression="none")
+    plain = write_store(tmp_path / "plain", arrays, manifest, backend="hdf5")  # default: none
     chunked = write_store(tmp_path / "chunked", arrays, manifest, backend="hdf5",
                           compression="none", chunk_rows=7)
     with h5py.File(plain / FILE_NAME) as f:

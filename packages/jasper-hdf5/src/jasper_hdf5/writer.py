@@ -41,7 +41,7 @@ from jasper_hdf5.layout import (
 #: Accepted values of the ``compression`` write option.
 COMPRESSIONS: tuple[str, ...] = ("none", "lzf", "gzip")
 #: The compression used when none is given (see the README for the measurements behind it).
-DEFAULT_COMPRESSION = "lzf"
+DEFAULT_COMPRESSION = "none"
 #: gzip level when ``compression_level`` is not given (h5py's own default).
 DEFAULT_GZIP_LEVEL = 4
 #: Target bytes of one chunk of a compressed array.
