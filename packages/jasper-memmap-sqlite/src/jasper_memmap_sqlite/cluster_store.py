@@ -1,0 +1,422 @@
+"""The on-disk layout of cluster-labeled datasets, and opening one (both generations).
+
+The original system's layout (DATA_MODEL.md section 7)::
+
+    dataset.db               SQLite: samples (labels as JSON text per row), embeddings_meta
+                             (file_path, shape, dtype, SHA-256 of the whole file), dataset_info
+    base_embeddings.npy      [N, D], opened with numpy memmap
+    steering_embeddings.npy  [N, D]
+
+jasper keeps those tables (a sample's text, chroma id, suggestions and steering mode stay in
+``samples``) and moves everything a batch needs into mapped page-aligned ``.npy`` files::
+
+    source_labels.npy, steering_labels.npy, combined_labels.npy   float32 [N, n_clusters]
+    sample_ids.npy, embedding_idx.npy                              int64 [N], in sample_id order
+    labels.lock                                                    flock target for label updates
+
+and adds the array catalogue (``arrays``, ``array_blocks``, ``jasper_meta``) and
+``label_history`` (one row per label change, with a foreign key to ``samples``). Item ``i`` is the
+``i``-th sample in ``sample_id`` order, as in the original.
+
+Opening a dataset of the original system parses its JSON labels once into float32 matrices held
+in a private temporary directory, so both generations are served by the same vectorised code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jasper.errors import DatasetNotFoundError, FormatError, IntegrityError, ShapeError
+from jasper_memmap_sqlite.catalogue import (
+    CatalogueEntry,
+    connect,
+    existing_tables,
+    load_catalogue,
+    require_tables,
+)
+from jasper_memmap_sqlite.npy import NpyHeader, check_size, read_header, write_npy
+
+DB_NAME = "dataset.db"
+BASE_FILE = "base_embeddings.npy"
+STEERING_FILE = "steering_embeddings.npy"
+LABEL_TYPES: tuple[str, ...] = ("source", "steering", "combined")
+LABEL_FILES: dict[str, str] = {t: f"{t}_labels.npy" for t in LABEL_TYPES}
+SAMPLE_IDS_FILE = "sample_ids.npy"
+EMBEDDING_IDX_FILE = "embedding_idx.npy"
+LOCK_FILE = "labels.lock"
+FORMAT = "jasper-cluster-labeled"
+FORMAT_VERSION = 1
+SEED_TABLES = ("samples", "embeddings_meta", "dataset_info")
+JASPER_TABLES = (*SEED_TABLES, "jasper_meta", "arrays", "array_blocks", "label_history")
+
+#: The original system's tables, column for column; jasper's ``samples`` differs only in that the
+#: label columns may be NULL (the labels live in the matrices).
+SAMPLES_DDL = """
+CREATE TABLE IF NOT EXISTS samples (
+    sample_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sample_type TEXT NOT NULL CHECK (sample_type IN ('source', 'question')),
+    text TEXT NOT NULL,
+    chroma_id TEXT,
+    suggestions TEXT,
+    source_label TEXT,
+    steering_label TEXT,
+    combined_label TEXT,
+    embedding_idx INTEGER NOT NULL CHECK (embedding_idx >= 0),
+    steering_mode TEXT,
+    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS embeddings_meta (
+    embedding_type TEXT PRIMARY KEY,
+    file_path TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    checksum TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dataset_info (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_sample_type ON samples(sample_type);
+CREATE INDEX IF NOT EXISTS idx_chroma_id ON samples(chroma_id);
+CREATE TABLE IF NOT EXISTS label_history (
+    id INTEGER PRIMARY KEY,
+    sample_id INTEGER NOT NULL REFERENCES samples(sample_id),
+    label_type TEXT NOT NULL CHECK (label_type IN ('source', 'steering', 'combined')),
+    old_label TEXT,
+    new_label TEXT NOT NULL,
+    changed_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+);
+CREATE INDEX IF NOT EXISTS idx_label_history_sample ON label_history(sample_id);
+"""
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """A ``.npy`` file to map: where it is, what its header says, its logical dtype."""
+
+    path: Path
+    header: NpyHeader
+    logical: str
+
+
+@dataclass
+class ClusterStore:
+    """Everything needed to serve a cluster-labeled dataset; picklable (paths, no handles)."""
+
+    directory: Path
+    db_path: Path
+    generation: str  # "jasper" or "seed"
+    n_samples: int
+    n_clusters: int
+    embedding_dim: int
+    base: MappedFile
+    steering: MappedFile
+    labels: dict[str, MappedFile]
+    lock_path: Path
+    sample_ids: MappedFile | torch.Tensor
+    embedding_idx: MappedFile | torch.Tensor
+    catalogue: dict[str, CatalogueEntry] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    temp_dir: Path | None = None
+
+    @property
+    def is_seed(self) -> bool:
+        return self.generation == "seed"
+
+
+def _logical(dtype: np.dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in {"float32", "float16", "float64"}:
+        raise TypeError(name)
+    return name
+
+
+def _dataset_info(conn: sqlite3.Connection, db: Path) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    for key, value in conn.execute("SELECT key, value FROM dataset_info"):
+        try:
+            info[key] = json.loads(value)
+        except (json.JSONDecodeError, TypeError):
+            raise FormatError(db, f"dataset_info[{key!r}] is not JSON: {value!r} (rule: "
+                              "dataset_info values are JSON)") from None
+    return info
+
+
+def _resolve(directory: Path, recorded: str) -> Path:
+    """The original system stored the path it wrote to; datasets get moved, so fall back to the
+    file of that name inside the dataset directory."""
+    p = Path(recorded)
+    candidates = [p] if p.is_absolute() else [directory / p, p]
+    candidates.append(directory / p.name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    return directory / p.name
+
+
+def _embedding_file(directory: Path, db: Path, conn: sqlite3.Connection, kind: str,
+                    default_name: str, dim: int | None,
+                    entry: CatalogueEntry | None = None) -> MappedFile:
+    row = conn.execute("SELECT file_path, shape, dtype FROM embeddings_meta WHERE "
+                       "embedding_type = ?", (kind,)).fetchone()
+    if row is None:
+        raise FormatError(db, f"embeddings_meta has no row for embedding_type {kind!r} (rule: "
+                          "base and steering embedding files are registered)")
+    path = _resolve(directory, row[0] or default_name)
+    if not path.is_file():
+        raise DatasetNotFoundError(path, f"{kind} embedding file",
+                                   f"embeddings_meta of {db} registers {row[0]!r}")
+    header = read_header(path, kind)
+    check_size(path, header, kind)
+    try:
+        recorded = tuple(int(s) for s in json.loads(row[1]))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise FormatError(db, f"embeddings_meta[{kind!r}].shape is not a JSON list: {row[1]!r} "
+                          "(rule: shape is JSON)") from None
+    if len(header.shape) != 2:
+        raise ShapeError(f"{path.name} has shape {header.shape}, expected [N, D]", array=kind,
+                         rule="embeddings are 2-D", path=path)
+    if recorded != header.shape:
+        raise ShapeError(f"{path.name} has shape {header.shape} but embeddings_meta records "
+                         f"{recorded}", array=kind, row=min(recorded[0], header.shape[0]),
+                         rule="file shape matches embeddings_meta", path=path)
+    if dim is not None and header.shape[1] != dim:
+        raise ShapeError(f"{path.name} has {header.shape[1]} columns but dataset_info "
+                         f"embedding_dim is {dim}", array=kind, rule="embedding width",
+                         path=path)
+    if entry is not None:  # jasper records the logical dtype (bfloat16 is stored as uint16)
+        return MappedFile(path, header, entry.dtype)
+    try:
+        logical = _logical(header.dtype)
+    except TypeError:
+        raise FormatError(path, f"dtype {header.dtype} is not a float type jasper serves "
+                          "(rule: float embeddings)", array=kind) from None
+    return MappedFile(path, header, logical)
+
+
+def open_cluster_store(directory: str | Path) -> ClusterStore:
+    """Inspect a cluster-labeled dataset directory; typed errors for every broken rule that can
+    be checked without reading the embeddings (tables, shapes, label widths, index ranges)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DatasetNotFoundError(d, "cluster-labeled dataset directory")
+    db = d / DB_NAME
+    conn = connect(db, readonly=True)
+    try:
+        have = existing_tables(conn)
+        if "jasper_meta" in have:
+            return _open_jasper(d, db, conn)
+        require_tables(conn, db, SEED_TABLES, "cluster-labeled dataset")
+        return _open_seed(d, db, conn)
+    finally:
+        conn.close()
+
+
+def _dims(info: dict[str, Any], db: Path) -> tuple[int | None, int | None]:
+    out = []
+    for key in ("embedding_dim", "n_clusters"):
+        v = info.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise FormatError(db, f"dataset_info[{key!r}] = {v!r} is not a positive integer "
+                              f"(rule: {key} is a positive integer)")
+        out.append(v)
+    return out[0], out[1]
+
+
+def _check_embedding_idx(idx: torch.Tensor, sample_ids: torch.Tensor, rows: int,
+                         db: Path) -> None:
+    if idx.numel() == 0:
+        return
+    lo, hi = torch.aminmax(idx)
+    if int(lo) >= 0 and int(hi) < rows:
+        return
+    pos = int(torch.nonzero((idx < 0) | (idx >= rows))[0])
+    raise IntegrityError(
+        f"sample_id {int(sample_ids[pos])} (item {pos}) has embedding_idx {int(idx[pos])} but "
+        f"{BASE_FILE} has {rows} rows", array="embedding_idx", row=pos,
+        rule="0 <= embedding_idx < embedding rows", path=db)
+
+
+def _check_sorted_ids(ids: torch.Tensor, db: Path) -> None:
+    if ids.numel() > 1:
+        step = ids[1:] - ids[:-1]
+        if int(step.min()) <= 0:
+            pos = int(torch.nonzero(step <= 0)[0]) + 1
+            raise IntegrityError(f"sample_ids[{pos}] = {int(ids[pos])} does not follow "
+                                 f"{int(ids[pos - 1])}", array="sample_ids", row=pos,
+                                 rule="sample ids strictly increase", path=db)
+
+
+def _open_jasper(d: Path, db: Path, conn: sqlite3.Connection) -> ClusterStore:
+    require_tables(conn, db, JASPER_TABLES, "jasper cluster-labeled dataset")
+    meta = dict(conn.execute("SELECT key, value FROM jasper_meta"))
+    if meta.get("format") != FORMAT:
+        raise FormatError(db, f"jasper_meta.format is {meta.get('format')!r}, expected "
+                          f"{FORMAT!r} (rule: cluster-labeled dataset)")
+    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+        raise FormatError(db, f"format_version {meta.get('format_version')} is newer than this "
+                          "jasper-memmap-sqlite reads; upgrade it")
+    info = _dataset_info(conn, db)
+    dim, n_clusters = _dims(info, db)
+    catalogue = load_catalogue(conn, db)
+    base = _embedding_file(d, db, conn, "base", BASE_FILE, dim, catalogue.get("base"))
+    steering = _embedding_file(d, db, conn, "steering", STEERING_FILE, dim,
+                               catalogue.get("steering"))
+    n_samples = conn.execute("SELECT count(*) FROM samples").fetchone()[0]
+    files: dict[str, MappedFile] = {}
+    for name in (*(f"{t}_labels" for t in LABEL_TYPES), "sample_ids", "embedding_idx"):
+        e = catalogue.get(name)
+        if e is None:
+            raise FormatError(db, f"array {name!r} is not in the catalogue (rule: a jasper "
+                              "cluster-labeled dataset catalogues its label and index arrays)")
+        path = d / e.file
+        header = read_header(path, name)
+        if (header.dtype, header.shape, header.offset) != (e.storage_dtype, e.shape,
+                                                            e.data_offset):
+            raise ShapeError(f"{e.file}: header says {header.dtype.str} {header.shape}, the "
+                             f"catalogue {e.storage_dtype.str} {e.shape}", array=name,
+                             rule="file header matches the catalogue", path=path)
+        check_size(path, header, name)
+        files[name] = MappedFile(path, header, e.dtype)
+    width = files["combined_labels"].header.shape[1] if len(
+        files["combined_labels"].header.shape) == 2 else -1
+    n_clusters = n_clusters or width
+    for t in LABEL_TYPES:
+        f = files[f"{t}_labels"]
+        if f.header.shape != (n_samples, n_clusters) or f.logical != "float32":
+            raise ShapeError(
+                f"{f.path.name} is {f.logical} {f.header.shape}, expected float32 "
+                f"({n_samples}, {n_clusters}) for {n_samples} samples and n_clusters = "
+                f"{n_clusters}", array=f"{t}_labels",
+                row=min(n_samples, f.header.shape[0]) if f.header.shape else 0,
+                rule="labels are float32 [N, n_clusters]", path=f.path)
+    for name in ("sample_ids", "embedding_idx"):
+        f = files[name]
+        if f.header.shape != (n_samples,) or f.logical != "int64":
+            raise ShapeError(f"{f.path.name} is {f.logical} {f.header.shape}, expected int64 "
+                             f"({n_samples},)", array=name, rule="one int64 per sample",
+                             path=f.path)
+    from jasper_memmap_sqlite.npy import map_tensor, open_memmap
+
+    ids = map_tensor(open_memmap(files["sample_ids"].path, files["sample_ids"].header), "int64")
+    idx = map_tensor(open_memmap(files["embedding_idx"].path, files["embedding_idx"].header),
+                     "int64")
+    _check_sorted_ids(ids, db)
+    _check_embedding_idx(idx, ids, base.header.shape[0], db)
+    _check_same_shape(base, steering)
+    return ClusterStore(
+        directory=d, db_path=db, generation="jasper", n_samples=int(n_samples),
+        n_clusters=int(n_clusters), embedding_dim=int(base.header.shape[1]), base=base,
+        steering=steering, labels={t: files[f"{t}_labels"] for t in LABEL_TYPES},
+        lock_path=d / LOCK_FILE, sample_ids=files["sample_ids"],
+        embedding_idx=files["embedding_idx"], catalogue=catalogue, info=info)
+
+
+def _check_same_shape(base: MappedFile, steering: MappedFile) -> None:
+    if base.header.shape != steering.header.shape:
+        raise ShapeError(f"{BASE_FILE} is {base.header.shape} but {STEERING_FILE} is "
+                         f"{steering.header.shape}", array="steering",
+                         row=min(base.header.shape[0], steering.header.shape[0]),
+                         rule="base and steering embeddings have the same shape",
+                         path=steering.path)
+
+
+def _parse_labels(texts: list[Any], sample_ids: np.ndarray, column: str, db: Path,
+                  width: int | None) -> np.ndarray:
+    """One column of JSON label texts as a float32 matrix (one ``json.loads`` for the column)."""
+    if any(not isinstance(t, str) for t in texts):
+        pos = next(i for i, t in enumerate(texts) if not isinstance(t, str))
+        raise FormatError(db, f"samples row sample_id={int(sample_ids[pos])} (item {pos}): "
+                          f"{column} is {texts[pos]!r}, not a JSON list (rule: labels are JSON "
+                          "arrays of probabilities)")
+    try:
+        rows = json.loads("[" + ",".join(texts) + "]")
+    except json.JSONDecodeError:
+        for pos, t in enumerate(texts):
+            try:
+                json.loads(t)
+            except json.JSONDecodeError as exc:
+                raise FormatError(db, f"samples row sample_id={int(sample_ids[pos])} (item "
+                                  f"{pos}): {column} is not JSON ({exc}) (rule: labels are "
+                                  "JSON arrays of probabilities)") from None
+        raise
+    lengths = np.fromiter((len(r) if isinstance(r, list) else -1 for r in rows), np.int64,
+                          count=len(rows))
+    want = width if width is not None else (int(lengths[0]) if len(lengths) else 0)
+    bad = np.nonzero(lengths != want)[0]
+    if len(bad):
+        pos = int(bad[0])
+        raise ShapeError(f"sample_id {int(sample_ids[pos])} (item {pos}) has a {column} of "
+                         f"{lengths[pos]} values but n_clusters is {want}", array=column,
+                         row=pos, rule="labels have n_clusters values", path=db)
+    try:
+        return np.asarray(rows, dtype=np.float32).reshape(len(rows), want)
+    except (TypeError, ValueError) as exc:
+        raise FormatError(db, f"{column} holds a value that is not a number ({exc}) (rule: "
+                          "labels are JSON arrays of probabilities)") from None
+
+
+def _open_seed(d: Path, db: Path, conn: sqlite3.Connection) -> ClusterStore:
+    info = _dataset_info(conn, db)
+    dim, n_clusters = _dims(info, db)
+    base = _embedding_file(d, db, conn, "base", BASE_FILE, dim)
+    steering = _embedding_file(d, db, conn, "steering", STEERING_FILE, dim)
+    _check_same_shape(base, steering)
+    rows = conn.execute("SELECT sample_id, embedding_idx, source_label, steering_label, "
+                        "combined_label FROM samples ORDER BY sample_id").fetchall()
+    n = len(rows)
+    cols = list(zip(*rows)) if rows else [(), (), (), (), ()]
+    ids = np.asarray(cols[0], dtype=np.int64)
+    try:
+        emb = np.asarray(cols[1], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise FormatError(db, "samples.embedding_idx holds a value that is not an integer "
+                          "(rule: embedding_idx is an integer)") from None
+    if len(emb) == n:
+        _check_embedding_idx(torch.from_numpy(emb), torch.from_numpy(ids),
+                             base.header.shape[0], db)
+    temp = Path(tempfile.mkdtemp(prefix="jasper-cluster-labels-"))
+    try:
+        labels: dict[str, MappedFile] = {}
+        for t, texts in zip(LABEL_TYPES, cols[2:]):
+            m = _parse_labels(list(texts), ids, f"{t}_label", db, n_clusters)
+            n_clusters = n_clusters or (m.shape[1] if n else 0)
+            path = temp / LABEL_FILES[t]
+            write_npy(path, m.shape, m.dtype, iter([m]), array=f"{t}_labels")
+            labels[t] = MappedFile(path, read_header(path), "float32")
+        (temp / LOCK_FILE).touch()
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return ClusterStore(
+        directory=d, db_path=db, generation="seed", n_samples=n, n_clusters=int(n_clusters or 0),
+        embedding_dim=int(base.header.shape[1]), base=base, steering=steering, labels=labels,
+        lock_path=temp / LOCK_FILE, sample_ids=torch.from_numpy(ids),
+        embedding_idx=torch.from_numpy(emb), info=info, temp_dir=temp)
+
+
+def remove_temp_on_collect(owner: object, store: ClusterStore) -> None:
+    """Delete a seed dataset's private label matrices when ``owner`` is collected, in the
+    process that created them only (forked workers share the directory)."""
+    if store.temp_dir is None:
+        return
+    pid = os.getpid()
+    temp = store.temp_dir
+
+    def _cleanup() -> None:
+        if os.getpid() == pid:
+            shutil.rmtree(temp, ignore_errors=True)
+
+    weakref.finalize(owner, _cleanup)

@@ -1,0 +1,330 @@
+"""ClusterLabeledDataset on jasper-written datasets: items, batches, lookups, updates, writer."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jasper
+from jasper.errors import IntegrityError, ShapeError
+from jasper_memmap_sqlite import (
+    ClusterLabeledDataset,
+    validate_cluster_labeled,
+    write_cluster_labeled,
+    write_synthetic_cluster_labeled,
+)
+from jasper_memmap_sqlite.cluster import SampleNotFoundError
+
+META_KEYS = {"sample_id", "sample_type", "text", "chroma_id", "suggestions", "steering_mode",
+             "source_label", "steering_label", "combined_label"}
+
+
+def _expected(path: Path, label_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = np.load(path / "embedding_idx.npy")
+    return (np.load(path / "base_embeddings.npy")[idx],
+            np.load(path / "steering_embeddings.npy")[idx],
+            np.load(path / f"{label_type}_labels.npy"))
+
+
+def test_importable_from_jasper() -> None:
+    assert jasper.ClusterLabeledDataset is ClusterLabeledDataset
+
+
+def test_missing_package_gives_the_install_hint() -> None:
+    code = ("import sys; sys.modules['jasper_memmap_sqlite'] = None\n"
+            "from jasper.errors import BackendNotFoundError\n"
+            "try:\n    from jasper import ClusterLabeledDataset\n"
+            "except BackendNotFoundError as e:\n    print('HINT', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert "HINT" in out.stdout and "pip install jasper-memmap-sqlite" in out.stdout, out
+
+
+@pytest.mark.parametrize("label_type", ["source", "steering", "combined"])
+def test_items_are_exactly_the_stored_rows(cluster_dir: Path, label_type: str) -> None:
+    base, steering, labels = _expected(cluster_dir, label_type)
+    with ClusterLabeledDataset(cluster_dir, label_type=label_type) as ds:
+        assert len(ds) == 300 and ds.embedding_dim == 16 and ds.n_clusters == 6
+        for i in (0, 7, 299):
+            item = ds[i]
+            assert len(item) == 3
+            assert torch.equal(item[0], torch.from_numpy(base[i]))
+            assert torch.equal(item[1], torch.from_numpy(steering[i]))
+            assert torch.equal(item[2], torch.from_numpy(labels[i]))
+        with pytest.raises(IndexError):
+            ds[300]
+        with pytest.raises(IndexError):
+            ds[-1]
+
+
+def test_metadata_item_has_exactly_the_documented_keys(cluster_dir: Path) -> None:
+    with ClusterLabeledDataset(cluster_dir, return_metadata=True) as ds:
+        _base, _steering, label, meta = ds[10]
+        assert set(meta) == META_KEYS
+        assert meta["sample_id"] == 11 and meta["chroma_id"] == "syn-10"
+        assert meta["sample_type"] in ("source", "question")
+        assert isinstance(meta["suggestions"], list)
+        assert torch.equal(meta["combined_label"], label)
+        row = ds.get_sample_by_id(11)
+        assert row is not None and row["text"] == meta["text"]
+        assert row["embedding_idx"] == 10
+        np.testing.assert_array_equal(row["source_label"], meta["source_label"].numpy())
+        assert ds.get_sample_by_id(10_000) is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(indices=st.lists(st.integers(0, 299), min_size=1, max_size=64))
+def test_getitems_equals_stacked_items(cluster_dir: Path, indices: list[int]) -> None:
+    with ClusterLabeledDataset(cluster_dir, return_metadata=True, cache_size=16) as ds:
+        base, steering, label, meta = ds.__getitems__(indices)
+        assert base.shape == (len(indices), 16) and label.shape == (len(indices), 6)
+        items = [ds[i] for i in indices]
+        assert torch.equal(base, torch.stack([it[0] for it in items]))
+        assert torch.equal(steering, torch.stack([it[1] for it in items]))
+        assert torch.equal(label, torch.stack([it[2] for it in items]))
+        assert meta["text"] == [it[3]["text"] for it in items]
+        assert meta["sample_id"] == [it[3]["sample_id"] for it in items]
+        assert torch.equal(meta["source_label"], torch.stack([it[3]["source_label"]
+                                                              for it in items]))
+
+
+def test_mmap_modes_serve_the_same_data(cluster_dir: Path) -> None:
+    ref = ClusterLabeledDataset(cluster_dir).__getitems__(list(range(0, 300, 7)))
+    for mode in ("c", None):
+        got = ClusterLabeledDataset(cluster_dir, mmap_mode=mode).__getitems__(
+            list(range(0, 300, 7)))
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b)
+    for bad in ("r+", "w+"):
+        with pytest.raises(ValueError, match="refused"):
+            ClusterLabeledDataset(cluster_dir, mmap_mode=bad)
+    with pytest.raises(ValueError, match="label_type"):
+        ClusterLabeledDataset(cluster_dir, label_type="both")
+
+
+def test_cache_counts_hits_misses_and_evicts(cluster_dir: Path) -> None:
+    with ClusterLabeledDataset(cluster_dir, return_metadata=True, cache_size=10) as ds:
+        ds.__getitems__(list(range(10)))
+        ds.__getitems__(list(range(10)))
+        s = ds.get_cache_stats()
+        assert (s["cache_hits"], s["cache_misses"], s["cache_size"]) == (10, 10, 10)
+        assert s["hit_rate"] == 0.5 and s["max_cache_size"] == 10
+        ds.__getitems__(list(range(10, 15)))  # evicts the 5 least recently used
+        ds.__getitems__(list(range(5, 10)))
+        assert ds.get_cache_stats()["cache_hits"] == 15
+        ds.clear_cache()
+        assert ds.get_cache_stats()["cache_size"] == 0
+        assert ds.prefill_cache(range(100, 120)) == 10
+        before = ds.get_cache_stats()
+        assert before["total_accesses"] == 30  # prefill is not an access
+        ds.__getitems__(list(range(110, 120)))
+        assert ds.get_cache_stats()["cache_hits"] == before["cache_hits"] + 10
+        ds.reset_cache_stats()
+        assert ds.get_cache_stats()["total_accesses"] == 0
+    with ClusterLabeledDataset(cluster_dir, return_metadata=True, cache_size=0) as ds:
+        ds.__getitems__([1, 1, 2])
+        assert ds.get_cache_stats()["cache_misses"] == 3
+        assert ds.prefill_cache() == 0
+
+
+def test_update_labels_persists_logs_and_invalidates(cluster_copy: Path) -> None:
+    new = np.zeros(6, np.float32)
+    new[2] = 1.0
+    with ClusterLabeledDataset(cluster_copy, return_metadata=True, label_type="source") as ds:
+        ds.prefill_cache([4])
+        assert 5 in ds._cache
+        old = ds.get_sample_by_id(5)
+        assert old is not None
+        ds.update_labels(5, source_label=new, combined_label=torch.from_numpy(new))
+        assert 5 not in ds._cache  # the cached metadata row was dropped
+        assert torch.equal(ds[4][2], torch.from_numpy(new))
+        np.testing.assert_array_equal(ds.get_sample_by_id(5)["steering_label"],
+                                      old["steering_label"])
+        ds.update_labels(5)  # nothing to change is a no-op
+    with ClusterLabeledDataset(cluster_copy, label_type="combined") as ds:  # a fresh open
+        assert torch.equal(ds[4][2], torch.from_numpy(new))
+    conn = sqlite3.connect(cluster_copy / "dataset.db")
+    hist = conn.execute("SELECT sample_id, label_type, old_label, new_label FROM label_history "
+                        "ORDER BY id").fetchall()
+    conn.close()
+    assert [(h[0], h[1]) for h in hist] == [(5, "source"), (5, "combined")]
+    assert json.loads(hist[0][2]) == pytest.approx(old["source_label"].tolist())
+    assert json.loads(hist[0][3]) == new.tolist()
+    report = validate_cluster_labeled(cluster_copy, deep=True)  # block checksums were updated
+    assert report.ok and report.checksums_verified == 7
+
+
+def test_update_labels_rejects_bad_input_and_changes_nothing(cluster_copy: Path) -> None:
+    with ClusterLabeledDataset(cluster_copy) as ds:
+        before = ds[0][2].clone()
+        with pytest.raises(ShapeError) as e:
+            ds.update_labels(1, combined_label=np.ones(5))
+        assert e.value.row == 1 and "n_clusters" in (e.value.rule or "")
+        assert "dataset.db" in str(e.value)
+        with pytest.raises(ShapeError, match="NaN"):
+            ds.update_labels(1, combined_label=np.full(6, np.nan))
+        with pytest.raises(SampleNotFoundError, match="sample_id 999"):
+            ds.update_labels(999, combined_label=np.ones(6))
+        with pytest.raises(KeyError):  # the original's callers may catch KeyError
+            ds.update_labels(0, combined_label=np.ones(6))
+        assert torch.equal(ds[0][2], before)
+
+
+def test_failed_transaction_restores_the_label(cluster_copy: Path) -> None:
+    with ClusterLabeledDataset(cluster_copy) as ds:
+        before = ds[3][2].clone()
+        blocker = sqlite3.connect(cluster_copy / "dataset.db", timeout=0.1)
+        blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+        ds._db.get().execute("PRAGMA busy_timeout=100")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            ds.update_labels(4, combined_label=np.ones(6))
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert torch.equal(ds[3][2], before)
+    conn = sqlite3.connect(cluster_copy / "dataset.db")
+    # fails after the label row was written: the row must be restored and the log rolled back
+    conn.execute("CREATE TRIGGER fail BEFORE UPDATE ON array_blocks BEGIN "
+                 "SELECT RAISE(ABORT, 'injected failure'); END")
+    conn.commit()
+    with ClusterLabeledDataset(cluster_copy) as ds:
+        with pytest.raises(sqlite3.IntegrityError, match="injected failure"):
+            ds.update_labels(4, combined_label=np.ones(6))
+        assert torch.equal(ds[3][2], before)
+    assert torch.equal(torch.from_numpy(np.load(cluster_copy / "combined_labels.npy")[3]), before)
+    assert conn.execute("SELECT count(*) FROM label_history").fetchone()[0] == 0
+    conn.execute("DROP TRIGGER fail")
+    conn.commit()
+    conn.close()
+    assert validate_cluster_labeled(cluster_copy).ok
+
+
+# --- the writer ---------------------------------------------------------------------------------
+def _arrays(n: int = 20, m: int = 20, d: int = 4, c: int = 3) -> dict:
+    rng = np.random.default_rng(0)
+    lab = rng.dirichlet(np.ones(c), n).astype(np.float32)
+    return dict(base_embeddings=rng.standard_normal((m, d)).astype(np.float32),
+                steering_embeddings=torch.randn(m, d),
+                source_labels=lab, steering_labels=lab, combined_labels=torch.from_numpy(lab),
+                sample_type=["source"] * n, text=[f"t{i}" for i in range(n)])
+
+
+def test_writer_round_trip_with_custom_ids_and_indices(tmp_path: Path) -> None:
+    a = _arrays(n=5, m=8)
+    p = write_cluster_labeled(tmp_path / "w", **a, sample_ids=[3, 9, 10, 20, 21],
+                              embedding_idx=[7, 0, 0, 2, 1], chroma_id=["a", None, "c", "d", "e"])
+    with ClusterLabeledDataset(p, return_metadata=True) as ds:
+        assert len(ds) == 5 and ds.embedding_dim == 4 and ds.n_clusters == 3
+        b, _, lab, meta = ds.__getitems__([0, 1, 4])
+        assert torch.equal(b, torch.from_numpy(a["base_embeddings"][[7, 0, 1]]))
+        assert meta["sample_id"] == [3, 9, 21] and meta["chroma_id"] == ["a", None, "e"]
+        assert torch.equal(lab, a["combined_labels"][[0, 1, 4]])
+    assert validate_cluster_labeled(p).checksums_verified == 7
+    with pytest.raises(jasper.store.DatasetExistsError):
+        write_cluster_labeled(p, **a)
+
+
+@pytest.mark.parametrize("change, error, rule", [
+    ({"source_labels": np.ones((20, 4), np.float32)}, ShapeError, "labels are [N, n_clusters]"),
+    ({"embedding_idx": [0] * 19 + [20]}, IntegrityError, "0 <= embedding_idx < embedding rows"),
+    ({"sample_ids": list(range(10)) + list(range(5, 15))}, IntegrityError,
+     "sample ids strictly increase"),
+    ({"sample_type": ["source"] * 19 + ["answer"]}, IntegrityError, "sample_type is"),
+    ({"steering_embeddings": torch.randn(20, 5)}, ShapeError, "same shape"),
+])
+def test_writer_rejects_bad_input_atomically(tmp_path: Path, change: dict, error: type,
+                                             rule: str) -> None:
+    a = {**_arrays(), **change}
+    with pytest.raises(error) as e:
+        write_cluster_labeled(tmp_path / "bad", **a)
+    assert rule in (e.value.rule or "")
+    assert list(tmp_path.iterdir()) == []  # no dataset, no temporary directory
+
+
+def test_writer_rejects_non_finite_labels_and_leaves_nothing(tmp_path: Path) -> None:
+    a = _arrays()
+    a["steering_labels"] = a["source_labels"].copy()
+    a["steering_labels"][13, 2] = np.inf
+    with pytest.raises(IntegrityError) as e:
+        write_cluster_labeled(tmp_path / "bad", **a)
+    assert e.value.row == 13 and e.value.array == "steering_labels"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synthetic_is_deterministic_and_overwrites(tmp_path: Path) -> None:
+    p1 = write_synthetic_cluster_labeled(tmp_path / "a", n_samples=50, embedding_dim=8,
+                                         n_clusters=3, seed=5)
+    p2 = write_synthetic_cluster_labeled(tmp_path / "b", n_samples=50, embedding_dim=8,
+                                         n_clusters=3, seed=5)
+    for f in ("base_embeddings.npy", "combined_labels.npy"):
+        np.testing.assert_array_equal(np.load(p1 / f), np.load(p2 / f))
+    lab = np.load(p1 / "source_labels.npy")
+    np.testing.assert_allclose(lab.sum(1), 1.0, rtol=1e-5)
+    write_synthetic_cluster_labeled(p1, n_samples=10, embedding_dim=8, n_clusters=3,
+                                    overwrite=True)
+    assert len(ClusterLabeledDataset(p1)) == 10
+
+
+# --- bad datasets -------------------------------------------------------------------------------
+def test_truncated_embeddings_name_file_and_row(cluster_copy: Path) -> None:
+    f = cluster_copy / "steering_embeddings.npy"
+    with open(f, "r+b") as fh:
+        fh.truncate(4096 + 16 * 4 * 120 + 9)
+    with pytest.raises(ShapeError) as e:
+        ClusterLabeledDataset(cluster_copy)
+    assert e.value.row == 120 and e.value.path == f
+
+
+def test_label_matrix_of_the_wrong_width(cluster_copy: Path) -> None:
+    conn = sqlite3.connect(cluster_copy / "dataset.db")
+    conn.execute("UPDATE dataset_info SET value = '7' WHERE key = 'n_clusters'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ShapeError, match="n_clusters = 7") as e:
+        ClusterLabeledDataset(cluster_copy)
+    assert "labels.npy" in str(e.value) and e.value.rule == "labels are float32 [N, n_clusters]"
+
+
+def test_embedding_index_out_of_range(cluster_copy: Path) -> None:
+    idx = np.load(cluster_copy / "embedding_idx.npy", mmap_mode="r+")
+    idx[42] = 300
+    idx.flush()
+    del idx
+    with pytest.raises(IntegrityError) as e:
+        ClusterLabeledDataset(cluster_copy)
+    assert e.value.row == 42 and "sample_id 43" in str(e.value)
+    assert e.value.path == cluster_copy / "dataset.db"
+
+
+def test_corrupted_array_fails_deep_validation_with_rows(cluster_copy: Path) -> None:
+    with open(cluster_copy / "base_embeddings.npy", "r+b") as fh:
+        fh.seek(4096 + 64 * 10)
+        fh.write(b"\xff\xff\xff\xff")
+    assert validate_cluster_labeled(cluster_copy, deep=False).ok
+    with pytest.raises(jasper.errors.ChecksumError) as e:
+        validate_cluster_labeled(cluster_copy, deep=True)
+    assert e.value.row == 0 and "base_embeddings.npy" in str(e.value)
+    assert "block checksum" in str(e.value)
+
+
+def test_non_sqlite_database_and_missing_table(cluster_copy: Path) -> None:
+    conn = sqlite3.connect(cluster_copy / "dataset.db")
+    conn.execute("DROP TABLE label_history")
+    conn.commit()
+    conn.close()
+    with pytest.raises(jasper.errors.FormatError, match="table 'label_history' is missing"):
+        ClusterLabeledDataset(cluster_copy)
+    (cluster_copy / "dataset.db").write_text("id,text\n1,hello\n")
+    with pytest.raises(jasper.errors.FormatError, match="not a SQLite database") as e:
+        ClusterLabeledDataset(cluster_copy)
+    assert e.value.path == cluster_copy / "dataset.db"
+    with pytest.raises(jasper.errors.DatasetNotFoundError):
+        ClusterLabeledDataset(cluster_copy / "nowhere")
