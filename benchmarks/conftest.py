@@ -24,14 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib.config import BenchConfig, load_config
 from benchlib.machine import machine_info
 
+ENV_JSON = "JASPER_BENCH_JSON"
+#: ``1`` runs the suite with the stand-in even where pytest-benchmark is installed (``run.py``
+#: then disables the plugin), to check the path the CI test environments take.
+ENV_NO_PLUGIN = "JASPER_BENCH_NO_PLUGIN"
+
 try:
     import pytest_benchmark  # noqa: F401
 
-    HAVE_PLUGIN = True
+    HAVE_PLUGIN = os.environ.get(ENV_NO_PLUGIN) != "1"
 except ImportError:
     HAVE_PLUGIN = False
-
-ENV_JSON = "JASPER_BENCH_JSON"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
         plugin_args = [f"--benchmark-json={out / 'benchmark.json'}",
                        "--benchmark-columns=median,rounds", "--benchmark-sort=fullname"]
+        if os.environ.get("JASPER_BENCH_NO_PLUGIN") == "1":
+            plugin_args = ["-p", "no:benchmark"]
     except ImportError:
         plugin_args = []
     outcomes = Outcomes()
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "outcomes.json").write_text(json.dumps(outcomes.items, indent=1))
     (out / "machine.json").write_text(json.dumps(machine_info(), indent=1))
     (out / "run.json").write_text(json.dumps({
-        "mode": mode, "gpu_only": args.gpu_only, "config": json.loads(cfg.to_json()),
+        "mode": mode, "gpu_only": args.gpu_only,
+        "device": os.environ.get("JASPER_BENCH_DEVICE", "cuda"), "config": json.loads(cfg.to_json()),
         "wall_s": wall, "started_utc": stamp, "commit": _git_commit(),
         "pytest_args": pytest_args, "pytest_exit": int(code),
     }, indent=1))

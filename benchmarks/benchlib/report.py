@@ -7,6 +7,7 @@ measurement of the same run; ratios divide by baselines of the same run and grid
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections import defaultdict
@@ -120,7 +121,7 @@ def _target(value: float, goal: float, higher: bool = True) -> str:
 
 
 # --- the report ------------------------------------------------------------------------------
-def _machine_md(m: dict[str, Any]) -> str:
+def _machine_md(m: dict[str, Any], run: dict[str, Any] | None = None) -> str:
     ram = m.get("ram_bytes")
     lines = [
         f"- CPU: {m.get('cpu')} ({m.get('usable_cores')} usable cores of "
@@ -130,6 +131,10 @@ def _machine_md(m: dict[str, Any]) -> str:
         f"- OS: {m.get('os')}, Python {m.get('python')}, torch {m.get('torch')}",
     ]
     gpu = m.get("gpu")
+    device = (run or {}).get("device")
+    if device and not str(device).startswith("cuda"):
+        lines.append(f"- The GPU benchmarks ran on `{device}` (JASPER_BENCH_DEVICE): a check of "
+                     "their code, not GPU figures")
     if gpu:
         lines.append(f"- GPU: {gpu['name']} x{gpu.get('count', 1)}, "
                      f"{gpu['memory_bytes'] / 2**30:.1f} GiB, driver {gpu.get('driver') or '?'}, "
@@ -182,7 +187,8 @@ def _headline(r: Results) -> str:
         gpu_ceiling = r.one(grid=grid, kind="gpu_index_select", batch_size=b)
         for e in r.find(grid=grid, kind="gpu_loader", batch_size=b):
             frac = rate(e) / rate(gpu_ceiling)
-            rows.append([label, f"GPULoader B={b}", f"{f_rate(rate(e))}/s",
+            i = e["extra_info"]
+            rows.append([label, f"{i['backend']} {_jasper_label(i)} B={b}", f"{f_rate(rate(e))}/s",
                          f"{f_ratio(frac)} of the on-device index_select loop "
                          f"({_target(frac, TARGET_GPU)}, target >= {TARGET_GPU})", ""])
         for backend, mapped, ratio in _pss_ratios(r, grid):
@@ -420,12 +426,15 @@ def _skipped(outcomes: list[dict[str, Any]]) -> str:
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` (and the charts, when matplotlib is installed) into ``run_dir``."""
     run_dir = Path(run_dir)
-    raw = json.loads((run_dir / "benchmark.json").read_text())
+    text = (run_dir / "benchmark.json").read_text()
+    # pytest-benchmark leaves the file empty when nothing ran (e.g. --gpu-only without CUDA)
+    raw = json.loads(text) if text.strip() else {}
     machine = _load(run_dir / "machine.json") or raw.get("machine_info", {}).get("jasper", {})
     run = _load(run_dir / "run.json") or {}
     outcomes = _load(run_dir / "outcomes.json") or []
     r = Results(raw.get("benchmarks", []))
     charts = write_charts(r, run_dir)
+    have_mpl = importlib.util.find_spec("matplotlib") is not None
     cfg = run.get("config", {})
     notes = "".join(f"\n> {n}\n" for n in cfg.get("notes", []))
     wall = run.get("wall_s")
@@ -437,7 +446,7 @@ def write_report(run_dir: Path) -> Path:
         f"{cfg.get('rounds')} timed rounds per measurement, steering pinned to the centroid "
         "variant so every sample moves the same bytes. All ratios divide by baselines measured in "
         "this run on the same bytes; performance targets are reported, never asserted.\n" + notes,
-        "## Machine\n", _machine_md(machine),
+        "## Machine\n", _machine_md(machine, run),
         "## Issue 3's targets\n", _headline(r),
         "## 1. Open and preload\n",
         "Seconds (median) and MB/s of data bytes; the ceiling is a raw read of the same files into "
@@ -459,8 +468,10 @@ def write_report(run_dir: Path) -> Path:
     if charts:
         md.append("## Charts\n")
         md += [f"![{c.stem}]({c.name})\n" for c in charts]
-    else:
+    elif not have_mpl:
         md.append("_Charts were not drawn: matplotlib is not installed._\n")
+    else:
+        md.append("_No charts: nothing was measured._\n")
     out = run_dir / "report.md"
     out.write_text("\n".join(md))
     return out
