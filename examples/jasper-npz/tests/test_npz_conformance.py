@@ -28,7 +28,7 @@ def test_deflate_preset_compresses_members(tmp_path: Path) -> None:
     assert methods == {zipfile.ZIP_DEFLATED}
 
 
-@pytest.mark.parametrize("options", [{"compression": "lzma"}, {"compresslevel": 11}])
+@pytest.mark.parametrize("options", [{"compression": "lzma"}, {"compression_level": 11}])
 def test_bad_option_values_are_refused(tmp_path: Path, options: dict[str, object]) -> None:
     arrays, manifest = make_arrays(8, 4)
     with pytest.raises(WriteOptionError):

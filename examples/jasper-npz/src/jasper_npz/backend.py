@@ -175,7 +175,7 @@ class NpzBackend(BackendEntrypoint):
     marker_files: ClassVar[tuple[str, ...]] = (ARCHIVE,)
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {
         "default": {},
-        "deflate": {"compression": "deflate", "compresslevel": 1},
+        "deflate": {"compression": "deflate", "compression_level": 1},
     }
 
     def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> NpzReader:
@@ -190,21 +190,22 @@ class NpzBackend(BackendEntrypoint):
         manifest: Manifest,
         *,
         compression: str | None = None,
-        compresslevel: int | None = None,
+        compression_level: int | None = None,
         progress: Any = None,
     ) -> None:
         """Write every array as a member of ``directory/dataset.npz``.
 
-        ``compression``: ``None`` (stored) or ``"deflate"``; ``compresslevel``: 1 (fast) to 9.
+        ``compression``: ``None`` (stored) or ``"deflate"``; ``compression_level``: 1 (fast) to 9.
         Core reports progress and computes checksums as the chunks pass.
         """
         if compression not in COMPRESSION:
             raise WriteOptionError(f"npz: compression must be one of {list(COMPRESSION)}, "
                                    f"got {compression!r}")
-        if compresslevel is not None and not 0 <= compresslevel <= 9:
-            raise WriteOptionError(f"npz: compresslevel must be 0..9, got {compresslevel!r}")
+        if compression_level is not None and not 0 <= compression_level <= 9:
+            raise WriteOptionError(
+                f"npz: compression_level must be 0..9, got {compression_level!r}")
         with zipfile.ZipFile(directory / ARCHIVE, "w", compression=COMPRESSION[compression],
-                             compresslevel=compresslevel, allowZip64=True) as zf:
+                             compresslevel=compression_level, allowZip64=True) as zf:
             for name, source in arrays.items():
                 storage = STORAGE_NUMPY[dtype_name(source.dtype)]
                 header = {"descr": np.lib.format.dtype_to_descr(storage), "fortran_order": False,
