@@ -1,4 +1,4 @@
-"""The conformance kit and the test-data helpers of ``jasper.testing``.
+"""The conformance kit and the test-data functions of ``jasper.testing``.
 
 The kit runs in full against a small backend defined here (one ``.npy`` per array, registered
 at run time), which proves it needs nothing from jasper-pt; deliberately broken variants of that
@@ -237,7 +237,7 @@ def test_kit_catches_a_guess_that_accepts_anything(pytester: pytest.Pytester) ->
     result.assert_outcomes(failed=1)
 
 
-def test_kit_is_importable_without_pytest_for_data_helpers() -> None:
+def test_test_data_functions_work_without_pytest() -> None:
     import subprocess
     import sys
 

@@ -6,7 +6,7 @@
   on disk exactly as the original system wrote it (see :mod:`jasper.testing.data`).
 
 pytest is needed only for the kit (``pip install jasper-core[test]``); it is imported when
-:class:`BackendConformance` is first used, so the data helpers work without it.
+:class:`BackendConformance` is first used, so the test-data functions work without it.
 """
 
 from __future__ import annotations

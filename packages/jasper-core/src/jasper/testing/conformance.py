@@ -236,7 +236,7 @@ class BackendConformance:
         shutil.copyfile(other / victim.relative_to(path), victim)
         return victim
 
-    # --- helpers ---------------------------------------------------------------------------
+    # --- building datasets ---------------------------------------------------------------
     def make(self, **kwargs: Any) -> tuple[dict[str, torch.Tensor], Manifest]:
         """The kit's dataset: :func:`make_arrays` with special values and an unknown key."""
         kwargs.setdefault("special_values", True)

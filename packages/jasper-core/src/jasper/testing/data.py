@@ -1,7 +1,7 @@
 """Tiny datasets for tests: one in memory (:func:`make_arrays`) and one on disk exactly as the
 original system wrote it (:func:`write_seed_dataset`).
 
-Nothing here imports pytest, so parity tests and benchmarks can use these helpers too.
+Nothing here imports pytest, so parity tests and benchmarks can use these functions too.
 """
 
 from __future__ import annotations
