@@ -3,11 +3,12 @@
 - **Preload.** :meth:`HDF5Reader.read_into` hands the numpy view of the caller's tensor to
   h5py's ``read_direct``: HDF5 decodes (or, for a contiguous array, ``pread``\\ s) straight into
   it; :meth:`HDF5Reader.read` allocates once and calls it. No intermediate copy.
-- **Lazy rows.** :meth:`HDF5Reader.read_rows` sorts and de-duplicates the indices (HDF5 needs
-  increasing selections, and sorted access reuses each decoded chunk), reads, then un-permutes.
-  Uncompressed contiguous arrays are read through a read-only memory map of their bytes at the
-  dataset's file offset (``madvise(MADV_RANDOM)``, no read-ahead for random rows); chunked arrays
-  through HDF5 with a dense span, a few runs, or a point selection, whichever reads least.
+- **Lazy rows.** :meth:`HDF5Reader.read_rows` on an uncompressed (contiguous) array is one
+  ``index_select`` on a read-only memory map of the dataset's bytes at its file offset
+  (``madvise(MADV_RANDOM)``: no read-ahead for random rows; HDF5 is not involved). On a chunked
+  array it sorts and de-duplicates the indices (HDF5 needs increasing selections, and sorted
+  access decodes each chunk once), reads a dense span, a few runs or a point selection,
+  whichever reads least, then un-permutes.
 - **Workers.** h5py handles are not fork-safe and cannot be pickled. The reader opens the file
   lazily in the process that reads, remembers that process id and reopens after a fork; its
   pickled state holds paths and small derived arrays only, so it ships to spawned workers.
@@ -191,7 +192,7 @@ class HDF5Reader(StoreReader):
         self._h5: Any = None
         self._pid: int | None = None
         self._dsets: dict[str, Any] = {}
-        self._maps: dict[str, np.ndarray | None] = {}
+        self._maps: dict[str, torch.Tensor | None] = {}
 
     # --- process-local handles ---------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -333,12 +334,13 @@ class HDF5Reader(StoreReader):
             d = self._dsets[name] = self._wrap(name, lambda: f[entry.location])
         return d
 
-    def _map(self, name: str, entry: _Entry) -> np.ndarray | None:
-        """A read-only map of an uncompressed contiguous dataset's bytes, else None."""
+    def _map(self, name: str, entry: _Entry) -> torch.Tensor | None:
+        """A read-only tensor over a map of an uncompressed contiguous dataset's bytes (stored
+        dtype, bfloat16 as such), else None."""
         dset = self._dset(name, entry)
         if name in self._maps:
             return self._maps[name]
-        mm: np.ndarray | None = None
+        mapped: torch.Tensor | None = None
         stored = np.dtype(dset.dtype)
         if (dset.chunks is None and dset.compression is None and not dset.external
                 and dset.size and stored.isnative):
@@ -352,8 +354,11 @@ class HDF5Reader(StoreReader):
                 raw = getattr(mm, "_mmap", None)
                 if raw is not None and hasattr(_mmap, "MADV_RANDOM"):
                     raw.madvise(_mmap.MADV_RANDOM)
-        self._maps[name] = mm
-        return mm
+                # the tensor shares the map (and keeps it alive); it is only ever read
+                stored_logical = "bfloat16" if entry.logical == "bfloat16" else stored.name
+                mapped = from_storage(mm, stored_logical)
+        self._maps[name] = mapped
+        return mapped
 
     # --- the StoreReader API -----------------------------------------------------------------
     def array_names(self) -> list[str]:
@@ -425,9 +430,9 @@ class HDF5Reader(StoreReader):
         out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
         if stop == start:
             return out
-        mm = self._map(name, entry)
-        if mm is not None:
-            return out.copy_(from_storage(mm[start:stop], entry.logical))
+        mapped = self._map(name, entry)
+        if mapped is not None:
+            return out.copy_(mapped[start:stop])  # copy_ also widens legacy narrow ints
         dset = self._dset(name, entry)
         buf = to_storage(out)
         self._wrap(name, lambda: dset.read_direct(buf, source_sel=np.s_[start:stop]))
@@ -452,6 +457,11 @@ class HDF5Reader(StoreReader):
         entry = self._require(name)
         if entry.kind != "dataset":
             return self._load(name, entry).index_select(0, rows)
+        mapped = self._map(name, entry)
+        if mapped is not None:
+            # One gather from the map: the kernel pages the rows in, so nothing gains from
+            # sorting (MADV_RANDOM already stops read-ahead), and HDF5 is not involved.
+            return mapped.index_select(0, rows).to(info.dtype)
         uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
         data = self._read_sorted(name, entry, uniq.numpy(), info)
         if uniq.shape[0] == rows.shape[0] and bool(torch.equal(uniq, rows)):
@@ -460,10 +470,7 @@ class HDF5Reader(StoreReader):
 
     def _read_sorted(self, name: str, entry: _Entry, idx: np.ndarray,
                      info: ArrayInfo) -> torch.Tensor:
-        """Rows ``idx`` (sorted, unique, in range) as a new tensor."""
-        mm = self._map(name, entry)
-        if mm is not None:
-            return from_storage(mm[idx], entry.logical)
+        """Rows ``idx`` (sorted, unique, in range) of a dataset read through HDF5."""
         dset = self._dset(name, entry)
         k = idx.shape[0]
         first, last = int(idx[0]), int(idx[-1])
