@@ -366,7 +366,8 @@ LISTING_PROBE = textwrap.dedent(
     from importlib import metadata
     import jasper
     infos = jasper.list_backends()
-    plugin_modules = {ep.value.split(":")[0] for ep in metadata.entry_points(group="jasper.backends")}
+    eps = metadata.entry_points(group="jasper.backends")
+    plugin_modules = {ep.value.split(":")[0] for ep in eps}
     print(json.dumps({
         "modules": sorted(sys.modules),
         "class_modules": {n: i.class_path.split(":")[0] for n, i in infos.items()},

@@ -73,7 +73,8 @@ def test_preload_costs_one_copy(big: Path) -> None:
         t = reader.read("question_embs")
         grown = rss()["RssAnon"] - before["RssAnon"]
         assert t.shape == (N_Q, D)
-    assert grown > 0.9 * size, f"a preload of {size / MIB:.0f} MiB grew RssAnon by {grown / MIB:.1f}"
+    assert grown > 0.9 * size, (
+        f"a preload of {size / MIB:.0f} MiB grew RssAnon by {grown / MIB:.1f}")
 
 
 def test_reader_pickles_without_its_data(big: Path) -> None:

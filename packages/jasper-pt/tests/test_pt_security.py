@@ -71,7 +71,8 @@ def test_a_container_instead_of_a_tensor_is_a_format_error(seed: Path) -> None:
         reader.read("pair_relevance")
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blob=st.one_of(
     st.binary(max_size=600),
     st.binary(min_size=1, max_size=64).map(lambda b: b"PK\x03\x04" + b),

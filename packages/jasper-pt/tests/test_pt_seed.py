@@ -102,7 +102,8 @@ def test_convert_seed_to_jasper_layout_keeps_config(seed: Path, tmp_path: Path) 
             assert_bit_equal(reader.read(name), arrays[name], name)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lengths=st.lists(st.integers(0, 4), min_size=1, max_size=30), data=st.data())
 def test_any_ragged_keyword_lists_become_csr(tmp_path_factory: pytest.TempPathFactory,
                                              lengths: list[int], data: st.DataObject) -> None:

@@ -32,7 +32,11 @@ SEED_CONFIG_KEYS: tuple[str, ...] = (
 )
 
 #: The linear curriculum the original README shows; its builder always wrote one.
-SEED_CURRICULUM: dict[str, Any] = {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total": 100}
+SEED_CURRICULUM: dict[str, Any] = {
+    "zero_prob_start": 0.5,
+    "zero_prob_end": 0.1,
+    "epochs_total": 100,
+}
 
 
 def _special_values(dtype: torch.dtype) -> torch.Tensor:
@@ -41,7 +45,8 @@ def _special_values(dtype: torch.dtype) -> torch.Tensor:
     fi = torch.finfo(dtype)
     vals = torch.tensor([-0.0, fi.max, -fi.max, fi.tiny, 1.0 / 3.0], dtype=dtype)
     # the smallest positive subnormal: the bit pattern 0...01 of the same width
-    sub = torch.ones(1, dtype={16: torch.int16, 32: torch.int32, 64: torch.int64}[fi.bits]).view(dtype)
+    same_width = {16: torch.int16, 32: torch.int32, 64: torch.int64}[fi.bits]
+    sub = torch.ones(1, dtype=same_width).view(dtype)
     return torch.cat([vals, sub])
 
 
