@@ -125,7 +125,7 @@ def main() -> None:
         print(f"preload {mb:.0f} MiB: warm {warm_pre * 1e3:.0f} ms ({mb / 1024 / warm_pre:.1f} "
               f"GiB/s) vs raw readinto {warm_raw * 1e3:.0f} ms; cold {cold_pre * 1e3:.0f} ms vs "
               f"raw {cold_raw * 1e3:.0f} ms")
-        del buf
+        buf = bytearray(0)  # release it (the closure above still names it)
 
         # --- batch throughput ---
         ram = out
@@ -141,7 +141,7 @@ def main() -> None:
             plain_bps = max(plain_bps, batches_per_s(lambda i: table.index_select(0, i),
                                                      args.rows, n_b, r))
         reader.close()
-        del table
+        table = torch.empty(0)  # unmap: DONTNEED cannot drop pages that are still mapped
         gc.collect()
         drop_cache(f)
         reader = jasper.open_store(store, mmap=True)
@@ -165,7 +165,7 @@ def main() -> None:
         print(f"anonymous memory growth while serving cold batches: "
               f"{(peak - before) / 2**20:.1f} MiB (table {mb:.0f} MiB)")
         reader.close()
-        del out, ram
+        out = ram = torch.empty(0)
         gc.collect()
 
         # --- ClusterLabeledDataset ---
