@@ -180,3 +180,20 @@ def test_missing_split_file_is_a_typed_error(tmp_path: Path, original_arrays: di
         with pytest.raises(FormatError) as err:
             reader.read("val_idx")
     assert "val_idx" in str(err.value) and "splits/val" in str(err.value)
+
+
+@pytest.mark.parametrize("use_mmap", [False, True])
+def test_original_file_through_the_steering_dataset(tmp_path: Path, original_arrays: dict,
+                                                     use_mmap: bool) -> None:
+    path = write_original(tmp_path / "orig", original_arrays)
+    ds = jasper.JASPERSteeringDataset(path, "train", use_mmap=use_mmap)
+    try:
+        assert ds.storage_format == "hdf5"
+        assert len(ds) == original_arrays["train_idx"].shape[0]
+        batch = ds.__getitems__([0, 5, 5, len(ds) - 1])
+        pairs = original_arrays["train_idx"][torch.tensor([0, 5, 5, len(ds) - 1])]
+        q = original_arrays["pair_index"][pairs, 0]
+        assert_same(batch["question_emb"], original_arrays["question_embs"][q], "question_emb")
+        assert_same(batch["negative_tiers"], original_arrays["negative_tiers"][pairs], "tiers")
+    finally:
+        ds.close()

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import mmap as _mmap
 import os
@@ -490,9 +491,9 @@ class HDF5Reader(StoreReader):
             bounds = [0, *breaks.tolist(), k]
             for a, b in itertools.pairwise(bounds):
                 s = int(idx[a])
-                sel, dst = np.s_[s : s + (b - a)], np.s_[a:b]
-                self._wrap(name, lambda sel=sel, dst=dst: dset.read_direct(
-                    buf, source_sel=sel, dest_sel=dst))
+                self._wrap(name, functools.partial(dset.read_direct, buf,
+                                                   source_sel=np.s_[s : s + (b - a)],
+                                                   dest_sel=np.s_[a:b]))
             return out
         self._wrap(name, lambda: dset.read_direct(buf, source_sel=np.s_[idx]))
         return out
