@@ -35,7 +35,8 @@ def test_hdf5_chain_through_every_compression(tmp_path: Path, small_dataset: Pat
 def test_pt_to_hdf5_and_back(tmp_path: Path, small_arrays: tuple) -> None:
     """pt -> hdf5 (lzf) -> pt. Needs jasper-pt, which this package's own test environment
     does not hold; the cross-package environment runs it."""
-    pytest.importorskip("jasper_pt")
+    if "pt" not in jasper.list_backends():
+        pytest.skip("jasper-pt is not installed")
     arrays, manifest = small_arrays
     pt = jasper.write_store(tmp_path / "pt", arrays, manifest, backend="pt")
     to_h5 = jasper.convert(pt, tmp_path / "h5", to="hdf5", compression="lzf")
