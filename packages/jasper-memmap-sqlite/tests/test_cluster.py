@@ -328,3 +328,27 @@ def test_non_sqlite_database_and_missing_table(cluster_copy: Path) -> None:
     assert e.value.path == cluster_copy / "dataset.db"
     with pytest.raises(jasper.errors.DatasetNotFoundError):
         ClusterLabeledDataset(cluster_copy / "nowhere")
+
+
+def test_plain_dataloader_from_the_original_readme_works(tmp_path) -> None:
+    """`DataLoader(dataset, batch_size=32, shuffle=True)` with the default collate, exactly as
+    the original README shows, yields (base, steering, label) batches of plain tensors."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from jasper import ClusterLabeledDataset
+    from jasper_memmap_sqlite import write_synthetic_cluster_labeled
+
+    path = write_synthetic_cluster_labeled(tmp_path / "cl", n_samples=100, embedding_dim=8,
+                                           n_clusters=3, seed=1)
+    ds = ClusterLabeledDataset(path, label_type="combined")
+    seen = 0
+    for base, steering, label in DataLoader(ds, batch_size=32, shuffle=True):
+        assert type(base) is torch.Tensor and base.shape[1] == 8 and base.dim() == 2
+        assert steering.shape == base.shape and label.shape == (base.shape[0], 3)
+        seen += base.shape[0]
+    assert seen == 100
+    first = next(iter(DataLoader(ds, batch_size=4)))
+    expected = [ds[i] for i in range(4)]
+    assert torch.equal(first[0], torch.stack([e[0] for e in expected]))
+    assert torch.equal(first[2], torch.stack([e[2] for e in expected]))

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data._utils.collate import default_collate_fn_map
 
 from jasper.errors import JasperError, ShapeError
 from jasper_memmap_sqlite.catalogue import ProcessConnection
@@ -64,6 +65,25 @@ _META_COLUMNS = "sample_id, sample_type, text, chroma_id, suggestions, steering_
 _SQL_BATCH = 10_000
 
 Batch = tuple[torch.Tensor, ...] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]
+
+
+class PreCollated(torch.Tensor):
+    """Marks the first tensor of a batch that ``__getitems__`` already collated."""
+
+
+def _unmark(batch: Any) -> Any:
+    if isinstance(batch, tuple) and batch and isinstance(batch[0], PreCollated):
+        return (batch[0].as_subclass(torch.Tensor), *batch[1:])
+    return batch
+
+
+def _collate_precollated(batch: Any, *, collate_fn_map: Any = None) -> Any:
+    # default_collate dispatches on type(batch[0]); for a batch from __getitems__ that is the
+    # marked tensor, and the batch itself is the finished result
+    return _unmark(batch)
+
+
+default_collate_fn_map[PreCollated] = _collate_precollated
 
 
 class SampleNotFoundError(JasperError, KeyError):
@@ -223,13 +243,19 @@ class ClusterLabeledDataset(Dataset):  # type: ignore[type-arg]
 
     def __getitems__(self, indices: Sequence[int] | torch.Tensor) -> Batch:
         """A whole batch in one call: ``(base [B, D], steering [B, D], label [B, C])`` and,
-        with ``return_metadata``, a dict of lists (labels stacked as ``[B, C]`` tensors)."""
-        return self._fetch(as_index(indices))
+        with ``return_metadata``, a dict of lists (labels stacked as ``[B, C]`` tensors).
+
+        The first tensor is marked (a :class:`PreCollated` view) so that ``default_collate``,
+        which a plain ``DataLoader(ds, batch_size=32)`` applies to what this returns, hands the
+        batch back instead of stacking it a second time; the original README's loop keeps working.
+        """
+        batch = self._fetch(as_index(indices))
+        return (batch[0].as_subclass(PreCollated), *batch[1:])  # type: ignore[return-value]
 
     @staticmethod
     def collate(batch: Batch) -> Batch:
         """The ``collate_fn`` for a DataLoader over this dataset: batches arrive collated."""
-        return batch
+        return _unmark(batch)
 
     def loader(self, batch_size: int, *, shuffle: bool = False, num_workers: int = 0,
                **kwargs: Any) -> DataLoader:  # type: ignore[type-arg]
