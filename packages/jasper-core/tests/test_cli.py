@@ -92,3 +92,21 @@ def test_console_script_help() -> None:
     assert proc.returncode == 0
     for command in ("backends", "synth", "info", "validate", "convert", "demo"):
         assert command in proc.stdout
+
+
+def test_cluster_labeled_without_its_backend_names_the_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("jasper.cluster")
+    try:
+        import jasper_memmap_sqlite  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("jasper-memmap-sqlite is installed; its own tests cover the command")
+    code, _, err = run(capsys, "synth", str(tmp_path / "cl"), "--kind", "cluster-labeled")
+    assert code == 1 and "pip install jasper-memmap-sqlite" in err
+    from jasper.errors import BackendNotFoundError
+
+    with pytest.raises(BackendNotFoundError, match="pip install jasper-memmap-sqlite"):
+        from jasper import ClusterLabeledDataset  # noqa: F401

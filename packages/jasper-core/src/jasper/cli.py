@@ -157,10 +157,45 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _is_cluster_labeled(path: str) -> bool:
+    p = Path(path)
+    return (p / "dataset.db").is_file() and not (p / "config.json").exists()
+
+
+def _validate_cluster_labeled(args: argparse.Namespace) -> int:
+    import time
+
+    try:
+        from jasper_memmap_sqlite import validate_cluster_labeled
+    except ImportError:
+        from jasper.errors import BackendNotFoundError
+        from jasper.registry import list_backends
+
+        raise BackendNotFoundError("memmap-sqlite", list_backends(),
+                                   "pip install jasper-memmap-sqlite") from None
+    t0 = time.perf_counter()
+    report = validate_cluster_labeled(args.path, deep=args.deep)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"path": str(report.path), "ok": report.ok, "kind": "cluster-labeled",
+                          "generation": report.generation, "n_samples": report.n_samples,
+                          "seconds": seconds, "checksums_verified": report.checksums_verified,
+                          "problems": report.problems}, indent=2))
+    else:
+        what = "deep " if args.deep else ""
+        print(f"{report.path}: {what}validation of a cluster-labeled dataset ({report.generation}) "
+              f"passed for {report.n_samples:,} samples in {seconds:.2f} s"
+              + (f"; {report.checksums_verified} checksums verified" if args.deep else ""))
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     import warnings
 
     from jasper.validation import DataQualityWarning, validate
+
+    if _is_cluster_labeled(args.path):
+        return _validate_cluster_labeled(args)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataQualityWarning)
