@@ -2,7 +2,7 @@
 
 These tests run in an environment holding only jasper-core and jasper-hdf5 (noxfile.py), so
 datasets are synthesised with jasper-core and written with this backend; tests that need the PT
-backend skip without it. Session-scoped datasets are read-only: tests that change a dataset
+backend skip without it. Shared (module-scoped) datasets are read-only: tests that change a dataset
 copy it first (``copy_dataset``).
 """
 
@@ -22,12 +22,12 @@ from jasper.manifest import Manifest
 os.environ.setdefault("JASPER_PROGRESS", "0")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def small_arrays() -> tuple[dict[str, torch.Tensor], Manifest]:
     return synth_tensors()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory: pytest.TempPathFactory,
                   small_arrays: tuple[dict[str, torch.Tensor], Manifest]) -> Path:
     """:data:`SMALL` written with hdf5, lzf-compressed (so its arrays are chunked)."""

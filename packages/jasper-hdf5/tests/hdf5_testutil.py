@@ -1,4 +1,4 @@
-"""Helpers shared by jasper-hdf5's tests (a module, not conftest, so tests can import it)."""
+"""Code shared by jasper-hdf5's tests (a module, not conftest, so tests can import it)."""
 
 from __future__ import annotations
 
