@@ -105,24 +105,30 @@ def test_gpu_index_select(benchmark, point, batch_size):
     _release()
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
+LOADER_MODES = ["resident-graph", "resident-eager", "staged"]
+
+
+@pytest.mark.parametrize("mode", LOADER_MODES)
 @pytest.mark.parametrize("batch_size", CFG.batch_sizes)
 @pytest.mark.parametrize(("point", "preset"), FIRST, ids=[case_id(p, b) for p, b in FIRST])
-def test_gpu_loader(benchmark, point, preset, batch_size, staged):
-    """jasper's GPU loader: ``resident`` keeps every table on the GPU and gathers there (CUDA
-    graph replay where it applies); ``staged`` serves a CPU-preloaded dataset through pinned
-    buffers copied one batch ahead. It shuffles by its own (seed, epoch) order, a random
-    permutation like the ceilings' stream."""
+def test_gpu_loader(benchmark, point, preset, batch_size, mode):
+    """jasper's GPU loader. ``resident``: every table on the GPU, gathers there, replayed as a
+    CUDA graph (the default) or launched eagerly; ``staged``: a CPU-preloaded dataset served
+    through pinned buffers copied one batch ahead. It shuffles by its own (seed, epoch) order,
+    a random permutation like the ceilings' stream."""
+    staged = mode == "staged"
+    graph = mode == "resident-graph"
     try:
         mod = C.optional_import("jasper.gpu_loader", "jasper's GPU loader has not landed yet")
         ds = C.jasper_dataset(ensure_dataset(point, preset, CFG.seed), use_mmap=False,
                               device="cpu" if staged else DEVICE)
     except C.Unavailable as exc:
         pytest.skip(str(exc))
-    loader = mod.GPULoader(ds, batch_size, shuffle=True, drop_last=True, device=DEVICE)
+    kwargs = {} if staged else {"cuda_graph": graph}
+    loader = mod.GPULoader(ds, batch_size, shuffle=True, drop_last=True, device=DEVICE, **kwargs)
     run_serving(benchmark, lambda: loader, (len(loader), batch_size), point, 3, "gpu_loader",
-                preset, end_sync=_sync, staged=staged,
-                contender=f"jasper GPULoader ({'staged' if staged else 'resident'})")
+                preset, end_sync=_sync, staged=staged, cuda_graph=graph and ON_CUDA,
+                contender=f"jasper GPULoader ({mode})")
     ds.close()
     _release()
 

@@ -55,11 +55,14 @@ class BenchConfig:
     #: timed rounds per measurement (pytest-benchmark ``pedantic`` rounds)
     rounds: int = 3
     #: samples served per round by the fast contenders; slow ones serve ``slow_samples``
-    samples_per_round: int = 65_536
-    slow_samples: int = 4_096
+    samples_per_round: int = 32_768
+    slow_samples: int = 8_192
     #: rounds of each open / preload measurement (cold and warm)
     open_rounds: int = 2
     seed: int = 0
+    #: the statistic of the timed rounds the report shows: ``min`` (the best round, the least
+    #: disturbed by other processes on a shared machine) or ``median``
+    stat: str = "min"
     #: memory probes for every backend (else only the base backend's, to keep smoke runs short)
     memory_all_backends: bool = True
     #: GPU preload and GPU loader for every backend (else only the base backend's)

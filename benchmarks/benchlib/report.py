@@ -50,15 +50,21 @@ class Results:
         return list(seen.items())
 
 
-def median_s(e: dict[str, Any] | None) -> float:
-    return float(e["stats"]["median"]) if e else math.nan
+#: Which statistic of the timed rounds the report uses (``min`` or ``median``); write_report sets
+#: it from the run's configuration.
+STAT = "min"
+
+
+def secs(e: dict[str, Any] | None) -> float:
+    """Seconds of an entry's round: the best (``min``) or the ``median`` round."""
+    return float(e["stats"][STAT]) if e else math.nan
 
 
 def rate(e: dict[str, Any] | None) -> float:
-    """Samples per second of a serving entry (median round)."""
+    """Samples per second of a serving entry."""
     if not e:
         return math.nan
-    return e["extra_info"]["samples"] / e["stats"]["median"]
+    return e["extra_info"]["samples"] / secs(e)
 
 
 def gbps(e: dict[str, Any] | None) -> float:
@@ -151,7 +157,9 @@ def _jasper_label(info: dict[str, Any]) -> str:
     if info["kind"] == "jasper_getitems":
         return f"jasper __getitems__ ({path})"
     if info["kind"] == "gpu_loader":
-        return f"jasper GPULoader ({'staged' if info.get('staged') else 'resident'})"
+        if info.get("staged"):
+            return "jasper GPULoader (staged)"
+        return f"jasper GPULoader (resident, {'CUDA graph' if info.get('cuda_graph') else 'eager'})"
     if info["kind"] == "jasper_inprocess":
         return f"jasper GPULoader on CPU ({path})"
     return f"jasper DataLoader w{info.get('workers', 0)} ({path})"
@@ -239,15 +247,15 @@ def _q1(r: Results) -> str:
                          raw: dict[str, Any] | None = raw) -> str:
                     if not e:
                         return "n/a"
-                    s = median_s(e)
+                    s = secs(e)
                     return (f"{f_s(s)} ({data / s / MB:,.0f} MB/s, "
-                            f"{f_ratio(median_s(raw) / s)} of raw)")
+                            f"{f_ratio(secs(raw) / s)} of raw)")
 
                 resident = (raw or {}).get("extra_info", {}).get("resident_before")
                 rows.append([
                     backend, preset, f_mb(data), f_mb(files),
-                    f"{f_s(median_s(raw))} ({files / median_s(raw) / MB:,.0f} MB/s)" if raw else "n/a",
-                    cell(st), cell(dsp), f_s(median_s(dsm)) if dsm else "n/a",
+                    f"{f_s(secs(raw))} ({files / secs(raw) / MB:,.0f} MB/s)" if raw else "n/a",
+                    cell(st), cell(dsp), f_s(secs(dsm)) if dsm else "n/a",
                     f_num(resident * 100 if _ok(resident) else None, 0, "%") if temp == "cold" else "-",
                 ])
             parts.append(f"**{label}, {temp}**\n\n" + table(
@@ -262,8 +270,8 @@ def _q1(r: Results) -> str:
                           preset=i["preset"], temp=temp)
                 gpu_rows.append([
                     i["backend"], i["preset"], temp, f_mb(i["data_bytes"]),
-                    f"{f_s(median_s(e))} ({i['file_bytes'] / median_s(e) / MB:,.0f} MB/s)",
-                    f"{f_s(median_s(d))} ({f_ratio(median_s(e) / median_s(d))} of ceiling)"
+                    f"{f_s(secs(e))} ({i['file_bytes'] / secs(e) / MB:,.0f} MB/s)",
+                    f"{f_s(secs(d))} ({f_ratio(secs(e) / secs(d))} of ceiling)"
                     if d else "n/a",
                 ])
         if gpu_rows:
@@ -433,9 +441,11 @@ def write_report(run_dir: Path) -> Path:
     run = _load(run_dir / "run.json") or {}
     outcomes = _load(run_dir / "outcomes.json") or []
     r = Results(raw.get("benchmarks", []))
+    cfg = run.get("config", {})
+    global STAT
+    STAT = cfg.get("stat", "min")
     charts = write_charts(r, run_dir)
     have_mpl = importlib.util.find_spec("matplotlib") is not None
-    cfg = run.get("config", {})
     notes = "".join(f"\n> {n}\n" for n in cfg.get("notes", []))
     wall = run.get("wall_s")
     md = [
@@ -443,19 +453,21 @@ def write_report(run_dir: Path) -> Path:
         f"Run {run.get('started_utc', '?')} (commit {run.get('commit') or '?'}), mode "
         f"`{run.get('mode', '?')}`{' (GPU part only)' if run.get('gpu_only') else ''}, "
         f"{f'{wall:.0f} s' if wall else '?'} wall time; batch sizes {cfg.get('batch_sizes')}, "
-        f"{cfg.get('rounds')} timed rounds per measurement, steering pinned to the centroid "
+        f"{cfg.get('rounds')} timed rounds per measurement, of which the report shows the "
+        f"{'best (the round least disturbed by other processes)' if STAT == 'min' else 'median'}; "
+        "steering pinned to the centroid "
         "variant so every sample moves the same bytes. All ratios divide by baselines measured in "
         "this run on the same bytes; performance targets are reported, never asserted.\n" + notes,
         "## Machine\n", _machine_md(machine, run),
         "## Issue 3's targets\n", _headline(r),
         "## 1. Open and preload\n",
-        "Seconds (median) and MB/s of data bytes; the ceiling is a raw read of the same files into "
+        "Seconds and MB/s of data bytes; the ceiling is a raw read of the same files into "
         "one preallocated buffer. Cold rounds drop the files' pages first (posix_fadvise "
         "DONTNEED); \"cached before\" is the fraction still in the page cache (mincore).\n",
         _q1(r),
         "## 2. Memory\n", _q2(r),
         "## 3. Serving\n",
-        "samples/s and GB/s of finished batches (median round); \"of its ceiling\" divides by the "
+        "samples/s and GB/s of finished batches; \"of its ceiling\" divides by the "
         "raw gather (CPU paths) or the on-device index_select loop (GPU loader) at the same batch "
         "size; first batch = from `iter()` on a fresh loader (workers start-up included); "
         "p50/p99 = gap between consecutive batches.\n",
@@ -565,7 +577,7 @@ def _chart_open(r: Results, plt: Any) -> Any:
             vals = []
             for backend, preset in keys:
                 e = get(grid=grid, backend=backend, preset=preset, temp=temp)
-                vals.append(e["extra_info"]["data_bytes"] / median_s(e) / MB if e else 0.0)
+                vals.append(e["extra_info"]["data_bytes"] / secs(e) / MB if e else 0.0)
             ax.barh([y + s * width for y in range(len(keys))], vals, height=width, label=name)
         ax.set_title(f"{temp} page cache")
         ax.set_xlabel("MB/s of data (higher is better)")
