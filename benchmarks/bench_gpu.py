@@ -75,7 +75,7 @@ def test_gpu_pinned_h2d(benchmark, point, batch_size):
     nbytes = batch_size * bytes_per_sample(point)
     host = _pinned(nbytes)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-    n_batches = max(8, CFG.samples_per_round // batch_size)
+    n_batches = max(8, CFG.samples(point) // batch_size)
 
     def copy_all() -> None:
         for _ in range(n_batches):
@@ -96,7 +96,7 @@ def test_gpu_index_select(benchmark, point, batch_size):
     into one preallocated device buffer, eagerly in a loop."""
     _, arrays = arrays_of(point)
     gather = C.RawGather(arrays, batch_size, device=DEVICE)
-    stream = stream_for(point, batch_size, CFG.samples_per_round).to(DEVICE)
+    stream = stream_for(point, batch_size, CFG.samples(point)).to(DEVICE)
     run_serving(benchmark, lambda: C.iterate_direct(gather, stream), stream.shape, point, 4,
                 "gpu_index_select", end_sync=_sync, contender="on-device index_select loop (ceiling)")
     gather.t.clear()

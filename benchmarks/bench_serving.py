@@ -137,7 +137,7 @@ def _check_batch(batch: dict, point: GridPoint, items: torch.Tensor) -> None:
 def test_ceiling_raw_gather(benchmark, point, batch_size):
     _, arrays = arrays_of(point)
     gather = C.RawGather(arrays, batch_size)
-    stream = stream_for(point, batch_size, CFG.samples_per_round)
+    stream = stream_for(point, batch_size, CFG.samples(point))
     run_serving(benchmark, lambda: C.iterate_direct(gather, stream), stream.shape, point, 4,
                 "cpu_raw_gather", contender="raw gather (ceiling)")
 
@@ -160,7 +160,7 @@ def test_jasper_getitems(benchmark, point, preset, mapped, batch_size):
     """``dataset.__getitems__(indices)`` called directly: jasper's batched fetch without a
     DataLoader around it."""
     ds = _jasper(point, preset, mapped)
-    stream = stream_for(point, batch_size, CFG.samples_per_round)
+    stream = stream_for(point, batch_size, CFG.samples(point))
     rows = [r.tolist() for r in stream]
     _check_batch(ds.__getitems__(rows[0]), point, stream[0])
     run_serving(benchmark, lambda: (ds.__getitems__(r) for r in rows), stream.shape, point, 3,
@@ -174,7 +174,7 @@ def test_jasper_getitems(benchmark, point, preset, mapped, batch_size):
 def test_jasper_loader(benchmark, point, preset, mapped, batch_size, workers):
     """jasper's dataset in a ``DataLoader`` (one ``__getitems__`` per batch), 0 or N workers."""
     ds = _jasper(point, preset, mapped)
-    stream = stream_for(point, batch_size, CFG.samples_per_round)
+    stream = stream_for(point, batch_size, CFG.samples(point))
     loader = C.dataloader(ds, stream, workers)
     try:
         run_serving(benchmark, lambda: loader, stream.shape, point, 3, "jasper_loader", preset,
@@ -204,7 +204,7 @@ def test_jasper_inprocess_loader(benchmark, point, preset, mapped, batch_size):
     except C.Unavailable as exc:
         pytest.skip(str(exc))
     loader = mod.GPULoader(ds, batch_size, shuffle=True, drop_last=True, device="cpu")
-    n_batches = min(len(loader), max(1, CFG.samples_per_round // batch_size))
+    n_batches = min(len(loader), max(1, CFG.samples(point) // batch_size))
     if n_batches == 0:
         pytest.skip(f"the split has fewer than {batch_size} samples")
     run_serving(benchmark, lambda: itertools.islice(loader, n_batches), (n_batches, batch_size),
@@ -223,7 +223,7 @@ def test_peer_reference(benchmark, point, batch_size):
         ds = C.reference_dataset(path)
     except C.Unavailable as exc:
         pytest.skip(str(exc))
-    stream = stream_for(point, batch_size, CFG.slow_samples)
+    stream = stream_for(point, batch_size, CFG.samples(point, slow=True))
     loader = C.dataloader(ds, stream, 0, collate=None)
     _check_batch(next(iter(loader)), point, stream[0])
     run_serving(benchmark, lambda: loader, stream.shape, point, 5, "peer",
@@ -243,7 +243,7 @@ def test_peer_library(benchmark, point, peer, batch_size):
         fn = PEERS[peer](arrays, path.parent / "peers" / peer)
     except C.Unavailable as exc:
         pytest.skip(str(exc))
-    samples = CFG.slow_samples if peer in SLOW_PEERS else CFG.samples_per_round
+    samples = CFG.samples(point, slow=peer in SLOW_PEERS)
     stream = stream_for(point, batch_size, samples)
     _check_batch(fn(stream[0]), point, stream[0])
     run_serving(benchmark, lambda: C.iterate_direct(fn, stream), stream.shape, point, 5, "peer",

@@ -39,6 +39,12 @@ class GridPoint:
         return f"p{self.n_pairs}-d{self.embedding_dim}-n{self.n_neg}-{self.dtype}"
 
     @property
+    def bytes_per_sample(self) -> int:
+        """Bytes of one served sample (``jasper.schema.bytes_per_sample``'s formula)."""
+        itemsize = 4 if self.dtype == "float32" else 8 if self.dtype == "float64" else 2
+        return itemsize * self.embedding_dim * (3 + self.n_neg) + 8 * self.n_neg + 24
+
+    @property
     def label(self) -> str:
         dt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(self.dtype, self.dtype)
         return f"D={self.embedding_dim} n_neg={self.n_neg} {dt} {self.n_pairs:,} pairs"
@@ -54,9 +60,10 @@ class BenchConfig:
     worker_counts: tuple[int, ...] = (0, 2)
     #: timed rounds per measurement (pytest-benchmark ``pedantic`` rounds)
     rounds: int = 3
-    #: samples served per round by the fast contenders; slow ones serve ``slow_samples``
-    samples_per_round: int = 32_768
-    slow_samples: int = 8_192
+    #: bytes of batches served per timed round by the fast contenders (so rounds stay the same
+    #: length across the grid); the slow ones (per-item reference, peers) serve ``slow_bytes``
+    round_bytes: int = 512 << 20
+    slow_bytes: int = 128 << 20
     #: rounds of each open / preload measurement (cold and warm)
     open_rounds: int = 2
     seed: int = 0
@@ -68,6 +75,10 @@ class BenchConfig:
     #: GPU preload and GPU loader for every backend (else only the base backend's)
     gpu_all_backends: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def samples(self, point: GridPoint, slow: bool = False) -> int:
+        """Samples per timed round at ``point``."""
+        return max(1, (self.slow_bytes if slow else self.round_bytes) // point.bytes_per_sample)
 
     @property
     def base(self) -> GridPoint:
@@ -106,13 +117,13 @@ def make_config(mode: str, n_pairs: int | None = None) -> BenchConfig:
         )
     if mode == "full":
         n = n_pairs or 1_000_000
-        return BenchConfig(mode=mode, grid=full_grid(n), rounds=5, samples_per_round=262_144,
-                           slow_samples=8_192, open_rounds=3)
+        return BenchConfig(mode=mode, grid=full_grid(n), rounds=5, round_bytes=2 << 30,
+                           slow_bytes=256 << 20, open_rounds=3)
     if mode == "smoke":
         n = n_pairs or 600
         return BenchConfig(
             mode=mode, grid=(GridPoint(n, 32, 4, "float32"),), batch_sizes=(64, 256),
-            rounds=1, samples_per_round=512, slow_samples=128, open_rounds=1,
+            rounds=1, round_bytes=512 << 10, slow_bytes=128 << 10, open_rounds=1,
             memory_all_backends=False, gpu_all_backends=False,
             notes=("Smoke mode: a tiny dataset and one round; the numbers mean nothing.",),
         )
@@ -120,7 +131,7 @@ def make_config(mode: str, n_pairs: int | None = None) -> BenchConfig:
         n = n_pairs or 1_000_000
         return BenchConfig(
             mode=mode, grid=(GridPoint(n, 384, 8, "float32"),), rounds=5,
-            samples_per_round=1 << 20, slow_samples=4_096, open_rounds=2, gpu_all_backends=False,
+            round_bytes=16 << 30, slow_bytes=64 << 20, open_rounds=2, gpu_all_backends=False,
             notes=(f"GPU part only, {n:,} pairs, the base backend's dataset (the issue's scale "
                    "for the GPU loader target; sized for under 8 minutes).",))
     raise ValueError(f"unknown benchmark mode {mode!r}")

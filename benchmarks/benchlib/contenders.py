@@ -281,7 +281,8 @@ class HFDatasetsPeer:
         self.train_idx = arrays["train_idx"]
 
     def _emb(self, t: torch.Tensor) -> torch.Tensor:
-        return t.view(torch.bfloat16) if self.bf16 else t
+        # the torch formatter widens integer columns to int64: narrow back, then reinterpret
+        return t.to(torch.int16).view(torch.bfloat16) if self.bf16 else t
 
     def __call__(self, items: torch.Tensor) -> Batch:
         p = self.train_idx[items].tolist()
