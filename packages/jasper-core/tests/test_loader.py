@@ -146,16 +146,18 @@ def test_validate_first_batch_checks_clusters_against_the_dataset(small_dataset:
 # --- the draw across batch sizes, workers and shuffles --------------------------------------
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch_size=st.integers(1, 97), workers=st.sampled_from([0, 2]),
+       worker_type=st.sampled_from(["thread", "process"]),
        shuffle=st.booleans(), epoch=st.integers(0, 50))
 def test_every_sample_is_the_same_whatever_the_loader(tagged: Path, batch_size: int,
-                                                      workers: int, shuffle: bool,
-                                                      epoch: int) -> None:
+                                                      workers: int, worker_type: str,
+                                                      shuffle: bool, epoch: int) -> None:
     n_pairs = 300
     base = create_loader(tagged, "train", batch_size=len(JASPERSteeringDataset(tagged, "train")),
                          shuffle=False, drop_last=False, epoch=epoch)
     expect = _by_pair(_served(base, n_pairs))
     loader = create_loader(tagged, "train", batch_size=batch_size, num_workers=workers,
-                           shuffle=shuffle, drop_last=False, epoch=epoch)
+                           shuffle=shuffle, drop_last=False, epoch=epoch,
+                           worker_type=worker_type)  # type: ignore[arg-type]
     got = _by_pair(_served(loader, n_pairs))
     assert got.keys() == expect.keys()
     for pair, (variant, steering) in got.items():
@@ -168,7 +170,7 @@ def test_persistent_workers_follow_force_steering_set_epoch_and_reloads(
     path = copy_dataset(tagged)
     n_pairs = 300
     loader = create_loader(path, "train", batch_size=32, num_workers=2, persistent_workers=True,
-                           drop_last=False)
+                           drop_last=False, worker_type="process")
     ds = loader.dataset_obj
     first = _served(loader, n_pairs)
     assert torch.equal(first["steering_variant"],
@@ -204,7 +206,7 @@ def test_persistent_workers_follow_force_steering_set_epoch_and_reloads(
 
 def test_spawned_workers_share_the_controls(tagged: Path) -> None:
     loader = create_loader(tagged, "val", batch_size=16, num_workers=1, persistent_workers=True,
-                           use_mmap=True, multiprocessing_context="spawn")
+                           use_mmap=True, multiprocessing_context="spawn", worker_type="process")
     n_pairs = 300
     _served(loader, n_pairs)
     loader.dataset_obj.force_steering("keyword")
@@ -233,3 +235,43 @@ def test_distributed_sampler_epoch(small_dataset: Path) -> None:
     assert loader.sampler_obj.epoch == 3
     set_epoch(loader, 7)
     assert loader.sampler_obj.epoch == 7 and loader.dataset_obj.current_epoch == 7
+
+
+
+@pytest.mark.parametrize("use_mmap", [False, True])
+def test_thread_workers_serve_what_zero_workers_serve_in_order(tagged: Path,
+                                                               use_mmap: bool) -> None:
+    """In-memory datasets get thread workers by default: same batches, same order, same length,
+    and the curriculum controls apply at once (no worker processes to reach)."""
+    from jasper.loader import ThreadedLoader
+
+    kw = dict(batch_size=24, shuffle=True, seed=5, use_mmap=use_mmap, drop_last=False)
+    plain = create_loader(tagged, "train", num_workers=0, **kw)  # type: ignore[arg-type]
+    threaded = create_loader(tagged, "train", num_workers=3, prefetch_factor=2,
+                             **kw)  # type: ignore[arg-type]
+    assert isinstance(threaded, ThreadedLoader) and not isinstance(plain, ThreadedLoader)
+    assert len(threaded) == len(plain)
+    for epoch in (0, 7):
+        set_epoch(plain, epoch)
+        set_epoch(threaded, epoch)
+        got, want = list(threaded), list(plain)
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert g.keys() == w.keys()
+            for k in w:
+                assert torch.equal(g[k], w[k]), k
+    threaded.dataset_obj.force_steering("keyword")
+    assert all(set(b["steering_variant"].tolist()) == {2} for b in threaded)
+
+
+def test_worker_type_choice(tagged: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from jasper.loader import ThreadedLoader
+
+    forced = create_loader(tagged, "val", batch_size=8, num_workers=2, worker_type="process")
+    assert type(forced) is DataLoader and forced.num_workers == 2
+    with pytest.raises(ValueError, match="worker_type"):
+        create_loader(tagged, "val", batch_size=8, worker_type="fibers")  # type: ignore[arg-type]
+    t = create_loader(tagged, "val", batch_size=8, num_workers=2, worker_type="thread")
+    assert isinstance(t, ThreadedLoader) and t.thread_workers == 2 and t.num_workers == 0

@@ -6,18 +6,30 @@ split only, ``DistributedSampler`` when ``distributed``) and returns a DataLoade
 (one gather per field), so the loader's ``collate_fn`` passes the batch through. With a non-CPU
 ``device`` it returns the GPU-resident :class:`jasper.gpu_loader.GPULoader` instead (no workers,
 every table on the device).
+
+Workers. For a dataset held in memory (preloaded or memory-mapped) a batch is a handful of
+``index_select`` calls that release the GIL, so ``num_workers`` threads in the main process
+assemble batches ahead of the training step (:class:`ThreadedLoader`). Worker *processes* would
+gather the same bytes and then pay for a fresh shared-memory segment per batch, its page faults
+and the IPC on top (pytorch#154318 reports in-memory data getting slower with workers; on two
+cores we measured 2 worker processes at about a sixth of the 0-worker rate). Datasets read lazily
+through ``read_rows`` (e.g. compressed HDF5, whose library holds a global lock) keep worker
+processes, where parallel decoding pays. ``worker_type`` forces either.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from jasper.dataset import BATCH_KEYS, JASPERSteeringDataset, passthrough_collate
+from jasper.dataset import BATCH_KEYS, MODE_ROWS, JASPERSteeringDataset, passthrough_collate
 
 LOGGER = logging.getLogger(__name__)
 
@@ -42,6 +54,7 @@ def create_loader(
     multiprocessing_context: Any = None,
     num_replicas: int | None = None,
     rank: int | None = None,
+    worker_type: Literal["auto", "thread", "process"] = "auto",
 ) -> Any:
     """A loader over ``split`` of the dataset at ``dataset_dir``.
 
@@ -53,9 +66,15 @@ def create_loader(
     preloaded on that device. ``seed`` is the curriculum seed and (for the GPU loader and the
     sampler) the shuffle seed.
 
+    ``worker_type`` says what ``num_workers`` starts: ``"thread"`` (a :class:`ThreadedLoader`
+    gathering batches in that many threads), ``"process"`` (DataLoader worker processes) or
+    ``"auto"``: threads for datasets held in memory or mapped, processes for lazily read ones.
+
     The returned loader has ``.dataset_obj`` (the :class:`JASPERSteeringDataset`) and
     ``.sampler_obj`` (the DistributedSampler, or ``None``).
     """
+    if worker_type not in ("auto", "thread", "process"):
+        raise ValueError(f"worker_type must be 'auto', 'thread' or 'process', got {worker_type!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if drop_last is None:
@@ -83,14 +102,18 @@ def create_loader(
     if shuffle and sampler is None:
         # the shuffle is reproducible from (seed, epoch) like the sampler's; set_epoch reseeds
         generator = torch.Generator().manual_seed(_shuffle_seed(dataset.seed, epoch))
+    threaded = num_workers > 0 and (
+        worker_type == "thread" or (worker_type == "auto" and dataset.mode != MODE_ROWS))
     kwargs: dict[str, Any] = {}
-    if num_workers > 0:
+    if threaded:
+        kwargs["prefetch"] = num_workers * (prefetch_factor or 2)
+    elif num_workers > 0:
         kwargs["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor
         if multiprocessing_context is not None:
             kwargs["multiprocessing_context"] = multiprocessing_context
-    loader: Any = DataLoader(
+    loader: Any = (ThreadedLoader if threaded else DataLoader)(
         dataset,
         batch_size=batch_size,
         shuffle=bool(shuffle) if sampler is None else None,
@@ -104,9 +127,52 @@ def create_loader(
     )
     loader.dataset_obj = dataset
     loader.sampler_obj = sampler
-    LOGGER.info("created %s loader: %d samples, batch_size=%d, num_workers=%d, distributed=%s",
-                split, len(dataset), batch_size, num_workers, distributed)
+    LOGGER.info("created %s loader: %d samples, batch_size=%d, num_workers=%d (%s), "
+                "distributed=%s", split, len(dataset), batch_size, num_workers,
+                "threads" if threaded else "processes", distributed)
     return loader
+
+
+class ThreadedLoader(DataLoader):
+    """A DataLoader whose ``num_workers`` are threads of this process.
+
+    It draws index batches from its batch sampler exactly as a DataLoader does (same sampler,
+    generator, ``drop_last`` and ``len``) and hands each to the dataset's ``__getitems__`` on a
+    thread pool, keeping ``prefetch`` batches in flight and yielding them in order. Nothing is
+    pickled or copied between processes, so memory stays that of one process.
+    """
+
+    def __init__(self, dataset: JASPERSteeringDataset, *, num_workers: int, prefetch: int,
+                 **kwargs: Any) -> None:
+        super().__init__(dataset, num_workers=0, **kwargs)
+        self.thread_workers = num_workers
+        self.prefetch = max(prefetch, num_workers)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        fetch = self.dataset.__getitems__  # type: ignore[attr-defined]
+        pin = self.pin_memory
+        batches = iter(self._index_sampler)
+        # A DataLoader iterator draws its base seed from the generator before the sampler's first
+        # permutation; doing the same keeps the shuffle identical to the process-worker path.
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        pending: deque[Future[Any]] = deque()
+        with ThreadPoolExecutor(self.thread_workers, thread_name_prefix="jasper-loader") as pool:
+            try:
+                for indices in batches:
+                    pending.append(pool.submit(fetch, indices))
+                    if len(pending) >= self.prefetch:
+                        yield _pinned(pending.popleft().result(), pin)
+                while pending:
+                    yield _pinned(pending.popleft().result(), pin)
+            finally:
+                for f in pending:
+                    f.cancel()
+
+
+def _pinned(batch: Any, pin: bool) -> Any:
+    if not pin:
+        return batch
+    return type(batch)({k: v.pin_memory() for k, v in batch.items()})
 
 
 def _shuffle_seed(seed: int, epoch: int) -> int:
