@@ -120,8 +120,7 @@ def test_gpu_loader(benchmark, point, preset, batch_size, mode):
     graph = mode == "resident-graph"
     try:
         mod = C.optional_import("jasper.gpu_loader", "jasper's GPU loader has not landed yet")
-        ds = C.jasper_dataset(ensure_dataset(point, preset, CFG.seed), use_mmap=False,
-                              device="cpu" if staged else DEVICE)
+        ds = _dataset(point, preset, "cpu" if staged else DEVICE)
     except C.Unavailable as exc:
         pytest.skip(str(exc))
     kwargs = {} if staged else {"cuda_graph": graph}
@@ -129,7 +128,30 @@ def test_gpu_loader(benchmark, point, preset, batch_size, mode):
     run_serving(benchmark, lambda: loader, (len(loader), batch_size), point, 3, "gpu_loader",
                 preset, end_sync=_sync, staged=staged, cuda_graph=graph and ON_CUDA,
                 contender=f"jasper GPULoader ({mode})")
-    ds.close()
+
+
+_DATASETS: dict[tuple[str, str, str], Any] = {}
+
+
+def _dataset(point: Any, preset: Any, device: str) -> Any:
+    """The preloaded dataset on ``device``: one per device, reused across batch sizes and loader
+    modes (a 10^6-pair preload takes seconds)."""
+    key = (point.key, preset.id, device)
+    if key not in _DATASETS:
+        for k in [k for k in _DATASETS if k[2] == device]:
+            _DATASETS.pop(k).close()
+        _release()
+        _DATASETS[key] = C.jasper_dataset(ensure_dataset(point, preset, CFG.seed),
+                                          use_mmap=False, device=device)
+    return _DATASETS[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_datasets():
+    yield
+    for ds in _DATASETS.values():
+        ds.close()
+    _DATASETS.clear()
     _release()
 
 
