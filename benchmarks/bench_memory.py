@@ -56,6 +56,4 @@ def test_memory(benchmark, point, preset, mapped):
     got = benchmark.pedantic(_probe, args=tuple(args), rounds=1)
     tag(benchmark, 2, "memory", point, preset, mapped=mapped, data_bytes=data_bytes(path),
         rss_delta=got["rss_after"] - got["rss_before"], open_s=got["open_s"],
-        pss={int(k): v for k, v in got["pss"].items()},
-        procs={int(k): v for k, v in got["procs"].items()},
-        epoch_s={int(k): v for k, v in got["epoch_s"].items()})
+        pss=got["pss"], procs=got["procs"], epoch_s=got["epoch_s"])

@@ -168,17 +168,25 @@ def test_jasper_getitems(benchmark, point, preset, mapped, batch_size):
                 contender=f"jasper __getitems__ ({'mmap' if mapped else 'preload'})")
 
 
-@pytest.mark.parametrize("workers", CFG.worker_counts)
+WORKERS = [(w, t) for w in CFG.worker_counts for t in (["process", "thread"] if w else ["none"])]
+
+
+@pytest.mark.parametrize(("workers", "worker_type"), WORKERS,
+                         ids=[f"w{w}-{t}" if w else "w0" for w, t in WORKERS])
 @pytest.mark.parametrize("batch_size", CFG.batch_sizes)
 @pytest.mark.parametrize(("point", "preset", "mapped"), SERVE_CASES, ids=SERVE_IDS)
-def test_jasper_loader(benchmark, point, preset, mapped, batch_size, workers):
-    """jasper's dataset in a ``DataLoader`` (one ``__getitems__`` per batch), 0 or N workers."""
+def test_jasper_loader(benchmark, point, preset, mapped, batch_size, workers, worker_type):
+    """jasper's dataset in a ``DataLoader`` (one ``__getitems__`` per batch): no workers, worker
+    processes, or worker threads (``create_loader``'s choice for data in memory or mapped)."""
     ds = _jasper(point, preset, mapped)
     stream = stream_for(point, batch_size, CFG.samples(point))
-    loader = C.dataloader(ds, stream, workers)
+    try:
+        loader = C.dataloader(ds, stream, workers, worker_type=worker_type)
+    except C.Unavailable as exc:
+        pytest.skip(str(exc))
     try:
         run_serving(benchmark, lambda: loader, stream.shape, point, 3, "jasper_loader", preset,
-                    mapped=mapped, workers=workers,
+                    mapped=mapped, workers=workers, worker_type=worker_type,
                     contender=f"jasper DataLoader w{workers} ({'mmap' if mapped else 'preload'})")
     finally:
         _stop_workers(loader)

@@ -148,23 +148,34 @@ def _identity(batch: Any) -> Any:
 
 
 def dataloader(dataset: Any, stream: torch.Tensor, workers: int, *,
-               collate: Callable[[Any], Any] | None = _identity) -> torch.utils.data.DataLoader:
+               collate: Callable[[Any], Any] | None = _identity,
+               worker_type: str = "process") -> torch.utils.data.DataLoader:
     """A ``DataLoader`` that serves exactly ``stream`` (one batch per row).
 
     With ``collate=_identity`` and a dataset with ``__getitems__`` (jasper's), each batch is one
     ``__getitems__`` call; with ``collate=None`` the DataLoader's ``default_collate`` stacks
-    per-item dicts (what the original system did). Workers are persistent, so timed rounds see
-    steady-state serving and the warm-up round pays the fork.
+    per-item dicts (what the original system did). ``worker_type="process"``: forked, persistent
+    workers (timed rounds see steady-state serving, the warm-up round pays the fork);
+    ``"thread"``: jasper's ``ThreadedLoader``, which ``create_loader`` uses for datasets held in
+    memory or mapped.
     """
     from torch.utils.data import DataLoader
 
     kwargs: dict[str, Any] = {}
+    cls: Any = DataLoader
     if collate is not None:
         kwargs["collate_fn"] = collate
-    if workers > 0:
+    if workers > 0 and worker_type == "thread":
+        # what create_loader gives datasets held in memory or mapped: threads in this process
+        cls = optional_import("jasper.loader", "jasper's loader module is missing").__dict__.get(
+            "ThreadedLoader")
+        if cls is None:
+            raise Unavailable("jasper.loader has no ThreadedLoader (thread workers)")
+        kwargs["prefetch"] = 2 * workers
+    elif workers > 0:
         kwargs.update(persistent_workers=True, multiprocessing_context="fork")
-    return DataLoader(dataset, batch_size=stream.shape[1], sampler=stream.reshape(-1).tolist(),
-                      drop_last=True, num_workers=workers, pin_memory=False, **kwargs)
+    return cls(dataset, batch_size=stream.shape[1], sampler=stream.reshape(-1).tolist(),
+               drop_last=True, num_workers=workers, pin_memory=False, **kwargs)
 
 
 # --- peers -------------------------------------------------------------------------------------

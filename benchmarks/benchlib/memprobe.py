@@ -3,9 +3,10 @@
     python -m benchlib.memprobe PATH [--mmap] [--workers 0 2] [--batch-size B]
 
 Opens PATH with ``JASPERSteeringDataset(..., use_mmap=...)`` and records the resident set size
-before and after; then, for each worker count in turn, serves one epoch of the train split through
-a DataLoader with that many persistent workers and records the summed proportional set size of
-this process and its workers (shared pages counted once in total) before shutting them down.
+before and after; then, for each worker count in turn (worker processes, then worker threads as
+``create_loader`` starts them for data in memory), serves one epoch of the train split and records
+the summed proportional set size of this process and its workers (shared pages counted once in
+total) before shutting them down.
 Prints one JSON object on stdout.
 """
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4096)
     args = ap.parse_args(argv)
 
-    from benchlib.contenders import dataloader, index_stream, jasper_dataset
+    from benchlib.contenders import Unavailable, dataloader, index_stream, jasper_dataset
     from benchlib.measure import child_pids, pss_bytes, rss_bytes
 
     gc.collect()
@@ -41,17 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     n = len(ds)
     b = min(args.batch_size, n)
     stream = index_stream(n, b, max(1, n // b))
-    for workers in args.workers:
-        loader = dataloader(ds, stream, workers)
+    runs = [(w, t) for w in args.workers for t in (("process", "thread") if w else ("none",))]
+    for workers, kind in runs:
+        try:
+            loader = dataloader(ds, stream, workers, worker_type=kind)
+        except Unavailable:
+            continue
+        label = f"{workers} {'processes' if kind == 'process' else 'threads'}" if workers else "0"
         it = iter(loader)
         t0 = time.perf_counter()
         for _ in it:
             pass
-        out["epoch_s"][workers] = time.perf_counter() - t0
+        out["epoch_s"][label] = time.perf_counter() - t0
         gc.collect()
         pids = [os.getpid(), *child_pids()]
-        out["procs"][workers] = len(pids)
-        out["pss"][workers] = pss_bytes(pids)
+        out["procs"][label] = len(pids)
+        out["pss"][label] = pss_bytes(pids)
         if hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         del it, loader

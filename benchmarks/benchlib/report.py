@@ -162,7 +162,9 @@ def _jasper_label(info: dict[str, Any]) -> str:
         return f"jasper GPULoader (resident, {'CUDA graph' if info.get('cuda_graph') else 'eager'})"
     if info["kind"] == "jasper_inprocess":
         return f"jasper GPULoader on CPU ({path})"
-    return f"jasper DataLoader w{info.get('workers', 0)} ({path})"
+    workers = info.get("workers", 0)
+    kind = {"thread": " threads", "process": " processes"}.get(info.get("worker_type", ""), "")
+    return f"jasper DataLoader w{workers}{kind if workers else ''} ({path})"
 
 
 def _best(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -183,11 +185,12 @@ def _headline(r: Results) -> str:
         ceiling = r.one(grid=grid, kind="cpu_raw_gather", batch_size=b)
         ref = r.one(grid=grid, kind="peer", peer="reference", batch_size=b)
         for e in sorted(r.find(grid=grid, kind="jasper_loader", batch_size=b, mapped=False),
-                        key=lambda e: (e["extra_info"]["backend"], e["extra_info"]["workers"])):
+                        key=lambda e: (e["extra_info"]["backend"], e["extra_info"]["workers"],
+                                       e["extra_info"].get("worker_type", ""))):
             info = e["extra_info"]
             frac = rate(e) / rate(ceiling)
             vs_ref = rate(e) / rate(ref)
-            rows.append([label, f"{info['backend']} w{info['workers']} B={b}",
+            rows.append([label, f"{info['backend']} {_jasper_label(info)} B={b}",
                          f"{f_rate(rate(e))}/s", f"{f_ratio(frac)} of raw gather "
                          f"({_target(frac, TARGET_CEILING)}, target >= {TARGET_CEILING})",
                          f"{f_ratio(vs_ref)} the per-item reference "
@@ -199,29 +202,37 @@ def _headline(r: Results) -> str:
             rows.append([label, f"{i['backend']} {_jasper_label(i)} B={b}", f"{f_rate(rate(e))}/s",
                          f"{f_ratio(frac)} of the on-device index_select loop "
                          f"({_target(frac, TARGET_GPU)}, target >= {TARGET_GPU})", ""])
-        for backend, mapped, ratio in _pss_ratios(r, grid):
-            rows.append([label, f"{backend} ({'mmap' if mapped else 'preload'}) PSS 2 workers / 0",
+        for backend, mapped, kind, ratio in _pss_ratios(r, grid):
+            rows.append([label, f"{backend} ({'mmap' if mapped else 'preload'}) PSS 2 worker "
+                                f"{kind} / 0 workers",
                          "", f"{f_ratio(ratio)} ({_target(ratio, TARGET_PSS, higher=False)}, "
                          f"target <= {TARGET_PSS})", ""])
     return table(["grid", "what", "absolute", "vs ceiling / target", "vs reference / target"], rows)
 
 
-def _pss(info: dict[str, Any]) -> dict[int, float]:
-    """PSS by worker count (JSON turns the int keys into strings)."""
-    return {int(k): float(v) for k, v in (info.get("pss") or {}).items()}
+def _pss(info: dict[str, Any]) -> dict[str, float]:
+    """Summed PSS by loader: ``"0"``, ``"2 processes"``, ``"2 threads"``..."""
+    return {str(k): float(v) for k, v in (info.get("pss") or {}).items()}
 
 
-def _pss_ratio(info: dict[str, Any]) -> float:
+def _pss_ratio(info: dict[str, Any], kind: str = "processes") -> float:
+    """PSS of the most workers of ``kind`` over PSS without workers."""
     w = _pss(info)
-    many = max(w) if w else 0
-    return w[many] / w[0] if 0 in w and many > 0 else math.nan
+    many = [k for k in w if k.endswith(kind)]
+    if "0" not in w or not many:
+        return math.nan
+    top = max(many, key=lambda k: int(k.split()[0]))
+    return w[top] / w["0"]
 
 
-def _pss_ratios(r: Results, grid: str) -> list[tuple[str, bool, float]]:
+def _pss_ratios(r: Results, grid: str) -> list[tuple[str, bool, str, float]]:
     out = []
     for e in r.find(grid=grid, kind="memory"):
         i = e["extra_info"]
-        out.append((i["backend"], bool(i.get("mapped")), _pss_ratio(i)))
+        for kind in ("processes", "threads"):
+            ratio = _pss_ratio(i, kind)
+            if _ok(ratio):
+                out.append((i["backend"], bool(i.get("mapped")), kind, ratio))
     return sorted(out)
 
 
@@ -290,18 +301,19 @@ def _q2(r: Results) -> str:
                         key=lambda e: (e["extra_info"]["backend"], bool(e["extra_info"]["mapped"]))):
             i = e["extra_info"]
             w = _pss(i)
-            procs = {int(k): v for k, v in (i.get("procs") or {}).items()}
-            ratio = _pss_ratio(i)
+            procs = {str(k): v for k, v in (i.get("procs") or {}).items()}
+            cells = [f"{k}: {f_mb(v)} ({procs.get(k, '?')} procs)" for k, v in w.items()]
             rows.append([
                 i["backend"], "mmap" if i.get("mapped") else "preload", f_mb(i["data_bytes"]),
                 f"{f_mb(i['rss_delta'])} ({f_ratio(i['rss_delta'] / i['data_bytes'])})",
-                ", ".join(f"w{c}: {f_mb(v)} ({procs.get(c, '?')} procs)" for c, v in sorted(w.items())),
-                f"{f_ratio(ratio)} ({_target(ratio, TARGET_PSS, higher=False)})",
+                "; ".join(cells),
+                *[f"{f_ratio(x)} ({_target(x, TARGET_PSS, higher=False)})"
+                  for x in (_pss_ratio(i, "processes"), _pss_ratio(i, "threads"))],
             ])
         parts.append(f"**{label}**\n\n" + table(
             ["backend", "path", "data MB", "RSS growth on open MB (/ data)",
-             "summed PSS MB after one epoch, by workers", f"most workers / 0 (target <= {TARGET_PSS})"],
-            rows))
+             "summed PSS MB after one epoch, by workers",
+             f"worker processes / 0 (target <= {TARGET_PSS})", "worker threads / 0"], rows))
         rows = []
         for e in r.find(grid=grid, kind="gpu_dataset_preload", temp="warm"):
             i = e["extra_info"]
@@ -594,13 +606,13 @@ def _chart_memory(r: Results, plt: Any) -> Any:
                  key=lambda e: (e["extra_info"]["backend"], bool(e["extra_info"]["mapped"])))
     if not mem:
         return None
-    workers = sorted({w for e in mem for w in _pss(e["extra_info"])})
+    workers = list(dict.fromkeys(w for e in mem for w in _pss(e["extra_info"])))
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(mem) * len(workers) + 1.5))
     width = 0.8 / len(workers)
     for s, w in enumerate(workers):
         vals = [_pss(e["extra_info"]).get(w, 0.0) / MB for e in mem]
         ax.barh([y + s * width for y in range(len(mem))], vals, height=width,
-                label=f"{w} workers")
+                label="no workers" if w == "0" else f"{w.split()[0]} worker {w.split()[1]}")
     ax.axvline(mem[0]["extra_info"]["data_bytes"] / MB, color="black", linestyle="--",
                label="data bytes")
     ax.set_yticks([y + width / 2 for y in range(len(mem))],
