@@ -206,3 +206,16 @@ def test_streamed_finite_check_for_backends_that_cannot_map(
         assert info.value.row == 1777
     finally:
         unregister_backend("pt-nomap-validate")
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf(
+    loaded: tuple[dict[str, torch.Tensor], Manifest],
+) -> None:
+    """The fast NaN/Inf check sums each chunk; a sum that overflows must fall back to the exact
+    scan instead of reporting a finite array as broken."""
+    a = fresh(loaded)
+    a["steering_residual"][:50] = 3.0e38  # the float32 sum of these overflows to inf
+    assert check_arrays(a, loaded[1]) == []
+    a["steering_residual"][49, 7] = float("inf")
+    with pytest.raises(IntegrityError, match=r"steering_residual\[49, 7\] = inf"):
+        check_arrays(a, loaded[1])

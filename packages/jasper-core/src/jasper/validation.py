@@ -139,7 +139,8 @@ def _check_finite(name: str, t: torch.Tensor, path: Path | None, row_offset: int
         chunk = t[start : start + step]
         # A sum is non-finite whenever any element is NaN/Inf, so one reduction clears the chunk;
         # only a non-finite sum (also possible from overflow) pays for the exact scan.
-        if torch.isfinite(chunk.sum(dtype=torch.float64)):
+        acc = torch.float32 if chunk.element_size() < 4 else chunk.dtype
+        if torch.isfinite(chunk.sum(dtype=acc)):
             continue
         bad = ~torch.isfinite(chunk)
         if bad.any():
