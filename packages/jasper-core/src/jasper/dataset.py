@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset, Subset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
+from jasper.allocator import tune_host_allocator
 from jasper.backend import ArrayInfo, StoreReader
 from jasper.curriculum import (
     VARIANT_NAMES,
@@ -211,6 +212,8 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         self.dataset_dir = Path(dataset_dir)
         self.split = split
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cpu":
+            tune_host_allocator()  # batches reuse freed memory instead of faulting in new pages
         self._closed = True
         self._reader: StoreReader | None = None
         if not self.dataset_dir.is_dir():
@@ -416,6 +419,8 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if self.device.type == "cpu":
+            tune_host_allocator()  # a spawned worker is a fresh process
 
     def _ensure_ready(self) -> None:
         if self._closed:

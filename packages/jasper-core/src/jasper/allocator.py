@@ -1,0 +1,60 @@
+"""Host allocator tuning for batch assembly (glibc only).
+
+Every batch is a few fresh tensors of several MB (``negative_embs`` alone is 12.6 MB at batch
+1024, D=384, n_neg=8). glibc serves allocations above its mmap threshold (128 KiB, adapting up to
+32 MiB) with a fresh ``mmap`` and returns freed heap tops to the kernel past its trim threshold,
+so each batch pays page faults on megabytes of zeroed pages. Raising both thresholds lets freed
+batch memory be reused by the next batch. Measured on 2 cores, D=384, n_neg=8, ``__getitems__``
+of a preloaded dataset: 318k -> 684k samples/s at batch 1024, 195k -> 636k at batch 4096.
+
+The setting is process-wide (it is what ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``
+would set from the environment): up to 1 GiB allocations come from the heap and up to 2 GiB of
+freed heap stays mapped for reuse. jasper applies it when a dataset is created on the CPU; set
+``JASPER_TUNE_MALLOC=0`` to leave the allocator alone. Other C libraries: no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import threading
+
+LOGGER = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = (1 << 31) - 1
+
+_lock = threading.Lock()
+_applied: bool | None = None
+
+
+def tune_host_allocator() -> bool:
+    """Raise glibc's mmap and trim thresholds once per process; ``True`` when they are set.
+
+    Returns ``False`` (and changes nothing) when ``JASPER_TUNE_MALLOC=0``, on a C library other
+    than glibc, or when ``mallopt`` refuses.
+    """
+    global _applied
+    if os.environ.get("JASPER_TUNE_MALLOC", "").strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    with _lock:
+        if _applied is None:
+            _applied = _apply()
+        return _applied
+
+
+def _apply() -> bool:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+    LOGGER.debug("glibc malloc thresholds raised for batch reuse: %s", ok)
+    return ok
