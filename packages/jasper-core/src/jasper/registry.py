@@ -61,15 +61,14 @@ class KnownBackend:
     description: str
 
 
-#: Backends published by the jasper project (fsspec-style known implementations).
+#: Backends published by the jasper project (fsspec-style known implementations). Only packages
+#: that exist are listed, so every install hint works.
 KNOWN_BACKENDS: dict[str, KnownBackend] = {
     b.name: b
     for b in (
         KnownBackend("pt", "jasper-pt", "one .pt file per array; reads the original system's datasets"),
         KnownBackend("hdf5", "jasper-hdf5", "one compressed HDF5 file"),
         KnownBackend("memmap-sqlite", "jasper-memmap-sqlite", "memory-mapped .npy arrays + SQLite catalogue"),
-        KnownBackend("zarr", "jasper-zarr", "chunked zarr v3 store"),
-        KnownBackend("chroma", "jasper-chroma", "ChromaDB persistent store"),
     )
 }
 
