@@ -15,6 +15,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,30 @@ def clean_leftovers(target: Path) -> list[Path]:
     return removed
 
 
+@contextmanager
+def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory atomically: yields a fresh temporary directory beside ``target``; when
+    the block ends without an exception every file in it is fsynced and it is renamed into place
+    (an existing target only with ``overwrite``, and then only once the new one is complete). On
+    an exception the temporary directory is removed and ``target`` is untouched. Leftovers of
+    writers that died are removed first. Write the commit marker (e.g. the manifest) last.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise DatasetExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(target)
+    tmp = target.parent / f".{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _commit(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def dir_size(path: str | Path) -> int:
     """Bytes on disk of every file under ``path``."""
     p = Path(path)
@@ -231,14 +256,8 @@ def write_store(
     m = copy.deepcopy(manifest) if isinstance(manifest, Manifest) else Manifest.from_dict(dict(manifest))
     sources = {n: as_source(a) for n, a in arrays.items()}
     check_layout(sources, m)
-    if target.exists() and not overwrite:
-        raise DatasetExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(target)
-    tmp = target.parent / f".{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     total = sum(s.nbytes for s in sources.values())
-    try:
+    with atomic_directory(target, overwrite=overwrite) as tmp:
         with byte_bar(total, f"writing {target.name} ({backend})", progress) as update:
             hashing = {n: _HashingSource(n, s, update) for n, s in sources.items()}
             impl.write_arrays(tmp, hashing, m, **options)
@@ -255,11 +274,6 @@ def write_store(
         }
         m.stamp(backend, _backend_version(backend))
         m.dump(tmp, fsync=False)  # config.json last: it is the commit marker
-        _fsync_tree(tmp)
-        _commit(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -347,6 +361,7 @@ __all__ = [
     "MANIFEST_NAME",
     "ConvertReport",
     "DatasetExistsError",
+    "atomic_directory",
     "clean_leftovers",
     "convert",
     "dir_size",

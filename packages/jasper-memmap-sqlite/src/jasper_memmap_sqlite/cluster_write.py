@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from jasper.backend import ArraySource, default_rows_per_chunk
 from jasper.dtypes import dtype_name, to_storage
 from jasper.errors import ChecksumError, IntegrityError, ShapeError
 from jasper.progress import byte_bar
-from jasper.store import TMP_MARK, TRASH_MARK, DatasetExistsError, clean_leftovers
+from jasper.store import atomic_directory
 from jasper_memmap_sqlite.catalogue import (
     CATALOGUE_DDL,
     block_checksums,
@@ -200,40 +198,29 @@ def write_cluster_labeled(
     meta = _Meta(ids, types, text, _column(chroma_id, n, "chroma_id", target),
                  _column(suggestions, n, "suggestions", target),
                  _column(steering_mode, n, "steering_mode", target))
-    if target.exists() and not overwrite:
-        raise DatasetExistsError(f"{target} exists; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(target)
-    tmp = target.parent / f".{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     total = 2 * m * d * np.dtype("float32").itemsize + 3 * n * c * 4 + 16 * n
-    try:
-        with byte_bar(total, f"writing {target.name} (cluster-labeled)", progress) as update:
-            written: dict[str, tuple[str, Written]] = {}
+    with atomic_directory(target, overwrite=overwrite) as tmp, \
+            byte_bar(total, f"writing {target.name} (cluster-labeled)", progress) as update:
+        written: dict[str, tuple[str, Written]] = {}
 
-            def put(name: str, file: str, a: ArrayLike, logical: str,
-                    as_dtype: str | None = None) -> None:
-                storage = np.dtype("uint16") if logical == "bfloat16" else np.dtype(logical)
-                shape = _shape_dtype(a)[0]
-                written[name] = (logical, write_npy(tmp / file, shape, storage,
-                                                    _chunks(a, logical, as_dtype), array=name,
-                                                    on_bytes=update))
+        def put(name: str, file: str, a: ArrayLike, logical: str,
+                as_dtype: str | None = None) -> None:
+            storage = np.dtype("uint16") if logical == "bfloat16" else np.dtype(logical)
+            shape = _shape_dtype(a)[0]
+            written[name] = (logical, write_npy(tmp / file, shape, storage,
+                                                _chunks(a, logical, as_dtype), array=name,
+                                                on_bytes=update))
 
-            put("base", BASE_FILE, base_embeddings, emb_dtype)
-            put("steering", STEERING_FILE, steering_embeddings, _shape_dtype(
-                steering_embeddings)[1])
-            for t, a in zip(LABEL_TYPES, (source_labels, steering_labels, combined_labels)):
-                put(f"{t}_labels", LABEL_FILES[t], a, "float32", "float32")
-            put("sample_ids", SAMPLE_IDS_FILE, ids, "int64")
-            put("embedding_idx", EMBEDDING_IDX_FILE, emb, "int64")
-            _finite_labels(tmp, target)
-            _write_db(tmp / DB_NAME, written, meta, emb, d, c, dataset_info)
-            (tmp / LOCK_FILE).touch()
-        _fsync_tree(tmp)
-        _commit(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        put("base", BASE_FILE, base_embeddings, emb_dtype)
+        put("steering", STEERING_FILE, steering_embeddings, _shape_dtype(
+            steering_embeddings)[1])
+        for t, a in zip(LABEL_TYPES, (source_labels, steering_labels, combined_labels)):
+            put(f"{t}_labels", LABEL_FILES[t], a, "float32", "float32")
+        put("sample_ids", SAMPLE_IDS_FILE, ids, "int64")
+        put("embedding_idx", EMBEDDING_IDX_FILE, emb, "int64")
+        _finite_labels(tmp, target)
+        _write_db(tmp / DB_NAME, written, meta, emb, d, c, dataset_info)
+        (tmp / LOCK_FILE).touch()
     return target
 
 
@@ -279,36 +266,6 @@ def _write_db(db: Path, written: dict[str, tuple[str, Written]], meta: _Meta, em
                      meta.suggestions, emb.tolist(), meta.steering_mode)))
     finally:
         conn.close()
-
-
-def _fsync_tree(directory: Path) -> None:
-    for f in directory.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, target: Path) -> None:
-    if target.exists():
-        trash = target.parent / f".{target.name}{TRASH_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, trash)
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
 
 
 # --- synthetic datasets -------------------------------------------------------------------------
