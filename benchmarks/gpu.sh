@@ -9,7 +9,7 @@
 # discoverable through PYTHONPATH instead), then runs `run.py --gpu-only` at 10^6 pairs (D=384,
 # n_neg=8, fp32): preload onto the GPU vs raw read + pinned copy, GPU memory, the GPU loader vs
 # the on-device index_select loop, the pinned host-to-device ceiling. Results (report.md,
-# benchmark.json, charts) land in $JASPER_BENCH_OUT. Sized for under 8 minutes on one H100/H200;
+# benchmark.json, charts) land in $JASPER_BENCH_OUT. Sized for under 8 minutes on one current data-centre GPU;
 # pass e.g. `--pairs 200000` to shorten it.
 set -euo pipefail
 
