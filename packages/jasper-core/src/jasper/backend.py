@@ -184,16 +184,22 @@ class StoreReader(abc.ABC):
         ``out`` (h5py ``read_direct``, a copy from a mapped file). The default streams chunks, so
         its extra memory is one chunk, never a second whole array.
         """
-        info = self.info(name)
-        if tuple(out.shape) != tuple(info.shape) or out.dtype != info.dtype:
-            raise ValueError(f"read_into({name!r}): out is {tuple(out.shape)} {out.dtype}, "
-                             f"the array is {info.shape} {info.dtype}")
+        self.check_out(name, out)
         row = 0
         for chunk in self.iter_chunks(name):
             n = chunk.shape[0] if chunk.dim() else 1
             out[row : row + n].copy_(chunk)
             row += n
         return out
+
+    def check_out(self, name: str, out: torch.Tensor) -> ArrayInfo:
+        """Raise ``ValueError`` unless ``out`` has the shape and dtype of array ``name``; every
+        :meth:`read_into` override starts with it."""
+        info = self.info(name)
+        if tuple(out.shape) != tuple(info.shape) or out.dtype != info.dtype:
+            raise ValueError(f"read_into({name!r}): out is {tuple(out.shape)} {out.dtype}, "
+                             f"the array is {info.shape} {info.dtype}")
+        return info
 
     def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of ``name`` (default: slice a whole read)."""

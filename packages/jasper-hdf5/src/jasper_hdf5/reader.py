@@ -401,10 +401,7 @@ class HDF5Reader(StoreReader):
         return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        info = self.info(name)
-        if tuple(out.shape) != tuple(info.shape) or out.dtype != info.dtype:
-            raise ValueError(f"read_into({name!r}): out is {tuple(out.shape)} {out.dtype}, "
-                             f"the array is {info.shape} {info.dtype}")
+        info = self.check_out(name, out)
         if out.device.type != "cpu":
             raise ValueError(f"read_into({name!r}): out must be a CPU tensor, got {out.device}")
         entry = self._require(name)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import mmap as _mmap
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -176,9 +176,7 @@ class MemmapSqliteReader(StoreReader):
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         e = self._entry(name)
-        if tuple(out.shape) != e.shape or out.dtype != torch_dtype(e.dtype):
-            raise ValueError(f"read_into({name!r}): out is {tuple(out.shape)} {out.dtype}, "
-                             f"the array is {e.shape} {e.dtype}")
+        self.check_out(name, out)
         if out.device.type != "cpu" or not out.is_contiguous():
             out.copy_(self.read(name))
             return out
@@ -196,16 +194,6 @@ class MemmapSqliteReader(StoreReader):
 
     def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.map(name), as_index(rows), name)
-
-    def iter_chunks(self, name: str, rows_per_chunk: int | None = None) -> Iterator[torch.Tensor]:
-        e = self._entry(name)
-        step = rows_per_chunk or default_rows_per_chunk(self.info(name))
-        n = e.shape[0] if e.shape else 0
-        if n == 0:
-            yield self.read_slice(name, 0, 0)
-            return
-        for start in range(0, n, step):
-            yield self.read_slice(name, start, min(n, start + step))
 
     def close(self) -> None:
         self._maps.clear()

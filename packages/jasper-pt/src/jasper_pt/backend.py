@@ -157,11 +157,8 @@ class PTReader(StoreReader):
         return self._mapped(name)
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        src = self._mapped(name)
-        if tuple(out.shape) != tuple(src.shape) or out.dtype != src.dtype:
-            raise ValueError(f"read_into({name!r}): out is {tuple(out.shape)} {out.dtype}, "
-                             f"the array is {tuple(src.shape)} {src.dtype}")
-        return out.copy_(src)  # one copy, page cache -> out
+        self.check_out(name, out)
+        return out.copy_(self._mapped(name))  # one copy, page cache -> out
 
     def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._mapped(name)[start:stop].clone()
