@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from jasper.errors import CapabilityError, FormatError
+from jasper.errors import CapabilityError, FormatError, JasperError
+from jasper.files import DatasetDir
 
 if TYPE_CHECKING:
     from jasper.manifest import Manifest
@@ -150,9 +151,29 @@ class StoreReader(abc.ABC):
 
     backend_name: ClassVar[str] = ""
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    def __init__(self, path: Path, manifest: Manifest, *, follow_links: bool = False) -> None:
         self.path = Path(path)
-        self.manifest = manifest
+        #: The pinned dataset directory: open every file through it (:mod:`jasper.files`), so a
+        #: reader serves one version of the dataset even while a writer commits a new one, and
+        #: reads only regular files inside the directory (``follow_links`` trusts symlinks).
+        self.files = DatasetDir(self.path, follow_links=follow_links)
+        self.files.pin()
+        self.manifest = self._pinned_manifest(manifest)
+
+    def _pinned_manifest(self, manifest: Manifest) -> Manifest:
+        """``manifest``, unless the directory was replaced between loading it and pinning the
+        directory: then the manifest of the pinned version, so data and manifest agree."""
+        import json
+
+        from jasper.manifest import MANIFEST_NAME
+        from jasper.manifest import Manifest as _Manifest
+
+        try:
+            data = json.loads(self.files.read_bytes(MANIFEST_NAME, limit=64 << 20))
+            pinned = _Manifest.from_dict(data, self.files.member(MANIFEST_NAME))
+        except (JasperError, ValueError, RecursionError):
+            return manifest  # core already parsed one; its errors are core's to report
+        return manifest if pinned.arrays == manifest.arrays else pinned
 
     # --- what every backend implements -----------------------------------------------------
     @abc.abstractmethod
@@ -224,8 +245,10 @@ class StoreReader(abc.ABC):
         for start in range(0, n, step):
             yield self.read_slice(name, start, min(n, start + step))
 
-    def close(self) -> None:  # noqa: B027 - optional hook, a no-op for stateless readers
-        """Release files and maps. Tensors already returned by :meth:`read` stay valid."""
+    def close(self) -> None:
+        """Release files and maps. Tensors already returned by :meth:`read` stay valid.
+        Overrides call ``super().close()`` last."""
+        self.files.close()
 
     def __enter__(self) -> StoreReader:
         return self
