@@ -40,7 +40,7 @@ from jasper.errors import (
 from jasper.manifest import MANIFEST_NAME, ArrayRecord, Checksummer, Manifest
 from jasper.progress import byte_bar
 from jasper.registry import get_backend, guess_backend, list_backends
-from jasper.schema import ARRAYS, Cols, Role
+from jasper.schema import ARRAYS, Cols, Role, dataset_kind
 
 
 def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -> StoreReader:
@@ -55,6 +55,12 @@ def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -
         recover_interrupted_commit(p)
     if not p.is_dir():
         raise DatasetNotFoundError(p, hint="Check the path; `jasper synth DIR` creates a dataset")
+    if not (p / MANIFEST_NAME).exists():
+        from jasper.kinds import open_foreign
+
+        foreign = open_foreign(p, backend)  # e.g. the original system's cluster-labeled layout
+        if foreign is not None:
+            return foreign
     manifest = Manifest.load(p)
     name = backend
     if backend == "auto":
@@ -105,8 +111,16 @@ class _HashingSource(ArraySource):
 
 
 def check_layout(arrays: Mapping[str, ArraySource], manifest: Manifest) -> None:
-    """Shape-level checks before a write (no data read): every catalogue array present, ranks,
-    dtypes, columns and row counts consistent. Value checks are :func:`jasper.validate`'s job."""
+    """Shape-level checks before a write (no data read): every array of the manifest's kind
+    present, ranks, dtypes, columns and row counts consistent. Value checks are
+    :func:`jasper.validate`'s job."""
+    from jasper.kinds import kind_job
+
+    kind_job(manifest.dataset_kind, "check_layout")(arrays, manifest)
+
+
+def check_steering_layout(arrays: Mapping[str, ArraySource], manifest: Manifest) -> None:
+    """:func:`check_layout` of the ``jasper-steering`` kind."""
     missing = [n for n in ARRAYS if n not in arrays]
     if missing:
         raise ShapeError(f"cannot write a dataset without arrays: {', '.join(missing)}",
@@ -258,7 +272,7 @@ def convert(
     """
     t0 = time.perf_counter()
     with open_store(src, src_backend) as reader:
-        names = [n for n in ARRAYS if reader.has(n)]
+        names = [n for n in dataset_kind(reader.manifest.dataset_kind).arrays if reader.has(n)]
         sources = {n: reader.source(n) for n in names}
         manifest = copy.deepcopy(reader.manifest)
         before = dict(manifest.arrays)
