@@ -43,7 +43,7 @@ from jasper.files import DatasetDir, OutsideDatasetError, ProcessLocal
 from jasper.manifest import Manifest
 from jasper.ptload import check_tensor_storage, load_pt
 from jasper.rows import merge_gap_rows, plan_spans, span_positions
-from jasper.schema import ARRAYS
+from jasper.schema import ALL_ARRAYS
 from jasper_hdf5.layout import (
     ATTR_DTYPE,
     ATTR_LAYOUT_VERSION,
@@ -263,7 +263,7 @@ class HDF5Reader(StoreReader):
 
     # --- what is where -----------------------------------------------------------------------
     def _entry(self, name: str) -> _Entry | None:
-        if name not in ARRAYS:
+        if name not in ALL_ARRAYS:
             return None
         if name not in self._entries:
             self._entries[name] = self._wrap(name, lambda: self._resolve(name))
@@ -371,7 +371,7 @@ class HDF5Reader(StoreReader):
         if logical not in TORCH_DTYPES or stored.kind not in "iufb":
             raise ShapeError(f"{self.file}: {name} ({hpath}) has dtype {stored}, which jasper "
                              "cannot read", array=name, rule="dtype", path=self.file)
-        allowed = ARRAYS[name].dtypes
+        allowed = ALL_ARRAYS[name].dtypes
         if logical not in allowed and stored.kind in "iu" and "int64" in allowed:
             logical = "int64"
         return logical
@@ -379,7 +379,7 @@ class HDF5Reader(StoreReader):
     def _require(self, name: str) -> _Entry:
         entry = self._entry(name)
         if entry is None:
-            if name not in ARRAYS:
+            if name not in ALL_ARRAYS:
                 raise self._missing(name)
             where = " or ".join(repr(p) for p in candidate_paths(name))
             extra = f" and there is no {name}.pt beside it" if name in SPLIT_PT_FALLBACK else ""
@@ -443,7 +443,7 @@ class HDF5Reader(StoreReader):
 
     # --- the StoreReader API -----------------------------------------------------------------
     def array_names(self) -> list[str]:
-        return [n for n in ARRAYS if self._entry(n) is not None]
+        return [n for n in ALL_ARRAYS if self._entry(n) is not None]
 
     def info(self, name: str) -> ArrayInfo:
         entry = self._require(name)
@@ -458,7 +458,7 @@ class HDF5Reader(StoreReader):
     def _check(self, name: str, info: ArrayInfo) -> None:
         from jasper.dtypes import dtype_name
 
-        spec = ARRAYS[name]
+        spec = ALL_ARRAYS[name]
         logical = dtype_name(info.dtype)
         if len(info.shape) != spec.rank:
             raise ShapeError(f"{self.file}: {name} has shape {info.shape}, expected rank "

@@ -30,7 +30,7 @@ from jasper.backend import (
 from jasper.errors import DatasetNotFoundError, FormatError
 from jasper.manifest import Manifest
 from jasper.ptload import load_pt, load_pt_tensor
-from jasper.schema import ARRAYS
+from jasper.schema import ALL_ARRAYS
 
 SUFFIX = ".pt"
 #: Arrays above this size are assembled in a file-backed scratch tensor while writing, so writing
@@ -75,13 +75,13 @@ class PTReader(StoreReader):
         return state
 
     def array_names(self) -> list[str]:
-        names = [n for n in ARRAYS if self.files.exists(f"{n}{SUFFIX}")]
+        names = [n for n in ALL_ARRAYS if self.files.exists(f"{n}{SUFFIX}")]
         if "pair_keyword_ids" in names and "pair_keyword_offsets" not in names:
             names.append("pair_keyword_offsets")  # derived from the original's list of lists
-        return [n for n in ARRAYS if n in names]
+        return [n for n in ALL_ARRAYS if n in names]
 
     def _member(self, name: str) -> str:
-        if name not in ARRAYS:
+        if name not in ALL_ARRAYS:
             raise self._missing(name)
         stored = "pair_keyword_ids" if name == "pair_keyword_offsets" and self._is_legacy_csr() else name
         return f"{stored}{SUFFIX}"
@@ -139,7 +139,7 @@ class PTBackend(BackendEntrypoint):
     capabilities: ClassVar[Capabilities] = Capabilities(
         write=True, mmap=True, compression=False, row_access=True, worker_safe=True
     )
-    marker_files: ClassVar[tuple[str, ...]] = ("pair_index.pt",)
+    marker_files: ClassVar[tuple[str, ...]] = ("pair_index.pt", "sample_ids.pt")  # per kind
 
     def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> PTReader:
         if not Path(path).is_dir():
