@@ -413,6 +413,16 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             "seed": self.seed,
         }
 
+    def state_dict(self) -> dict[str, int]:
+        """The curriculum controls a checkpoint needs: ``{"epoch", "forced"}`` (-1: schedule)."""
+        return {"epoch": self.current_epoch, "forced": int(self._control[_FORCED])}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore the controls of :meth:`state_dict` (workers see them at once)."""
+        forced = int(state["forced"])
+        self._control[_FORCED] = -1 if forced < 0 else variant_id(forced)
+        self._control[_EPOCH] = int(state["epoch"])
+
     def draw_params(self) -> tuple[int, tuple[int, int], tuple[int, int, int]]:
         """``(forced variant or -1, hash key, thresholds)`` of the current epoch."""
         forced = int(self._control[_FORCED])
