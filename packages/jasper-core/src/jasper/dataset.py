@@ -447,7 +447,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             idx = int(idx)
         n = len(self)
         if not 0 <= idx < n:
-            raise IndexError(f"index {idx} out of range [0, {n}) of the {self.split} split")
+            raise IndexError(f"Index {idx} out of range [0, {n}) of the {self.split} split")
         batch = self.__getitems__([idx])
         return {k: v[0] for k, v in batch.items()}
 
@@ -462,7 +462,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             lo, hi = torch.aminmax(idx)
             if int(lo) < 0 or int(hi) >= n:
                 bad = int(idx[(idx < 0) | (idx >= n)][0])
-                raise IndexError(f"index {bad} out of range [0, {n}) of the {self.split} split")
+                raise IndexError(f"Index {bad} out of range [0, {n}) of the {self.split} split")
         out = None
         if get_worker_info() is not None and self.device.type == "cpu":
             out = self.empty_batch(idx.numel(), shared=True)
@@ -632,7 +632,8 @@ class ClusterSubset(Subset[dict[str, torch.Tensor]]):
         idx = torch.as_tensor(indices, dtype=torch.int64)
         n = self.positions.shape[0]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise IndexError(f"subset index out of range [0, {n})")
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise IndexError(f"Index {bad} out of range [0, {n}) of the subset")
         return self.dataset.__getitems__(self.positions.index_select(0, idx))
 
     def __len__(self) -> int:
