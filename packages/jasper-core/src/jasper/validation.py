@@ -386,6 +386,13 @@ def validate(
     p = Path(path)
     t0 = time.perf_counter()
     with open_store(p, backend, mmap=False) as reader:
+        from jasper.kinds import kind_job
+
+        other_kind = kind_job(reader.manifest.dataset_kind, "validate")
+        if other_kind is not None:
+            report: ValidationReport = other_kind(reader, deep=deep, strict=strict,
+                                                  progress=progress)
+            return report
         manifest = reader.manifest
         infos = {n: reader.info(n) for n in ARRAYS if reader.has(n)}
         for n, rec in manifest.arrays.items():
