@@ -213,7 +213,10 @@ def _check_range_col(name: str, t: torch.Tensor, col: int, bound: int, ref: str,
     if value < 0:
         msg, rule = f"{name}[{row}, {col}] = {value} is negative", "non-negative index"
     else:
-        msg, rule = f"{name}[{row}, {col}] = {value} but {ref} has {bound} rows", f"index < {ref} rows"
+        # "pair_index references question/source ..." is the original system's phrase
+        msg = (f"{name}[{row}, {col}] = {value} but {ref} has {bound} rows ({name} references "
+               f"{ref.removesuffix('_embs')} {value}, out of range)")
+        rule = f"index < {ref} rows"
     raise IntegrityError(msg, array=name, row=row, rule=rule, path=path)
 
 
