@@ -1,7 +1,7 @@
 """The JASPER data model as code: the one catalogue of every stored array.
 
 Backends, validation, the synthetic generator, the manifest and the dataset all read
-:data:`ARRAYS`; nothing else lists array names. See ``DATA_MODEL.md`` section 1.
+:data:`ARRAYS`; nothing else lists array names. See docs/data-model.md.
 
 Ragged keyword ids are stored as CSR: ``pair_keyword_offsets`` ``[N_p + 1]`` (row ``p`` owns
 ``pair_keyword_ids[offsets[p]:offsets[p + 1]]``) and ``pair_keyword_ids`` (the flat values).
@@ -141,7 +141,7 @@ STEERING_ARRAYS: dict[str, str | None] = {
 }
 VARIANT_ALIASES: dict[str, str] = {"none": "zero", "keyword_weighted": "keyword"}
 
-# The four negative tiers of the original system's miner (DATA_MODEL.md section 1).
+# The four negative tiers of the original system's miner (docs/data-model.md#negative-tiers).
 NEGATIVE_TIERS: dict[int, str] = {
     1: "same cluster as the positive",
     2: "adjacent cluster",
@@ -152,6 +152,7 @@ NEGATIVE_TIERS: dict[int, str] = {
 
 def bytes_per_sample(embedding_dim: int, n_neg: int, itemsize: int = 4) -> int:
     """Bytes a served sample occupies: question, target, steering and n_neg negatives, plus the
-    int64 tiers and the three scalars and variant id (DESIGN_NOTES: 4*D*(3+n_neg) + 8*n_neg + 24).
+    int64 tiers and the three scalars and variant id: 4*D*(3+n_neg) + 8*n_neg + 24
+    (docs/performance.md#what-a-sample-costs).
     """
     return itemsize * embedding_dim * (3 + n_neg) + 8 * n_neg + 24

@@ -1,6 +1,6 @@
 """Open, write and convert datasets through any installed backend.
 
-Writes are atomic (DESIGN_NOTES, "Atomic dataset write"): the backend fills a temporary directory
+Writes are atomic (docs/design.md#atomic-dataset-writes): the backend fills a temporary directory
 beside the target; core fsyncs every file, writes ``config.json`` (checksums, shapes) last as the
 commit marker, renames the directory into place and fsyncs the parent. An interrupted write leaves
 no dataset at the target; leftovers of dead writers are removed by the next write.

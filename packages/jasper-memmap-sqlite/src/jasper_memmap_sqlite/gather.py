@@ -3,7 +3,7 @@
 A shuffled batch read straight from a map faults pages in random order and reads a repeated row
 twice. Sorting the indices first turns the faults into one ascending sweep (the kernel can merge
 neighbouring pages), de-duplication reads each row once, and one small in-RAM gather restores the
-caller's order (DESIGN_NOTES, "Performance").
+caller's order (docs/design.md#performance).
 """
 
 from __future__ import annotations
