@@ -52,17 +52,22 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _shape(spec: Any) -> str:
     from jasper.schema import Cols, Role
 
+    tables = {"question_embs": "N_q", "source_embs": "N_s", "keyword_embs": "N_k",
+              "centroid_embs": "N_c", "base_embeddings": "M", "steering_embeddings": "M"}
     rows = {
-        Role.TABLE: {"question_embs": "N_q", "source_embs": "N_s", "keyword_embs": "N_k",
-                     "centroid_embs": "N_c"}.get(spec.name, "N"),
+        Role.TABLE: tables.get(spec.name, "N"),
         Role.PAIR: "N_p",
         Role.SPLIT: "N_split",
         Role.CSR_OFFSETS: "N_p + 1",
         Role.CSR_VALUES: "total keyword ids",
-    }[spec.role]
+        Role.SAMPLE: "N",
+        Role.RECORD_OFFSETS: "N + 1",
+        Role.RECORD_BYTES: "total bytes",
+    }.get(spec.role, "?")
     if spec.rank == 1:
         return f"[{rows}]"
-    cols = {Cols.EMBEDDING_DIM: "D", Cols.N_NEG: "n_neg", Cols.TWO: "2", None: "?"}[spec.cols]
+    cols = {Cols.EMBEDDING_DIM: "D", Cols.N_NEG: "n_neg", Cols.TWO: "2"}.get(
+        spec.cols, getattr(spec.cols, "value", "?"))
     return f"[{rows}, {cols}]"
 
 
@@ -81,6 +86,10 @@ def _rules(spec: Any) -> str:
         rules.append("no NaN or Inf")
     if spec.non_negative:
         rules.append("non-negative")
+    if getattr(spec, "increasing", False):
+        rules.append("strictly increasing")
+    if getattr(spec, "mutable", False):
+        rules.append("rows may be rewritten in place after writing")
     if spec.quality_range:
         lo, hi = spec.quality_range
         rules.append(f"in [{lo:g}, {hi:g}] (data-quality rule: a warning on open, an error "
@@ -95,15 +104,37 @@ def _rules(spec: Any) -> str:
     return "; ".join(rules) or "-"
 
 
-def _arrays_table() -> str:
-    from jasper.schema import ARRAYS
+def _arrays_table(kind: str | None = None) -> str:
+    from jasper import schema
 
+    catalogue = schema.KINDS[kind].arrays if kind else schema.ARRAYS
     rows = []
-    for spec in ARRAYS.values():
+    for spec in catalogue.values():
         dtypes = ", ".join(sorted(spec.dtypes, key=_dtype_order))
         rows.append([f"`{spec.name}`", spec.role.value, _shape(spec), dtypes, _rules(spec),
                      spec.description])
     return _table(["array", "role", "shape", "dtypes", "rules", "what it holds"], rows)
+
+
+def _cluster_arrays_table() -> str:
+    from jasper.schema import CLUSTER_KIND
+
+    return _arrays_table(CLUSTER_KIND)
+
+
+def _records_table() -> str:
+    from jasper.schema import CLUSTER_RECORDS
+
+    rows = []
+    for rec in CLUSTER_RECORDS.values():
+        rules = []
+        if getattr(rec, "choices", None):
+            rules.append("one of " + ", ".join(f"`{c}`" for c in rec.choices))
+        if getattr(rec, "nullable", False):
+            rules.append("may be null")
+        rows.append([f"`{rec.name}`", f"`{rec.offsets_array}` + `{rec.bytes_array}`",
+                     str(rec.encoding), "; ".join(rules) or "-", rec.description])
+    return _table(["record", "stored as", "encoding", "rules", "what it holds"], rows)
 
 
 def _dtype_order(name: str) -> tuple[int, str]:
@@ -155,6 +186,8 @@ def _tiers_table() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "arrays": _arrays_table,
+    "cluster_arrays": _cluster_arrays_table,
+    "cluster_records": _records_table,
     "default_steps": _steps_table,
     "batch_keys": _batch_table,
     "variants": _variants_table,

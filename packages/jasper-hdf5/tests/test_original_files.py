@@ -150,7 +150,7 @@ def test_original_reader_pickles_with_the_decoded_keywords(tmp_path: Path,
     with jasper.open_store(path) as reader:
         reader.read("pair_keyword_ids")
         clone = pickle.loads(pickle.dumps(reader))
-    assert clone._h5 is None
+    assert not clone._handle.is_open
     assert_same(clone.read("pair_keyword_offsets"), original_arrays["pair_keyword_offsets"], "o")
     clone.close()
 

@@ -18,7 +18,6 @@ Zip members cannot be memory-mapped (they may be compressed), so this backend do
 
 from __future__ import annotations
 
-import os
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -39,6 +38,7 @@ from jasper.backend import (
 )
 from jasper.dtypes import STORAGE_NUMPY, dtype_name, from_storage, to_storage, torch_dtype
 from jasper.errors import DatasetNotFoundError, FormatError, WriteOptionError
+from jasper.files import ProcessLocal
 from jasper.manifest import Manifest
 from jasper.schema import ARRAYS
 
@@ -54,34 +54,34 @@ def _logical(storage: np.dtype) -> str:
 
 
 class NpzReader(StoreReader):
-    """Reads members of ``dataset.npz``. Holds only paths when pickled; each process opens the
-    archive for itself on first use (a zip handle must not be shared across ``fork``)."""
+    """Reads members of ``dataset.npz``. The archive is opened through core's pinned dataset
+    directory (:mod:`jasper.files`: one dataset version, regular files only) and held per
+    process (:class:`jasper.files.ProcessLocal`: a zip handle must not be shared across
+    ``fork``); pickling keeps paths only."""
 
     backend_name = "npz"
 
     def __init__(self, path: Path, manifest: Manifest) -> None:
         super().__init__(path, manifest)
         self.archive = self.path / ARCHIVE
-        self._zip: zipfile.ZipFile | None = None
-        self._pid = -1
+        self._zip: ProcessLocal[zipfile.ZipFile] = ProcessLocal(self._open_archive,
+                                                                _close_archive)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_zip"] = None
-        return state
+    def _open_archive(self) -> zipfile.ZipFile:
+        try:
+            fh = self.files.open_file(ARCHIVE)
+        except DatasetNotFoundError:
+            raise DatasetNotFoundError(self.archive, "npz archive",
+                                       "The dataset is incomplete; write it again") from None
+        try:
+            return zipfile.ZipFile(fh)
+        except _BROKEN as exc:
+            fh.close()
+            raise FormatError(self.archive, f"not a readable zip archive (truncated?): {exc}") \
+                from None
 
     def _zipfile(self) -> zipfile.ZipFile:
-        if self._zip is None or self._pid != os.getpid():
-            if not self.archive.is_file():
-                raise DatasetNotFoundError(self.archive, "npz archive",
-                                           "The dataset is incomplete; write it again")
-            try:
-                self._zip = zipfile.ZipFile(self.archive)
-            except _BROKEN as exc:
-                raise FormatError(self.archive, f"not a readable zip archive (truncated?): {exc}") \
-                    from None
-            self._pid = os.getpid()
-        return self._zip
+        return self._zip.get()
 
     @contextmanager
     def _member(self, name: str) -> Iterator[tuple[IO[bytes], tuple[int, ...], np.dtype]]:
@@ -150,9 +150,15 @@ class NpzReader(StoreReader):
         return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
 
     def close(self) -> None:
-        if self._zip is not None and self._pid == os.getpid():
-            self._zip.close()
-        self._zip = None
+        self._zip.close()
+        super().close()
+
+
+def _close_archive(zf: zipfile.ZipFile) -> None:
+    fh = zf.fp  # a ZipFile leaves a file object it was given open
+    zf.close()
+    if fh is not None:
+        fh.close()
 
 
 def _torch_dtype(storage: np.dtype) -> torch.dtype:

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from jasper.errors import CapabilityError, FormatError
+from jasper.errors import CapabilityError, FormatError, JasperError
+from jasper.files import DatasetDir
 
 if TYPE_CHECKING:
     from jasper.manifest import Manifest
@@ -40,6 +42,8 @@ class Capabilities:
     - ``row_access``: :meth:`StoreReader.read_rows` reads only the requested rows (no preload).
     - ``worker_safe``: a reader can be pickled to spawned DataLoader workers and reopens itself
       lazily after a fork.
+    - ``write_rows``: :meth:`StoreReader.write_rows` replaces rows of mutable arrays in place, as
+      one atomic, crash-safe change (e.g. ``ClusterLabeledDataset.update_labels``).
     """
 
     write: bool = True
@@ -47,6 +51,7 @@ class Capabilities:
     compression: bool = False
     row_access: bool = False
     worker_safe: bool = True
+    write_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,9 +155,29 @@ class StoreReader(abc.ABC):
 
     backend_name: ClassVar[str] = ""
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    def __init__(self, path: Path, manifest: Manifest, *, follow_links: bool = False) -> None:
         self.path = Path(path)
-        self.manifest = manifest
+        #: The pinned dataset directory: open every file through it (:mod:`jasper.files`), so a
+        #: reader serves one version of the dataset even while a writer commits a new one, and
+        #: reads only regular files inside the directory (``follow_links`` trusts symlinks).
+        self.files = DatasetDir(self.path, follow_links=follow_links)
+        self.files.pin()
+        self.manifest = self._pinned_manifest(manifest)
+
+    def _pinned_manifest(self, manifest: Manifest) -> Manifest:
+        """``manifest``, unless the directory was replaced between loading it and pinning the
+        directory: then the manifest of the pinned version, so data and manifest agree."""
+        import json
+
+        from jasper.manifest import MANIFEST_NAME
+        from jasper.manifest import Manifest as _Manifest
+
+        try:
+            data = json.loads(self.files.read_bytes(MANIFEST_NAME, limit=64 << 20))
+            pinned = _Manifest.from_dict(data, self.files.member(MANIFEST_NAME))
+        except (JasperError, ValueError, RecursionError):
+            return manifest  # core already parsed one; its errors are core's to report
+        return manifest if pinned.arrays == manifest.arrays else pinned
 
     # --- what every backend implements -----------------------------------------------------
     @abc.abstractmethod
@@ -224,8 +249,31 @@ class StoreReader(abc.ABC):
         for start in range(0, n, step):
             yield self.read_slice(name, start, min(n, start + step))
 
-    def close(self) -> None:  # noqa: B027 - optional hook, a no-op for stateless readers
-        """Release files and maps. Tensors already returned by :meth:`read` stay valid."""
+    def write_rows(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
+                   note: Mapping[str, Any] | None = None) -> None:
+        """Replace rows of mutable arrays in place: ``updates`` maps an array name to ``(rows
+        int64 [k], values [k, ...])``. All of it is ONE change, atomic for readers in every
+        process (see :meth:`reading_rows`) and across a crash (after a kill, the next open sees
+        all of it or none of it); checksums are kept true. ``note`` is a JSON-able description a
+        backend may keep as history. Backends with the ``write_rows`` capability override it."""
+        from jasper.registry import get_backend, list_backends
+
+        able = [n for n in list_backends() if _has_write_rows(get_backend, n)]
+        raise CapabilityError(
+            f"backend {self.backend_name!r} cannot change rows in place ({self.path}); "
+            "backends that can: " + (", ".join(able) or "none installed") +
+            " (convert with `jasper convert SRC DST --to NAME`)")
+
+    @contextmanager
+    def reading_rows(self) -> Iterator[None]:
+        """Hold while reading rows that :meth:`write_rows` may change in another process: no
+        reader sees half of a change. A no-op for stores that cannot change rows."""
+        yield
+
+    def close(self) -> None:
+        """Release files and maps. Tensors already returned by :meth:`read` stay valid.
+        Overrides call ``super().close()`` last."""
+        self.files.close()
 
     def __enter__(self) -> StoreReader:
         return self
@@ -242,6 +290,13 @@ class StoreReader(abc.ABC):
 
     def _missing(self, name: str) -> FormatError:
         return FormatError(self.path, f"array {name!r} is not in this store", array=name)
+
+
+def _has_write_rows(get_backend: Any, name: str) -> bool:
+    try:
+        return bool(get_backend(name).capabilities.write_rows)
+    except Exception:  # a backend that fails to load cannot write rows either
+        return False
 
 
 class _ReaderSource(ArraySource):
@@ -277,6 +332,9 @@ class BackendEntrypoint(abc.ABC):
     #: Named sets of write options worth comparing (e.g. ``{"lzf": {"compression": "lzf"}}``).
     #: The benchmark suite measures each; the conformance kit round-trips each.
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}
+    #: Files marking a layout without ``config.json`` that :meth:`open_foreign` reads (e.g. the
+    #: original system's cluster-labeled ``dataset.db``).
+    foreign_markers: ClassVar[tuple[str, ...]] = ()
 
     def guess_can_open(self, path: str | Path) -> bool:
         """Whether ``path`` (a dataset directory) looks like this backend's. Cheap: no parsing."""
@@ -307,6 +365,11 @@ class BackendEntrypoint(abc.ABC):
         written (may be ``None``). Core writes ``config.json`` afterwards and commits atomically.
         """
         raise CapabilityError(f"backend {self.name!r} cannot write datasets")
+
+    def open_foreign(self, path: Path) -> StoreReader | None:
+        """A reader for ``path``, a directory without ``config.json`` in a layout this backend
+        knows (its reader carries a manifest built from that layout), or ``None``."""
+        return None
 
     def deep_check(self, path: Path) -> list[str]:
         """Backend-specific integrity checks for ``validate --deep`` (e.g. SQLite's

@@ -143,3 +143,30 @@ class NoBackendCanOpenError(BackendError, FileNotFoundError):
 
 class WriteOptionError(BackendError, TypeError):
     """A write/convert option the target backend does not accept, or a bad value for one."""
+
+
+class DatasetExistsError(JasperError, FileExistsError):
+    """The write target exists and ``overwrite`` was not given."""
+
+
+class OverwriteRefusedError(DatasetExistsError):
+    """``overwrite`` was given but the target is not something jasper may replace: not a jasper
+    dataset (no manifest), a symlink, or a directory that holds (or lies inside) the source."""
+
+
+class ConcurrentWriteError(DatasetExistsError):
+    """Another writer committed to the same target while this write was running; this write
+    was not committed and the other writer's dataset is intact."""
+
+
+class StorageError(JasperError, OSError):
+    """The operating system refused a write or read (disk full, permission denied...).
+
+    ``path`` is the file concerned; the message says what to do.
+    """
+
+    def __init__(self, path: str | Path, problem: str, errno_: int | None = None) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {problem}")
+        if errno_ is not None:
+            self.errno = errno_

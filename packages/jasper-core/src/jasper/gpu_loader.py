@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from jasper.curriculum import draw_key, hash32
-from jasper.dataset import MODE_PRELOAD, JasperBatch, JASPERSteeringDataset
+from jasper.dataset import JasperBatch, JASPERSteeringDataset
 
 #: Salt that separates the shuffle's hash stream from the curriculum draw's.
 _SHUFFLE_SALT = 0x5BD1E995
@@ -173,7 +173,7 @@ class GPULoader:
             raise ValueError(f"the dataset is on {dataset.device} but the loader delivers on "
                              f"{self.device}; open the dataset with device={self.device} or use "
                              "a CPU dataset (staged copies)")
-        if not staged and dataset.mode != MODE_PRELOAD and self.device.type != "cpu":
+        if not staged and not dataset.tables.resident and self.device.type != "cpu":
             raise ValueError("a mapped dataset can only feed a GPU through staged copies")
         self.staged = bool(staged)
         self.reuse_buffers = reuse_buffers or self.staged
@@ -187,7 +187,7 @@ class GPULoader:
         on_cuda = self.device.type == "cuda" and torch.cuda.is_available()
         if cuda_graph is None:
             cuda_graph = on_cuda and not self.staged and self.reuse_buffers and (
-                dataset.mode == MODE_PRELOAD)
+                dataset.tables.resident)
         self.cuda_graph = bool(cuda_graph) and on_cuda
         self._out: JasperBatch | None = None
         self._graph: Any = None
@@ -255,7 +255,7 @@ class GPULoader:
                 draw: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> JasperBatch:
         ds = self.dataset
         assert self._out is not None
-        generation = ds._generation
+        generation = ds.generation
         if self._graph is None or generation != self._graph_generation:
             self._idx_static = idx.clone()
             stream = torch.cuda.Stream(device=self.device)

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from jasper.dataset import BATCH_KEYS, MODE_ROWS, JASPERSteeringDataset, passthrough_collate
+from jasper.dataset import BATCH_KEYS, JASPERSteeringDataset, passthrough_collate
 
 LOGGER = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def create_loader(
         # the shuffle is reproducible from (seed, epoch) like the sampler's; set_epoch reseeds
         generator = torch.Generator().manual_seed(_shuffle_seed(dataset.seed, epoch))
     threaded = num_workers > 0 and (
-        worker_type == "thread" or (worker_type == "auto" and dataset.mode != MODE_ROWS))
+        worker_type == "thread" or (worker_type == "auto" and dataset.tables.in_memory))
     kwargs: dict[str, Any] = {}
     if threaded:
         kwargs["prefetch"] = num_workers * (prefetch_factor or 2)

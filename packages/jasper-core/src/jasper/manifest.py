@@ -31,6 +31,7 @@ SCHEMA_VERSION = 1
 CHECKSUM_ALGORITHM = "xxh3_64"
 
 _KNOWN_KEYS = (
+    "kind",
     "embedding_dim",
     "n_neg",
     "n_clusters",
@@ -87,6 +88,15 @@ class Manifest:
     writer: dict[str, Any] | None = None
     arrays: dict[str, ArrayRecord] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The dataset kind (:data:`jasper.schema.KINDS`); ``None`` (absent) is ``jasper-steering``.
+    kind: str | None = None
+
+    @property
+    def dataset_kind(self) -> str:
+        """The kind of dataset this manifest describes, ``"jasper-steering"`` when unnamed."""
+        from jasper.schema import DEFAULT_KIND
+
+        return self.kind or DEFAULT_KIND
 
     @property
     def is_seed_era(self) -> bool:
@@ -98,7 +108,13 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], path: str | Path = MANIFEST_NAME) -> Manifest:
         if not isinstance(d, dict):
             raise ManifestError(path, "the manifest must be a JSON object")
-        for key in ("embedding_dim", "n_neg"):
+        from jasper.schema import KINDS, dataset_kind
+
+        kind = d.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise ManifestError(path, f"'kind' is {kind!r}; known dataset kinds: "
+                                f"{', '.join(KINDS)}")
+        for key in dataset_kind(kind).required_keys:
             if key not in d:
                 raise ManifestError(
                     path, f"required key {key!r} is missing (found: {', '.join(sorted(d)) or 'none'})"
@@ -118,7 +134,7 @@ class Manifest:
             raise ManifestError(path, f"malformed 'arrays' entry: {exc}") from None
         return cls(
             embedding_dim=d["embedding_dim"],
-            n_neg=d["n_neg"],
+            n_neg=d.get("n_neg", 0),
             n_clusters=d.get("n_clusters"),
             dataset_name=d.get("dataset_name"),
             created_at=d.get("created_at"),
@@ -132,12 +148,13 @@ class Manifest:
             writer=d.get("writer"),
             arrays=arrays,
             extra={k: v for k, v in d.items() if k not in _KNOWN_KEYS},
+            kind=kind,
         )
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(self.extra)
         for key in _KNOWN_KEYS:
-            if key == "arrays":
+            if key == "arrays" or (key == "n_neg" and self.dataset_kind != "jasper-steering"):
                 continue
             value = getattr(self, key)
             if value is not None:

@@ -2,30 +2,36 @@
 
 Writes are atomic (docs/design.md#atomic-dataset-writes): the backend fills a temporary directory
 beside the target; core fsyncs every file, writes ``config.json`` (checksums, shapes) last as the
-commit marker, renames the directory into place and fsyncs the parent. An interrupted write leaves
-no dataset at the target; leftovers of dead writers are removed by the next write.
+commit marker and commits the directory with one atomic rename or exchange (:mod:`jasper.atomic`).
+An interrupted write leaves no dataset at the target and never loses the old one; overwrite
+replaces only a dataset; leftovers of dead writers are removed by the next write.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from jasper.atomic import (
+    SCRATCH_MARK,
+    TMP_MARK,
+    TRASH_MARK,
+    atomic_directory,
+    clean_leftovers,
+    recover_interrupted_commit,
+)
 from jasper.backend import ArraySource, StoreReader, as_source
 from jasper.dtypes import dtype_name
 from jasper.errors import (
     CapabilityError,
+    DatasetExistsError,
     DatasetNotFoundError,
     JasperError,
     ShapeError,
@@ -34,14 +40,7 @@ from jasper.errors import (
 from jasper.manifest import MANIFEST_NAME, ArrayRecord, Checksummer, Manifest
 from jasper.progress import byte_bar
 from jasper.registry import get_backend, guess_backend, list_backends
-from jasper.schema import ARRAYS, Cols, Role
-
-TMP_MARK = ".jasper-tmp-"
-TRASH_MARK = ".jasper-old-"
-
-
-class DatasetExistsError(JasperError, FileExistsError):
-    """The write target exists and ``overwrite`` was not given."""
+from jasper.schema import ARRAYS, Cols, Role, dataset_kind
 
 
 def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -> StoreReader:
@@ -53,7 +52,15 @@ def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -
     """
     p = Path(path)
     if not p.is_dir():
+        recover_interrupted_commit(p)
+    if not p.is_dir():
         raise DatasetNotFoundError(p, hint="Check the path; `jasper synth DIR` creates a dataset")
+    if not (p / MANIFEST_NAME).exists():
+        from jasper.kinds import open_foreign
+
+        foreign = open_foreign(p, backend)  # e.g. the original system's cluster-labeled layout
+        if foreign is not None:
+            return foreign
     manifest = Manifest.load(p)
     name = backend
     if backend == "auto":
@@ -104,8 +111,16 @@ class _HashingSource(ArraySource):
 
 
 def check_layout(arrays: Mapping[str, ArraySource], manifest: Manifest) -> None:
-    """Shape-level checks before a write (no data read): every catalogue array present, ranks,
-    dtypes, columns and row counts consistent. Value checks are :func:`jasper.validate`'s job."""
+    """Shape-level checks before a write (no data read): every array of the manifest's kind
+    present, ranks, dtypes, columns and row counts consistent. Value checks are
+    :func:`jasper.validate`'s job."""
+    from jasper.kinds import kind_job
+
+    kind_job(manifest.dataset_kind, "check_layout")(arrays, manifest)
+
+
+def check_steering_layout(arrays: Mapping[str, ArraySource], manifest: Manifest) -> None:
+    """:func:`check_layout` of the ``jasper-steering`` kind."""
     missing = [n for n in ARRAYS if n not in arrays]
     if missing:
         raise ShapeError(f"cannot write a dataset without arrays: {', '.join(missing)}",
@@ -151,78 +166,6 @@ def _check_options(backend: Any, options: Mapping[str, Any]) -> None:
         )
 
 
-def _fsync_tree(directory: Path) -> None:
-    for root, _dirs, files in os.walk(directory):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_leftovers(target: Path) -> list[Path]:
-    """Remove temporary directories of interrupted writes to ``target`` whose writer is dead."""
-    removed: list[Path] = []
-    parent = target.parent
-    if not parent.is_dir():
-        return removed
-    for mark in (TMP_MARK, TRASH_MARK):
-        for p in parent.glob(f".{target.name}{mark}*"):
-            try:
-                pid = int(p.name[len(f".{target.name}{mark}"):].split("-")[0])
-            except ValueError:
-                continue
-            if pid != os.getpid() and _pid_alive(pid):
-                continue
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-@contextmanager
-def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory atomically: yields a fresh temporary directory beside ``target``; when
-    the block ends without an exception every file in it is fsynced and it is renamed into place
-    (an existing target only with ``overwrite``, and then only once the new one is complete). On
-    an exception the temporary directory is removed and ``target`` is untouched. Leftovers of
-    writers that died are removed first. Write the commit marker (e.g. the manifest) last.
-    """
-    target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise DatasetExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(target)
-    tmp = target.parent / f".{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        _commit(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def dir_size(path: str | Path) -> int:
     """Bytes on disk of every file under ``path``."""
     p = Path(path)
@@ -239,6 +182,7 @@ def write_store(
     backend: str = "pt",
     overwrite: bool = False,
     progress: bool | None = None,
+    protect: tuple[str | Path, ...] = (),
     **options: Any,
 ) -> Path:
     """Write a dataset directory atomically with ``backend``.
@@ -246,7 +190,10 @@ def write_store(
     ``arrays`` maps every array of :data:`jasper.schema.ARRAYS` to a tensor or an
     :class:`~jasper.backend.ArraySource` (for data larger than RAM). ``options`` are the
     backend's write options (e.g. ``compression="lzf"`` for hdf5); unknown ones raise
-    :class:`WriteOptionError` listing what the backend accepts. Returns the dataset path.
+    :class:`WriteOptionError` listing what the backend accepts. ``overwrite`` replaces only an
+    existing dataset (:class:`~jasper.errors.OverwriteRefusedError` for anything else);
+    ``protect`` names paths the target must neither be, contain nor lie inside (a conversion's
+    source). Returns the dataset path.
     """
     target = Path(path).absolute()
     impl = get_backend(backend)
@@ -257,7 +204,7 @@ def write_store(
     sources = {n: as_source(a) for n, a in arrays.items()}
     check_layout(sources, m)
     total = sum(s.nbytes for s in sources.values())
-    with atomic_directory(target, overwrite=overwrite) as tmp:
+    with atomic_directory(target, overwrite=overwrite, protect=protect) as tmp:
         with byte_bar(total, f"writing {target.name} ({backend})", progress) as update:
             hashing = {n: _HashingSource(n, s, update) for n, s in sources.items()}
             impl.write_arrays(tmp, hashing, m, **options)
@@ -280,18 +227,6 @@ def write_store(
 def _backend_version(name: str) -> str | None:
     info = list_backends().get(name)
     return info.version if info else None
-
-
-def _commit(tmp: Path, target: Path) -> None:
-    if target.exists():
-        trash = target.parent / f".{target.name}{TRASH_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, trash)
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
 
 
 @dataclass
@@ -337,12 +272,12 @@ def convert(
     """
     t0 = time.perf_counter()
     with open_store(src, src_backend) as reader:
-        names = [n for n in ARRAYS if reader.has(n)]
+        names = [n for n in dataset_kind(reader.manifest.dataset_kind).arrays if reader.has(n)]
         sources = {n: reader.source(n) for n in names}
         manifest = copy.deepcopy(reader.manifest)
         before = dict(manifest.arrays)
         out = write_store(dst, sources, manifest, backend=to, overwrite=overwrite,
-                          progress=progress, **options)
+                          progress=progress, protect=(Path(src),), **options)
         src_name = reader.backend_name
     written = Manifest.load(out)
     for n, rec in before.items():
@@ -359,6 +294,9 @@ def convert(
 
 __all__ = [
     "MANIFEST_NAME",
+    "SCRATCH_MARK",
+    "TMP_MARK",
+    "TRASH_MARK",
     "ConvertReport",
     "DatasetExistsError",
     "atomic_directory",

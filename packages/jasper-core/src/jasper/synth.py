@@ -358,11 +358,17 @@ def write_synthetic(
     **options: Any,
 ) -> Path:
     """Generate a dataset with :func:`synthesize` and write it atomically with ``backend``."""
+    from jasper.atomic import SCRATCH_MARK, check_target, clean_leftovers, leftover_name
     from jasper.store import write_store
 
     target = Path(path).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.synth-", dir=target.parent))
+    # Named for the target with this pid, so a killed synth's scratch (possibly hundreds of MB)
+    # is removed by the next write to the target.
+    clean_leftovers(target)
+    check_target(target, overwrite=overwrite)  # refuse before minutes of synthesis, not after
+    scratch = leftover_name(target, SCRATCH_MARK)
+    scratch.mkdir()
     try:
         arrays, manifest = synthesize(cfg, workdir=scratch, progress=progress)
         return write_store(target, arrays, manifest, backend=backend, overwrite=overwrite,

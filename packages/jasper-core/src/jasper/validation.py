@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,11 +267,74 @@ def _check_disjoint_splits(arrays: Mapping[str, torch.Tensor], n_pairs: int,
                 array=name, row=row, rule="disjoint splits", path=path)
 
 
-def _quality_findings(arrays: Mapping[str, torch.Tensor]) -> list[Finding]:
+def check_finite_chunks(name: str, chunks: Iterable[torch.Tensor], path: Path | None = None) -> None:
+    """The NaN/Inf rule of a float array streamed in row chunks (one pass, bounded memory):
+    how arrays that stay in storage are checked without a whole copy."""
+    row = 0
+    for chunk in chunks:
+        _check_finite(name, chunk, path, row_offset=row)
+        row += chunk.shape[0]
+
+
+def check_replacement(
+    new: Mapping[str, torch.Tensor],
+    current: Mapping[str, torch.Tensor],
+    manifest: Manifest,
+    *,
+    path: Path | None = None,
+    warn: bool = True,
+) -> list[Finding]:
+    """Check arrays re-read from storage (e.g. re-mined ``hard_negatives``) before they replace
+    the ones a dataset serves: every rule of :func:`check_arrays` that involves them, against
+    the row counts of the ``current`` arrays (which may be maps or meta tensors).
+
+    Raises :class:`ShapeError` / :class:`IntegrityError` naming the array, row and rule; returns
+    the value-rule findings (each also a :class:`DataQualityWarning` when ``warn``).
+    """
+    rows = {n: int(t.shape[0]) for n, t in current.items()}
+    n_pairs = rows["pair_index"]
+    rows[PAIRS] = n_pairs
+    for name, t in new.items():
+        spec = ARRAYS[name]
+        if t.dim() != spec.rank:
+            raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected rank {spec.rank}",
+                             array=name, rule="rank", path=path)
+        if dtype_name(t.dtype) not in spec.dtypes:
+            raise ShapeError(f"{name} has dtype {dtype_name(t.dtype)}; allowed: "
+                             f"{', '.join(sorted(spec.dtypes))}", array=name, rule="dtype", path=path)
+        want = _cols_expected(spec.cols, manifest)
+        if want is not None and t.shape[1] != want:
+            raise ShapeError(
+                f"{name} has shape {tuple(t.shape)}: {t.shape[1]} columns but "
+                f"{spec.cols.value if spec.cols else ''} is {want}", array=name, rule="columns",
+                path=path)
+        if spec.role is Role.PAIR and t.shape[0] != n_pairs:
+            raise ShapeError(f"{name} has {t.shape[0]} rows but pair_index has {n_pairs} (N_p)",
+                             array=name, row=min(n_pairs, int(t.shape[0])), rule="pair rows",
+                             path=path)
+        if len(spec.references) > 1:
+            for col, ref in enumerate(spec.references):
+                _check_range_col(name, t, col, rows[ref], ref, path)
+        elif spec.references:
+            ref = spec.references[0]
+            _check_range(name, t, rows[ref], "pairs (N_p)" if ref == PAIRS else ref, path)
+        if spec.non_negative and t.numel() and int(t.min()) < 0:
+            pos = _first_true(t < 0)
+            raise IntegrityError(f"{_fmt_pos(name, pos)} = {int(t[pos])} is negative", array=name,
+                                 row=pos[0], rule="non-negative", path=path)
+    findings = _quality_findings({**current, **new}, only=frozenset(new))
+    if warn:
+        for f in findings:
+            warnings.warn(f"{path or 'dataset'}: {f.message}", DataQualityWarning, stacklevel=2)
+    return findings
+
+
+def _quality_findings(arrays: Mapping[str, torch.Tensor],
+                      only: frozenset[str] | None = None) -> list[Finding]:
     findings: list[Finding] = []
     neg = arrays["hard_negatives"]
-    if neg.numel():
-        own = arrays["pair_index"][:, 1:2]
+    if neg.numel() and (only is None or "hard_negatives" in only):
+        own = arrays["pair_index"][:, 1:2].to(neg.device)
         same = neg == own
         count = int(same.sum())
         if count:
@@ -281,7 +344,7 @@ def _quality_findings(arrays: Mapping[str, torch.Tensor]) -> list[Finding]:
                 f"hard_negatives: {count} negative(s) equal the pair's own source, first "
                 f"hard_negatives[{row}, {col}] = {int(neg[row, col])}"))
     for name, spec in ARRAYS.items():
-        if spec.quality_range is None:
+        if spec.quality_range is None or (only is not None and name not in only):
             continue
         t = arrays[name]
         if t.numel() == 0:
@@ -320,6 +383,13 @@ def validate(
     p = Path(path)
     t0 = time.perf_counter()
     with open_store(p, backend, mmap=False) as reader:
+        from jasper.kinds import kind_job
+
+        other_kind = kind_job(reader.manifest.dataset_kind, "validate")
+        if other_kind is not None:
+            report: ValidationReport = other_kind(reader, deep=deep, strict=strict,
+                                                  progress=progress)
+            return report
         manifest = reader.manifest
         infos = {n: reader.info(n) for n in ARRAYS if reader.has(n)}
         for n, rec in manifest.arrays.items():

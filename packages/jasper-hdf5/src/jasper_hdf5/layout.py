@@ -15,6 +15,8 @@ This module imports nothing heavy, so it can be used to list a layout without h5
 
 from __future__ import annotations
 
+from jasper.schema import CLUSTER_ARRAYS
+
 #: File name of the HDF5 file inside a dataset directory.
 FILE_NAME = "dataset.h5"
 
@@ -53,6 +55,9 @@ PATHS: dict[str, str] = {
     "val_idx": "splits/val",
     "test_idx": "splits/test",
 }
+
+# The cluster-labeled kind's arrays (records included) live in one group of their own.
+PATHS.update({name: f"cluster/{name}" for name in CLUSTER_ARRAYS})
 
 #: Further paths read when the first is absent. The original's README documented
 #: ``negatives/hard`` while its converter wrote ``negatives/hardnegatives``.

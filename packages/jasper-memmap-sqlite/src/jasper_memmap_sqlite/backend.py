@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import mmap as _mmap
+import os
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,10 +48,10 @@ from jasper.schema import ARRAYS
 from jasper_memmap_sqlite.catalogue import (
     CATALOGUE_DDL,
     CatalogueEntry,
-    ProcessConnection,
     block_checksums,
     check_entry_file,
     connect,
+    connect_pinned,
     insert_array,
     load_catalogue,
     require_tables,
@@ -95,31 +97,41 @@ class MemmapSqliteReader(StoreReader):
 
     backend_name = "memmap-sqlite"
 
-    def __init__(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> None:
-        super().__init__(path, manifest)
-        self.mmap = mmap
-        self._db = ProcessConnection(self.path / CATALOGUE_NAME, readonly=True)
+    def __init__(self, path: Path, manifest: Manifest, *, follow_links: bool = False) -> None:
+        super().__init__(path, manifest, follow_links=follow_links)
         self._maps: dict[str, torch.Tensor] = {}
         self._mms: dict[str, np.ndarray] = {}
         self.entries = self._load_catalogue()
 
     def _load_catalogue(self) -> dict[str, CatalogueEntry]:
         db = self.path / CATALOGUE_NAME
-        with self._db.use() as conn:
+        conn = connect_pinned(self.files, CATALOGUE_NAME)
+        try:
             require_tables(conn, db, TABLES, "memmap-sqlite catalogue")
             meta = dict(conn.execute("SELECT key, value FROM jasper_meta"))
             if meta.get("format") != FORMAT:
                 raise FormatError(db, f"jasper_meta.format is {meta.get('format')!r}, expected "
                                   f"{FORMAT!r} (rule: memmap-sqlite catalogue)")
-            version = int(meta.get("format_version", "0"))
+            try:
+                version = int(meta.get("format_version", "0"))
+            except (TypeError, ValueError):
+                raise FormatError(db, f"jasper_meta.format_version is "
+                                  f"{meta.get('format_version')!r}, not a number (rule: "
+                                  "memmap-sqlite catalogue)") from None
             if version > FORMAT_VERSION:
                 raise FormatError(db, f"format_version {version} is newer than this "
                                   f"jasper-memmap-sqlite reads ({FORMAT_VERSION}); upgrade it "
                                   "with `pip install -U jasper-memmap-sqlite`")
             entries = load_catalogue(conn, db)
+        except sqlite3.DatabaseError as exc:
+            raise FormatError(db, f"SQLite cannot read the catalogue (damaged?): {exc}") from None
+        finally:
+            conn.close()
         for e in entries.values():
             f = self.path / e.file
-            header = read_header(f, e.name)
+            with self.files.open_file(e.file) as fh:
+                header = read_header(f, e.name, fileobj=fh)
+                size = os.fstat(fh.fileno()).st_size
             if (header.dtype, header.shape, header.offset) != (e.storage_dtype, e.shape,
                                                                 e.data_offset):
                 raise ShapeError(
@@ -127,7 +139,7 @@ class MemmapSqliteReader(StoreReader):
                     f"byte {header.offset}, the catalogue records {e.storage_dtype.str} "
                     f"{e.shape} at {e.data_offset}", array=e.name, row=None,
                     rule="file header matches the catalogue", path=f)
-            check_size(f, header, e.name)
+            check_size(f, header, e.name, size=size)
         return entries
 
     def __getstate__(self) -> dict[str, Any]:
@@ -155,7 +167,9 @@ class MemmapSqliteReader(StoreReader):
         t = self._maps.get(name)
         if t is None:
             e = self._entry(name)
-            mm = open_memmap(self.path / e.file, e.header(), mode="r", advice=_mmap.MADV_RANDOM)
+            with self.files.open_file(e.file) as fh:
+                mm = open_memmap(self.path / e.file, e.header(), mode="r",
+                                 advice=_mmap.MADV_RANDOM, fileobj=fh)
             t = map_tensor(mm, e.dtype)
             self._maps[name] = t
             self._mms[name] = mm
@@ -182,15 +196,23 @@ class MemmapSqliteReader(StoreReader):
             return out
         if e.nbytes:
             view = to_storage(out).reshape(-1).view(np.uint8)
-            pread_into(self.path / e.file, e.data_offset, memoryview(view), array=name)
+            fd = self.files.open_fd(e.file)
+            try:
+                pread_into(self.path / e.file, e.data_offset, memoryview(view), array=name, fd=fd)
+            finally:
+                os.close(fd)
         return out
 
     def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         e = self._entry(name)
         n = e.shape[0] if e.shape else 0
         start, stop, _ = slice(start, stop).indices(n)
-        return read_rows_direct(self.path / e.file, e.header(), start, max(start, stop), e.dtype,
-                                array=name)
+        fd = self.files.open_fd(e.file)
+        try:
+            return read_rows_direct(self.path / e.file, e.header(), start, max(start, stop),
+                                    e.dtype, array=name, fd=fd)
+        finally:
+            os.close(fd)
 
     def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.map(name), as_index(rows), name)
@@ -198,7 +220,7 @@ class MemmapSqliteReader(StoreReader):
     def close(self) -> None:
         self._maps.clear()
         self._mms.clear()
-        self._db.close()
+        super().close()
 
 
 class MemmapSqliteBackend(BackendEntrypoint):
@@ -227,7 +249,7 @@ class MemmapSqliteBackend(BackendEntrypoint):
             raise DatasetNotFoundError(p / CATALOGUE_NAME, "memmap-sqlite catalogue",
                                        "The directory was not written by the memmap-sqlite "
                                        "backend, or its write was interrupted")
-        return MemmapSqliteReader(p, manifest, mmap=mmap)
+        return MemmapSqliteReader(p, manifest)
 
     def write_arrays(
         self,
