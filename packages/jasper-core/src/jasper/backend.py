@@ -278,6 +278,13 @@ class BackendEntrypoint(abc.ABC):
     #: The benchmark suite measures each; the conformance kit round-trips each.
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # core owns array-name validation for every backend, also for direct write_arrays calls
+        from jasper.validation import guard_write_arrays
+
+        guard_write_arrays(cls)
+
     def guess_can_open(self, path: str | Path) -> bool:
         """Whether ``path`` (a dataset directory) looks like this backend's. Cheap: no parsing."""
         p = Path(path)

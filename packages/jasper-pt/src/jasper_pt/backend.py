@@ -31,6 +31,7 @@ from jasper.backend import (
 from jasper.errors import DatasetNotFoundError, FormatError, UnsafeFileError
 from jasper.manifest import Manifest
 from jasper.schema import ARRAYS
+from jasper.validation import check_tensor_layout
 
 SUFFIX = ".pt"
 #: Arrays above this size are assembled in a file-backed scratch tensor while writing, so writing
@@ -134,6 +135,7 @@ class PTReader(StoreReader):
         if not isinstance(obj, torch.Tensor):
             raise FormatError(f, f"expected a tensor, found {type(obj).__name__}", array=name)
         self._check_storage(f, name, obj)
+        check_tensor_layout(name, obj, f)  # a stride-0 view would serve one row as many
         self._cache[name] = obj
         return obj
 
