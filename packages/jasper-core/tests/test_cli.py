@@ -106,7 +106,5 @@ def test_cluster_labeled_without_its_backend_names_the_package(
         pytest.skip("jasper-memmap-sqlite is installed; its own tests cover the command")
     code, _, err = run(capsys, "synth", str(tmp_path / "cl"), "--kind", "cluster-labeled")
     assert code == 1 and "pip install jasper-memmap-sqlite" in err
-    from jasper.errors import BackendNotFoundError
-
-    with pytest.raises(BackendNotFoundError, match="pip install jasper-memmap-sqlite"):
-        from jasper import ClusterLabeledDataset  # noqa: F401
+    # the dataset class is core's and imports without that backend
+    from jasper import ClusterLabeledDataset  # noqa: F401
