@@ -217,3 +217,16 @@ def test_cli_build_usage_error_is_one_line(capsys: pytest.CaptureFixture[str], t
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1
     assert "source_embs has 4 columns" in err
+
+
+def test_sampled_kmeans_streams_from_a_memmap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above POINTS_PER_CENTROID * k sources, k-means fits a seeded sample read from the map."""
+    import jasper.build as build
+
+    monkeypatch.setattr(build, "POINTS_PER_CENTROID", 10)
+    data = user_data(n_s=400)
+    np.save(tmp_path / "s.npy", data["sources"])
+    arrays, m = build_arrays(data["questions"], str(tmp_path / "s.npy"), data["pairs"],
+                             config=BuildConfig(n_neg=2, n_clusters=5))
+    assert m.extra["build"]["kmeans"] == "sampled"
+    assert check_arrays(materialize(arrays), m) == []  # type: ignore[arg-type]

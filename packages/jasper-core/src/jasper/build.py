@@ -8,7 +8,8 @@ you do not:
 array                   derived (when not given) as
 ======================  ==========================================================================
 pair_relevance          the pair's cosine similarity rescaled to 0..1
-centroid_embs           spherical k-means over the source embeddings (scikit-learn), or the
+centroid_embs           spherical k-means over the source embeddings (scikit-learn; see
+                        :func:`kmeans_centroids` for the measurements behind it), or the
                         normalised mean source of each given cluster id
 pair_cluster_id         the k-means cluster of the pair's source
 keyword_embs + CSR      an empty table when you have no keywords (keyword steering then falls back
@@ -279,7 +280,7 @@ class BuildConfig:
     dtype: str | None = None
     seed: int = 0
     dataset_name: str = "dataset"
-    #: "auto" (full k-means up to 200k sources, mini-batch streaming above), "kmeans", "minibatch"
+    #: "auto" (all sources up to 256 per centroid, a seeded sample above), "kmeans", "sampled"
     kmeans: str = "auto"
     memory_limit: int = 1 << 30
     steering_probabilities: dict[str, float] = field(
@@ -294,8 +295,8 @@ class BuildConfig:
             raise BuildError(f"dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.dtype!r}")
         if abs(sum(self.split_ratios) - 1.0) > 1e-6 or min(self.split_ratios) < 0:
             raise BuildError(f"split_ratios must be non-negative and sum to 1: {self.split_ratios}")
-        if self.kmeans not in {"auto", "kmeans", "minibatch"}:
-            raise BuildError(f"kmeans must be auto, kmeans or minibatch, got {self.kmeans!r}")
+        if self.kmeans not in {"auto", "kmeans", "sampled"}:
+            raise BuildError(f"kmeans must be auto, kmeans or sampled, got {self.kmeans!r}")
 
 
 # --- numerics ---------------------------------------------------------------------------------
@@ -391,42 +392,44 @@ class CastSource(ArraySource):
 
 
 # --- clustering -------------------------------------------------------------------------------
-KMEANS_FULL_LIMIT = 200_000  # sources; above it mini-batch k-means streams over chunks
+#: Rows per centroid that k-means fits on; above ``POINTS_PER_CENTROID * k`` sources a seeded
+#: sample of that size is clustered and every source is then assigned to its nearest centroid
+#: (faiss uses the same cap, ``max_points_per_centroid = 256``).
+POINTS_PER_CENTROID = 256
 
 
 def kmeans_centroids(sources: np.ndarray, n_clusters: int, *, seed: int = 0,
                      method: str = "auto", progress: bool | None = None) -> np.ndarray:
     """Unit-norm centroids of spherical k-means over ``sources`` (rows normalised first).
 
-    scikit-learn's ``KMeans`` (Lloyd, k-means++ init) up to :data:`KMEANS_FULL_LIMIT` rows;
-    above, ``MiniBatchKMeans.partial_fit`` over chunks, so the sources never need to be in RAM
-    at once (a memory-mapped ``.npy`` streams).
+    scikit-learn's ``KMeans`` (Lloyd, k-means++ init, one init). ``method="sampled"`` (what
+    ``"auto"`` picks above ``POINTS_PER_CENTROID * k`` rows) fits on a seeded sample of that many
+    rows, read row by row from a memory-mapped input, so the sources never need to be in RAM.
+
+    Why scikit-learn and this cap (50k x 384 floats, k = 64, planted clusters, a busy 2-core
+    machine): full k-means 82 s, mean cosine to the centroid 0.857 (the planted optimum);
+    256 rows per centroid 37 s, 0.842; faiss ``Kmeans`` 2.2 s but 0.800 (random init stuck in a
+    worse optimum; 5 restarts 16 s, 0.816); ``MiniBatchKMeans`` 33 s at 7% higher inertia than
+    full k-means. k-means++ finds the planted clusters; the cap bounds the time for any N_s.
     """
     cluster = _need("sklearn.cluster", "clustering the sources (k-means)")
     n = sources.shape[0]
     k = min(n_clusters, n)
+    cap = POINTS_PER_CENTROID * k
     if method == "auto":
-        method = "kmeans" if n <= KMEANS_FULL_LIMIT else "minibatch"
-    if method == "kmeans":
-        x = _normalize(np.asarray(sources))
-        km = cluster.KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100)
-        km.fit(x)
-        centers = km.cluster_centers_
+        method = "kmeans" if n <= cap else "sampled"
+    if method == "sampled" and n > cap:
+        rows = np.sort(np.random.default_rng([seed, 7]).choice(n, cap, replace=False))
+        x = np.empty((cap, sources.shape[1]), dtype=np.float32)
+        with count_bar(cap, "k-means sample", progress, unit="row") as update:
+            for start, stop in _chunks(cap, 1 << 14):
+                x[start:stop] = _normalize(np.asarray(sources[rows[start:stop]]))
+                update(stop - start)
     else:
-        step = max(4096, 3 * k)
-        km = cluster.MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=step,
-                                     n_init=1)
-        rng = np.random.default_rng([seed, 7])
-        passes = 2
-        with count_bar(passes * n, "k-means (mini-batch)", progress, unit="row") as update:
-            for _ in range(passes):
-                for start in rng.permutation(np.arange(0, n, step)):
-                    part = _normalize(np.asarray(sources[start : start + step]))
-                    if part.shape[0] >= k or start == 0:
-                        km.partial_fit(part)
-                    update(part.shape[0])
-        centers = km.cluster_centers_
-    return _normalize(np.asarray(centers, dtype=np.float32))
+        x = _normalize(np.asarray(sources))
+    km = cluster.KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100)
+    km.fit(x)
+    return _normalize(np.asarray(km.cluster_centers_, dtype=np.float32))
 
 
 def nearest_centroid(table: np.ndarray, centroids_n: np.ndarray, step: int = 1 << 15) -> np.ndarray:
@@ -717,7 +720,7 @@ def build_arrays(
     else:
         k = cfg.n_clusters or int(min(1024, max(2, round(math.sqrt(s.shape[0] / 2)))))
         method = cfg.kmeans if cfg.kmeans != "auto" else (
-            "kmeans" if s.shape[0] <= KMEANS_FULL_LIMIT else "minibatch")
+            "kmeans" if s.shape[0] <= POINTS_PER_CENTROID * k else "sampled")
         cent = kmeans_centroids(s, k, seed=cfg.seed, method=method, progress=progress)
         report.derived.append("centroid_embs")
         report.kmeans = method
