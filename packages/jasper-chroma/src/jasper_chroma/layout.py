@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from jasper.errors import FormatError
-from jasper.schema import TABLES
+from jasper.schema import Role, dataset_kind
 
 LAYOUT_FILE = "chroma.json"
 CHROMA_DIR = "chroma"
@@ -41,6 +41,12 @@ LAYOUT_VERSION = 1
 #: never searched by jasper), batch and sync thresholds at Chroma's maximum batch size.
 BULK_HNSW: dict[str, Any] = {"space": "l2", "ef_construction": 32, "max_neighbors": 8,
                              "batch_size": 5461, "sync_threshold": 20000}
+
+def table_names(kind: str | None) -> list[str]:
+    """The embedding tables of a dataset kind (questions, sources, keywords and centroids of
+    the steering kind; base and steering embeddings of the cluster-labeled kind)."""
+    return [n for n, s in dataset_kind(kind).arrays.items() if s.role is Role.TABLE]
+
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
 
@@ -116,7 +122,7 @@ class Layout:
                                              encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: Path) -> Layout:
+    def load(cls, directory: Path, kind: str | None = None) -> Layout:
         path = directory / LAYOUT_FILE
         if not path.is_file():
             raise FormatError(path, "missing: a Chroma-backed dataset has chroma.json")
@@ -128,7 +134,7 @@ class Layout:
             where = str(d["where"])
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
             raise FormatError(path, f"not a valid chroma.json: {exc}") from None
-        missing = [t for t in TABLES if t not in tables]
+        missing = [t for t in table_names(kind) if t not in tables]
         if missing:
             raise FormatError(path, f"chroma.json lists no collection for {', '.join(missing)}")
         if where not in {"local", "server"} or (where == "server") != (server is not None):

@@ -12,7 +12,6 @@ from jasper.backend import ArrayInfo, StoreReader
 from jasper.dtypes import from_storage, torch_dtype
 from jasper.errors import FormatError, JasperError
 from jasper.progress import count_bar
-from jasper.schema import TABLES
 from jasper_chroma.client import ChromaStoreError, get_client, get_collection
 from jasper_chroma.layout import ARRAYS_DIR, CHROMA_DIR, Layout, ServerLocation
 
@@ -28,48 +27,58 @@ def _storage_logical(dtype: np.dtype) -> str:
     return "bfloat16" if dtype == np.uint16 else str(dtype)
 
 
-def fetch_rows(collection: Any, rows: np.ndarray, out: np.ndarray | torch.Tensor,
-               where: str, progress: bool | None = None) -> None:
-    """Fill ``out[i]`` with the embedding of id ``str(rows[i])``, paging by ids.
+def fetch_ids(collection: Any, ids: list[str], out: np.ndarray | torch.Tensor, where: str,
+              progress: bool | None = None, include_metadata: bool = False,
+              ) -> list[dict[str, Any] | None]:
+    """Fill ``out[i]`` with the embedding of ``ids[i]`` (distinct ids), paging by ids.
 
-    Chroma returns the page in insertion order, not request order, and silently drops ids it
+    Chroma returns a page in insertion order, not request order, and silently drops ids it
     does not have: every row is placed by its returned id, and a missing id is a
     :class:`ChromaStoreError` naming the collection and the id. float64 from Chroma is cast to
-    ``out``'s dtype in the assignment (no intermediate array of the whole table).
+    ``out``'s dtype in the assignment (no intermediate array of the whole table). Returns the
+    metadata of each id when asked (else an empty list).
     """
     as_numpy = isinstance(out, np.ndarray) or out.dtype != torch.bfloat16
     target: Any = out if isinstance(out, np.ndarray) else (out.numpy() if as_numpy else out)
-    with count_bar(len(rows), f"reading {collection.name}", progress, unit="row") as update:
-        for start in range(0, len(rows), PAGE):
-            page = rows[start : start + PAGE]
-            want = [str(int(r)) for r in page]
+    metas: list[dict[str, Any] | None] = [None] * len(ids) if include_metadata else []
+    include = ["embeddings", "metadatas"] if include_metadata else ["embeddings"]
+    with count_bar(len(ids), f"reading {collection.name}", progress, unit="row") as update:
+        for start in range(0, len(ids), PAGE):
+            want = ids[start : start + PAGE]
             try:
-                got = collection.get(ids=want, include=["embeddings"])
+                got = collection.get(ids=want, include=include)
             except Exception as exc:
                 raise ChromaStoreError(f"{where}: reading collection {collection.name!r} "
                                        f"failed: {type(exc).__name__}: {str(exc)[:300]}") from None
-            ids = got["ids"]
-            if len(ids) != len(want):
-                have = set(ids)
+            pos = {i: start + k for k, i in enumerate(want)}
+            returned = got["ids"]
+            if len(returned) != len(want):
+                have = set(returned)
                 missing = next(i for i in want if i not in have)
                 raise ChromaStoreError(f"{where}: collection {collection.name!r} has no id "
-                                       f"{missing!r} (row {missing}); {len(want) - len(ids)} of "
+                                       f"{missing!r}; {len(want) - len(returned)} of "
                                        f"{len(want)} requested ids are missing")
+            dest = np.fromiter((pos[i] for i in returned), dtype=np.int64, count=len(returned))
             emb = got["embeddings"]
-            pos = {int(r): i for i, r in enumerate(page)} if len(page) != len(set(page.tolist())) \
-                else None
-            got_rows = np.fromiter((int(i) for i in ids), dtype=np.int64, count=len(ids))
-            if pos is None:
-                # page rows are distinct: place each returned row where its id was asked for
-                order = np.argsort(page, kind="stable")
-                dest = start + order[np.searchsorted(page[order], got_rows)]
-            else:
-                dest = start + np.array([pos[r] for r in got_rows], dtype=np.int64)
+            if len(returned) and np.shape(emb)[1:] != tuple(out.shape[1:]):
+                raise ChromaStoreError(f"{where}: collection {collection.name!r} holds "
+                                       f"{np.shape(emb)[1]}-dimensional embeddings, expected "
+                                       f"{out.shape[1]}")
             if as_numpy:
                 target[dest] = emb
             else:
                 target[torch.from_numpy(dest)] = torch.from_numpy(np.asarray(emb)).to(out.dtype)
-            update(len(page))
+            if include_metadata:
+                for k, m in zip(dest.tolist(), got["metadatas"] or [None] * len(dest)):
+                    metas[k] = m
+            update(len(want))
+    return metas
+
+
+def fetch_rows(collection: Any, rows: np.ndarray, out: np.ndarray | torch.Tensor,
+               where: str, progress: bool | None = None) -> None:
+    """:func:`fetch_ids` of a jasper-written collection: row ``r`` is id ``str(r)``."""
+    fetch_ids(collection, [str(int(r)) for r in rows], out, where, progress)
 
 
 class ChromaReader(StoreReader):
@@ -81,7 +90,7 @@ class ChromaReader(StoreReader):
 
     def __init__(self, path: Path, manifest: Manifest, progress: bool | None = None) -> None:
         super().__init__(path, manifest)
-        self.layout = Layout.load(self.path)
+        self.layout = Layout.load(self.path, manifest.dataset_kind)
         self.progress = progress
         self._cols: dict[str, Any] = {}
 
@@ -131,7 +140,8 @@ class ChromaReader(StoreReader):
         names = list(self.manifest.arrays) or []
         if not names:
             names = [p.stem for p in sorted((self.path / ARRAYS_DIR).glob("*.npy"))]
-        return [*TABLES, *(n for n in names if n not in TABLES)]
+        tables = list(self.layout.tables)
+        return [*tables, *(n for n in names if n not in tables)]
 
     def info(self, name: str) -> ArrayInfo:
         if name in self.layout.tables:

@@ -13,7 +13,6 @@ import numpy as np
 from jasper.backend import ArraySource
 from jasper.dtypes import dtype_name, to_storage
 from jasper.errors import CapabilityError
-from jasper.schema import TABLES
 from jasper_chroma.client import ChromaStoreError, get_client, release_client
 from jasper_chroma.layout import (
     ARRAYS_DIR,
@@ -23,6 +22,7 @@ from jasper_chroma.layout import (
     ServerLocation,
     TableRecord,
     collection_name,
+    table_names,
 )
 from jasper_chroma.reader import PAGE
 
@@ -65,7 +65,8 @@ def write_dataset(directory: Path, arrays: Mapping[str, ArraySource], manifest: 
     a failed write deletes the collections it created (it wrote them, nothing else).
     """
     on_bytes = progress or (lambda n: None)
-    wide = [t for t in TABLES if dtype_name(arrays[t].dtype) == "float64"]
+    tables_of_kind = table_names(manifest.dataset_kind)
+    wide = [t for t in tables_of_kind if dtype_name(arrays[t].dtype) == "float64"]
     if wide:
         raise CapabilityError(
             f"backend 'chroma' cannot store float64 tables ({', '.join(wide)}): Chroma keeps "
@@ -84,7 +85,7 @@ def write_dataset(directory: Path, arrays: Mapping[str, ArraySource], manifest: 
     created: list[str] = []
     tables: dict[str, TableRecord] = {}
     try:
-        for table in TABLES:
+        for table in tables_of_kind:
             src = arrays[table]
             name = collection_name(prefix, table)
             try:
@@ -111,7 +112,7 @@ def write_dataset(directory: Path, arrays: Mapping[str, ArraySource], manifest: 
                                         dtype_name(src.dtype))
         (directory / ARRAYS_DIR).mkdir()
         for name, src in arrays.items():
-            if name not in TABLES:
+            if name not in tables:
                 _write_npy(directory / ARRAYS_DIR / f"{name}.npy", src, on_bytes)
         Layout("server" if server is not None else "local",
                location if isinstance(location, ServerLocation) else None, tables).dump(directory)
