@@ -295,6 +295,64 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    import time
+
+    from jasper.build import BuildConfig, build_dataset, default_writer, read_table
+    from jasper.store import dir_size
+
+    backend = args.backend or default_writer()
+    ratios = tuple(float(x) for x in args.split.split(","))
+    if len(ratios) != 3:
+        raise SystemExit("jasper build: error: --split takes three ratios, e.g. 0.8,0.1,0.1")
+    cfg = BuildConfig(n_neg=args.neg, n_clusters=args.clusters, dtype=args.dtype, seed=args.seed,
+                      dataset_name=args.name or Path(args.out).name,
+                      split_ratios=(ratios[0], ratios[1], ratios[2]))
+    t0 = time.perf_counter()
+    if args.from_chroma:
+        from jasper.plugins import plugin_function
+
+        build_from = plugin_function("jasper.build_sources", "chroma", "pip install jasper-chroma")
+        out = build_from(args.from_chroma, args.out, backend=backend, overwrite=args.overwrite,
+                         progress=_progress(args), config=cfg, options=_options(args))
+    else:
+        if not (args.questions and args.sources and args.pairs):
+            raise SystemExit("jasper build: error: give --questions, --sources and --pairs "
+                             "(or --from-chroma LOCATION)")
+        inputs: dict[str, Any] = {}
+        pairs: Any = args.pairs
+        if Path(args.pairs).suffix in {".parquet", ".pq", ".arrow", ".feather", ".ipc"}:
+            cols = read_table(args.pairs)
+            import numpy as np
+
+            if "question" not in cols or "source" not in cols:
+                from jasper.errors import FormatError
+
+                raise FormatError(args.pairs, "a pairs table needs columns 'question' and "
+                                  f"'source' (found: {', '.join(cols)})")
+            pairs = np.stack([np.asarray(cols["question"]), np.asarray(cols["source"])], axis=1)
+            for col, arg in (("relevance", "relevance"), ("cluster_id", "cluster_ids"),
+                             ("keywords", "pair_keywords"), ("hard_negatives", "hard_negatives"),
+                             ("negative_tiers", "negative_tiers")):
+                if col in cols:
+                    inputs[arg] = cols[col]
+        for arg in ("relevance", "cluster_ids", "centroids", "keywords", "pair_keywords",
+                    "hard_negatives", "negative_tiers"):
+            if getattr(args, arg, None):
+                inputs[arg] = getattr(args, arg)
+        out = build_dataset(args.out, args.questions, args.sources, pairs, backend=backend,
+                            overwrite=args.overwrite, progress=_progress(args),
+                            options=_options(args), config=cfg, **inputs)
+    from jasper.manifest import Manifest
+
+    m = Manifest.load(out)
+    derived = ", ".join((m.extra.get("build") or {}).get("derived", [])) or "nothing"
+    print(f"wrote {out} with backend {backend!r}: D={m.embedding_dim}, n_neg={m.n_neg}, "
+          f"{m.n_clusters} clusters, splits {m.split_sizes}, {_mib(dir_size(out))} in "
+          f"{time.perf_counter() - t0:.1f} s; derived: {derived}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jasper.demo import main as demo_main
 
@@ -397,6 +455,51 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset at DST (never other files, never the source)")
     c.set_defaults(func=cmd_convert)
+
+    bl = sub.add_parser(
+        "build", parents=[common], help="build a complete dataset from your own embeddings",
+        description="Build a complete JASPER dataset from question and source embeddings and "
+        "pairs; everything missing (clusters, negatives, tiers, steering, distances, splits) is "
+        "derived. Inputs: .npy, .pt, or parquet/Arrow (PATH:COLUMN for one column).")
+    bl.add_argument("out", help="target dataset directory (written atomically)")
+    bl.add_argument("--questions", help="question embeddings [N_q, D]")
+    bl.add_argument("--sources", help="source embeddings [N_s, D]")
+    bl.add_argument("--pairs", help="pairs: .npy [N_p, 2] or a table with columns question, "
+                    "source (and optionally relevance, cluster_id, keywords, hard_negatives)")
+    bl.add_argument("--relevance", help="relevance of each pair [N_p] (default: from cosine)")
+    bl.add_argument("--cluster-ids", dest="cluster_ids", help="cluster id of each pair [N_p] "
+                    "(default: k-means over the sources)")
+    bl.add_argument("--centroids", help="cluster centroids [N_c, D] (default: derived)")
+    bl.add_argument("--keywords", help="keyword embeddings [N_k, D]")
+    bl.add_argument("--pair-keywords", dest="pair_keywords",
+                    help="keyword rows of each pair: a list column TABLE:COLUMN")
+    bl.add_argument("--hard-negatives", dest="hard_negatives",
+                    help="hard-negative source rows [N_p, n_neg] (default: mined)")
+    bl.add_argument("--negative-tiers", dest="negative_tiers",
+                    help="tier of each hard negative (default: similarity quartiles 1..4)")
+    bl.add_argument("--from-chroma", dest="from_chroma", metavar="LOCATION",
+                    help="read questions, passages and relevance from a Chroma store "
+                    "(a PersistentClient directory or chroma://host:port; needs jasper-chroma)")
+    bl.add_argument("--neg", type=int, default=8, help="hard negatives to mine per pair (8)")
+    bl.add_argument("--clusters", type=int, help="k-means clusters (default: sqrt(N_s/2))")
+    bl.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="stored embedding dtype (default: float32, float16 inputs stay float16)")
+    bl.add_argument("--split", default="0.8,0.1,0.1",
+                    help="train,val,test pair ratios; splits are by question (0.8,0.1,0.1)")
+    bl.add_argument("--seed", type=int, default=0, help="seed of k-means, mining, splits (0)")
+    bl.add_argument("--name", help="dataset_name in the manifest (default: directory name)")
+    bl.add_argument("--backend", help="storage backend to write with (default: pt if "
+                    "installed, else the first installed writer)")
+    bl.add_argument("--compression", help="compression, for backends that take it")
+    bl.add_argument("--compression-level", type=int, help="compression level")
+    bl.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE",
+                    help="a backend write option (repeatable)")
+    bl.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    bl.set_defaults(func=cmd_build)
+
+    from jasper.plugins import add_plugin_commands
+
+    add_plugin_commands(sub, common)
 
     d = sub.add_parser("demo", parents=[common], add_help=False,
                        help="the main job: synthesise, write with every backend, train, report")
