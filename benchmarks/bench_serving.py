@@ -241,9 +241,9 @@ def test_peer_reference(benchmark, point, batch_size):
 
 PEERS = {"tensordict": C.TensorDictPeer, "hf_datasets": C.HFDatasetsPeer,
          "numpy_memmap": C.NumpyMemmapDataset, "safetensors": C.SafetensorsPeer,
-         "lance": C.LancePeer, "mosaic_streaming": C.MosaicStreamingPeer}
+         "lance": C.LancePeer}
 #: peers timed on ``slow_bytes`` per round (they serve tens of thousands of samples/s or fewer)
-SLOW_PEERS = {"hf_datasets", "tensordict", "lance", "mosaic_streaming"}
+SLOW_PEERS = {"hf_datasets", "tensordict", "lance"}
 
 
 @pytest.mark.parametrize("batch_size", CFG.batch_sizes)

@@ -25,9 +25,10 @@ read from storage per batch), so the report compares like with like:
   ``lance.write_dataset``; a batch is a random ``take`` of its pair rows, then of its question,
   target and negative rows (sorted and de-duplicated, as Lance's own guidance for random access
   advises, and un-permuted);
-- Mosaic streaming (``lazy``): MDS shards written with ``MDSWriter`` into a local directory,
-  read with ``StreamingDataset(local=...)``; random access is per sample (``dataset[i]``), so a
-  batch is B pair samples plus their question, target and negative samples.
+
+Mosaic streaming is not measured: ``import streaming`` (mosaicml-streaming 0.13) imports
+torchvision and transformers; torchvision's PyPI wheels fail to load against torch's CPU build,
+and transformers pins a huggingface-hub that breaks ``datasets`` (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -491,64 +492,6 @@ class LancePeer:
         got = take_pairs(uniq)
         rows = {n: _torch(v[inverse.reshape(-1)], self.bf16 and n == STEERING_ARRAY)
                 for n, v in got.items()}
-        qs = rows["pair_index"].numpy()
-        return _batch_from(p, rows, self._emb(self.questions, qs[:, 0]),
-                           self._emb(self.sources, qs[:, 1]),
-                           self._emb(self.sources, rows["hard_negatives"].numpy().reshape(-1)))
-
-
-class MosaicStreamingPeer:
-    """Mosaic streaming: pairs, questions and sources as three local MDS datasets (one sample per
-    row, numpy columns); ``StreamingDataset(local=...)`` serves random access one sample at a time,
-    so a batch reads B pair samples and B * (2 + n_neg) embedding samples."""
-
-    name = "Mosaic streaming (MDS, local)"
-    path = "lazy"
-
-    def __init__(self, arrays: Mapping[str, torch.Tensor], cache: Path) -> None:
-        try:
-            streaming = optional_import("streaming", "install mosaicml-streaming to compare with it")
-        except Unavailable:
-            raise
-        except Exception as exc:  # `import streaming` imports torchvision, which can fail to load
-            raise Unavailable(
-                f"mosaicml-streaming is installed but `import streaming` fails "
-                f"({type(exc).__name__}: {str(exc)[:120]}); it imports torchvision, whose PyPI "
-                "wheels do not load against torch's CPU build") from None
-        self.bf16 = arrays["question_embs"].dtype == torch.bfloat16
-
-        def write(where: Path, cols: dict[str, np.ndarray]) -> None:
-            spec = {n: f"ndarray:{a.dtype.name}" + (f":{a.shape[1]}" if a.ndim == 2 else ":1")
-                    for n, a in cols.items()}
-            n_rows = len(next(iter(cols.values())))
-            with streaming.MDSWriter(out=str(where), columns=spec, compression=None,
-                                     progress_bar=False) as out:
-                for i in range(n_rows):
-                    out.write({n: np.atleast_1d(a[i]) for n, a in cols.items()})
-
-        def build(tmp: Path) -> None:
-            write(tmp / "pairs", {n: _numpy(arrays[n]) for n in _PAIR_FIELDS})
-            write(tmp / "questions", {"emb": _numpy(arrays["question_embs"])})
-            write(tmp / "sources", {"emb": _numpy(arrays["source_embs"])})
-
-        root = _atomic_build(cache, build)
-        streaming.base.util.clean_stale_shared_memory()
-        make = streaming.StreamingDataset
-        self.pairs = make(local=str(root / "pairs"), shuffle=False, batch_size=1)
-        self.questions = make(local=str(root / "questions"), shuffle=False, batch_size=1)
-        self.sources = make(local=str(root / "sources"), shuffle=False, batch_size=1)
-        self.train_idx = arrays["train_idx"]
-
-    def _emb(self, ds: Any, rows: np.ndarray) -> torch.Tensor:
-        return _torch(np.stack([ds[int(r)]["emb"] for r in rows]), self.bf16)
-
-    def __call__(self, items: torch.Tensor) -> Batch:
-        p = self.train_idx[items]
-        samples = [self.pairs[int(i)] for i in p]
-        rows = {n: _torch(np.stack([s_[n] for s_ in samples]), self.bf16 and n == STEERING_ARRAY)
-                for n in _PAIR_FIELDS}
-        for n in ("pair_cluster_id", "pair_relevance", "centroid_distances"):
-            rows[n] = rows[n].reshape(-1)
         qs = rows["pair_index"].numpy()
         return _batch_from(p, rows, self._emb(self.questions, qs[:, 0]),
                            self._emb(self.sources, qs[:, 1]),

@@ -411,11 +411,10 @@ PEER_NAMES = {"reference": "per-item reference + default_collate",
               "tensordict": "tensordict memmap", "hf_datasets": "HF datasets (torch format)",
               "numpy_memmap": "numpy memmap + __getitems__",
               "safetensors": "safetensors load_file + indexing",
-              "lance": "Lance take", "mosaic_streaming": "Mosaic streaming (MDS, local)"}
+              "lance": "Lance take"}
 #: The data path of each peer for runs whose entries do not record it (runs before peers did).
 PEER_PATHS = {"reference": "preload", "tensordict": "mmap", "hf_datasets": "mmap",
-              "numpy_memmap": "mmap", "safetensors": "preload", "lance": "lazy",
-              "mosaic_streaming": "lazy"}
+              "numpy_memmap": "mmap", "safetensors": "preload", "lance": "lazy"}
 #: Why each peer is where it is, for the report's "where a peer wins" notes.
 PEER_WHY = {
     "reference": "one Python dict per item, then default_collate stacks them",
@@ -428,7 +427,6 @@ PEER_WHY = {
                    "allocation per field",
     "lance": "a take per table per batch through Lance's reader: decoding and Arrow conversion "
              "on top of the bytes",
-    "mosaic_streaming": "random access is one sample at a time (B * (3 + n_neg) lookups per batch)",
 }
 
 
