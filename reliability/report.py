@@ -14,9 +14,9 @@ from reliability.runner import GOOD, Outcome, Result
 COLUMNS = [o for o in Outcome]
 BEGIN, END = "<!-- reliability-table:begin -->", "<!-- reliability-table:end -->"
 
-INTRO = """# Reliability campaign
+PLACEHOLDER = "No reliability figures have been recorded in the repository yet."
 
-`nox -s reliability` runs every case below against every installed backend that can write
+INTRO = """`nox -s reliability` runs every case below against every installed backend that can write
 (found through the plugin registry, so a backend installed later joins without a change), each
 case in its own forked process with a timeout and an address-space cap (`RLIMIT_AS`), and
 regenerates the table between the markers. `python -m reliability --quick` runs a small
@@ -155,12 +155,14 @@ def write_table(path: Path, results: list[Result], *, quick: bool, seconds: floa
                 fuzz: list[dict[str, str]] | None = None) -> None:
     """Replace the generated block of ``path`` (creating the file with its introduction if
     absent), keeping any prose around the markers."""
-    block = "\n".join([BEGIN, "", _stamp(quick, seconds, results), "", _table(results), "",
+    block = "\n".join([BEGIN, "", INTRO, _stamp(quick, seconds, results), "", _table(results), "",
                        _fuzz_md(fuzz or []),
                        "Findings (grouped; the full list is in the JSON results):", "",
                        _findings_md(results, limit=80), "", END])
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else INTRO + "\n" + BEGIN + "\n" + END + "\n"
+    text = path.read_text() if path.exists() else "# Reliability\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN not in text and PLACEHOLDER in text:
+        text = text.replace(PLACEHOLDER, BEGIN + "\n" + END)
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         tail = rest.split(END, 1)[1]

@@ -57,7 +57,7 @@ def test_synth_info_validate_convert(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_errors_exit_1_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _out, err = run(capsys, "info", str(tmp_path / "nope"))
     assert code == 1
-    assert err.startswith("jasper info: error: dataset directory not found")
+    assert err.startswith("jasper info: error: Dataset directory not found")
     assert "Traceback" not in err
     ds = tmp_path / "ds"
     run(capsys, "synth", str(ds), "--pairs", "50", "--dim", "4")

@@ -84,7 +84,7 @@ def test_bad_manifest_is_a_typed_error_naming_the_file(tmp_path: Path, config: o
 
 
 def test_not_json_and_missing_and_newer_schema(tmp_path: Path) -> None:
-    with pytest.raises(DatasetNotFoundError, match="manifest not found"):
+    with pytest.raises(DatasetNotFoundError, match="Config file not found"):
         Manifest.load(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):

@@ -172,7 +172,7 @@ class Manifest:
             raise DatasetNotFoundError(directory)
         if not path.is_file():
             raise DatasetNotFoundError(
-                path, "manifest",
+                path, "Config file",
                 "A complete jasper dataset has a config.json written last; an interrupted write "
                 "leaves none. Re-run the write or `jasper synth` to create a dataset",
             )

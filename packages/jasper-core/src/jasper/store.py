@@ -1,6 +1,6 @@
 """Open, write and convert datasets through any installed backend.
 
-Writes are atomic (DESIGN_NOTES, "Atomic dataset write"): the backend fills a temporary directory
+Writes are atomic (docs/design.md#atomic-dataset-writes): the backend fills a temporary directory
 beside the target; core fsyncs every file, writes ``config.json`` (checksums, shapes) last as the
 commit marker and commits the directory with one atomic rename or exchange (:mod:`jasper.atomic`).
 An interrupted write leaves no dataset at the target and never loses the old one; overwrite

@@ -37,7 +37,7 @@ from jasper.manifest import Manifest
 from jasper.progress import count_bar
 from jasper.schema import PAIR_ARRAYS
 
-#: The step curriculum ``jasper synth`` writes explicitly (DATA_MODEL.md section 4).
+#: The step curriculum ``jasper synth`` writes explicitly (docs/curriculum.md).
 DEFAULT_STEP_SCHEDULE: list[dict[str, Any]] = [
     {"start_epoch": 0, "probs": [0.7, 0.2, 0.1, 0.0]},
     {"start_epoch": 10, "probs": [0.5, 0.3, 0.15, 0.05]},

@@ -4,7 +4,7 @@ Every check is vectorised (a few reductions per array; the exact first bad row i
 after a reduction has failed), so checking 10^7 pairs takes well under a second for the index
 arrays. Structural failures raise :class:`~jasper.errors.IntegrityError` naming the array, the
 first bad row and the rule, e.g. ``hard_negatives[1532, 3] = 90211 but source_embs has 90000
-rows``. Value rules (DATA_MODEL.md section 1) are data-quality findings: a
+rows``. Value rules (docs/data-model.md#what-is-checked-and-when) are data-quality findings: a
 :class:`DataQualityWarning` on open, a :class:`~jasper.errors.DataQualityError` under ``strict``.
 """
 
@@ -213,7 +213,10 @@ def _check_range_col(name: str, t: torch.Tensor, col: int, bound: int, ref: str,
     if value < 0:
         msg, rule = f"{name}[{row}, {col}] = {value} is negative", "non-negative index"
     else:
-        msg, rule = f"{name}[{row}, {col}] = {value} but {ref} has {bound} rows", f"index < {ref} rows"
+        # "pair_index references question/source ..." is the original system's phrase
+        msg = (f"{name}[{row}, {col}] = {value} but {ref} has {bound} rows ({name} references "
+               f"{ref.removesuffix('_embs')} {value}, out of range)")
+        rule = f"index < {ref} rows"
     raise IntegrityError(msg, array=name, row=row, rule=rule, path=path)
 
 
