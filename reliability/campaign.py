@@ -37,7 +37,7 @@ FamilyFn = Callable[[dict[str, Reference], list[str], bool], list[Case]]
 
 def family_table() -> dict[str, FamilyFn]:
     """Family name -> case generator, in the table's order."""
-    from reliability import families, faults, trust
+    from reliability import cli_cases, families, faults, trust
 
     return {
         "corpus": families.corpus_cases,
@@ -48,6 +48,8 @@ def family_table() -> dict[str, FamilyFn]:
         "disk-full": faults.disk_full_cases,
         "concurrent-writers": faults.concurrent_writer_cases,
         "reader-during-commit": faults.reader_during_commit_cases,
+        "interrupt": cli_cases.interrupt_cases,
+        "cli": cli_cases.cli_cases,
     }
 
 

@@ -1,6 +1,6 @@
 """The reliability campaign's quick mode as a CI gate: a small deterministic sample of every case
 family (corrupt files, flipped regions, path trust, malicious pickles, kills, full disks,
-concurrent writers, readers during a commit), against every installed backend.
+concurrent writers, readers during a commit, Ctrl-C, the CLI), against every installed backend.
 
 Each (family, backend) group asserts the campaign's goal: no untyped error, no crash, no hang,
 no silent-wrong data, no dataset lost, no leftovers, no canary. Groups that fail today are marked
@@ -24,8 +24,9 @@ if str(ROOT) not in sys.path:  # the campaign lives at the repository root, not 
     sys.path.insert(0, str(ROOT))
 
 FAMILIES = ["corpus", "region", "path-trust", "pickle", "kill", "disk-full",
-            "concurrent-writers", "reader-during-commit"]
-CLUSTER_FAMILIES = {"path-trust", "pickle", "kill"}
+            "concurrent-writers", "reader-during-commit", "interrupt", "cli"]
+#: groups beside the backends: the cluster-labeled kind (memmap-sqlite), argument-only CLI cases
+EXTRA_GROUPS = {"path-trust": "cluster", "pickle": "cluster", "kill": "cluster", "cli": "cli"}
 
 
 def _backends() -> list[str]:
@@ -37,7 +38,8 @@ def _groups() -> list:
     backends = _backends()
     out = []
     for fam in FAMILIES:
-        names = [*backends, "cluster"] if fam in CLUSTER_FAMILIES and "memmap-sqlite" in backends \
+        extra = EXTRA_GROUPS.get(fam)
+        names = [*backends, extra] if extra == "cli" or (extra and "memmap-sqlite" in backends) \
             else backends
         for b in names:
             k = known.get((fam, b))
