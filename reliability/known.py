@@ -20,8 +20,8 @@ class Known:
     racy: bool = False
 
 
-#: (family, backend) -> why it fails now; keep in step with /work/reports-style findings of the
-#: last campaign run (docs/reliability.md lists every case)
+#: (family, backend) -> why it fails now; keep in step with the last campaign run
+#: (docs/reliability.md lists its findings)
 KNOWN: dict[tuple[str, str], Known] = {
     ("disk-full", "pt"): Known(
         "issue 9 item 13", "a full disk during a .pt write escapes as torch's RuntimeError "
@@ -35,6 +35,9 @@ KNOWN: dict[tuple[str, str], Known] = {
     ("path-trust", "cluster"): Known(
         "issue 9 item 9", "a cluster-labeled embeddings_meta.file_path that is absolute or ../ "
         "is followed out of the dataset directory by open and deep validation"),
+    ("cli", "cli"): Known(
+        "issue 9 item 13", "`jasper synth --pairs 0` (and --dim 0, --neg 0) lets SynthConfig's "
+        "ValueError escape the CLI as a traceback instead of one line"),
     ("kill", "cluster"): Known(
         "issue 9 item 6", "update_labels killed mid-call leaves label files ahead of their block "
         "checksums (deep validation: ChecksumError)", racy=True),

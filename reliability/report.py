@@ -103,10 +103,14 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+LABEL: list[str] = []  # set by ``python -m reliability.report --label``
+
+
 def _stamp(quick: bool, seconds: float, results: list[Result]) -> str:
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"Last run: {now}, {'quick sample' if quick else 'full campaign'}, "
-            f"{len(results)} cases in {seconds:.0f} s on {platform.machine()} "
+    label = LABEL[-1] if LABEL else ("quick sample" if quick else "full campaign")
+    took = f" in {seconds:.0f} s" if seconds else ""
+    return (f"Last run: {now}, {label}, {len(results)} cases{took} on {platform.machine()} "
             f"({_cpus()} CPUs), Python {platform.python_version()}. {summary(results)}.")
 
 
@@ -189,3 +193,45 @@ def write_findings(path: Path, results: list[Result], *, quick: bool, seconds: f
     lines.append(_fuzz_md(fuzz or []))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def load(paths: Iterable[Path]) -> list[Result]:
+    """Results saved with ``--json`` (several runs are concatenated; a later run's case with the
+    same key replaces an earlier one)."""
+    import json
+
+    by_key: dict[str, Result] = {}
+    for p in paths:
+        for d in json.loads(Path(p).read_text()):
+            d = dict(d)
+            d["outcome"] = Outcome(d["outcome"])
+            r = Result(**d)
+            by_key[r.key] = r
+    return list(by_key.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m reliability.report RESULTS.json... [--table PATH] [--findings PATH]``: the
+    table and findings of saved runs (e.g. one run per family, merged)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m reliability.report", description=main.__doc__)
+    p.add_argument("results", nargs="+", type=Path)
+    p.add_argument("--table", type=Path)
+    p.add_argument("--findings", type=Path)
+    p.add_argument("--seconds", type=float, default=0.0, help="campaign time to state")
+    p.add_argument("--label", help="what the results are (default: full campaign)")
+    args = p.parse_args(argv)
+    if args.label:
+        LABEL.append(args.label)
+    results = load(args.results)
+    if args.table:
+        write_table(args.table, results, quick=False, seconds=args.seconds)
+    if args.findings:
+        write_findings(args.findings, results, quick=False, seconds=args.seconds)
+    print(summary(results))
+    return 0 if goal_met(results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
