@@ -20,7 +20,7 @@ from pathlib import Path
 
 from reliability import report
 from reliability.reference import Reference
-from reliability.runner import Case, Result, run_case
+from reliability.runner import Case, Result, run_case, run_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,7 +93,9 @@ def prepare(root: Path, backends: list[str]) -> dict[str, Reference]:
 
 
 def run(families: list[str], backends: list[str] | None, quick: bool, workdir: Path,
-        progress: bool = True) -> list[Result]:
+        progress: bool = True, jobs: int = 1,
+        on_result: Callable[[Result], None] | None = None,
+        on_family: Callable[[list[Result]], None] | None = None) -> list[Result]:
     """Run the chosen families; returns every case's result."""
     from reliability.reference import writable_backends
 
@@ -108,14 +110,21 @@ def run(families: list[str], backends: list[str] | None, quick: bool, workdir: P
     for fam in families:
         cases = table[fam](refs, all_backends, quick)
         t0 = time.monotonic()
-        for i, case in enumerate(cases):
-            res = run_case(case, workdir / "cases" / fam / f"{i:05d}")
-            results.append(res)
-            shutil.rmtree(workdir / "cases" / fam / f"{i:05d}", ignore_errors=True)
+        dirs = [workdir / "cases" / fam / f"{i:05d}" for i in range(len(cases))]
+
+        def report_one(i: int, res: Result, n: int = len(cases), t0: float = t0,
+                       dirs: list[Path] = dirs) -> None:
+            shutil.rmtree(dirs[i], ignore_errors=True)
+            if on_result is not None:
+                on_result(res)
             if progress and (i % 50 == 0 or res.outcome.value not in ("ok", "typed", "undetected")):
-                print(f"[{fam} {i + 1}/{len(cases)} {time.monotonic() - t0:.0f}s] {res.key}: "
+                print(f"[{res.family} {i + 1}/{n} {time.monotonic() - t0:.0f}s] {res.key}: "
                       f"{res.outcome.value} {res.exception} {res.message[:160]}",
                       file=sys.stderr, flush=True)
+
+        results += run_cases(list(zip(cases, dirs)), jobs=jobs, on_result=report_one)
+        if on_family is not None:
+            on_family(results)
     return results
 
 
@@ -145,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--findings", type=Path, help="write the findings list here")
     p.add_argument("--fuzz-seconds", type=int, default=0,
                    help="afterwards, fuzz every reader this long (0: no fuzzing)")
+    p.add_argument("--jobs", "-j", type=int, default=len(os.sched_getaffinity(0)),
+                   help="cases run at once (default: one per CPU)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     fams = args.families.split(",") if args.families else list(family_table())
@@ -155,8 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="jasper-reliability-", dir=_scratch_root()))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    partial = args.json.with_suffix(".partial.jsonl") if args.json else None
+    if partial is not None:
+        partial.write_text("")
+
+    def save(res: Result) -> None:  # every result as it comes: a long run is never lost
+        if partial is not None:
+            with open(partial, "a") as fh:
+                fh.write(json.dumps(res.to_dict()) + "\n")
+
+    def family_done(so_far: list[Result]) -> None:  # the findings list grows family by family
+        if args.findings:
+            report.write_findings(args.findings, so_far, quick=args.quick,
+                                  seconds=time.monotonic() - t0)
+
     try:
-        results = run(fams, backends, args.quick, work, progress=not args.quiet)
+        results = run(fams, backends, args.quick, work, progress=not args.quiet, jobs=args.jobs,
+                      on_result=save, on_family=family_done)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

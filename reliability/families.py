@@ -11,6 +11,14 @@ from reliability.reference import Reference
 from reliability.runner import Case
 
 
+def interleave(per_backend: list[list[Case]]) -> list[Case]:
+    """Round-robin over the backends, so that a run cut short has covered each of them alike."""
+    out: list[Case] = []
+    for i in range(max((len(c) for c in per_backend), default=0)):
+        out += [c[i] for c in per_backend if i < len(c)]
+    return out
+
+
 def _sample(items: list, n: int) -> list:
     """``n`` items spread evenly over ``items`` (deterministic)."""
     if n >= len(items):
@@ -22,8 +30,10 @@ def _sample(items: list, n: int) -> list:
 def corpus_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -> list[Case]:
     """Every corpus mutation crossed with every mode (quick: one mode per sampled mutation,
     rotating, so every mode and every kind of damage appears)."""
-    cases: list[Case] = []
+    per_backend: list[list[Case]] = []
     for backend, ref in refs.items():
+        cases: list[Case] = []
+        per_backend.append(cases)
         muts = corpus.mutations(ref)
         if quick:
             picked = [(m, ops.MODES[i % len(ops.MODES)]) for i, m in enumerate(_sample(muts, 15))]
@@ -31,7 +41,7 @@ def corpus_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -
             picked = [(m, mode) for m in muts for mode in ops.MODES]
         for mut, mode in picked:
             cases.append(Case("corpus", backend, mut[0], mode, _corpus_body(ref, mut, mode, backends)))
-    return cases
+    return interleave(per_backend)
 
 
 def _corpus_body(ref: Reference, mut: corpus.Mutation, mode: str,
@@ -47,8 +57,10 @@ def region_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -
     validation."""
     from reliability.regions import regions
 
-    cases: list[Case] = []
+    per_backend: list[list[Case]] = []
     for backend, ref in refs.items():
+        cases: list[Case] = []
+        per_backend.append(cases)
         targets: list[tuple[str, str, int]] = []
         for f in sorted(p for p in ref.ds.rglob("*") if p.is_file()):
             rel = f.relative_to(ref.ds).as_posix()
@@ -63,4 +75,4 @@ def region_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -
             for mode in modes:
                 cases.append(Case("region", backend, mut[0], mode,
                                   _corpus_body(ref, mut, mode, backends)))
-    return cases
+    return interleave(per_backend)

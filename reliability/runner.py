@@ -148,8 +148,17 @@ def _child(case: Case, workdir: Path, wfd: int) -> None:
         os._exit(0)
 
 
-def run_case(case: Case, workdir: Path) -> Result:
-    """Fork, run ``case`` in ``workdir`` (created fresh), wait at most ``case.timeout`` seconds."""
+@dataclass
+class _Running:
+    case: Case
+    workdir: Path
+    pid: int
+    rfd: int
+    t0: float
+    data: bytes = b""
+
+
+def _start(case: Case, workdir: Path) -> _Running:
     workdir.mkdir(parents=True, exist_ok=True)
     rfd, wfd = os.pipe()
     t0 = time.monotonic()
@@ -160,34 +169,23 @@ def run_case(case: Case, workdir: Path) -> Result:
     os.close(wfd)
     with contextlib.suppress(OSError):  # the child already did (or already exited)
         os.setpgid(pid, pid)
-    data = b""
-    timed_out = False
-    deadline = t0 + case.timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            timed_out = True
-            break
-        ready, _, _ = select.select([rfd], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(rfd, 65536)
-        if not chunk:
-            break
-        data += chunk
-    os.close(rfd)
+    return _Running(case, workdir, pid, rfd, t0)
+
+
+def _finish(run: _Running, timed_out: bool) -> Result:
+    os.close(run.rfd)
     if timed_out:
-        _kill_group(pid)
-    _, status = os.waitpid(pid, 0)
-    _kill_group(pid)  # grandchildren a case body left behind
-    seconds = time.monotonic() - t0
+        _kill_group(run.pid)
+    _, status = os.waitpid(run.pid, 0)
+    _kill_group(run.pid)  # grandchildren a case body left behind
+    case, workdir = run.case, run.workdir
     res = Result(case.key, case.family, case.backend, case.name, case.mode, Outcome.OK,
-                 seconds=round(seconds, 3))
+                 seconds=round(time.monotonic() - run.t0, 3))
     if timed_out:
         res.outcome = Outcome.HANG
         res.message = f"no result within {case.timeout:.0f} s; last log: {_log_tail(workdir)}"
         return res
-    line = data.decode(errors="replace").strip().splitlines()
+    line = run.data.decode(errors="replace").strip().splitlines()
     if not line:
         res.outcome = Outcome.CRASH
         if os.WIFSIGNALED(status):
@@ -202,6 +200,47 @@ def run_case(case: Case, workdir: Path) -> Result:
     res.message = info.get("message", "")
     res.where = info.get("where", "")
     return res
+
+
+def run_cases(cases: list[tuple[Case, Path]], jobs: int = 1,
+              on_result: Callable[[int, Result], None] | None = None) -> list[Result]:
+    """Run every (case, workdir), at most ``jobs`` at a time, each in its own forked process
+    under its own timeout; results in the order of ``cases``."""
+    results: list[Result | None] = [None] * len(cases)
+    pending = list(enumerate(cases))
+    running: dict[int, tuple[int, _Running]] = {}  # rfd -> (index, run)
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            i, (case, workdir) = pending.pop(0)
+            run = _start(case, workdir)
+            running[run.rfd] = (i, run)
+        now = time.monotonic()
+        wait = min(r.t0 + r.case.timeout for _, r in running.values()) - now
+        ready, _, _ = select.select(list(running), [], [], max(0.0, wait))
+        done: list[tuple[int, _Running, bool]] = []
+        for fd in ready:
+            i, run = running[fd]
+            chunk = os.read(fd, 65536)
+            if chunk:
+                run.data += chunk
+            else:
+                done.append((i, run, False))
+        now = time.monotonic()
+        for i, run in list(running.values()):
+            if now >= run.t0 + run.case.timeout and all(d[1] is not run for d in done):
+                done.append((i, run, True))
+        for i, run, timed_out in done:
+            del running[run.rfd]
+            res = _finish(run, timed_out)
+            results[i] = res
+            if on_result is not None:
+                on_result(i, res)
+    return [r for r in results if r is not None]
+
+
+def run_case(case: Case, workdir: Path) -> Result:
+    """Fork, run ``case`` in ``workdir`` (created fresh), wait at most ``case.timeout`` seconds."""
+    return run_cases([(case, workdir)])[0]
 
 
 def _kill_group(pid: int) -> None:
