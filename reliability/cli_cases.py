@@ -256,7 +256,11 @@ def _interrupt_body(ref: Reference, refs: dict[str, Reference], backends: list[s
         def cli_write(target: Path, src: Path | None, report: Path) -> Callable[[], None]:
             def fn() -> None:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                code, _out, err = _cli(_cli_argv(op, ref, refs, backends, target, src), report.parent)
+                try:
+                    code, _out, err = _cli(_cli_argv(op, ref, refs, backends, target, src),
+                                           report.parent)
+                except KeyboardInterrupt:  # escaped jasper's main: a traceback for the user
+                    code, err = -1, "KeyboardInterrupt escaped the CLI"
                 report.write_text(json.dumps({"code": code, "end": time.monotonic(),
                                               "err": err[-500:]}))
             return fn
@@ -274,7 +278,11 @@ def _interrupt_body(ref: Reference, refs: dict[str, Reference], backends: list[s
                 cli_write(target, src, run / "cli.json")()
             finally:
                 os._exit(0)
-        time.sleep(frac * duration)
+        # interrupt inside the write: once its scratch directory exists beside the target
+        started = time.monotonic()
+        while not _leftovers(target) and time.monotonic() - started < 10:
+            time.sleep(0.001)
+        time.sleep(frac * max(0.0, duration - (time.monotonic() - started)))
         t_sig = time.monotonic()
         os.kill(pid, signal.SIGINT)
         _, status = os.waitpid(pid, 0)
@@ -283,6 +291,9 @@ def _interrupt_body(ref: Reference, refs: dict[str, Reference], backends: list[s
         if not info:
             raise Verdict(Outcome.CRASH, f"{what}: the command died without an exit code "
                           f"(status {status})")
+        if info["code"] == -1:
+            raise Verdict(Outcome.UNTYPED, f"{what}: KeyboardInterrupt escaped jasper's main "
+                          "(a traceback instead of 'interrupted' and exit 130)")
         if info["code"] == 0 and info["end"] > t_sig + 0.05:
             raise Verdict(Outcome.UNTYPED, f"{what}: the interrupt was swallowed; the command "
                           f"ran on {info['end'] - t_sig:.2f} s and exited 0: {info['err'][-200:]}")

@@ -357,7 +357,8 @@ def _disk_full_body(ref: Reference, refs: dict[str, Reference], backends: list[s
                     nbytes: int) -> Callable[[Path], None]:
     def body(work: Path) -> None:
         mnt = work / "mnt"
-        mounted = _mount_tmpfs(mnt, max(4096, nbytes + (size_of(ref.ds) if "overwrite" in op else 0)))
+        # the old dataset an overwrite replaces is copied in first: its pages come on top
+        mounted = _mount_tmpfs(mnt, max(4096, nbytes + (footprint(ref.ds) if "overwrite" in op else 0)))
         try:
             target, write, allowed, _src, _src_digests = _setup_write(op, ref, refs, backends, mnt,
                                                                     src_base=work)
@@ -395,8 +396,9 @@ def _disk_full_body(ref: Reference, refs: dict[str, Reference], backends: list[s
     return body
 
 
-def size_of(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+def footprint(d: Path, page: int = 4096) -> int:
+    """Bytes a copy of ``d`` takes on tmpfs: whole pages per file, plus the directory."""
+    return page + sum(-(-p.stat().st_size // page) * page + page for p in d.rglob("*"))
 
 
 # --- two writers at once ------------------------------------------------------------------------
