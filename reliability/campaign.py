@@ -156,9 +156,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="afterwards, fuzz every reader this long (0: no fuzzing)")
     p.add_argument("--jobs", "-j", type=int, default=len(os.sched_getaffinity(0)),
                    help="cases run at once (default: one per CPU)")
+    p.add_argument("--max-variants", type=int,
+                   help="at most this many corpus mutations per backend, spread over every kind "
+                   "(default: all)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     fams = args.families.split(",") if args.families else list(family_table())
+    if args.max_variants:
+        from reliability import families
+
+        families.MAX_VARIANTS.append(args.max_variants)
     unknown = [f for f in fams if f not in family_table()]
     if unknown:
         p.error(f"unknown families {unknown}; known: {', '.join(family_table())}")

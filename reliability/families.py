@@ -27,6 +27,10 @@ def _sample(items: list, n: int) -> list:
     return [items[int(i * step)] for i in range(n)]
 
 
+#: cap on corpus mutations per backend in a full run (None: all), spread over every kind of damage
+MAX_VARIANTS: list[int] = []
+
+
 def corpus_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -> list[Case]:
     """Every corpus mutation crossed with every mode (quick: one mode per sampled mutation,
     rotating, so every mode and every kind of damage appears)."""
@@ -38,6 +42,8 @@ def corpus_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -
         if quick:
             picked = [(m, ops.MODES[i % len(ops.MODES)]) for i, m in enumerate(_sample(muts, 15))]
         else:
+            if MAX_VARIANTS:
+                muts = _sample(muts, MAX_VARIANTS[-1])
             picked = [(m, mode) for m in muts for mode in ops.MODES]
         for mut, mode in picked:
             cases.append(Case("corpus", backend, mut[0], mode, _corpus_body(ref, mut, mode, backends)))

@@ -196,13 +196,16 @@ def write_findings(path: Path, results: list[Result], *, quick: bool, seconds: f
 
 
 def load(paths: Iterable[Path]) -> list[Result]:
-    """Results saved with ``--json`` (several runs are concatenated; a later run's case with the
-    same key replaces an earlier one)."""
+    """Results saved with ``--json`` (or the ``.partial.jsonl`` a run writes as it goes; several
+    runs are concatenated, a later run's case with the same key replacing an earlier one)."""
     import json
 
     by_key: dict[str, Result] = {}
     for p in paths:
-        for d in json.loads(Path(p).read_text()):
+        text = Path(p).read_text()
+        rows = ([json.loads(line) for line in text.splitlines() if line.strip()]
+                if str(p).endswith(".jsonl") else json.loads(text))
+        for d in rows:
             d = dict(d)
             d["outcome"] = Outcome(d["outcome"])
             r = Result(**d)
