@@ -192,7 +192,7 @@ def test_schema_requires_n_neg_of_steering_datasets_only() -> None:
     from jasper.errors import ManifestError
     from jasper.manifest import Manifest
 
-    m = Manifest.from_dict({"embedding_dim": 4, "kind": "cluster-labeled"})
+    m = Manifest.from_dict({"embedding_dim": 4, "n_clusters": 3, "kind": "cluster-labeled"})
     assert m.dataset_kind == "cluster-labeled"
     for d in ({"embedding_dim": 4}, {"embedding_dim": 4, "kind": "jasper-steering"}):
         with pytest.raises(ManifestError, match="n_neg"):
