@@ -262,3 +262,25 @@ def test_permission_denied_is_a_storage_error(tmp_path: Path) -> None:
             write_store(ro / "ds", arrays, manifest)
     finally:
         ro.chmod(0o700)
+
+
+def test_hdf5_with_10e15_unallocated_rows_is_refused_on_open(tmp_path: Path) -> None:
+    """The file's own metadata claims 10^15 rows (chunked, nothing allocated: a tiny file) and
+    the manifest agrees: open is an immediate typed error, not a hang in rows mode."""
+    h5py = pytest.importorskip("h5py")
+    pytest.importorskip("jasper_hdf5")
+    from jasper_hdf5.layout import FILE_NAME, PATHS
+
+    ds = write_synthetic(tmp_path / "h5", SynthConfig(n_pairs=80, embedding_dim=4, n_neg=2,
+                                                      n_clusters=2), backend="hdf5")
+    with h5py.File(ds / FILE_NAME, "a") as h:
+        attrs = dict(h[PATHS["source_embs"]].attrs)
+        del h[PATHS["source_embs"]]
+        d = h.create_dataset(PATHS["source_embs"], shape=(10**15, 4), dtype="f4",
+                             chunks=(1024, 4))
+        d.attrs.update(attrs)
+    edit_manifest(ds, lambda m: m["arrays"]["source_embs"].update(shape=[10**15, 4]))
+    with pytest.raises(FormatError, match="source_embs"):
+        open_store(ds)
+    with pytest.raises(FormatError, match="source_embs"):
+        jasper.JASPERSteeringDataset(ds, split="train", storage_format="hdf5")
