@@ -66,7 +66,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "jasper dataset manifest (config.json)",
     "type": "object",
-    "required": ["embedding_dim", "n_neg"],
+    # which keys are required depends on the dataset kind (jasper.schema.KINDS), checked first
     "properties": {
         "embedding_dim": _NONNEG_INT,
         "n_neg": _NONNEG_INT,
