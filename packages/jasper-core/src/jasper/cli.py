@@ -158,22 +158,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
     import time
 
     if args.kind == "cluster-labeled":
-        try:
-            from jasper_memmap_sqlite import write_synthetic_cluster_labeled
-        except ImportError:
-            from jasper.errors import BackendNotFoundError
-            from jasper.registry import list_backends
+        from jasper.cluster_kind import write_synthetic_cluster_labeled
+        from jasper.registry import list_backends
+        from jasper.store import dir_size
 
-            raise BackendNotFoundError("memmap-sqlite", list_backends(),
-                                       "pip install jasper-memmap-sqlite") from None
         t0 = time.perf_counter()
+        # memmap-sqlite changes label rows in place (update_labels); any writer serves the kind
+        backend = args.backend or ("memmap-sqlite" if "memmap-sqlite" in list_backends()
+                                   else default_writer())
         out = write_synthetic_cluster_labeled(
             args.path, n_samples=args.samples, embedding_dim=args.dim,
-            n_clusters=args.clusters, seed=args.seed, overwrite=args.overwrite,
-            progress=_progress(args),
+            n_clusters=args.clusters, seed=args.seed, backend=backend,
+            overwrite=args.overwrite, progress=_progress(args), **_options(args),
         )
-        print(f"wrote cluster-labeled dataset {out} ({args.samples} samples, D={args.dim}, "
-              f"{args.clusters} clusters) in {time.perf_counter() - t0:.1f} s")
+        print(f"wrote cluster-labeled dataset {out} with backend {backend!r}: {args.samples:,} "
+              f"samples, D={args.dim}, {args.clusters} clusters, {_mib(dir_size(out))} in "
+              f"{time.perf_counter() - t0:.1f} s")
         return EXIT_OK
 
     from jasper.store import dir_size
@@ -218,6 +218,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "path": str(reader.path),
             "backend": reader.backend_name,
             "size_bytes": dir_size(reader.path),
+            "kind": m.dataset_kind,
             "schema_version": m.schema_version,
             "writer": m.writer,
             "dataset_name": m.dataset_name,
@@ -236,44 +237,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{data['path']}  [{data['backend']}]  {_mib(data['size_bytes'])}")
     era = "original system (seed-era manifest)" if m.is_seed_era else f"schema {m.schema_version}"
     print(f"  name: {data['dataset_name']}   created: {data['created_at']}   {era}")
-    print(f"  D={m.embedding_dim}  n_neg={m.n_neg}  clusters={m.n_clusters}  "
-          f"pairs={arrays['pair_index'].shape[0] if 'pair_index' in arrays else '?'}")
+    from jasper.kinds import kind_job
+
+    kind_summary = kind_job(m.dataset_kind, "summary")
+    if kind_summary is not None:
+        print(kind_summary(m, arrays))
+    else:
+        print(f"  D={m.embedding_dim}  n_neg={m.n_neg}  clusters={m.n_clusters}  "
+              f"pairs={arrays['pair_index'].shape[0] if 'pair_index' in arrays else '?'}")
     print("  splits: " + ", ".join(f"{k}={v:,}" for k, v in data["splits"].items()))
     for n, a in data["arrays"].items():
         print(f"  {n:<27} {a['dtype']:<9} {tuple(a['shape'])!s:<18} {_mib(a['bytes']):>14}")
     return EXIT_OK
 
 
-def _is_cluster_labeled(path: str) -> bool:
-    p = Path(path)
-    return (p / "dataset.db").is_file() and not (p / "config.json").exists()
+def _kind_of(path: str) -> str:
+    """The dataset kind at ``path`` as its manifest says (a directory without one is read by a
+    backend's foreign-layout reader: today only cluster-labeled ``dataset.db``)."""
+    from jasper.errors import JasperError
+    from jasper.manifest import MANIFEST_NAME, Manifest
 
-
-def _validate_cluster_labeled(args: argparse.Namespace) -> int:
-    import time
-
+    if not (Path(path) / MANIFEST_NAME).exists():
+        return "cluster-labeled" if (Path(path) / "dataset.db").exists() else "jasper-steering"
     try:
-        from jasper_memmap_sqlite import validate_cluster_labeled
-    except ImportError:
-        from jasper.errors import BackendNotFoundError
-        from jasper.registry import list_backends
-
-        raise BackendNotFoundError("memmap-sqlite", list_backends(),
-                                   "pip install jasper-memmap-sqlite") from None
-    t0 = time.perf_counter()
-    report = validate_cluster_labeled(args.path, deep=args.deep)
-    seconds = time.perf_counter() - t0
-    if args.json:
-        print(json.dumps({"path": str(report.path), "ok": report.ok, "kind": "cluster-labeled",
-                          "generation": report.generation, "n_samples": report.n_samples,
-                          "seconds": seconds, "checksums_verified": report.checksums_verified,
-                          "problems": report.problems}, indent=2))
-    else:
-        what = "deep " if args.deep else ""
-        print(f"{report.path}: {what}validation of a cluster-labeled dataset ({report.generation}) "
-              f"passed for {report.n_samples:,} samples in {seconds:.2f} s"
-              + (f"; {report.checksums_verified} checksums verified" if args.deep else ""))
-    return EXIT_OK if report.ok else EXIT_ERROR
+        return Manifest.load(path).dataset_kind
+    except JasperError:
+        return "jasper-steering"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -282,24 +271,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from jasper.validation import DataQualityWarning, validate
 
-    if _is_cluster_labeled(args.path):
-        return _validate_cluster_labeled(args)
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataQualityWarning)
         report = validate(args.path, deep=args.deep, strict=args.strict, backend=args.backend,
                           progress=_progress(args))
     if args.json:
+        kind = _kind_of(args.path)
+        counted = {"n_samples": report.n_pairs} if kind == "cluster-labeled" else {
+            "n_pairs": report.n_pairs}
         print(json.dumps({
-            "path": str(report.path), "ok": report.ok, "n_pairs": report.n_pairs,
+            "path": str(report.path), "ok": report.ok, "kind": kind, **counted,
             "seconds": report.seconds, "pairs_per_second": report.pairs_per_second,
             "checksums_verified": report.checksums_verified,
             "findings": [vars(f) for f in report.findings],
         }, indent=2))
     else:
         what = "deep " if args.deep else ""
-        print(f"{report.path}: {what}validation passed for {report.n_pairs:,} pairs in "
-              f"{report.seconds:.2f} s ({report.pairs_per_second:,.0f} pairs/s)"
+        items = "samples" if _kind_of(args.path) == "cluster-labeled" else "pairs"
+        print(f"{report.path}: {what}validation passed for {report.n_pairs:,} {items} in "
+              f"{report.seconds:.2f} s ({report.pairs_per_second:,.0f} {items}/s)"
               + (f"; {report.checksums_verified} checksums verified" if args.deep else ""))
         for f in report.findings:
             print(f"  warning: {f.message}")
@@ -316,6 +306,64 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"target: {report.dst} ({report.dst_backend}) {_mib(report.dst_bytes)}")
     print(report.options_line())
     print(f"saving: {report.saving * 100:+.1f}%  ({report.seconds:.1f} s, bit-exact: checksums match)")
+    return EXIT_OK
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import time
+
+    from jasper.build import BuildConfig, build_dataset, default_writer, read_table
+    from jasper.store import dir_size
+
+    backend = args.backend or default_writer()
+    ratios = tuple(float(x) for x in args.split.split(","))
+    if len(ratios) != 3:
+        raise SystemExit("jasper build: error: --split takes three ratios, e.g. 0.8,0.1,0.1")
+    cfg = BuildConfig(n_neg=args.neg, n_clusters=args.clusters, dtype=args.dtype, seed=args.seed,
+                      dataset_name=args.name or Path(args.out).name,
+                      split_ratios=(ratios[0], ratios[1], ratios[2]))
+    t0 = time.perf_counter()
+    if args.from_chroma:
+        from jasper.plugins import plugin_function
+
+        build_from = plugin_function("jasper.build_sources", "chroma", "pip install jasper-chroma")
+        out = build_from(args.from_chroma, args.out, backend=backend, overwrite=args.overwrite,
+                         progress=_progress(args), config=cfg, options=_options(args))
+    else:
+        if not (args.questions and args.sources and args.pairs):
+            raise SystemExit("jasper build: error: give --questions, --sources and --pairs "
+                             "(or --from-chroma LOCATION)")
+        inputs: dict[str, Any] = {}
+        pairs: Any = args.pairs
+        if Path(args.pairs).suffix in {".parquet", ".pq", ".arrow", ".feather", ".ipc"}:
+            cols = read_table(args.pairs)
+            import numpy as np
+
+            if "question" not in cols or "source" not in cols:
+                from jasper.errors import FormatError
+
+                raise FormatError(args.pairs, "a pairs table needs columns 'question' and "
+                                  f"'source' (found: {', '.join(cols)})")
+            pairs = np.stack([np.asarray(cols["question"]), np.asarray(cols["source"])], axis=1)
+            for col, arg in (("relevance", "relevance"), ("cluster_id", "cluster_ids"),
+                             ("keywords", "pair_keywords"), ("hard_negatives", "hard_negatives"),
+                             ("negative_tiers", "negative_tiers")):
+                if col in cols:
+                    inputs[arg] = cols[col]
+        for arg in ("relevance", "cluster_ids", "centroids", "keywords", "pair_keywords",
+                    "hard_negatives", "negative_tiers"):
+            if getattr(args, arg, None):
+                inputs[arg] = getattr(args, arg)
+        out = build_dataset(args.out, args.questions, args.sources, pairs, backend=backend,
+                            overwrite=args.overwrite, progress=_progress(args),
+                            options=_options(args), config=cfg, **inputs)
+    from jasper.manifest import Manifest
+
+    m = Manifest.load(out)
+    derived = ", ".join((m.extra.get("build") or {}).get("derived", [])) or "nothing"
+    print(f"wrote {out} with backend {backend!r}: D={m.embedding_dim}, n_neg={m.n_neg}, "
+          f"{m.n_clusters} clusters, splits {m.split_sizes}, {_mib(dir_size(out))} in "
+          f"{time.perf_counter() - t0:.1f} s; derived: {derived}")
     return EXIT_OK
 
 
@@ -352,8 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", parents=[common], formatter_class=fmt,
                        help="write a realistic synthetic dataset")
     s.add_argument("path", help="target dataset directory (written atomically)")
-    s.add_argument("--kind", choices=["jasper", "cluster-labeled"], default="jasper",
-                   help="dataset kind: a JASPER steering dataset or a cluster-labeled one")
+    s.add_argument("--kind", choices=["jasper-steering", "jasper", "cluster-labeled"],
+                   default="jasper-steering",
+                   help="dataset kind: a JASPER steering dataset ('jasper' for short) or a "
+                        "cluster-labeled one")
     s.add_argument("--pairs", type=_count(1), default=20_000,
                    help="number of question-source pairs")
     s.add_argument("--samples", type=_count(1), default=10_000,
@@ -419,6 +469,51 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset at DST (never other files, never the source)")
     c.set_defaults(func=cmd_convert)
+
+    bl = sub.add_parser(
+        "build", parents=[common], help="build a complete dataset from your own embeddings",
+        description="Build a complete JASPER dataset from question and source embeddings and "
+        "pairs; everything missing (clusters, negatives, tiers, steering, distances, splits) is "
+        "derived. Inputs: .npy, .pt, or parquet/Arrow (PATH:COLUMN for one column).")
+    bl.add_argument("out", help="target dataset directory (written atomically)")
+    bl.add_argument("--questions", help="question embeddings [N_q, D]")
+    bl.add_argument("--sources", help="source embeddings [N_s, D]")
+    bl.add_argument("--pairs", help="pairs: .npy [N_p, 2] or a table with columns question, "
+                    "source (and optionally relevance, cluster_id, keywords, hard_negatives)")
+    bl.add_argument("--relevance", help="relevance of each pair [N_p] (default: from cosine)")
+    bl.add_argument("--cluster-ids", dest="cluster_ids", help="cluster id of each pair [N_p] "
+                    "(default: k-means over the sources)")
+    bl.add_argument("--centroids", help="cluster centroids [N_c, D] (default: derived)")
+    bl.add_argument("--keywords", help="keyword embeddings [N_k, D]")
+    bl.add_argument("--pair-keywords", dest="pair_keywords",
+                    help="keyword rows of each pair: a list column TABLE:COLUMN")
+    bl.add_argument("--hard-negatives", dest="hard_negatives",
+                    help="hard-negative source rows [N_p, n_neg] (default: mined)")
+    bl.add_argument("--negative-tiers", dest="negative_tiers",
+                    help="tier of each hard negative (default: similarity quartiles 1..4)")
+    bl.add_argument("--from-chroma", dest="from_chroma", metavar="LOCATION",
+                    help="read questions, passages and relevance from a Chroma store "
+                    "(a PersistentClient directory or chroma://host:port; needs jasper-chroma)")
+    bl.add_argument("--neg", type=int, default=8, help="hard negatives to mine per pair (8)")
+    bl.add_argument("--clusters", type=int, help="k-means clusters (default: sqrt(N_s/2))")
+    bl.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="stored embedding dtype (default: float32, float16 inputs stay float16)")
+    bl.add_argument("--split", default="0.8,0.1,0.1",
+                    help="train,val,test pair ratios; splits are by question (0.8,0.1,0.1)")
+    bl.add_argument("--seed", type=int, default=0, help="seed of k-means, mining, splits (0)")
+    bl.add_argument("--name", help="dataset_name in the manifest (default: directory name)")
+    bl.add_argument("--backend", help="storage backend to write with (default: pt if "
+                    "installed, else the first installed writer)")
+    bl.add_argument("--compression", help="compression, for backends that take it")
+    bl.add_argument("--compression-level", type=int, help="compression level")
+    bl.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE",
+                    help="a backend write option (repeatable)")
+    bl.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    bl.set_defaults(func=cmd_build)
+
+    from jasper.plugins import add_plugin_commands
+
+    add_plugin_commands(sub, common)
 
     d = sub.add_parser("demo", parents=[common], add_help=False,
                        help="the main job: synthesise, write with every backend, train, report")

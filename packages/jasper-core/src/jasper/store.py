@@ -200,8 +200,9 @@ def check_steering_layout(arrays: Mapping[str, ArraySource], manifest: Manifest)
     """:func:`check_layout` of the ``jasper-steering`` kind."""
     missing = [n for n in ARRAYS if n not in arrays]
     if missing:
-        raise ShapeError(f"cannot write a dataset without arrays: {', '.join(missing)}",
-                         array=missing[0], rule="required array")
+        from jasper.build import missing_report
+
+        raise ShapeError(missing_report([], missing), array=missing[0], rule="required array")
     unknown = [n for n in arrays if n not in ARRAYS]
     if unknown:
         raise ShapeError(f"unknown arrays {', '.join(unknown)}; the data model has: "
@@ -227,6 +228,20 @@ def check_steering_layout(arrays: Mapping[str, ArraySource], manifest: Manifest)
         if spec.role is Role.CSR_OFFSETS and shape[0] != n_pairs + 1:
             raise ShapeError(f"{name} has {shape[0]} rows, expected N_p + 1 = {n_pairs + 1}",
                              array=name, rule="csr offsets rows")
+
+
+def _report_all_missing(arrays: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+    """A hand-made steering manifest and arrays: every missing key and array in one error,
+    each with what builds it (instead of one ``ManifestError`` per key)."""
+    from jasper.build import missing_report
+
+    if (dict(manifest).get("kind") or dataset_kind(None).name) != dataset_kind(None).name:
+        return  # other kinds' required keys are their own check_layout's
+    keys = [k for k in ("embedding_dim", "n_neg") if k not in manifest]
+    names = [n for n in ARRAYS if n not in arrays]
+    if keys:
+        raise ShapeError(missing_report(keys, names), array=names[0] if names else None,
+                         rule="required array")
 
 
 def _accepted_options(backend: Any) -> list[str]:
@@ -285,6 +300,8 @@ def write_store(
     if not impl.capabilities.write:
         raise CapabilityError(f"backend {backend!r} cannot write datasets")
     _check_options(impl, options)
+    if not isinstance(manifest, Manifest):
+        _report_all_missing(arrays, manifest)
     m = copy.deepcopy(manifest) if isinstance(manifest, Manifest) else Manifest.from_dict(dict(manifest))
     sources = {n: as_source(a) for n, a in arrays.items()}
     check_layout(sources, m)
