@@ -97,7 +97,7 @@ def test_layout_matches_the_original_groups(small_dataset: Path) -> None:
         assert set(f["steering"]) == {"centroid", "keyword_weighted", "residual", "distances"}
         assert set(f["splits"]) == {"train", "val", "test"}
         assert f.attrs["jasper_layout_version"] == 1
-        for name in ARRAYS:  # the steering kind (PATHS also maps the cluster kind's arrays)
+        for name in ARRAYS:  # a steering dataset: the cluster kind's group is absent
             assert f[PATHS[name]].attrs[ATTR_NAME] == name
 
 
@@ -124,7 +124,7 @@ def test_uncompressed_arrays_are_contiguous_unless_chunk_rows(tmp_path: Path,
     chunked = write_store(tmp_path / "chunked", arrays, manifest, backend="hdf5",
                           compression="none", chunk_rows=7)
     with h5py.File(plain / FILE_NAME) as f:
-        assert all(f[PATHS[n]].chunks is None and f[PATHS[n]].compression is None for n in ARRAYS)
+        assert all(f[p].chunks is None and f[p].compression is None for p in (PATHS[n] for n in ARRAYS))
     with h5py.File(chunked / FILE_NAME) as f:
         d = f[PATHS["steering_centroid"]]
         assert d.chunks == (7, 24) and d.compression is None

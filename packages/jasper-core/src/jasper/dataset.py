@@ -1,6 +1,6 @@
 """``JASPERSteeringDataset``: a JASPER split served as PyTorch batches, from any backend.
 
-Users of the original system keep their code (DATA_MODEL.md sections 3-5): the constructor, ``len``,
+Users of the original system keep their code (docs/loading.md, docs/migrating.md): the constructor, ``len``,
 ``ds[i]``, ``set_epoch``, ``force_steering``, ``get_steering_stats``, ``subset_by_cluster``,
 ``reload_negatives``, ``close`` and the context manager behave as before, and the batch keys,
 shapes and dtypes are exactly the specified ones. What changes is how it is served:
@@ -79,7 +79,7 @@ from jasper.validation import check_replacement
 
 LOGGER = logging.getLogger(__name__)
 
-#: The keys of a sample and of a batch, in the documented order (DATA_MODEL.md section 3).
+#: The keys of a sample and of a batch, in the documented order (docs/loading.md#what-a-batch-holds).
 BATCH_KEYS: tuple[str, ...] = (
     "question_emb",
     "target_source_emb",
@@ -91,6 +91,10 @@ BATCH_KEYS: tuple[str, ...] = (
     "steering_variant",
     "negative_tiers",
 )
+
+#: Splits up to this many samples draw each epoch's variants once, into an int8 table (1 byte a
+#: sample); larger ones hash the pair ids of every batch.
+VARIANT_TABLE_MAX = 1 << 25
 
 #: ``use_mmap=None`` maps when the arrays exceed this fraction of the available RAM.
 AUTO_MMAP_FRACTION = 0.5
@@ -256,6 +260,8 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         self._infos = infos
         self._control = torch.tensor([-1, int(epoch), 0], dtype=torch.int64).share_memory_()
         self._draw_cache: tuple[int, tuple[int, int], tuple[int, int, int]] | None = None
+        # (epoch, variant of every split position): one gather per batch instead of the hash
+        self._variant_table: tuple[int, torch.Tensor] | None = None
         self._generation = 0
         # the table set owns the reader from here on (and closes it on failure)
         self.tables: TableSet = open_tables(mode, location, infos, self.device, reader=reader)
@@ -336,6 +342,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         for key in [k for k, v in state.items() if isinstance(v, torch.Tensor)]:
             if key != "_control":
                 del state[key]
+        state["_variant_table"] = None  # recomputed where it is needed
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -413,6 +420,16 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             "seed": self.seed,
         }
 
+    def state_dict(self) -> dict[str, int]:
+        """The curriculum controls a checkpoint needs: ``{"epoch", "forced"}`` (-1: schedule)."""
+        return {"epoch": self.current_epoch, "forced": int(self._control[_FORCED])}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore the controls of :meth:`state_dict` (workers see them at once)."""
+        forced = int(state["forced"])
+        self._control[_FORCED] = -1 if forced < 0 else variant_id(forced)
+        self._control[_EPOCH] = int(state["epoch"])
+
     def draw_params(self) -> tuple[int, tuple[int, int], tuple[int, int, int]]:
         """``(forced variant or -1, hash key, thresholds)`` of the current epoch."""
         forced = int(self._control[_FORCED])
@@ -422,6 +439,24 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             cache = (epoch, draw_key(self.seed, epoch), self.curriculum.thresholds(epoch))
             self._draw_cache = cache
         return forced, cache[1], cache[2]
+
+    def _variants_at(self, positions: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
+        """The variants of split ``positions`` (whose pair ids are ``pair_ids``): from the
+        epoch's table of the whole split where it is small, else drawn for these pairs."""
+        forced = int(self._control[_FORCED])
+        if forced >= 0:
+            return torch.full_like(pair_ids, forced, dtype=torch.int64)
+        n = self.split_indices.shape[0]
+        if n > VARIANT_TABLE_MAX:
+            return self.variants_for_pairs(pair_ids)
+        epoch = int(self._control[_EPOCH])
+        cached = self._variant_table
+        if cached is None or cached[0] != epoch:
+            _, key, thresholds = self.draw_params()
+            table = variants_from_hash(hash32(self.split_indices, key), thresholds).to(torch.int8)
+            cached = (epoch, table)
+            self._variant_table = cached  # one tuple assignment: safe for loader threads
+        return cached[1].index_select(0, positions).to(torch.int64)
 
     def variants_for_pairs(self, pair_ids: torch.Tensor) -> torch.Tensor:
         """The variant (int64, 0-3) each pair id gets now: forced, or drawn for the epoch."""
@@ -437,7 +472,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             idx = int(idx)
         n = len(self)
         if not 0 <= idx < n:
-            raise IndexError(f"index {idx} out of range [0, {n}) of the {self.split} split")
+            raise IndexError(f"Index {idx} out of range [0, {n}) of the {self.split} split")
         batch = self.__getitems__([idx])
         return {k: v[0] for k, v in batch.items()}
 
@@ -452,7 +487,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             lo, hi = torch.aminmax(idx)
             if int(lo) < 0 or int(hi) >= n:
                 bad = int(idx[(idx < 0) | (idx >= n)][0])
-                raise IndexError(f"index {bad} out of range [0, {n}) of the {self.split} split")
+                raise IndexError(f"Index {bad} out of range [0, {n}) of the {self.split} split")
         out = None
         if get_worker_info() is not None and self.device.type == "cpu":
             out = self.empty_batch(idx.numel(), shared=True)
@@ -504,7 +539,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         t = self.tables
         pids = self.split_indices.index_select(0, idx)
         if draw is None:
-            variant = self.variants_for_pairs(pids)
+            variant = self._variants_at(idx, pids)
         else:
             key, thresholds, forced = draw
             drawn = variants_from_hash(hash32(pids, key), thresholds)
@@ -573,6 +608,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         for name in list(self.__dict__):
             if isinstance(self.__dict__[name], torch.Tensor) and name != "_control":
                 self.__dict__[name] = None
+        self._variant_table = None
         self._closed = True
 
     def __enter__(self) -> JASPERSteeringDataset:
@@ -622,7 +658,8 @@ class ClusterSubset(Subset[dict[str, torch.Tensor]]):
         idx = torch.as_tensor(indices, dtype=torch.int64)
         n = self.positions.shape[0]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise IndexError(f"subset index out of range [0, {n})")
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise IndexError(f"Index {bad} out of range [0, {n}) of the subset")
         return self.dataset.__getitems__(self.positions.index_select(0, idx))
 
     def __len__(self) -> int:
