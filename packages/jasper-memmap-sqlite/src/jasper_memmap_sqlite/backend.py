@@ -25,7 +25,6 @@ write permission). Clone a tensor before changing it.
 from __future__ import annotations
 
 import contextlib
-import json
 import mmap as _mmap
 import os
 import sqlite3
