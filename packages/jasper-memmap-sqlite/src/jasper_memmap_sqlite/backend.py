@@ -337,6 +337,7 @@ class MemmapSqliteBackend(BackendEntrypoint):
             conn = connect(db, readonly=True)
         except JasperError as exc:
             return [str(exc)]
+        problems: list[str] = []
         try:
             problems = sqlite_checks(conn, db)
             try:
@@ -345,6 +346,9 @@ class MemmapSqliteBackend(BackendEntrypoint):
             except FormatError as exc:
                 return [*problems, str(exc)]
             blocks = {n: block_checksums(conn, n) for n in entries}
+        except sqlite3.DatabaseError as exc:
+            return [*problems, f"{db}: SQLite cannot read the catalogue (damaged page?): {exc} "
+                    "(rule: readable SQLite file)"]
         finally:
             conn.close()
         for e in entries.values():
