@@ -77,7 +77,7 @@ class MinimalBackend(BackendEntrypoint):
         return MinimalReader(Path(path), manifest)
 
     def write_arrays(self, directory: Path, arrays: Mapping[str, ArraySource],
-                     manifest: Manifest, *, progress: Any = None) -> None:
+                     manifest: Manifest) -> None:
         layout = {}
         for name, source in arrays.items():
             with open(directory / f"{name}.bin", "wb") as f:

@@ -459,8 +459,9 @@ class BackendEntrypoint(abc.ABC):
     def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
         """Open the dataset directory ``path`` for reading.
 
-        ``manifest`` is the parsed ``config.json``. With ``mmap=True`` the reader must be able to
-        :meth:`StoreReader.map`; a backend without the capability raises ``CapabilityError``.
+        ``manifest`` is the parsed ``config.json``. ``mmap=True`` says the caller will use
+        :meth:`StoreReader.map`; core has checked the ``mmap`` capability before calling, so
+        backends may ignore it (it remains for callers that open backends directly).
         """
 
     def write_arrays(
@@ -468,15 +469,14 @@ class BackendEntrypoint(abc.ABC):
         directory: Path,
         arrays: Mapping[str, ArraySource],
         manifest: Manifest,
-        *,
-        progress: Any = None,
     ) -> None:
         """Write every array into the (new, empty) ``directory``.
 
         Backend-specific options (compression, chunking...) are explicit keyword-only
         parameters of the subclass's override; :func:`jasper.convert` checks option names
-        against the signature. ``progress`` is a callable ``progress(nbytes)`` to report bytes
-        written (may be ``None``). Core writes ``config.json`` afterwards and commits atomically.
+        against the signature. Progress is core's: it shows a bytes bar as the chunks of
+        ``arrays`` pass (and hashes them), so a backend reports nothing. Core writes
+        ``config.json`` afterwards and commits atomically.
         """
         raise CapabilityError(f"backend {self.name!r} cannot write datasets")
 

@@ -277,7 +277,6 @@ class MemmapSqliteBackend(BackendEntrypoint):
         manifest: Manifest,
         *,
         align: int = DEFAULT_ALIGN,
-        progress: Any = None,
     ) -> None:
         """Stream every array into ``<name>.npy`` (data page-aligned), then record the catalogue
         in one transaction. ``align``: byte multiple where each file's data starts."""
