@@ -1,6 +1,6 @@
 """``ClusterLabeledDataset``: (base embedding, steering embedding, cluster label) triplets.
 
-The API of the original system (DATA_MODEL.md section 7), served from any backend through
+The API of the original system (docs/migrating.md#cluster-labeled-datasets), served from any backend through
 :class:`~jasper.backend.StoreReader` (a ``cluster-labeled`` dataset, see
 :mod:`jasper.cluster_kind`, or a layout a backend reads without ``config.json``, such as the
 original system's ``dataset.db``):

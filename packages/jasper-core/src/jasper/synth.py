@@ -37,7 +37,7 @@ from jasper.manifest import Manifest
 from jasper.progress import count_bar
 from jasper.schema import PAIR_ARRAYS
 
-#: The step curriculum ``jasper synth`` writes explicitly (DATA_MODEL.md section 4).
+#: The step curriculum ``jasper synth`` writes explicitly (docs/curriculum.md).
 DEFAULT_STEP_SCHEDULE: list[dict[str, Any]] = [
     {"start_epoch": 0, "probs": [0.7, 0.2, 0.1, 0.0]},
     {"start_epoch": 10, "probs": [0.5, 0.3, 0.15, 0.05]},
@@ -358,11 +358,17 @@ def write_synthetic(
     **options: Any,
 ) -> Path:
     """Generate a dataset with :func:`synthesize` and write it atomically with ``backend``."""
+    from jasper.atomic import SCRATCH_MARK, check_target, clean_leftovers, leftover_name
     from jasper.store import write_store
 
     target = Path(path).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.synth-", dir=target.parent))
+    # Named for the target with this pid, so a killed synth's scratch (possibly hundreds of MB)
+    # is removed by the next write to the target.
+    clean_leftovers(target)
+    check_target(target, overwrite=overwrite)  # refuse before minutes of synthesis, not after
+    scratch = leftover_name(target, SCRATCH_MARK)
+    scratch.mkdir()
     try:
         arrays, manifest = synthesize(cfg, workdir=scratch, progress=progress)
         return write_store(target, arrays, manifest, backend=backend, overwrite=overwrite,

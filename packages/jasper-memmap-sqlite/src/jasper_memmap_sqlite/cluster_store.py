@@ -1,6 +1,6 @@
 """The original system's cluster-labeled layout (``dataset.db``), opened for serving.
 
-The layout (DATA_MODEL.md section 7)::
+The layout (docs/migrating.md#cluster-labeled-datasets)::
 
     dataset.db               SQLite: samples (labels as JSON text per row), embeddings_meta
                              (file_path, shape, dtype, SHA-256 of the whole file), dataset_info
