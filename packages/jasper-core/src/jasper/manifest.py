@@ -67,9 +67,9 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "title": "jasper dataset manifest (config.json)",
     "type": "object",
     "required": ["embedding_dim"],
-    # n_neg describes hard negatives: required of JASPER steering datasets (kind absent or
-    # "jasper-steering"), absent from the cluster-labeled kind
-    "if": {"required": ["kind"], "properties": {"kind": {"const": "cluster-labeled"}}},
+    # what else is required depends on the dataset kind (jasper.schema.KINDS)
+    "if": {"properties": {"kind": {"const": "cluster-labeled"}}, "required": ["kind"]},
+    "then": {"required": ["n_clusters"], "properties": {"n_clusters": _NONNEG_INT}},
     "else": {"required": ["n_neg"]},
     "properties": {
         "embedding_dim": _NONNEG_INT,
