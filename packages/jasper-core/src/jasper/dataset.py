@@ -1,6 +1,6 @@
 """``JASPERSteeringDataset``: a JASPER split served as PyTorch batches, from any backend.
 
-Users of the original system keep their code (DATA_MODEL.md sections 3-5): the constructor, ``len``,
+Users of the original system keep their code (docs/loading.md, docs/migrating.md): the constructor, ``len``,
 ``ds[i]``, ``set_epoch``, ``force_steering``, ``get_steering_stats``, ``subset_by_cluster``,
 ``reload_negatives``, ``close`` and the context manager behave as before, and the batch keys,
 shapes and dtypes are exactly the specified ones. What changes is how it is served:
@@ -79,7 +79,7 @@ from jasper.validation import check_replacement
 
 LOGGER = logging.getLogger(__name__)
 
-#: The keys of a sample and of a batch, in the documented order (DATA_MODEL.md section 3).
+#: The keys of a sample and of a batch, in the documented order (docs/loading.md#what-a-batch-holds).
 BATCH_KEYS: tuple[str, ...] = (
     "question_emb",
     "target_source_emb",

@@ -1,7 +1,7 @@
 """``GPULoader``: batches assembled where the tables live, without DataLoader workers.
 
 A per-item dataset preloaded on a GPU serves about as few samples per second as on the CPU
-(10-13k/s on an H200, DESIGN_NOTES) because every item is Python. This loader instead:
+(10-13k/s on an H200, docs/design.md#the-gpu) because every item is Python. This loader instead:
 
 - draws the epoch's order on the device: a stable sort of a counter hash of (seed, epoch, position)
   (:func:`shuffle_order`), identical on the CPU and on CUDA, then shards it exactly like
@@ -10,7 +10,7 @@ A per-item dataset preloaded on a GPU serves about as few samples per second as 
 - gathers each batch with ``index_select`` straight into output buffers that are reused from batch
   to batch (:meth:`JASPERSteeringDataset.gather` with ``out=``); on CUDA the fixed sequence of
   gathers of a full batch is captured once in a CUDA graph and replayed (measured on an H200:
-  3.9M samples/s eager vs 17.7M replayed at batch 1024, DESIGN_NOTES);
+  3.9M samples/s eager vs 17.7M replayed at batch 1024, docs/design.md#the-gpu);
 - from a CPU-resident dataset to a GPU ("staged" mode), gathers on the CPU into pinned staging
   buffers and copies them with non-blocking copies on a side stream, one batch ahead.
 

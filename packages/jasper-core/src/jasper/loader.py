@@ -458,7 +458,7 @@ def set_epoch(loader: Any, epoch: int) -> None:
 
 def validate_first_batch(loader: Any) -> bool:
     """Check the loader's first batch; returns ``True`` or raises ``AssertionError`` naming the
-    failed check: the exact key set; the shapes of DATA_MODEL.md section 3; no NaN/Inf in the
+    failed check: the exact key set; the shapes of docs/loading.md#what-a-batch-holds; no NaN/Inf in the
     four embedding keys; ``cluster_id`` in [0, N_c); ``relevance`` in [0, 1];
     ``centroid_distance`` in [0, 2]; ``steering_variant`` in [0, 3]."""
     batch = next(iter(loader))
