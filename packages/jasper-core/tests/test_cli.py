@@ -218,3 +218,16 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(tmp_path: Path) -> No
     assert proc.returncode == 130, (out, err)
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["backends"], ["synth", "--help"],
+                                  ["info", "/nonexistent/dataset"]])
+def test_commands_that_make_no_tensors_do_not_import_torch(argv: list[str]) -> None:
+    from jasper.testing.conformance import child_env
+
+    code = ("import sys\nfrom jasper.cli import main\ntry:\n    rc = main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=120, env=child_env())
+    assert proc.stderr.strip().splitlines()[-1] == "NO-TORCH", proc.stderr[-2000:]

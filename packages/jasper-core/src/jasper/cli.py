@@ -195,7 +195,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _require_dir(path: str) -> None:
+    """Fail fast on a missing dataset, before the imports that opening one needs (torch)."""
+    p = Path(path)
+    # an interrupted commit's old dataset beside it is restored by opening: leave that to open
+    if not p.is_dir() and not any(p.parent.glob(f".{p.name}.jasper-old-*")):
+        from jasper.errors import DatasetNotFoundError
+
+        raise DatasetNotFoundError(path, hint="Check the path; `jasper synth DIR` creates a "
+                                              "dataset")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    _require_dir(args.path)
     from jasper.dtypes import dtype_name
     from jasper.store import dir_size, open_store
 
@@ -254,6 +266,7 @@ def _kind_of(path: str) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    _require_dir(args.path)
     import warnings
 
     from jasper.validation import DataQualityWarning, validate
@@ -284,6 +297,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    _require_dir(args.src)
     from jasper.store import convert
 
     report = convert(args.src, args.dst, to=args.to, src_backend=args.src_backend,

@@ -58,7 +58,7 @@ from jasper.errors import (
     SplitNotFoundError,
 )
 from jasper.manifest import Manifest
-from jasper.registry import get_backend, guess_backend
+from jasper.registry import get_backend
 from jasper.schema import ARRAYS, SPLITS, Role, split_array
 from jasper.tables import (
     CENTROID_TABLE,
@@ -228,11 +228,11 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             seed = self.manifest.random_seed if self.manifest.random_seed is not None else 0
         self.seed = int(seed)
 
-        if storage_format == "auto":
-            preferred = (self.manifest.writer or {}).get("backend")
-            backend_name = guess_backend(self.dataset_dir, preferred)
-        else:
-            backend_name = storage_format
+        # the same choice as open_store: a forced backend must recognise the dataset, and a
+        # missing file of the writer's is named
+        from jasper.store import choose_backend
+
+        backend_name = choose_backend(self.dataset_dir, self.manifest, storage_format)
         backend = get_backend(backend_name)  # BackendNotFoundError lists what is installed
         self.storage_format = backend_name
         location = StoreLocation(self.dataset_dir, backend_name, self.manifest)

@@ -67,7 +67,7 @@ def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -
             return foreign
     manifest = Manifest.load(p)
     check_array_names(manifest.arrays, path=p / MANIFEST_NAME)
-    name = _choose_backend(p, manifest, backend)
+    name = choose_backend(p, manifest, backend)
     impl = get_backend(name)
     if mmap and not impl.capabilities.mmap:
         raise CapabilityError(
@@ -119,18 +119,20 @@ def _itemsize(dtype: str, path: Path) -> int:
         raise ManifestError(path / MANIFEST_NAME, str(exc)) from None
 
 
-def _choose_backend(p: Path, manifest: Manifest, backend: str) -> str:
-    """The backend to open ``p`` with: the forced one only if it recognises the directory or
-    the manifest names no other writer; ``auto`` asks the recorded writer, then every backend,
-    and names the missing file when the recorded writer's files are gone."""
+def choose_backend(p: Path, manifest: Manifest, backend: str) -> str:
+    """The backend to open ``p`` with. A forced backend that declares marker files must find
+    one of them when the manifest names another writer; ``auto`` asks the recorded writer, then
+    every backend, and when the recorded writer's files are partly gone names the missing one."""
     writer = (manifest.writer or {}).get("backend")
     if backend != "auto":
         impl = get_backend(backend)
-        if writer and writer != backend and not impl.guess_can_open(p):
+        markers = impl.marker_files
+        if writer and writer != backend and markers and not any(
+                (p / m).exists() for m in markers):
             raise NoBackendCanOpenError(
-                f"backend {backend!r} does not recognise {p}: the manifest says backend "
-                f"{writer!r} wrote it; open it with backend={writer!r} (--backend {writer}) or "
-                "'auto'")
+                f"backend {backend!r} does not recognise {p} (it has none of "
+                f"{', '.join(markers)}): the manifest says backend {writer!r} wrote it; open it "
+                f"with backend={writer!r} (--backend {writer}) or 'auto'")
         return backend
     # the original system wrote .pt files: a seed-era directory holding some is a pt dataset
     seed_pt = manifest.is_seed_era and any(p.glob("*.pt"))
@@ -138,15 +140,17 @@ def _choose_backend(p: Path, manifest: Manifest, backend: str) -> str:
     try:
         return guess_backend(p, writer)
     except NoBackendCanOpenError:
-        if expected is None or expected not in list_backends():
-            raise
+        data_files = [f for f in p.iterdir() if f.name != MANIFEST_NAME
+                      and not f.name.startswith(".")]
+        if expected is None or expected not in list_backends() or not data_files:
+            raise  # nothing of the dataset is there: the original's "No dataset files found"
         missing = [m for m in get_backend(expected).marker_files if not (p / m).exists()]
         if not missing:
             raise
         raise DatasetNotFoundError(
-            p / missing[0], f"file {missing[0]!r} of this {expected} dataset",
-            f"the dataset is incomplete ({', '.join(missing)} missing): restore the file or "
-            "rewrite the dataset") from None
+            p / missing[0], "required file " + " or ".join(repr(m) for m in missing)
+            + f" of this {expected} dataset",
+            "the dataset is incomplete: restore the file or rewrite the dataset") from None
 
 
 class _HashingSource(ArraySource):
@@ -465,6 +469,7 @@ __all__ = [
     "ConvertReport",
     "DatasetExistsError",
     "atomic_directory",
+    "choose_backend",
     "clean_leftovers",
     "convert",
     "dir_size",

@@ -120,8 +120,9 @@ def check_tensor_layout(name: str, t: torch.Tensor, path: str | Path | None = No
     extent = 1  # elements spanned by the dimensions checked so far
     for st, sz in dims:
         if st < extent:
+            what = "stride 0" if st == 0 else "overlapping strides"
             raise ShapeError(
-                f"{name} has strides {tuple(t.stride())} for shape {tuple(t.shape)}: its rows "
+                f"{name} has {what} (strides {tuple(t.stride())} for shape {tuple(t.shape)}): its rows "
                 "alias one another (a stride-0 or overlapping view was stored); rewrite the "
                 "array from a contiguous tensor", array=name, rule="rows do not alias",
                 path=path)
