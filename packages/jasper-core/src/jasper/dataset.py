@@ -476,8 +476,10 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         batch = self.__getitems__([idx])
         return {k: v[0] for k, v in batch.items()}
 
-    def __getitems__(self, indices: Sequence[int] | torch.Tensor) -> JasperBatch:
-        """The collated batch of the given split positions: one vectorised gather per field."""
+    def __getitems__(self, indices: Sequence[int] | torch.Tensor, *,
+                     out: Mapping[str, torch.Tensor] | None = None) -> JasperBatch:
+        """The collated batch of the given split positions: one vectorised gather per field,
+        written into ``out`` (from :meth:`empty_batch`) when given."""
         self._ensure_ready()
         idx = torch.as_tensor(indices, dtype=torch.int64, device=self.split_indices.device)
         if idx.dim() != 1:
@@ -488,8 +490,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             if int(lo) < 0 or int(hi) >= n:
                 bad = int(idx[(idx < 0) | (idx >= n)][0])
                 raise IndexError(f"Index {bad} out of range [0, {n}) of the {self.split} split")
-        out = None
-        if get_worker_info() is not None and self.device.type == "cpu":
+        if out is None and get_worker_info() is not None and self.device.type == "cpu":
             out = self.empty_batch(idx.numel(), shared=True)
         return self.gather(idx, out)
 
