@@ -1,7 +1,8 @@
 """Development sessions for the jasper monorepo.
 
 `nox` (no arguments) runs the default sessions: every package's tests in its own virtualenv,
-the cross-package tests, lint and type checks. `nox -s demo` runs the main job, `nox -s benchmark`
+the cross-package tests, lint, type checks and the documentation site (`nox -s docs`, strict).
+`nox -s demo` runs the main job, `nox -s build` builds and checks every package, `nox -s benchmark`
 the benchmark suite (`nox -s benchmark -- --full` for the large grid).
 
 Every install goes through constraints.txt, which pins torch to the CPU build (2.13.0): an
@@ -20,7 +21,7 @@ PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproje
 BACKENDS = [p for p in PACKAGES if p != "jasper-core"]
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*/pyproject.toml"))
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = False
 nox.options.error_on_missing_interpreters = True
 
@@ -70,6 +71,20 @@ def typecheck(session: nox.Session) -> None:
     """mypy over jasper-core (typed public API)."""
     _install(session, "mypy>=1.10", _pkg("jasper-core"))
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, into site/, in strict mode: a broken link, anchor or API reference,
+    or a missing included file fails the session.
+
+    jasper-core is installed because the data-model and curriculum tables are generated from
+    jasper.schema, jasper.curriculum and jasper.dataset (docs/hooks.py); the API reference itself
+    is read from the sources of every package without importing them.
+    """
+    _install(session, "-r", str(ROOT / "docs" / "requirements.txt"), _pkg("jasper-core", None))
+    session.run("mkdocs", "build", "--strict", "--clean", "--config-file", str(ROOT / "mkdocs.yml"),
+                *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session

@@ -2,7 +2,7 @@
 
 Every contender serves the same batches: item ``i`` of the train split is pair
 ``p = train_idx[i]``; a batch holds the question, target, steering, ``n_neg`` negatives, their
-tiers, cluster id, relevance, centroid distance and variant id (DATA_MODEL.md section 3). Steering
+tiers, cluster id, relevance, centroid distance and variant id (docs/loading.md#what-a-batch-holds). Steering
 is pinned to the ``centroid`` variant everywhere (``force_steering("centroid")`` for jasper and the
 reference), so every sample moves exactly ``jasper.schema.bytes_per_sample`` bytes and no
 contender profits from the zero variant's empty rows.

@@ -62,12 +62,20 @@ def test_defaults_follow_the_original(small_dataset: Path) -> None:
     assert dist.sampler_obj.rank == 1 and dist.sampler_obj.drop_last
 
 
-def test_pin_memory_without_cuda_is_silent(small_dataset: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        loader = create_loader(small_dataset, "val", batch_size=32, pin_memory=True)
-        assert loader.pin_memory == torch.cuda.is_available()
-        next(iter(loader))
+@pytest.mark.parametrize(("workers", "worker_type"), [(0, "auto"), (2, "thread"), (1, "process")])
+def test_pin_memory_reports_what_was_asked_and_is_silent_without_cuda(
+        small_dataset: Path, workers: int, worker_type: str) -> None:
+    """The original's loader reports ``pin_memory`` and ``num_workers`` as asked (user code
+    checks them); jasper pins only where an accelerator exists, without a warning elsewhere."""
+    for asked in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loader = create_loader(small_dataset, "val", batch_size=32, pin_memory=asked,
+                                   num_workers=workers,
+                                   worker_type=worker_type)  # type: ignore[arg-type]
+            assert loader.pin_memory is asked and loader.num_workers == workers
+            batch = next(iter(loader))
+        assert batch["question_emb"].is_pinned() == (asked and torch.cuda.is_available())
 
 
 def test_validate_first_batch_passes(small_dataset: Path) -> None:
@@ -270,8 +278,9 @@ def test_worker_type_choice(tagged: Path) -> None:
     from jasper.loader import ThreadedLoader
 
     forced = create_loader(tagged, "val", batch_size=8, num_workers=2, worker_type="process")
-    assert type(forced) is DataLoader and forced.num_workers == 2
+    assert isinstance(forced, DataLoader) and not isinstance(forced, ThreadedLoader)
+    assert forced.num_workers == 2
     with pytest.raises(ValueError, match="worker_type"):
         create_loader(tagged, "val", batch_size=8, worker_type="fibers")  # type: ignore[arg-type]
     t = create_loader(tagged, "val", batch_size=8, num_workers=2, worker_type="thread")
-    assert isinstance(t, ThreadedLoader) and t.thread_workers == 2 and t.num_workers == 0
+    assert isinstance(t, ThreadedLoader) and t.thread_workers == 2 and t.num_workers == 2

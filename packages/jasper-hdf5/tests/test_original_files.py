@@ -1,7 +1,7 @@
 """Files written by the original system open unchanged.
 
-The fixture below writes ``dataset.h5`` the way the original's converter did (DATA_MODEL.md
-section 6): its groups, keyword ids as one small dataset per pair (an empty list saved with
+The fixture below writes ``dataset.h5`` the way the original's converter did
+(docs/migrating.md#hdf5-files): its groups, keyword ids as one small dataset per pair (an empty list saved with
 ``np.array([])`` is float64), no splits in the file but ``<split>_idx.pt`` beside it, its own
 PT files still in the directory, and a seed-era ``config.json``.
 """

@@ -25,8 +25,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from jasper.errors import CapabilityError, FormatError, JasperError
+from jasper.errors import CapabilityError, FormatError, JasperError, ShapeError
 from jasper.files import DatasetDir
+from jasper.rows import (
+    as_row_index,
+    check_rows,
+    merge_gap_rows,
+    plan_spans,
+    span_positions,
+    unique_sorted,
+)
 
 if TYPE_CHECKING:
     from jasper.manifest import Manifest
@@ -125,6 +133,11 @@ class TensorSource(ArraySource):
         return self.tensor
 
 
+#: Bytes per slice of the default :meth:`StoreReader.read_into`: fits the L2 cache of current
+#: CPUs, so the slice is still cached when it is copied into the destination.
+COPY_SLICE_BYTES = 1 << 20
+
+
 def default_rows_per_chunk(source: ArraySource | ArrayInfo, target_bytes: int = 64 << 20) -> int:
     """Rows in a chunk of about ``target_bytes`` (64 MiB): big enough to stream at disk speed,
     small enough that writing a 100 GB array needs little RAM."""
@@ -146,11 +159,18 @@ def as_source(array: torch.Tensor | ArraySource) -> ArraySource:
 class StoreReader(abc.ABC):
     """A read handle on one stored dataset. Get one with :func:`jasper.open_store`.
 
-    Subclasses implement :meth:`array_names`, :meth:`info` and :meth:`read`, and override
-    :meth:`map`, :meth:`read_rows` and :meth:`read_slice` where the format does better than the
-    defaults. All methods return CPU tensors with the logical dtype. Readers must be picklable
-    when the backend claims ``worker_safe``: hold paths, not open handles, in the pickled state,
-    and open lazily in the process that reads.
+    **Required**: :meth:`array_names`, :meth:`info` and :meth:`read_slice`. Everything else has
+    a default built on those that is already fast: :meth:`read_into` (and so :meth:`read`)
+    streams cache-sized slices into the caller's tensor, :meth:`iter_chunks` reads slices,
+    :meth:`read_rows` checks, sorts, de-duplicates and coalesces the indices
+    (:mod:`jasper.rows`) and asks :meth:`read_sorted_rows` for sorted unique rows. Override
+    where the format does better (``read_into`` straight into ``out``, ``read_sorted_rows``
+    from a map, :meth:`map` for zero-copy tensors).
+
+    All methods return CPU tensors with the logical dtype. Open every file through
+    :attr:`files` (the pinned dataset directory). Readers must be picklable when the backend
+    claims ``worker_safe``: hold paths, not open handles, in the pickled state (library handles in
+    a :class:`jasper.files.ProcessLocal`), and open lazily in the process that reads.
     """
 
     backend_name: ClassVar[str] = ""
@@ -179,6 +199,7 @@ class StoreReader(abc.ABC):
             return manifest  # core already parsed one; its errors are core's to report
         return manifest if pinned.arrays == manifest.arrays else pinned
 
+
     # --- what every backend implements -----------------------------------------------------
     @abc.abstractmethod
     def array_names(self) -> list[str]:
@@ -189,10 +210,17 @@ class StoreReader(abc.ABC):
         """Shape and dtype of ``name`` as the store records them (without reading the data)."""
 
     @abc.abstractmethod
+    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``name`` as a new tensor (Python slice semantics: bounds are
+        clipped, ``stop <= start`` gives zero rows). A 0-d array: ``read_slice(name, 0, 1)`` is
+        the whole (scalar) tensor."""
+
+    # --- optional, with defaults built on the three above -----------------------------------
     def read(self, name: str) -> torch.Tensor:
         """The whole array, in RAM, as a tensor this caller owns (one copy from storage)."""
+        info = self.info(name)
+        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
 
-    # --- optional, with defaults -----------------------------------------------------------
     def map(self, name: str) -> torch.Tensor:
         """A zero-copy, read-only, memory-mapped tensor (backends with ``mmap`` capability)."""
         raise CapabilityError(
@@ -206,42 +234,72 @@ class StoreReader(abc.ABC):
         view into a larger buffer) with the whole array; returns ``out``.
 
         This is how a preload avoids double copies: backends override it to read straight into
-        ``out`` (h5py ``read_direct``, a copy from a mapped file). The default streams chunks, so
-        its extra memory is one chunk, never a second whole array.
+        ``out`` (h5py ``read_direct``, ``preadv``). The default copies slices of about
+        :data:`COPY_SLICE_BYTES` (small enough to stay in the CPU cache between the read and the
+        copy, so it costs about what one copy does); its extra memory is one slice.
         """
-        self.check_out(name, out)
-        row = 0
-        for chunk in self.iter_chunks(name):
-            n = chunk.shape[0] if chunk.dim() else 1
-            out[row : row + n].copy_(chunk)
-            row += n
+        info = self.check_out(name, out)
+        if not info.shape:
+            return out.copy_(self.read_slice(name, 0, 1).reshape(()))
+        n = info.shape[0]
+        step = default_rows_per_chunk(info, COPY_SLICE_BYTES)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            out[start:stop].copy_(self.read_slice(name, start, stop))
         return out
 
     def check_out(self, name: str, out: torch.Tensor) -> ArrayInfo:
-        """Raise ``ValueError`` unless ``out`` has the shape and dtype of array ``name``; every
-        :meth:`read_into` override starts with it."""
+        """Raise :class:`~jasper.errors.ShapeError` (a ``ValueError``) unless ``out`` has the
+        shape and dtype of array ``name``; every :meth:`read_into` override starts with it."""
         info = self.info(name)
         if tuple(out.shape) != tuple(info.shape) or out.dtype != info.dtype:
-            raise ValueError(f"read_into({name!r}): out is {tuple(out.shape)} {out.dtype}, "
-                             f"the array is {info.shape} {info.dtype}")
+            raise ShapeError(
+                f"read_into({name!r}): the destination is {tuple(out.shape)} {out.dtype} but "
+                f"the stored array is {info.shape} {info.dtype}: the manifest or the data model "
+                "disagrees with the file (run `jasper validate` on the dataset)",
+                array=name, rule="stored shape matches the expected shape", path=self.path)
         return info
-
-    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of ``name`` (default: slice a whole read)."""
-        return self.read(name)[start:stop].clone()
 
     def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (int64, any order, repeats allowed) of ``name``, in that order.
 
-        The default reads everything; backends with ``row_access`` read only what is asked,
-        sorting and de-duplicating the indices first and un-permuting after.
+        Indices are checked (:class:`~jasper.rows.RowIndexError` names the first bad one),
+        sorted and de-duplicated once here; :meth:`read_sorted_rows` reads them; the result is
+        un-permuted back to the caller's order.
         """
-        return self.read(name).index_select(0, rows)
+        info = self.info(name)
+        idx = as_row_index(rows, f"read_rows({name!r})")
+        if idx.dim() != 1:
+            raise TypeError(f"read_rows({name!r}): rows must be 1-D, got shape "
+                            f"{tuple(idx.shape)}")
+        if not info.shape:
+            raise TypeError(f"read_rows({name!r}): the array is a scalar, it has no rows")
+        check_rows(idx, info.shape[0], name, self.path)
+        if idx.numel() == 0:
+            return torch.empty((0, *info.shape[1:]), dtype=info.dtype)
+        uniq, inverse = unique_sorted(idx)
+        data = self.read_sorted_rows(name, uniq)
+        return data if inverse is None else data.index_select(0, inverse)
+
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """The hook behind :meth:`read_rows`: rows ``rows`` (int64, strictly increasing, in
+        range, at least one) of ``name``. The default reads the coalesced spans of
+        :func:`jasper.rows.plan_spans` with :meth:`read_slice`."""
+        info = self.info(name)
+        row_bytes = ArrayInfo(info.shape[1:], info.dtype).nbytes
+        spans = plan_spans(rows, merge_gap_rows(row_bytes))
+        parts = [self.read_slice(name, a, b) for a, b in spans]
+        data = parts[0] if len(parts) == 1 else torch.cat(parts)
+        pos = span_positions(spans, rows)
+        return data if pos is None else data.index_select(0, pos)
 
     def iter_chunks(self, name: str, rows_per_chunk: int | None = None) -> Iterator[torch.Tensor]:
         """Stream ``name`` in row chunks (used by convert and deep validation)."""
         info = self.info(name)
-        n = info.shape[0] if info.shape else 0
+        if not info.shape:
+            yield self.read_slice(name, 0, 1)
+            return
+        n = info.shape[0]
         step = rows_per_chunk or default_rows_per_chunk(info)
         if n == 0:
             yield self.read_slice(name, 0, 0)
@@ -335,6 +393,13 @@ class BackendEntrypoint(abc.ABC):
     #: Files marking a layout without ``config.json`` that :meth:`open_foreign` reads (e.g. the
     #: original system's cluster-labeled ``dataset.db``).
     foreign_markers: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # core owns array-name validation for every backend, also for direct write_arrays calls
+        from jasper.validation import guard_write_arrays
+
+        guard_write_arrays(cls)
 
     def guess_can_open(self, path: str | Path) -> bool:
         """Whether ``path`` (a dataset directory) looks like this backend's. Cheap: no parsing."""

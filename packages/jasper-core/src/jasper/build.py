@@ -64,7 +64,7 @@ ArrayInput = np.ndarray | torch.Tensor | str | Path
 #: each given source (the row itself may be among them). Used for hard-negative candidates.
 NeighbourFn = Callable[[np.ndarray, int], np.ndarray]
 
-#: The step curriculum written explicitly into every built dataset (DATA_MODEL.md section 4).
+#: The step curriculum written explicitly into every built dataset (docs/curriculum.md).
 DEFAULT_STEP_SCHEDULE: list[dict[str, Any]] = [
     {"start_epoch": 0, "probs": [0.7, 0.2, 0.1, 0.0]},
     {"start_epoch": 10, "probs": [0.5, 0.3, 0.15, 0.05]},
@@ -872,22 +872,11 @@ def build_arrays(
 
 
 def default_writer() -> str:
-    """The backend a build writes with when none is named: ``pt`` when installed, else the
-    first installed backend that writes."""
-    from jasper.registry import get_backend, list_backends
+    """The backend a build writes with when none is named: the CLI's choice (the first
+    installed of ``jasper.cli.DEFAULT_WRITERS``, else any installed writer)."""
+    from jasper.cli import default_writer as cli_default
 
-    names = list(list_backends())
-    if "pt" in names:
-        return "pt"
-    for name in names:
-        try:
-            if get_backend(name).capabilities.write:
-                return name
-        except Exception:
-            continue
-    from jasper.errors import BackendNotFoundError
-
-    raise BackendNotFoundError("pt", names, "pip install jasper-pt")
+    return cli_default()
 
 
 def build_dataset(

@@ -17,6 +17,71 @@ from jasper import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+#: Writers ``jasper synth`` picks by default, in order, among the installed ones.
+DEFAULT_WRITERS = ("pt", "hdf5", "memmap-sqlite")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (``jasper synth: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth showing (no "(default: None)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("%(default)" in text or "(default" in text or action.default is None
+                or action.default is False or action.default == argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _count(minimum: int) -> Any:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _installed_names() -> list[str]:
+    """Installed backend names from metadata (no backend module is imported)."""
+    from jasper.registry import list_backends
+
+    try:
+        return list(list_backends())
+    except Exception:  # a broken plugin must not break the parser; it is reported on use
+        return []
+
+
+def default_writer() -> str:
+    """The backend ``jasper synth`` writes with when none is given: the first installed of
+    :data:`DEFAULT_WRITERS`, else any installed backend that can write."""
+    from jasper.errors import BackendNotFoundError
+    from jasper.registry import get_backend, list_backends
+
+    installed = list_backends()
+    for name in (*DEFAULT_WRITERS, *installed):
+        if name in installed:
+            try:
+                if get_backend(name).capabilities.write:
+                    return name
+            except Exception:
+                continue
+    raise BackendNotFoundError("(a writer)", installed, "pip install jasper-pt or jasper-hdf5")
+
 
 def _parse_option(text: str) -> tuple[str, Any]:
     """``key=value`` with JSON values where they parse (``level=4`` -> 4, ``shuffle=true``)."""
@@ -52,13 +117,17 @@ def cmd_backends(args: argparse.Namespace) -> int:
     from jasper.registry import get_backend, installable_backends, list_backends
 
     installed = []
+    # capabilities need each backend's class (and so its libraries, torch included); the plain
+    # listing is metadata only and instant
+    with_caps = args.json or args.capabilities
     for name, info in list_backends().items():
         entry = info.to_dict()
-        try:
-            flags = get_backend(name).capabilities
-            entry["capabilities"] = {k: bool(v) for k, v in vars(flags).items()}
-        except Exception as exc:  # a broken backend is reported, not fatal to the listing
-            entry["error"] = f"{type(exc).__name__}: {exc}"
+        if with_caps:
+            try:
+                flags = get_backend(name).capabilities
+                entry["capabilities"] = {k: bool(v) for k, v in vars(flags).items()}
+            except Exception as exc:  # a broken backend is reported, not fatal to the listing
+                entry["error"] = f"{type(exc).__name__}: {exc}"
         installed.append(entry)
     missing = [{"name": k.name, "package": k.package, "description": k.description,
                 "install": f"pip install {k.package}"} for k in installable_backends().values()]
@@ -80,6 +149,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
         print("Installable:")
         for m in missing:
             print(f"  {m['name']:<15} {m['install']:<35} {m['description']}")
+    if not with_caps:
+        print("(jasper backends --capabilities also lists what each backend can do)")
     return EXIT_OK
 
 
@@ -112,11 +183,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
         n_pairs=args.pairs, embedding_dim=args.dim, n_neg=args.neg, n_clusters=args.clusters,
         dtype=args.dtype, seed=args.seed, dataset_name=args.name or Path(args.path).name,
     )
+    backend = args.backend or default_writer()
+    how = "" if args.backend else " (the default: first installed of " + ", ".join(
+        DEFAULT_WRITERS) + "; choose with --backend)"
     t0 = time.perf_counter()
-    out = write_synthetic(args.path, cfg, backend=args.backend, overwrite=args.overwrite,
+    out = write_synthetic(args.path, cfg, backend=backend, overwrite=args.overwrite,
                           progress=_progress(args), **_options(args))
-    print(f"wrote {out} with backend {args.backend!r}: {cfg.n_pairs:,} pairs, D={cfg.embedding_dim}, "
-          f"n_neg={cfg.n_neg}, {cfg.dtype}, {_mib(dir_size(out))} in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {out} with backend {backend!r}{how}: {cfg.n_pairs:,} pairs, "
+          f"D={cfg.embedding_dim}, n_neg={cfg.n_neg}, {cfg.dtype}, {_mib(dir_size(out))} in "
+          f"{time.perf_counter() - t0:.1f} s")
     return EXIT_OK
 
 
@@ -225,6 +300,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, progress=_progress(args), **_options(args))
     print(f"source: {report.src} ({report.src_backend}) {_mib(report.src_bytes)}")
     print(f"target: {report.dst} ({report.dst_backend}) {_mib(report.dst_bytes)}")
+    print(report.options_line())
     print(f"saving: {report.saving * 100:+.1f}%  ({report.seconds:.1f} s, bit-exact: checksums match)")
     return EXIT_OK
 
@@ -232,7 +308,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     import time
 
-    from jasper.build import BuildConfig, build_dataset, default_writer, read_table
+    from jasper.build import BuildConfig, build_dataset, read_table
     from jasper.store import dir_size
 
     backend = args.backend or default_writer()
@@ -295,66 +371,97 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     common.add_argument("--no-progress", action="store_true", help="never show progress bars")
+    installed = ", ".join(_installed_names()) or "none"
+    fmt = _HelpFormatter
 
-    p = argparse.ArgumentParser(
-        prog="jasper", parents=[common],
+    p = _Parser(
+        prog="jasper", parents=[common], formatter_class=fmt,
         description="Serve JASPER steering datasets to PyTorch from pluggable storage backends.",
     )
     p.add_argument("--version", action="version", version=f"jasper-core {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser,
+                           help="what to do (jasper COMMAND --help for its options)")
 
-    b = sub.add_parser("backends", parents=[common], help="list installed and installable backends")
-    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b = sub.add_parser("backends", parents=[common], formatter_class=fmt,
+                       help="list installed and installable backends")
+    b.add_argument("--json", action="store_true",
+                   help="machine-readable output (includes capabilities)")
+    b.add_argument("--capabilities", action="store_true",
+                   help="also list what each backend can do (imports every backend)")
     b.set_defaults(func=cmd_backends)
 
-    s = sub.add_parser("synth", parents=[common], help="write a realistic synthetic dataset",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser("synth", parents=[common], formatter_class=fmt,
+                       help="write a realistic synthetic dataset")
     s.add_argument("path", help="target dataset directory (written atomically)")
-    s.add_argument("--kind", choices=["jasper", "cluster-labeled"], default="jasper")
-    s.add_argument("--pairs", type=int, default=20_000, help="number of question-source pairs")
-    s.add_argument("--samples", type=int, default=10_000, help="samples (cluster-labeled kind)")
-    s.add_argument("--dim", type=int, default=384, help="embedding dimension D")
-    s.add_argument("--neg", type=int, default=8, help="hard negatives per pair")
-    s.add_argument("--clusters", type=int, default=16)
-    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kind", choices=["jasper", "cluster-labeled"], default="jasper",
+                   help="dataset kind: a JASPER steering dataset or a cluster-labeled one")
+    s.add_argument("--pairs", type=_count(1), default=20_000,
+                   help="number of question-source pairs")
+    s.add_argument("--samples", type=_count(1), default=10_000,
+                   help="number of samples of a cluster-labeled dataset")
+    s.add_argument("--dim", type=_count(1), default=384, help="embedding dimension D")
+    s.add_argument("--neg", type=_count(1), default=8, help="hard negatives per pair")
+    s.add_argument("--clusters", type=_count(1), default=16,
+                   help="number of topic clusters (k-means centroids)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the embedding and steering arrays")
+    s.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed writes the same dataset")
     s.add_argument("--name", help="dataset_name in the manifest (default: directory name)")
-    s.add_argument("--backend", default="pt", help="storage backend to write with")
-    s.add_argument("--compression", help="compression, for backends that take it")
-    s.add_argument("--compression-level", type=int)
+    s.add_argument("--backend", default=None,
+                   help=f"storage backend to write with (installed: {installed}; default: the "
+                        f"first installed of {', '.join(DEFAULT_WRITERS)})")
+    s.add_argument("--compression",
+                   help="compression, for backends that take it (hdf5: none, lzf, gzip)")
+    s.add_argument("--compression-level", type=int,
+                   help="compression level, for compressions that take one (gzip: 0-9)")
     s.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE",
                    help="a backend write option (repeatable)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset at PATH (never other files)")
     s.set_defaults(func=cmd_synth)
 
-    i = sub.add_parser("info", parents=[common], help="describe a dataset")
-    i.add_argument("path")
-    i.add_argument("--backend", default="auto")
-    i.add_argument("--json", action="store_true")
+    i = sub.add_parser("info", parents=[common], formatter_class=fmt, help="describe a dataset")
+    i.add_argument("path", help="dataset directory")
+    i.add_argument("--backend", default="auto",
+                   help=f"backend to open it with (installed: {installed}); auto: the one "
+                        "that wrote it")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_info)
 
-    v = sub.add_parser("validate", parents=[common], help="check a dataset's integrity")
-    v.add_argument("path")
+    v = sub.add_parser("validate", parents=[common], formatter_class=fmt,
+                       help="check a dataset's integrity")
+    v.add_argument("path", help="dataset directory")
     v.add_argument("--deep", action="store_true",
                    help="also verify every checksum and the backend's own integrity checks")
     v.add_argument("--strict", action="store_true",
                    help="fail on data-quality findings (which otherwise only warn)")
-    v.add_argument("--backend", default="auto")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--backend", default="auto",
+                   help=f"backend to open it with (installed: {installed}); auto: the one "
+                        "that wrote it")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_validate)
 
-    c = sub.add_parser("convert", parents=[common], help="convert a dataset to another backend")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--to", required=True, help="target backend name")
-    c.add_argument("--src-backend", default="auto")
-    c.add_argument("--compression")
-    c.add_argument("--compression-level", type=int)
-    c.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE")
-    c.add_argument("--overwrite", action="store_true")
+    c = sub.add_parser("convert", parents=[common], formatter_class=fmt,
+                       help="convert a dataset to another backend")
+    c.add_argument("src", help="source dataset directory (never modified)")
+    c.add_argument("dst", help="target dataset directory (written atomically)")
+    c.add_argument("--to", required=True, metavar="BACKEND",
+                   help=f"target backend; installed: {installed}")
+    c.add_argument("--src-backend", default="auto",
+                   help="backend to read the source with; auto: the one that wrote it")
+    c.add_argument("--compression",
+                   help="compression of the target, for backends that take it (default: the "
+                        "source's where the target takes it)")
+    c.add_argument("--compression-level", type=int,
+                   help="compression level of the target, for compressions that take one")
+    c.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE",
+                   help="a target backend write option (repeatable)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset at DST (never other files, never the source)")
     c.set_defaults(func=cmd_convert)
 
     bl = sub.add_parser(
@@ -410,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -421,13 +532,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.demo_args = [a for a in args.demo_args if a != "--debug"]
     else:
         args = parser.parse_args(args_list)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
     from jasper.errors import JasperError, WriteOptionError
 
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `jasper backends --json | head`: the reader left, not an error
         import os
 
@@ -436,9 +554,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (JasperError, FileExistsError) as exc:
         if args.debug:
             raise
-        print(f"jasper {args.command}: error: {exc}", file=sys.stderr)
+        print(f"jasper {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         # an option the backend does not take is a usage error, like argparse's
         return EXIT_USAGE if isinstance(exc, WriteOptionError) else EXIT_ERROR
+    except Exception as exc:  # a bug or an unmapped library error: still one line, no traceback
+        if args.debug:
+            raise
+        print(f"jasper {args.command}: error: {type(exc).__name__}: {_one_line(exc)} (this is "
+              "not a typed jasper error; please report it, with the output of --debug)",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

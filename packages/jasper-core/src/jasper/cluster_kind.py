@@ -1,7 +1,7 @@
 """The ``cluster-labeled`` dataset kind: layout rules, validation, writing and synthesis.
 
-A cluster-labeled dataset (DATA_MODEL.md section 7) is an ordinary jasper dataset whose manifest
-says ``"kind": "cluster-labeled"``: every array of :data:`jasper.schema.CLUSTER_ARRAYS` (the two
+A cluster-labeled dataset (docs/data-model.md#cluster-labeled-datasets) is an ordinary jasper
+dataset whose manifest says ``"kind": "cluster-labeled"``: every array of :data:`jasper.schema.CLUSTER_ARRAYS` (the two
 embedding tables, three label matrices, sample ids, embedding indices and the per-sample
 records) written through :func:`jasper.store.write_store` with any backend. Item ``i`` is the
 ``i``-th sample in ``sample_id`` order; it reads embedding row ``embedding_idx[i]``.

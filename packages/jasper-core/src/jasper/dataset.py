@@ -1,6 +1,6 @@
 """``JASPERSteeringDataset``: a JASPER split served as PyTorch batches, from any backend.
 
-Users of the original system keep their code (DATA_MODEL.md sections 3-5): the constructor, ``len``,
+Users of the original system keep their code (docs/loading.md, docs/migrating.md): the constructor, ``len``,
 ``ds[i]``, ``set_epoch``, ``force_steering``, ``get_steering_stats``, ``subset_by_cluster``,
 ``reload_negatives``, ``close`` and the context manager behave as before, and the batch keys,
 shapes and dtypes are exactly the specified ones. What changes is how it is served:
@@ -79,7 +79,7 @@ from jasper.validation import check_replacement
 
 LOGGER = logging.getLogger(__name__)
 
-#: The keys of a sample and of a batch, in the documented order (DATA_MODEL.md section 3).
+#: The keys of a sample and of a batch, in the documented order (docs/loading.md#what-a-batch-holds).
 BATCH_KEYS: tuple[str, ...] = (
     "question_emb",
     "target_source_emb",
@@ -413,6 +413,16 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             "seed": self.seed,
         }
 
+    def state_dict(self) -> dict[str, int]:
+        """The curriculum controls a checkpoint needs: ``{"epoch", "forced"}`` (-1: schedule)."""
+        return {"epoch": self.current_epoch, "forced": int(self._control[_FORCED])}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore the controls of :meth:`state_dict` (workers see them at once)."""
+        forced = int(state["forced"])
+        self._control[_FORCED] = -1 if forced < 0 else variant_id(forced)
+        self._control[_EPOCH] = int(state["epoch"])
+
     def draw_params(self) -> tuple[int, tuple[int, int], tuple[int, int, int]]:
         """``(forced variant or -1, hash key, thresholds)`` of the current epoch."""
         forced = int(self._control[_FORCED])
@@ -437,7 +447,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             idx = int(idx)
         n = len(self)
         if not 0 <= idx < n:
-            raise IndexError(f"index {idx} out of range [0, {n}) of the {self.split} split")
+            raise IndexError(f"Index {idx} out of range [0, {n}) of the {self.split} split")
         batch = self.__getitems__([idx])
         return {k: v[0] for k, v in batch.items()}
 
@@ -452,7 +462,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             lo, hi = torch.aminmax(idx)
             if int(lo) < 0 or int(hi) >= n:
                 bad = int(idx[(idx < 0) | (idx >= n)][0])
-                raise IndexError(f"index {bad} out of range [0, {n}) of the {self.split} split")
+                raise IndexError(f"Index {bad} out of range [0, {n}) of the {self.split} split")
         out = None
         if get_worker_info() is not None and self.device.type == "cpu":
             out = self.empty_batch(idx.numel(), shared=True)
@@ -622,7 +632,8 @@ class ClusterSubset(Subset[dict[str, torch.Tensor]]):
         idx = torch.as_tensor(indices, dtype=torch.int64)
         n = self.positions.shape[0]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise IndexError(f"subset index out of range [0, {n})")
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise IndexError(f"Index {bad} out of range [0, {n}) of the subset")
         return self.dataset.__getitems__(self.positions.index_select(0, idx))
 
     def __len__(self) -> int:

@@ -386,6 +386,7 @@ def guess_backend(path: str | Path, preferred: str | None = None) -> str:
         )
     listed = ", ".join(infos) or "none"
     raise NoBackendCanOpenError(
-        f"no installed backend recognises {p} (installed: {listed}).{hint} "
+        f"No dataset files found: no installed backend recognises {p} (installed: {listed})."
+        f"{hint} "
         f"Pass backend=NAME to force one; `jasper backends` lists what can be installed."
     )

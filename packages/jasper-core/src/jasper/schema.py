@@ -1,10 +1,10 @@
 """The data model as code: one catalogue of stored arrays per dataset kind.
 
 A dataset's manifest names its **kind** (:data:`KINDS`): ``jasper-steering`` (the JASPER steering
-data of ``DATA_MODEL.md`` section 1, the default when a manifest names none) or
-``cluster-labeled`` (the domain-classification triplets of section 7). Backends, validation, the
-synthetic generators, the manifest and both datasets read these catalogues; nothing else lists
-array names. :data:`ARRAYS` is the ``jasper-steering`` catalogue; :data:`ALL_ARRAYS` holds every
+data of docs/data-model.md, the default when a manifest names none) or ``cluster-labeled``
+(the domain-classification triplets of docs/migrating.md#cluster-labeled-datasets). Backends,
+validation, the synthetic generators, the manifest and both datasets read these catalogues;
+nothing else lists array names. :data:`ARRAYS` is the ``jasper-steering`` catalogue; :data:`ALL_ARRAYS` holds every
 kind's arrays (names are unique across kinds), for backends that map names to places.
 
 Ragged keyword ids are stored as CSR: ``pair_keyword_offsets`` ``[N_p + 1]`` (row ``p`` owns
@@ -177,7 +177,7 @@ def _record_arrays(rec: RecordSpec) -> tuple[ArraySpec, ArraySpec]:
     )
 
 
-# --- the cluster-labeled kind (DATA_MODEL.md section 7) -------------------------------------------
+# --- the cluster-labeled kind (docs/migrating.md#cluster-labeled-datasets) -------------------------
 CLUSTER_LABEL_TYPES: tuple[str, ...] = ("source", "steering", "combined")
 SAMPLE_TYPES: tuple[str, ...] = ("source", "question")
 STEERING_MODES: tuple[str, ...] = ("suggestion", "llm_generated", "cluster_descriptor", "zero",
@@ -276,7 +276,7 @@ STEERING_ARRAYS: dict[str, str | None] = {
 }
 VARIANT_ALIASES: dict[str, str] = {"none": "zero", "keyword_weighted": "keyword"}
 
-# The four negative tiers of the original system's miner (DATA_MODEL.md section 1).
+# The four negative tiers of the original system's miner (docs/data-model.md#negative-tiers).
 NEGATIVE_TIERS: dict[int, str] = {
     1: "same cluster as the positive",
     2: "adjacent cluster",
@@ -287,6 +287,7 @@ NEGATIVE_TIERS: dict[int, str] = {
 
 def bytes_per_sample(embedding_dim: int, n_neg: int, itemsize: int = 4) -> int:
     """Bytes a served sample occupies: question, target, steering and n_neg negatives, plus the
-    int64 tiers and the three scalars and variant id (DESIGN_NOTES: 4*D*(3+n_neg) + 8*n_neg + 24).
+    int64 tiers and the three scalars and variant id: 4*D*(3+n_neg) + 8*n_neg + 24
+    (docs/performance.md#what-a-sample-costs).
     """
     return itemsize * embedding_dim * (3 + n_neg) + 8 * n_neg + 24

@@ -1,6 +1,6 @@
 """Where each array of the data model lives inside ``dataset.h5``.
 
-The groups are those of the original system's HDF5 format (DATA_MODEL.md section 6), so its files
+The groups are those of the original system's HDF5 format (docs/migrating.md#hdf5-files), so its files
 open unchanged. Two things differ in the files jasper writes:
 
 - keyword ids are CSR: ``pair_data/keyword_offsets`` ``[N_p + 1]`` and ``pair_data/keyword_ids``

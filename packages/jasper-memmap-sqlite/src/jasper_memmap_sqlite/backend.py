@@ -12,7 +12,8 @@ Reads come three ways:
 - :meth:`MemmapSqliteReader.map`: a zero-copy read-only tensor over ``numpy.memmap`` with
   ``madvise(MADV_RANDOM)`` (shuffled batches fault in only the pages they touch; readahead would
   waste the page cache on neighbours nobody asked for);
-- :meth:`~MemmapSqliteReader.read_rows`: sort + de-duplicate, gather from the map, un-permute;
+- :meth:`~MemmapSqliteReader.read_rows`: core sorts, de-duplicates and checks the indices, the
+  backend gathers the sorted rows from the map, core un-permutes;
 - :meth:`~MemmapSqliteReader.read` / ``read_into`` / ``read_slice``: ``preadv`` straight from
   the file into the destination tensor, the one copy a preload needs.
 
@@ -59,7 +60,6 @@ from jasper_memmap_sqlite.catalogue import (
     transaction,
     verify_blocks,
 )
-from jasper_memmap_sqlite.gather import as_index, gather_rows
 from jasper_memmap_sqlite.npy import (
     DEFAULT_ALIGN,
     check_size,
@@ -183,17 +183,11 @@ class MemmapSqliteReader(StoreReader):
         if mm is not None:
             madvise(mm, advice)
 
-    def read(self, name: str) -> torch.Tensor:
-        e = self._entry(name)
-        out = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
-        return self.read_into(name, out)
-
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         e = self._entry(name)
         self.check_out(name, out)
         if out.device.type != "cpu" or not out.is_contiguous():
-            out.copy_(self.read(name))
-            return out
+            return out.copy_(self.read(name))
         if e.nbytes:
             view = to_storage(out).reshape(-1).view(np.uint8)
             fd = self.files.open_fd(e.file)
@@ -214,8 +208,9 @@ class MemmapSqliteReader(StoreReader):
         finally:
             os.close(fd)
 
-    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        return gather_rows(self.map(name), as_index(rows), name)
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        # ascending rows fault the map's pages in one sweep; core sorted and checked them
+        return self.map(name).index_select(0, rows)
 
     def close(self) -> None:
         self._maps.clear()

@@ -1,6 +1,6 @@
 """The SQLite side: connections done right, and the array catalogue.
 
-SQLite rules this module enforces (DESIGN_NOTES, "SQLite"):
+SQLite rules this module enforces (docs/design.md#sqlite):
 
 - every connection turns ``PRAGMA foreign_keys=ON`` (SQLite leaves them off per connection);
 - databases jasper creates use the WAL journal with ``synchronous=FULL`` (WAL with NORMAL may

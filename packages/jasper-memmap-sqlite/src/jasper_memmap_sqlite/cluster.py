@@ -1,6 +1,6 @@
 """``ClusterLabeledDataset``: (base embedding, steering embedding, cluster label) triplets.
 
-The API of the original system (DATA_MODEL.md section 7), served the jasper way:
+The API of the original system (docs/migrating.md#cluster-labeled-datasets), served the jasper way:
 
 - embeddings, labels, sample ids and embedding indices are memory-mapped matrices; a batch is
   a handful of vectorised gathers (``__getitems__``), never a SQLite query per item;

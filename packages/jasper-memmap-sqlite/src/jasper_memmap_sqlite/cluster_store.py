@@ -1,6 +1,6 @@
 """The on-disk layout of cluster-labeled datasets, and opening one (both generations).
 
-The original system's layout (DATA_MODEL.md section 7)::
+The original system's layout (docs/migrating.md#cluster-labeled-datasets)::
 
     dataset.db               SQLite: samples (labels as JSON text per row), embeddings_meta
                              (file_path, shape, dtype, SHA-256 of the whole file), dataset_info

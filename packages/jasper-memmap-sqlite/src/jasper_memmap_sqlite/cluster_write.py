@@ -3,7 +3,7 @@
 :func:`write_cluster_labeled` fills a temporary directory beside the target (arrays streamed in
 chunks into page-aligned ``.npy`` files, the database in one transaction), fsyncs every file,
 renames the directory into place and fsyncs the parent, so an interrupted write leaves no
-dataset (DESIGN_NOTES, "Atomic dataset write").
+dataset (docs/design.md#atomic-dataset-writes).
 """
 
 from __future__ import annotations
