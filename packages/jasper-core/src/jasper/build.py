@@ -1,7 +1,7 @@
 """Build a complete JASPER dataset from what you have: bring your own embeddings.
 
 You give question and source embeddings and the (question, source) pairs; everything else the
-data model needs (DATA_MODEL.md section 1) is taken from you when you have it and derived when
+data model needs (docs/data-model.md) is taken from you when you have it and derived when
 you do not:
 
 ======================  ==========================================================================

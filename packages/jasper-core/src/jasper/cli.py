@@ -158,22 +158,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
     import time
 
     if args.kind == "cluster-labeled":
-        try:
-            from jasper_memmap_sqlite import write_synthetic_cluster_labeled
-        except ImportError:
-            from jasper.errors import BackendNotFoundError
-            from jasper.registry import list_backends
+        from jasper.cluster_kind import write_synthetic_cluster_labeled
+        from jasper.registry import list_backends
+        from jasper.store import dir_size
 
-            raise BackendNotFoundError("memmap-sqlite", list_backends(),
-                                       "pip install jasper-memmap-sqlite") from None
         t0 = time.perf_counter()
+        # memmap-sqlite changes label rows in place (update_labels); any writer serves the kind
+        backend = args.backend or ("memmap-sqlite" if "memmap-sqlite" in list_backends()
+                                   else default_writer())
         out = write_synthetic_cluster_labeled(
             args.path, n_samples=args.samples, embedding_dim=args.dim,
-            n_clusters=args.clusters, seed=args.seed, overwrite=args.overwrite,
-            progress=_progress(args),
+            n_clusters=args.clusters, seed=args.seed, backend=backend,
+            overwrite=args.overwrite, progress=_progress(args), **_options(args),
         )
-        print(f"wrote cluster-labeled dataset {out} ({args.samples} samples, D={args.dim}, "
-              f"{args.clusters} clusters) in {time.perf_counter() - t0:.1f} s")
+        print(f"wrote cluster-labeled dataset {out} with backend {backend!r}: {args.samples:,} "
+              f"samples, D={args.dim}, {args.clusters} clusters, {_mib(dir_size(out))} in "
+              f"{time.perf_counter() - t0:.1f} s")
         return EXIT_OK
 
     from jasper.store import dir_size
@@ -206,6 +206,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "path": str(reader.path),
             "backend": reader.backend_name,
             "size_bytes": dir_size(reader.path),
+            "kind": m.dataset_kind,
             "schema_version": m.schema_version,
             "writer": m.writer,
             "dataset_name": m.dataset_name,
@@ -224,44 +225,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{data['path']}  [{data['backend']}]  {_mib(data['size_bytes'])}")
     era = "original system (seed-era manifest)" if m.is_seed_era else f"schema {m.schema_version}"
     print(f"  name: {data['dataset_name']}   created: {data['created_at']}   {era}")
-    print(f"  D={m.embedding_dim}  n_neg={m.n_neg}  clusters={m.n_clusters}  "
-          f"pairs={arrays['pair_index'].shape[0] if 'pair_index' in arrays else '?'}")
+    from jasper.kinds import kind_job
+
+    kind_summary = kind_job(m.dataset_kind, "summary")
+    if kind_summary is not None:
+        print(kind_summary(m, arrays))
+    else:
+        print(f"  D={m.embedding_dim}  n_neg={m.n_neg}  clusters={m.n_clusters}  "
+              f"pairs={arrays['pair_index'].shape[0] if 'pair_index' in arrays else '?'}")
     print("  splits: " + ", ".join(f"{k}={v:,}" for k, v in data["splits"].items()))
     for n, a in data["arrays"].items():
         print(f"  {n:<27} {a['dtype']:<9} {tuple(a['shape'])!s:<18} {_mib(a['bytes']):>14}")
     return EXIT_OK
 
 
-def _is_cluster_labeled(path: str) -> bool:
-    p = Path(path)
-    return (p / "dataset.db").is_file() and not (p / "config.json").exists()
+def _kind_of(path: str) -> str:
+    """The dataset kind at ``path`` as its manifest says (a directory without one is read by a
+    backend's foreign-layout reader: today only cluster-labeled ``dataset.db``)."""
+    from jasper.errors import JasperError
+    from jasper.manifest import MANIFEST_NAME, Manifest
 
-
-def _validate_cluster_labeled(args: argparse.Namespace) -> int:
-    import time
-
+    if not (Path(path) / MANIFEST_NAME).exists():
+        return "cluster-labeled" if (Path(path) / "dataset.db").exists() else "jasper-steering"
     try:
-        from jasper_memmap_sqlite import validate_cluster_labeled
-    except ImportError:
-        from jasper.errors import BackendNotFoundError
-        from jasper.registry import list_backends
-
-        raise BackendNotFoundError("memmap-sqlite", list_backends(),
-                                   "pip install jasper-memmap-sqlite") from None
-    t0 = time.perf_counter()
-    report = validate_cluster_labeled(args.path, deep=args.deep)
-    seconds = time.perf_counter() - t0
-    if args.json:
-        print(json.dumps({"path": str(report.path), "ok": report.ok, "kind": "cluster-labeled",
-                          "generation": report.generation, "n_samples": report.n_samples,
-                          "seconds": seconds, "checksums_verified": report.checksums_verified,
-                          "problems": report.problems}, indent=2))
-    else:
-        what = "deep " if args.deep else ""
-        print(f"{report.path}: {what}validation of a cluster-labeled dataset ({report.generation}) "
-              f"passed for {report.n_samples:,} samples in {seconds:.2f} s"
-              + (f"; {report.checksums_verified} checksums verified" if args.deep else ""))
-    return EXIT_OK if report.ok else EXIT_ERROR
+        return Manifest.load(path).dataset_kind
+    except JasperError:
+        return "jasper-steering"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -269,24 +258,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from jasper.validation import DataQualityWarning, validate
 
-    if _is_cluster_labeled(args.path):
-        return _validate_cluster_labeled(args)
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataQualityWarning)
         report = validate(args.path, deep=args.deep, strict=args.strict, backend=args.backend,
                           progress=_progress(args))
     if args.json:
+        kind = _kind_of(args.path)
+        counted = {"n_samples": report.n_pairs} if kind == "cluster-labeled" else {
+            "n_pairs": report.n_pairs}
         print(json.dumps({
-            "path": str(report.path), "ok": report.ok, "n_pairs": report.n_pairs,
+            "path": str(report.path), "ok": report.ok, "kind": kind, **counted,
             "seconds": report.seconds, "pairs_per_second": report.pairs_per_second,
             "checksums_verified": report.checksums_verified,
             "findings": [vars(f) for f in report.findings],
         }, indent=2))
     else:
         what = "deep " if args.deep else ""
-        print(f"{report.path}: {what}validation passed for {report.n_pairs:,} pairs in "
-              f"{report.seconds:.2f} s ({report.pairs_per_second:,.0f} pairs/s)"
+        items = "samples" if _kind_of(args.path) == "cluster-labeled" else "pairs"
+        print(f"{report.path}: {what}validation passed for {report.n_pairs:,} {items} in "
+              f"{report.seconds:.2f} s ({report.pairs_per_second:,.0f} {items}/s)"
               + (f"; {report.checksums_verified} checksums verified" if args.deep else ""))
         for f in report.findings:
             print(f"  warning: {f.message}")
@@ -396,8 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", parents=[common], formatter_class=fmt,
                        help="write a realistic synthetic dataset")
     s.add_argument("path", help="target dataset directory (written atomically)")
-    s.add_argument("--kind", choices=["jasper", "cluster-labeled"], default="jasper",
-                   help="dataset kind: a JASPER steering dataset or a cluster-labeled one")
+    s.add_argument("--kind", choices=["jasper-steering", "jasper", "cluster-labeled"],
+                   default="jasper-steering",
+                   help="dataset kind: a JASPER steering dataset ('jasper' for short) or a "
+                        "cluster-labeled one")
     s.add_argument("--pairs", type=_count(1), default=20_000,
                    help="number of question-source pairs")
     s.add_argument("--samples", type=_count(1), default=10_000,
