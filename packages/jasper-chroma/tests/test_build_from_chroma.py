@@ -113,9 +113,6 @@ def test_bad_stores_are_typed_errors(local_store: Path, tmp_path: Path) -> None:
     assert not any(p.exists() for p in (tmp_path / "b", tmp_path / "c", tmp_path / "d"))
 
 
-@pytest.mark.xfail(strict=True, reason="core's manifest schema requires n_neg of every kind, so a "
-                   "cluster-labeled manifest does not load (jasper-core's own "
-                   "test_cluster_kind fails the same way); remove this mark when core is fixed")
 def test_cluster_labeled_from_the_same_store(local_store: Path, tmp_path: Path) -> None:
     from jasper import records
     from jasper.schema import CLUSTER_RECORDS
@@ -126,10 +123,11 @@ def test_cluster_labeled_from_the_same_store(local_store: Path, tmp_path: Path) 
     report = validate(out, deep=True)
     assert report.ok
     spec = CLUSTER_RECORDS["chroma_id"]
+    every = np.arange(60)
     with open_store(out) as r:
-        ids = records.decode(r.read(spec.offsets_array), r.read(spec.bytes_array), spec)
+        ids = records.decode(r.read(spec.offsets_array), r.read(spec.bytes_array), every, spec)
         kinds = records.decode(r.read(CLUSTER_RECORDS["sample_type"].offsets_array),
-                               r.read(CLUSTER_RECORDS["sample_type"].bytes_array),
+                               r.read(CLUSTER_RECORDS["sample_type"].bytes_array), every,
                                CLUSTER_RECORDS["sample_type"])
         labels = r.read("combined_labels")
     assert ids[:2] == ["p000", "p001"] and ids[-1] == "q09" and len(ids) == 60

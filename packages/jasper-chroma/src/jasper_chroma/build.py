@@ -153,8 +153,18 @@ def build_from_chroma(
     question_collection: str = "questions",
     passage_collection: str = "passages",
     keyword_collection: str = "keywords",
+    kind: str = "jasper-steering",
 ) -> Path:
-    """Build a complete JASPER dataset at ``out`` from the Chroma store at ``location``."""
+    """Build a complete JASPER dataset at ``out`` from the Chroma store at ``location``
+    (``kind="cluster-labeled"``: :func:`build_cluster_labeled_from_chroma`)."""
+    if kind == "cluster-labeled":
+        cfg = config or BuildConfig()
+        return build_cluster_labeled_from_chroma(
+            location, out, n_clusters=cfg.n_clusters, seed=cfg.seed, backend=backend,
+            overwrite=overwrite, progress=progress, options=options,
+            question_collection=question_collection, passage_collection=passage_collection)
+    if kind != "jasper-steering":
+        raise ValueError(f"unknown dataset kind {kind!r}: jasper-steering or cluster-labeled")
     corpus = read_corpus(location, question_collection=question_collection,
                          passage_collection=passage_collection,
                          keyword_collection=keyword_collection, progress=progress)
