@@ -115,3 +115,8 @@ def test_cli_rag_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                "--neg", "4", "--clusters", "3", "--no-progress"])
     assert rc == 0
     assert validate(tmp_path / "ds", deep=True).n_pairs == 30
+    rc = main(["build", str(tmp_path / "cl"), "--from-chroma", str(tmp_path / "store"),
+               "--kind", "cluster-labeled", "--clusters", "3", "--no-progress"])
+    assert rc == 0
+    assert "wrote cluster-labeled dataset" in capsys.readouterr().out
+    assert main(["validate", str(tmp_path / "cl"), "--deep"]) == 0

@@ -153,8 +153,18 @@ def build_from_chroma(
     question_collection: str = "questions",
     passage_collection: str = "passages",
     keyword_collection: str = "keywords",
+    kind: str = "jasper-steering",
 ) -> Path:
-    """Build a complete JASPER dataset at ``out`` from the Chroma store at ``location``."""
+    """Build a complete JASPER dataset at ``out`` from the Chroma store at ``location``
+    (``kind="cluster-labeled"``: :func:`build_cluster_labeled_from_chroma`)."""
+    if kind == "cluster-labeled":
+        cfg = config or BuildConfig()
+        return build_cluster_labeled_from_chroma(
+            location, out, n_clusters=cfg.n_clusters, seed=cfg.seed, backend=backend,
+            overwrite=overwrite, progress=progress, options=options,
+            question_collection=question_collection, passage_collection=passage_collection)
+    if kind != "jasper-steering":
+        raise ValueError(f"unknown dataset kind {kind!r}: jasper-steering or cluster-labeled")
     corpus = read_corpus(location, question_collection=question_collection,
                          passage_collection=passage_collection,
                          keyword_collection=keyword_collection, progress=progress)
@@ -169,3 +179,73 @@ def build_from_chroma(
         extra={"chroma": {"location": str(location), "questions": question_collection,
                           "passages": passage_collection}},
         **inputs)
+
+
+def _documents(collection: Any, ids: list[str], where: str) -> list[str]:
+    docs: dict[str, str] = {}
+    for start in range(0, len(ids), PAGE):
+        want = ids[start : start + PAGE]
+        try:
+            got = collection.get(ids=want, include=["documents"])
+        except Exception as exc:
+            raise ChromaStoreError(f"{where}: reading documents of {collection.name!r} failed: "
+                                   f"{exc}") from None
+        docs.update(zip(got["ids"], [d or "" for d in (got["documents"] or [""] * len(want))]))
+    return [docs.get(i, "") for i in ids]
+
+
+def build_cluster_labeled_from_chroma(
+    location: str | Path,
+    out: str | Path,
+    *,
+    n_clusters: int | None = None,
+    seed: int = 0,
+    temperature: float = 10.0,
+    backend: str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    options: Mapping[str, Any] | None = None,
+    question_collection: str = "questions",
+    passage_collection: str = "passages",
+) -> Path:
+    """A cluster-labeled dataset (DATA_MODEL.md section 7) from the same store: one sample per
+    passage (``source``) and per question (``question``), keeping each one's ``chroma_id`` and
+    document text. Clusters are k-means over the passages (:func:`jasper.build.kmeans_centroids`);
+    a sample's labels are the softmax of ``temperature`` x its cosine similarity to each
+    centroid; its steering embedding is its nearest centroid (``cluster_descriptor``) and the
+    combined labels those of the normalised mean of both."""
+    from jasper.build import default_writer, kmeans_centroids
+    from jasper.cluster_kind import write_cluster_labeled
+
+    corpus = read_corpus(location, question_collection=question_collection,
+                         passage_collection=passage_collection, progress=progress)
+    client, where = open_store_location(location)
+    pcol = get_collection(client, passage_collection, where)
+    qcol = get_collection(client, question_collection, where)
+    base = np.concatenate([corpus["sources"], corpus["questions"]]).astype(np.float32)
+    k = n_clusters or max(2, round(np.sqrt(corpus["sources"].shape[0] / 2)))
+    centroids = kmeans_centroids(corpus["sources"], k, seed=seed, progress=progress)
+
+    def labels(x: np.ndarray) -> np.ndarray:
+        xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        logits = temperature * (xn @ centroids.T)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    base_labels = labels(base)
+    steering = centroids[base_labels.argmax(axis=1)]
+    bn = base / np.maximum(np.linalg.norm(base, axis=1, keepdims=True), 1e-12)
+    n_p, n_q = corpus["sources"].shape[0], corpus["questions"].shape[0]
+    return write_cluster_labeled(
+        out, base_embeddings=base, steering_embeddings=steering, source_labels=base_labels,
+        steering_labels=labels(steering), combined_labels=labels(bn + steering),
+        sample_type=["source"] * n_p + ["question"] * n_q,
+        text=_documents(pcol, corpus["passage_ids"], where)
+        + _documents(qcol, corpus["question_ids"], where),
+        chroma_id=[*corpus["passage_ids"], *corpus["question_ids"]],
+        steering_mode=["cluster_descriptor"] * (n_p + n_q), n_clusters=centroids.shape[0],
+        dataset_info={"source": {"chroma": str(location), "questions": question_collection,
+                                 "passages": passage_collection}},
+        backend=backend or default_writer(), overwrite=overwrite, progress=progress,
+        **dict(options or {}))

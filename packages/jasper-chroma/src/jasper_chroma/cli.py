@@ -37,7 +37,8 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
     """Add ``jasper rag generate`` to the jasper CLI."""
     rag = subparsers.add_parser("rag", parents=[common],
                                 help="RAG triplet generation over a Chroma store")
-    sub = rag.add_subparsers(dest="rag_command", metavar="RAG_COMMAND", required=True)
+    sub = rag.add_subparsers(dest="rag_command", metavar="RAG_COMMAND", required=True,
+                             help="generate: corpus -> Chroma store -> triplets CSV")
     g = sub.add_parser("generate", parents=[common],
                        help="load a JSONL/CSV corpus into Chroma and write triplets as CSV")
     g.add_argument("corpus", help="the corpus: .jsonl or .csv with ids, embeddings, "

@@ -59,7 +59,8 @@ def settings() -> Any:
     return Settings(anonymized_telemetry=False, allow_reset=False)
 
 
-def _check_not_forked() -> None:
+def check_not_forked() -> None:
+    """Raise :class:`ForkedClientError` in a child forked after its parent used Chroma."""
     if _FORKED_FROM is not None:
         raise ForkedClientError(
             f"this process (pid {os.getpid()}) was forked from pid {_FORKED_FROM} after that "
@@ -72,7 +73,7 @@ def _check_not_forked() -> None:
 def get_client(location: Path | ServerLocation) -> Any:
     """The process's client for a PersistentClient directory or a server (created lazily)."""
     global _USED_BY
-    _check_not_forked()
+    check_not_forked()
     key = (os.getpid(), str(location))
     with _LOCK:
         client = _CLIENTS.get(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ from jasper.backend import ArrayInfo, StoreReader
 from jasper.dtypes import from_storage, torch_dtype
 from jasper.errors import FormatError, JasperError
 from jasper.progress import count_bar
-from jasper_chroma.client import ChromaStoreError, get_client, get_collection
+from jasper_chroma.client import ChromaStoreError, check_not_forked, get_client, get_collection
 from jasper_chroma.layout import ARRAYS_DIR, CHROMA_DIR, Layout, ServerLocation
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ def fetch_ids(collection: Any, ids: list[str], out: np.ndarray | torch.Tensor, w
     ``out``'s dtype in the assignment (no intermediate array of the whole table). Returns the
     metadata of each id when asked (else an empty list).
     """
+    check_not_forked()  # a collection object inherited through fork would hang
     as_numpy = isinstance(out, np.ndarray) or out.dtype != torch.bfloat16
     target: Any = out if isinstance(out, np.ndarray) else (out.numpy() if as_numpy else out)
     metas: list[dict[str, Any] | None] = [None] * len(ids) if include_metadata else []
@@ -115,11 +117,13 @@ class ChromaReader(StoreReader):
         return d
 
     def _collection(self, table: str) -> Any:
-        col = self._cols.get(table)
+        # collections are per process: one inherited through fork must never be used
+        key = f"{os.getpid()}:{table}"
+        col = self._cols.get(key)
         if col is None:
             client = get_client(self._location())
             col = get_collection(client, self.layout.tables[table].collection, self.where)
-            self._cols[table] = col
+            self._cols[key] = col
         return col
 
     def _npy(self, name: str) -> Path:

@@ -872,22 +872,11 @@ def build_arrays(
 
 
 def default_writer() -> str:
-    """The backend a build writes with when none is named: ``pt`` when installed, else the
-    first installed backend that writes."""
-    from jasper.registry import get_backend, list_backends
+    """The backend a build writes with when none is named: the CLI's choice (the first
+    installed of ``jasper.cli.DEFAULT_WRITERS``, else any installed writer)."""
+    from jasper.cli import default_writer as cli_default
 
-    names = list(list_backends())
-    if "pt" in names:
-        return "pt"
-    for name in names:
-        try:
-            if get_backend(name).capabilities.write:
-                return name
-        except Exception:
-            continue
-    from jasper.errors import BackendNotFoundError
-
-    raise BackendNotFoundError("pt", names, "pip install jasper-pt")
+    return cli_default()
 
 
 def build_dataset(

@@ -311,7 +311,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     import time
 
-    from jasper.build import BuildConfig, build_dataset, default_writer, read_table
+    from jasper.build import BuildConfig, build_dataset, read_table
     from jasper.store import dir_size
 
     backend = args.backend or default_writer()
@@ -327,8 +327,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
         build_from = plugin_function("jasper.build_sources", "chroma", "pip install jasper-chroma")
         out = build_from(args.from_chroma, args.out, backend=backend, overwrite=args.overwrite,
-                         progress=_progress(args), config=cfg, options=_options(args))
+                         progress=_progress(args), config=cfg, options=_options(args),
+                         kind=args.kind)
     else:
+        if args.kind != "jasper-steering":
+            raise SystemExit("jasper build: error: --kind cluster-labeled needs --from-chroma")
         if not (args.questions and args.sources and args.pairs):
             raise SystemExit("jasper build: error: give --questions, --sources and --pairs "
                              "(or --from-chroma LOCATION)")
@@ -359,6 +362,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     from jasper.manifest import Manifest
 
     m = Manifest.load(out)
+    if m.dataset_kind != "jasper-steering":
+        print(f"wrote {m.dataset_kind} dataset {out} with backend {backend!r}: "
+              f"D={m.embedding_dim}, {m.n_clusters} clusters, {_mib(dir_size(out))} in "
+              f"{time.perf_counter() - t0:.1f} s")
+        return EXIT_OK
     derived = ", ".join((m.extra.get("build") or {}).get("derived", [])) or "nothing"
     print(f"wrote {out} with backend {backend!r}: D={m.embedding_dim}, n_neg={m.n_neg}, "
           f"{m.n_clusters} clusters, splits {m.split_sizes}, {_mib(dir_size(out))} in "
@@ -493,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--from-chroma", dest="from_chroma", metavar="LOCATION",
                     help="read questions, passages and relevance from a Chroma store "
                     "(a PersistentClient directory or chroma://host:port; needs jasper-chroma)")
+    bl.add_argument("--kind", choices=["jasper-steering", "cluster-labeled"],
+                    default="jasper-steering", help="the dataset kind to build; "
+                    "cluster-labeled needs --from-chroma (one sample per passage and question)")
     bl.add_argument("--neg", type=int, default=8, help="hard negatives to mine per pair (8)")
     bl.add_argument("--clusters", type=int, help="k-means clusters (default: sqrt(N_s/2))")
     bl.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],

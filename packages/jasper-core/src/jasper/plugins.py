@@ -7,7 +7,7 @@ only when needed:
   sub-commands to the ``jasper`` CLI (``common`` is the parent parser with ``--debug`` and
   ``--no-progress``). Keep that module import-light: it is imported to build the parser.
 - ``jasper.build_sources``: ``name = "module:function"``; a builder ``jasper build --from-NAME``
-  calls as ``function(location, out, *, backend, overwrite, progress, config, options)``.
+  calls as ``function(location, out, *, backend, overwrite, progress, config, options, kind)``.
 """
 
 from __future__ import annotations
