@@ -284,3 +284,47 @@ def test_worker_type_choice(tagged: Path) -> None:
         create_loader(tagged, "val", batch_size=8, worker_type="fibers")  # type: ignore[arg-type]
     t = create_loader(tagged, "val", batch_size=8, num_workers=2, worker_type="thread")
     assert isinstance(t, ThreadedLoader) and t.thread_workers == 2 and t.num_workers == 2
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(0, 70), batch_size=st.integers(1, 20), drop_last=st.booleans(),
+       kind=st.sampled_from(["sequential", "shuffle", "distributed"]), skip=st.integers(0, 3))
+def test_tensor_index_batches_are_the_batch_samplers_batches(n: int, batch_size: int,
+                                                             drop_last: bool, kind: str,
+                                                             skip: int) -> None:
+    """In-process loaders hand __getitems__ int64 views of one order tensor instead of Python
+    lists: the same batches, the same len, and a restore's skip drops exactly the first ones."""
+    from torch.utils.data import BatchSampler
+
+    from jasper.loader import EpochShuffleSampler, IndexBatches
+
+    data = range(n)
+
+    def make() -> Any:
+        if kind == "sequential":
+            return SequentialSampler(data)
+        if kind == "shuffle":
+            return EpochShuffleSampler(data, seed=3, epoch=2)
+        return DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3)  # type: ignore[arg-type]
+
+    ours = IndexBatches(make(), batch_size, drop_last, skip=skip)
+    theirs = BatchSampler(make(), batch_size, drop_last)
+    want = list(theirs)[skip:]
+    got = list(ours)
+    assert len(ours) == len(want) == len(got)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.int64 and g.tolist() == w
+
+
+def test_the_epoch_variant_table_equals_the_per_pair_draw(small_dataset: Path) -> None:
+    with JASPERSteeringDataset(small_dataset, "train") as ds:
+        positions = torch.tensor([5, 0, 999, 5, len(ds) - 1])
+        for epoch in (0, 12, 40, 12):
+            ds.set_epoch(epoch)
+            batch = ds.__getitems__(positions)
+            pids = ds.split_indices[positions]
+            assert torch.equal(batch["steering_variant"], ds.variants_for_pairs(pids))
+            assert torch.equal(batch["steering_variant"],
+                               draw_variants(pids, epoch, ds.seed, ds.curriculum))
+        ds.force_steering("centroid")
+        assert set(ds.__getitems__(positions)["steering_variant"].tolist()) == {1}

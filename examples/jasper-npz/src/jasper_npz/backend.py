@@ -41,7 +41,7 @@ from jasper.dtypes import STORAGE_NUMPY, dtype_name, from_storage, to_storage, t
 from jasper.errors import DatasetNotFoundError, FormatError, WriteOptionError
 from jasper.files import ProcessLocal
 from jasper.manifest import Manifest
-from jasper.schema import ARRAYS
+from jasper.schema import ALL_ARRAYS
 
 ARCHIVE = "dataset.npz"
 COMPRESSION = {None: zipfile.ZIP_STORED, "deflate": zipfile.ZIP_DEFLATED}
@@ -87,7 +87,7 @@ class NpzReader(StoreReader):
     @contextmanager
     def _member(self, name: str) -> Iterator[tuple[IO[bytes], tuple[int, ...], np.dtype]]:
         """The open member of ``name``, positioned after its ``.npy`` header."""
-        if name not in ARRAYS:
+        if name not in ALL_ARRAYS:
             raise self._missing(name)
         zf = self._zipfile()
         try:
@@ -117,7 +117,7 @@ class NpzReader(StoreReader):
 
     def array_names(self) -> list[str]:
         members = set(self._zipfile().namelist())
-        return [n for n in ARRAYS if f"{n}.npy" in members]
+        return [n for n in ALL_ARRAYS if f"{n}.npy" in members]
 
     def info(self, name: str) -> ArrayInfo:
         with self._member(name) as (_f, shape, dtype):

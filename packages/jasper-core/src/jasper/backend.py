@@ -394,6 +394,13 @@ class BackendEntrypoint(abc.ABC):
     #: original system's cluster-labeled ``dataset.db``).
     foreign_markers: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # core owns array-name validation for every backend, also for direct write_arrays calls
+        from jasper.validation import guard_write_arrays
+
+        guard_write_arrays(cls)
+
     def guess_can_open(self, path: str | Path) -> bool:
         """Whether ``path`` (a dataset directory) looks like this backend's. Cheap: no parsing."""
         p = Path(path)

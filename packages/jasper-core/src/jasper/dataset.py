@@ -92,6 +92,10 @@ BATCH_KEYS: tuple[str, ...] = (
     "negative_tiers",
 )
 
+#: Splits up to this many samples draw each epoch's variants once, into an int8 table (1 byte a
+#: sample); larger ones hash the pair ids of every batch.
+VARIANT_TABLE_MAX = 1 << 25
+
 #: ``use_mmap=None`` maps when the arrays exceed this fraction of the available RAM.
 AUTO_MMAP_FRACTION = 0.5
 
@@ -256,6 +260,8 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         self._infos = infos
         self._control = torch.tensor([-1, int(epoch), 0], dtype=torch.int64).share_memory_()
         self._draw_cache: tuple[int, tuple[int, int], tuple[int, int, int]] | None = None
+        # (epoch, variant of every split position): one gather per batch instead of the hash
+        self._variant_table: tuple[int, torch.Tensor] | None = None
         self._generation = 0
         # the table set owns the reader from here on (and closes it on failure)
         self.tables: TableSet = open_tables(mode, location, infos, self.device, reader=reader)
@@ -336,6 +342,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         for key in [k for k, v in state.items() if isinstance(v, torch.Tensor)]:
             if key != "_control":
                 del state[key]
+        state["_variant_table"] = None  # recomputed where it is needed
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -433,6 +440,24 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             self._draw_cache = cache
         return forced, cache[1], cache[2]
 
+    def _variants_at(self, positions: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
+        """The variants of split ``positions`` (whose pair ids are ``pair_ids``): from the
+        epoch's table of the whole split where it is small, else drawn for these pairs."""
+        forced = int(self._control[_FORCED])
+        if forced >= 0:
+            return torch.full_like(pair_ids, forced, dtype=torch.int64)
+        n = self.split_indices.shape[0]
+        if n > VARIANT_TABLE_MAX:
+            return self.variants_for_pairs(pair_ids)
+        epoch = int(self._control[_EPOCH])
+        cached = self._variant_table
+        if cached is None or cached[0] != epoch:
+            _, key, thresholds = self.draw_params()
+            table = variants_from_hash(hash32(self.split_indices, key), thresholds).to(torch.int8)
+            cached = (epoch, table)
+            self._variant_table = cached  # one tuple assignment: safe for loader threads
+        return cached[1].index_select(0, positions).to(torch.int64)
+
     def variants_for_pairs(self, pair_ids: torch.Tensor) -> torch.Tensor:
         """The variant (int64, 0-3) each pair id gets now: forced, or drawn for the epoch."""
         forced, key, thresholds = self.draw_params()
@@ -514,7 +539,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         t = self.tables
         pids = self.split_indices.index_select(0, idx)
         if draw is None:
-            variant = self.variants_for_pairs(pids)
+            variant = self._variants_at(idx, pids)
         else:
             key, thresholds, forced = draw
             drawn = variants_from_hash(hash32(pids, key), thresholds)
@@ -583,6 +608,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         for name in list(self.__dict__):
             if isinstance(self.__dict__[name], torch.Tensor) and name != "_control":
                 self.__dict__[name] = None
+        self._variant_table = None
         self._closed = True
 
     def __enter__(self) -> JASPERSteeringDataset:

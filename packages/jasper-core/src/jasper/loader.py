@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from jasper.dataset import BATCH_KEYS, JASPERSteeringDataset, passthrough_collate
 
@@ -176,6 +176,41 @@ class EpochShuffleSampler(RandomSampler):
         return len(self.data_source)
 
 
+class IndexBatches:
+    """The batch sampler of in-process loading: each batch of positions is an int64 tensor view
+    of the pass's one order tensor (the DataLoader's ``BatchSampler`` builds a Python list of
+    ``batch_size`` ints per batch, which ``__getitems__`` turns back into a tensor). Same
+    batches, same ``len``; ``skip`` leaves out the first batches without drawing them."""
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool, skip: int = 0) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.skip = skip
+
+    def _order(self) -> torch.Tensor:
+        s = self.sampler
+        if isinstance(s, EpochShuffleSampler):
+            pass_index = s.next_pass
+            s.next_pass += 1
+            return s.order(pass_index)
+        if isinstance(s, SequentialSampler):
+            return torch.arange(len(s), dtype=torch.int64)
+        return torch.as_tensor(list(iter(s)), dtype=torch.int64)  # e.g. DistributedSampler
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self._order()
+        b = self.batch_size
+        for i in range(self.skip, self._batches(order.shape[0])):
+            yield order[i * b : (i + 1) * b]
+
+    def _batches(self, n: int) -> int:
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __len__(self) -> int:
+        return max(0, self._batches(len(self.sampler)) - self.skip)
+
+
 class _SkipFirst:
     """An index batch sampler without its first ``skip`` batches (drawn, not fetched)."""
 
@@ -251,8 +286,18 @@ class JasperLoader(DataLoader):
             self._making_iterator = False
 
     @property
+    def _in_process(self) -> bool:
+        """Batches are fetched in this process (no worker processes to send indices to)."""
+        return self.num_workers == 0
+
+    @property
     def _index_sampler(self) -> Any:
         batches = super()._index_sampler
+        if self._in_process and self.batch_size is not None:
+            skip, self._skip_once = self._skip_once, 0
+            return IndexBatches(self.sampler, self.batch_size, self.drop_last, skip)
+        # worker processes get Python lists: a tensor per batch would cost a shared-memory
+        # segment in the index queue
         skip, self._skip_once = self._skip_once, 0
         return _SkipFirst(batches, skip) if skip else batches
 
@@ -338,6 +383,10 @@ class ThreadedLoader(JasperLoader):
         super().__init__(dataset, num_workers=0, **kwargs)
         self.num_workers = num_workers
         self.prefetch = max(prefetch, num_workers)
+
+    @property
+    def _in_process(self) -> bool:
+        return True
 
     @property
     def thread_workers(self) -> int:

@@ -23,6 +23,7 @@ write permission). Clone a tensor before changing it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap as _mmap
 import os
@@ -45,7 +46,7 @@ from jasper.backend import (
 from jasper.dtypes import STORAGE_NUMPY, dtype_name, to_storage, torch_dtype
 from jasper.errors import DatasetNotFoundError, FormatError, JasperError, ShapeError
 from jasper.manifest import MANIFEST_NAME, Manifest
-from jasper.schema import ARRAYS
+from jasper.schema import ARRAYS, dataset_kind
 from jasper_memmap_sqlite.catalogue import (
     CATALOGUE_DDL,
     CatalogueEntry,
@@ -60,6 +61,8 @@ from jasper_memmap_sqlite.catalogue import (
     transaction,
     verify_blocks,
 )
+from jasper_memmap_sqlite.cluster_rows import LOCK_NAME as ROW_LOCK_NAME
+from jasper_memmap_sqlite.cluster_rows import ROWS_DDL, RowStore
 from jasper_memmap_sqlite.npy import (
     DEFAULT_ALIGN,
     check_size,
@@ -102,6 +105,11 @@ class MemmapSqliteReader(StoreReader):
         self._maps: dict[str, torch.Tensor] = {}
         self._mms: dict[str, np.ndarray] = {}
         self.entries = self._load_catalogue()
+        self._row_store = RowStore(self.path, self.path / CATALOGUE_NAME, self.entries)
+        if self._row_store.recover():  # a row writer died mid-change: rolled back
+            self.entries = self._load_catalogue()
+            self._row_store = RowStore(self.path, self.path / CATALOGUE_NAME, self.entries)
+            self.manifest = Manifest.load(self.path)
 
     def _load_catalogue(self) -> dict[str, CatalogueEntry]:
         db = self.path / CATALOGUE_NAME
@@ -212,9 +220,22 @@ class MemmapSqliteReader(StoreReader):
         # ascending rows fault the map's pages in one sweep; core sorted and checked them
         return self.map(name).index_select(0, rows)
 
+    def write_rows(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
+                   note: Mapping[str, Any] | None = None) -> None:
+        """Replace rows of mutable arrays in place as one crash-safe change (see
+        :mod:`jasper_memmap_sqlite.cluster_rows`); maps of this and every other process see
+        the new rows from their next :meth:`reading_rows` on."""
+        self._row_store.write(updates, note, dataset_kind(self.manifest.dataset_kind).arrays)
+        self.entries = dict(self._row_store.entries)
+        self.manifest = Manifest.load(self.path)
+
+    def reading_rows(self) -> contextlib.AbstractContextManager[None]:
+        return self._row_store.reading()
+
     def close(self) -> None:
         self._maps.clear()
         self._mms.clear()
+        self._row_store.close()
         super().close()
 
 
@@ -227,9 +248,12 @@ class MemmapSqliteBackend(BackendEntrypoint):
     )
     url: ClassVar[str] = "https://pypi.org/project/jasper-memmap-sqlite/"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        write=True, mmap=True, compression=False, row_access=True, worker_safe=True
+        write=True, mmap=True, compression=False, row_access=True, worker_safe=True,
+        write_rows=True,
     )
     marker_files: ClassVar[tuple[str, ...]] = (CATALOGUE_NAME,)
+    #: The cluster-labeled ``dataset.db`` layouts (the original system's and jasper's first).
+    foreign_markers: ClassVar[tuple[str, ...]] = ("dataset.db",)
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {
         "default": {},
         # numpy's own alignment: smaller files for tiny arrays, rows may straddle pages
@@ -271,9 +295,11 @@ class MemmapSqliteBackend(BackendEntrypoint):
                 directory / f"{name}.npy", tuple(source.shape), storage,
                 tensor_chunks(source.iter_chunks(rows)), align=align, array=name,
                 on_bytes=progress))
+        mutable = any(s.mutable for s in dataset_kind(manifest.dataset_kind).arrays.values())
         conn = connect(directory / CATALOGUE_NAME, readonly=False, create=True)
         try:
-            conn.executescript(CATALOGUE_DDL + _BACKEND_DDL)
+            rows_ddl = ROWS_DDL if mutable else ""  # tables of in-place row changes
+            conn.executescript(CATALOGUE_DDL + _BACKEND_DDL + rows_ddl)
             with transaction(conn):
                 conn.executemany("INSERT INTO jasper_meta (key, value) VALUES (?, ?)", [
                     ("format", FORMAT),
@@ -288,11 +314,25 @@ class MemmapSqliteBackend(BackendEntrypoint):
                                  ("pair_keywords", "pair_keyword_offsets", "pair_keyword_ids"))
         finally:
             conn.close()  # the last close checkpoints the WAL into the database file
+        if mutable:
+            (directory / ROW_LOCK_NAME).touch()  # readers and row writers meet here
+
+    def open_foreign(self, path: Path) -> StoreReader | None:
+        """The cluster-labeled ``dataset.db`` layouts (no ``config.json``), read as arrays."""
+        if not (Path(path) / "dataset.db").is_file():
+            return None
+        from jasper_memmap_sqlite.cluster_reader import ClusterDbReader
+
+        return ClusterDbReader.open(Path(path))
 
     def deep_check(self, path: Path) -> list[str]:
         """``integrity_check``, ``foreign_key_check``, and every file against the catalogue:
         header, size, block checksums, and the catalogue against ``config.json``."""
         p = Path(path)
+        if not (p / CATALOGUE_NAME).exists() and (p / "dataset.db").is_file():
+            from jasper_memmap_sqlite.cluster_reader import deep_check_cluster_db
+
+            return deep_check_cluster_db(p)
         db = p / CATALOGUE_NAME
         try:
             conn = connect(db, readonly=True)
