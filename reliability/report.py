@@ -61,7 +61,9 @@ def _counts(results: Iterable[Result]) -> Counter[Outcome]:
 
 
 def findings(results: Iterable[Result]) -> list[Result]:
-    return [r for r in results if r.outcome not in GOOD]
+    """Every result off the goal; a pristine write that failed at all is one too."""
+    return [r for r in results if r.outcome not in GOOD
+            or (r.family == "prepare" and r.outcome is not Outcome.OK)]
 
 
 def goal_met(results: Iterable[Result]) -> bool:
