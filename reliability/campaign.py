@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown families {unknown}; known: {', '.join(family_table())}")
     backends = args.backends.split(",") if args.backends else None
+    import signal
+
+    # `kill` of a long run still unmounts and removes its scratch directory
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="jasper-reliability-", dir=_scratch_root()))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
