@@ -27,6 +27,7 @@ import torch
 from jasper.errors import CapabilityError, FormatError
 
 if TYPE_CHECKING:
+    from jasper.location import Location, ObjectStore
     from jasper.manifest import Manifest
 
 
@@ -40,6 +41,8 @@ class Capabilities:
     - ``row_access``: :meth:`StoreReader.read_rows` reads only the requested rows (no preload).
     - ``worker_safe``: a reader can be pickled to spawned DataLoader workers and reopens itself
       lazily after a fork.
+    - ``locations``: the location schemes the backend reads and writes (``"file"``: local
+      directories; ``"s3"``...: object stores, through :meth:`BackendEntrypoint.object_store`).
     """
 
     write: bool = True
@@ -47,6 +50,7 @@ class Capabilities:
     compression: bool = False
     row_access: bool = False
     worker_safe: bool = True
+    locations: tuple[str, ...] = ("file",)
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,14 @@ class BackendEntrypoint(abc.ABC):
         written (may be ``None``). Core writes ``config.json`` afterwards and commits atomically.
         """
         raise CapabilityError(f"backend {self.name!r} cannot write datasets")
+
+    def object_store(self, location: Location) -> ObjectStore:
+        """The byte operations core's generation commit needs at an object-store ``location``
+        (backends whose ``capabilities.locations`` name a URL scheme); see
+        :mod:`jasper.location`. ``open`` and ``write_arrays`` then receive the
+        :class:`~jasper.location.Location` of one generation instead of a directory."""
+        raise CapabilityError(f"backend {self.name!r} reads and writes local directories only, "
+                              f"not {location}")
 
     def deep_check(self, path: Path) -> list[str]:
         """Backend-specific integrity checks for ``validate --deep`` (e.g. SQLite's

@@ -31,6 +31,7 @@ from jasper.errors import (
     ShapeError,
     WriteOptionError,
 )
+from jasper.location import Location, as_target
 from jasper.manifest import MANIFEST_NAME, ArrayRecord, Checksummer, Manifest
 from jasper.progress import byte_bar
 from jasper.registry import get_backend, guess_backend, list_backends
@@ -44,14 +45,19 @@ class DatasetExistsError(JasperError, FileExistsError):
     """The write target exists and ``overwrite`` was not given."""
 
 
-def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -> StoreReader:
-    """Open the dataset directory ``path`` for reading.
+def open_store(path: str | Path | Location, backend: str = "auto", *,
+               mmap: bool = False) -> StoreReader:
+    """Open the dataset directory (or object-store URL, see :mod:`jasper.location`) ``path``.
 
     ``backend="auto"`` uses the writer recorded in the manifest when installed, else asks every
     installed backend's ``guess_can_open``. ``mmap=True`` asks for zero-copy mapped arrays and
     raises :class:`CapabilityError` for a backend that cannot map.
     """
-    p = Path(path)
+    p = as_target(path)
+    if isinstance(p, Location):
+        from jasper.remote import open_remote
+
+        return open_remote(p, backend, mmap=mmap)
     if not p.is_dir():
         raise DatasetNotFoundError(p, hint="Check the path; `jasper synth DIR` creates a dataset")
     manifest = Manifest.load(p)
@@ -223,16 +229,20 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         raise
 
 
-def dir_size(path: str | Path) -> int:
-    """Bytes on disk of every file under ``path``."""
-    p = Path(path)
+def dir_size(path: str | Path | Location) -> int:
+    """Bytes on disk of every file under ``path`` (of the committed objects at a URL)."""
+    p = as_target(path)
+    if isinstance(p, Location):
+        from jasper.remote import remote_size
+
+        return remote_size(p)
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def write_store(
-    path: str | Path,
+    path: str | Path | Location,
     arrays: Mapping[str, torch.Tensor | ArraySource],
     manifest: Manifest | Mapping[str, Any],
     *,
@@ -246,10 +256,16 @@ def write_store(
     ``arrays`` maps every array of :data:`jasper.schema.ARRAYS` to a tensor or an
     :class:`~jasper.backend.ArraySource` (for data larger than RAM). ``options`` are the
     backend's write options (e.g. ``compression="lzf"`` for hdf5); unknown ones raise
-    :class:`WriteOptionError` listing what the backend accepts. Returns the dataset path.
+    :class:`WriteOptionError` listing what the backend accepts. Returns the dataset path (the
+    :class:`~jasper.location.Location` for an object-store URL, committed by generation).
     """
-    target = Path(path).absolute()
+    where = as_target(path)
     impl = get_backend(backend)
+    if isinstance(where, Location):
+        from jasper.remote import require_location_support
+
+        require_location_support(impl, where)
+    target = where.absolute() if isinstance(where, Path) else where
     if not impl.capabilities.write:
         raise CapabilityError(f"backend {backend!r} cannot write datasets")
     _check_options(impl, options)
@@ -257,24 +273,38 @@ def write_store(
     sources = {n: as_source(a) for n, a in arrays.items()}
     check_layout(sources, m)
     total = sum(s.nbytes for s in sources.values())
+    if isinstance(target, Location):
+        from jasper.remote import write_remote
+
+        return write_remote(  # type: ignore[return-value]
+            target, impl, lambda gen: _fill(gen, impl, backend, sources, m, total, progress,
+                                            options), overwrite=overwrite)
     with atomic_directory(target, overwrite=overwrite) as tmp:
-        with byte_bar(total, f"writing {target.name} ({backend})", progress) as update:
-            hashing = {n: _HashingSource(n, s, update) for n, s in sources.items()}
-            impl.write_arrays(tmp, hashing, m, **options)
-        for n, h in hashing.items():
-            expected = h.shape[0] if h.shape else 1
-            if not h.consumed or h.rows != expected:
-                raise JasperError(
-                    f"backend {backend!r} wrote {h.rows} of {expected} rows of {n!r}; this is a bug "
-                    "in the backend"
-                )
-        m.arrays = {
-            n: ArrayRecord(tuple(h.shape), dtype_name(h.dtype), h.hasher.hexdigest())
-            for n, h in hashing.items()
-        }
-        m.stamp(backend, _backend_version(backend))
+        _fill(tmp, impl, backend, sources, m, total, progress, options)
         m.dump(tmp, fsync=False)  # config.json last: it is the commit marker
     return target
+
+
+def _fill(where: Path | Location, impl: Any, backend: str, sources: Mapping[str, ArraySource],
+          m: Manifest, total: int, progress: bool | None, options: Mapping[str, Any]) -> Manifest:
+    """Let the backend write every array into ``where`` (a temporary directory or a
+    generation's location) while core hashes them; fills ``m.arrays`` and stamps ``m``."""
+    with byte_bar(total, f"writing {where.name} ({backend})", progress) as update:
+        hashing = {n: _HashingSource(n, s, update) for n, s in sources.items()}
+        impl.write_arrays(where, hashing, m, **options)
+    for n, h in hashing.items():
+        expected = h.shape[0] if h.shape else 1
+        if not h.consumed or h.rows != expected:
+            raise JasperError(
+                f"backend {backend!r} wrote {h.rows} of {expected} rows of {n!r}; this is a bug "
+                "in the backend"
+            )
+    m.arrays = {
+        n: ArrayRecord(tuple(h.shape), dtype_name(h.dtype), h.hasher.hexdigest())
+        for n, h in hashing.items()
+    }
+    m.stamp(backend, _backend_version(backend))
+    return m
 
 
 def _backend_version(name: str) -> str | None:
@@ -298,8 +328,8 @@ def _commit(tmp: Path, target: Path) -> None:
 class ConvertReport:
     """What :func:`convert` did: both sizes on disk and the time it took."""
 
-    src: Path
-    dst: Path
+    src: Path | Location
+    dst: Path | Location
     src_backend: str
     dst_backend: str
     src_bytes: int
@@ -321,8 +351,8 @@ class ConvertReport:
 
 
 def convert(
-    src: str | Path,
-    dst: str | Path,
+    src: str | Path | Location,
+    dst: str | Path | Location,
     *,
     to: str,
     src_backend: str = "auto",
@@ -344,7 +374,12 @@ def convert(
         out = write_store(dst, sources, manifest, backend=to, overwrite=overwrite,
                           progress=progress, **options)
         src_name = reader.backend_name
-    written = Manifest.load(out)
+    if isinstance(out, Location):
+        from jasper.remote import manifest_at
+
+        written = manifest_at(out, to)
+    else:
+        written = Manifest.load(out)
     for n, rec in before.items():
         if rec.checksum and n in written.arrays and written.arrays[n].checksum != rec.checksum:
             from jasper.errors import ChecksumError
@@ -353,7 +388,7 @@ def convert(
                 f"conversion changed {n!r}: checksum {written.arrays[n].checksum} != {rec.checksum}",
                 array=n, rule="bit-exact conversion", path=out,
             )
-    return ConvertReport(Path(src), out, src_name, to, dir_size(src), dir_size(out),
+    return ConvertReport(as_target(src), out, src_name, to, dir_size(src), dir_size(out),
                          time.perf_counter() - t0)
 
 
