@@ -12,6 +12,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
+def _shown(path: str | Path) -> str:
+    """How a message names ``path``: a URL (``s3://...``) as given, a local path as a Path."""
+    text = str(path)
+    return text if "://" in text else str(Path(path))
+
+
 class JasperError(Exception):
     """Base class of every error jasper raises on purpose."""
 
@@ -21,7 +27,7 @@ class DatasetNotFoundError(JasperError, FileNotFoundError):
 
     def __init__(self, path: str | Path, what: str = "dataset directory", hint: str = "") -> None:
         self.path = Path(path)
-        msg = f"{what} not found: {self.path}"
+        msg = f"{what} not found: {_shown(path)}"
         if hint:
             msg += f". {hint}"
         super().__init__(msg)
@@ -33,7 +39,7 @@ class FormatError(JasperError, ValueError):
     def __init__(self, path: str | Path, problem: str, array: str | None = None) -> None:
         self.path = Path(path)
         self.array = array
-        where = f"{self.path}" + (f" (array {array!r})" if array else "")
+        where = _shown(path) + (f" (array {array!r})" if array else "")
         super().__init__(f"{where}: {problem}")
 
 
@@ -60,7 +66,7 @@ class IntegrityError(JasperError, ValueError):
         self.row = row
         self.rule = rule
         self.path = Path(path) if path is not None else None
-        prefix = f"{self.path}: " if self.path is not None else ""
+        prefix = f"{_shown(path)}: " if path is not None else ""
         super().__init__(prefix + message)
 
 
@@ -81,7 +87,7 @@ class ManifestError(JasperError, ValueError):
 
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = Path(path)
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{_shown(path)}: {problem}")
 
 
 class SchemaVersionError(ManifestError):

@@ -90,8 +90,11 @@ def open_remote(location: Location, backend: str = "auto", *, mmap: bool = False
     if mmap and not impl.capabilities.mmap:
         raise CapabilityError(f"backend {impl.name!r} cannot memory-map {location}: object "
                               "stores are preloaded or read by rows; open with mmap=False")
-    return impl.open(location.join(generation_prefix(generation)), manifest,  # type: ignore[arg-type]
-                     mmap=mmap)
+    reader = impl.open(location.join(generation_prefix(generation)),  # type: ignore[arg-type]
+                       manifest, mmap=mmap)
+    # reader.path names the dataset (what `jasper info` shows and sizes), not one generation
+    reader.path = location  # type: ignore[assignment]
+    return reader
 
 
 def write_remote(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -69,7 +70,7 @@ class ZarrReader(StoreReader):
     def __init__(self, where: Path | Location, manifest: Manifest) -> None:
         self.manifest = manifest
         self.where: Path | Location = where if isinstance(where, Location) else Path(where)
-        # reader.path names the dataset in messages and for `jasper info`
+        # reader.path names the dataset (core sets it to the dataset URL, above a generation)
         self.path = self.where  # type: ignore[assignment]
         self._pid: int | None = None
         self._group: Any = None
@@ -178,7 +179,10 @@ class ZarrReader(StoreReader):
 
     def array_names(self) -> list[str]:
         group = self._open_group()
-        present = set(self._wrap(None, lambda: list(group.array_keys())))
+        with warnings.catch_warnings():
+            # config.json (core's manifest) sits beside the arrays; zarr warns it is foreign
+            warnings.filterwarnings("ignore", message=".*not recognized as a component")
+            present = set(self._wrap(None, lambda: list(group.array_keys())))
         return [n for n in ARRAYS if n in present]
 
     def info(self, name: str) -> ArrayInfo:
