@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from s3server import S3Server, s3_server
 
 from jasper.manifest import Manifest
 from jasper.testing.data import make_arrays
+from jasper_zarr.s3server import S3Server, s3_server
 
 os.environ.setdefault("JASPER_PROGRESS", "0")
 

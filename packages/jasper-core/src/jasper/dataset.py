@@ -31,7 +31,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import Dataset, Subset, get_worker_info
@@ -209,17 +209,28 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         use_mmap: bool | None = None,
         seed: int | None = None,
     ) -> None:
-        self.dataset_dir = Path(dataset_dir)
+        from jasper.location import Location, as_target
+
+        target = as_target(dataset_dir)
+        # an object-store URL is pinned to its committed generation once; the Location stands
+        # in for the Path in messages (it prints as the URL)
+        self._pinned = None
+        if isinstance(target, Location):
+            from jasper.remote import pin_generation
+
+            self._pinned = pin_generation(target, storage_format)
+        self.dataset_dir = cast(Path, target)
         self.split = split
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cpu":
             tune_host_allocator()  # batches reuse freed memory instead of faulting in new pages
         self._closed = True
         self._reader: StoreReader | None = None
-        if not self.dataset_dir.is_dir():
+        if self._pinned is None and not self.dataset_dir.is_dir():
             raise DatasetNotFoundError(
                 self.dataset_dir, hint="Check the path; `jasper synth DIR` creates a dataset")
-        self.manifest = Manifest.load(self.dataset_dir)
+        self.manifest = (self._pinned.manifest if self._pinned is not None
+                         else Manifest.load(self.dataset_dir))
         self.config: dict[str, Any] = self.manifest.to_dict()
         self.embedding_dim = int(self.manifest.embedding_dim)
         self.n_neg = int(self.manifest.n_neg)
@@ -228,7 +239,9 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             seed = self.manifest.random_seed if self.manifest.random_seed is not None else 0
         self.seed = int(seed)
 
-        if storage_format == "auto":
+        if self._pinned is not None:
+            backend_name = self._pinned.backend
+        elif storage_format == "auto":
             preferred = (self.manifest.writer or {}).get("backend")
             backend_name = guess_backend(self.dataset_dir, preferred)
         else:
@@ -237,7 +250,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         self.storage_format = backend_name
         caps = backend.capabilities
 
-        reader = backend.open(self.dataset_dir, self.manifest, mmap=False)
+        reader = self._open_reader(mmap=False)
         try:
             names = set(reader.array_names())
             available = [s for s in SPLITS if split_array(s) in names]
@@ -253,7 +266,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             self.mode = self._choose_mode(use_mmap, caps, infos, backend_name)
             if self.mode == MODE_MMAP:
                 reader.close()
-                reader = backend.open(self.dataset_dir, self.manifest, mmap=True)
+                reader = self._open_reader(mmap=True)
             self._reader = reader
             self._infos = infos
             self._control = torch.tensor([-1, int(epoch), 0], dtype=torch.int64).share_memory_()
@@ -440,9 +453,15 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
     def _reopen(self) -> StoreReader:
         # a re-mined dataset is a new file (writes are atomic renames): reopen to see it
         self._release_reader()
-        self._reader = get_backend(self.storage_format).open(
-            self.dataset_dir, self.manifest, mmap=self.mode == MODE_MMAP)
+        self._reader = self._open_reader(mmap=self.mode == MODE_MMAP)
         return self._reader
+
+    def _open_reader(self, *, mmap: bool) -> StoreReader:
+        if self._pinned is not None:
+            from jasper.remote import open_pinned
+
+            return open_pinned(self._pinned, mmap=mmap)
+        return get_backend(self.storage_format).open(self.dataset_dir, self.manifest, mmap=mmap)
 
     def _release_reader(self) -> None:
         if self._reader is not None:

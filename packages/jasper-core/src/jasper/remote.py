@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from jasper.backend import BackendEntrypoint, StoreReader
@@ -75,9 +76,20 @@ def load_manifest(store: ObjectStore, location: Location, generation: str) -> Ma
     return Manifest.from_dict(d, where)
 
 
-def open_remote(location: Location, backend: str = "auto", *, mmap: bool = False) -> StoreReader:
-    """Open the committed generation at ``location`` with ``backend`` (``"auto"``: the manifest's
-    writer when it takes the scheme, else the best installed backend that does)."""
+@dataclass(frozen=True)
+class PinnedGeneration:
+    """The committed generation of a URL, resolved once: where its objects are, its manifest
+    and the backend that reads it. Readers opened from it never see a later overwrite."""
+
+    location: Location
+    where: Location
+    manifest: Manifest
+    backend: str
+
+
+def pin_generation(location: Location, backend: str = "auto") -> PinnedGeneration:
+    """Follow the pointer at ``location`` once (``backend="auto"``: the manifest's writer when
+    it takes the scheme, else the best installed backend that does)."""
     impl = _auto_backend(location) if backend == "auto" else get_backend(backend)
     require_location_support(impl, location)
     store = impl.object_store(location)
@@ -87,14 +99,26 @@ def open_remote(location: Location, backend: str = "auto", *, mmap: bool = False
         preferred = (manifest.writer or {}).get("backend")
         if preferred and preferred != impl.name and preferred in backends_for(location.scheme):
             impl = get_backend(preferred)
+    return PinnedGeneration(location, location.join(generation_prefix(generation)), manifest,
+                            impl.name)
+
+
+def open_pinned(pinned: PinnedGeneration, *, mmap: bool = False) -> StoreReader:
+    """A reader of a pinned generation; ``reader.path`` is the dataset's URL."""
+    impl = get_backend(pinned.backend)
     if mmap and not impl.capabilities.mmap:
-        raise CapabilityError(f"backend {impl.name!r} cannot memory-map {location}: object "
-                              "stores are preloaded or read by rows; open with mmap=False")
-    reader = impl.open(location.join(generation_prefix(generation)),  # type: ignore[arg-type]
-                       manifest, mmap=mmap)
+        raise CapabilityError(f"backend {impl.name!r} cannot memory-map {pinned.location}: "
+                              "object stores are preloaded or read by rows; open with "
+                              "mmap=False")
+    reader = impl.open(pinned.where, pinned.manifest, mmap=mmap)  # type: ignore[arg-type]
     # reader.path names the dataset (what `jasper info` shows and sizes), not one generation
-    reader.path = location  # type: ignore[assignment]
+    reader.path = pinned.location  # type: ignore[assignment]
     return reader
+
+
+def open_remote(location: Location, backend: str = "auto", *, mmap: bool = False) -> StoreReader:
+    """Open the committed generation at ``location`` (see :func:`pin_generation`)."""
+    return open_pinned(pin_generation(location, backend), mmap=mmap)
 
 
 def write_remote(
@@ -129,5 +153,6 @@ def manifest_at(location: Location, backend: str | None = None) -> Manifest:
     return load_manifest(store, location, committed_generation(store, location))
 
 
-__all__ = ["backends_for", "manifest_at", "open_remote", "remote_size",
+__all__ = ["PinnedGeneration", "backends_for", "manifest_at", "open_pinned", "open_remote",
+           "pin_generation", "remote_size",
            "require_location_support", "write_remote"]

@@ -26,10 +26,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from jasper.location import Location
 
 from jasper.backend import ArraySource, TensorSource
 from jasper.dtypes import FLOAT_DTYPES, from_storage, torch_dtype
@@ -349,7 +352,7 @@ def synthesize(
 
 
 def write_synthetic(
-    path: str | Path,
+    path: str | Path | Location,
     cfg: SynthConfig | None = None,
     *,
     backend: str = "pt",
@@ -358,11 +361,17 @@ def write_synthetic(
     **options: Any,
 ) -> Path:
     """Generate a dataset with :func:`synthesize` and write it atomically with ``backend``."""
+    from jasper.location import as_target
     from jasper.store import write_store
 
-    target = Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.synth-", dir=target.parent))
+    target = as_target(path)
+    if isinstance(target, Path):
+        target = target.absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch_dir: Path | None = target.parent
+    else:
+        scratch_dir = None  # an object-store URL: scratch space in the system temp directory
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.synth-", dir=scratch_dir))
     try:
         arrays, manifest = synthesize(cfg, workdir=scratch, progress=progress)
         return write_store(target, arrays, manifest, backend=backend, overwrite=overwrite,

