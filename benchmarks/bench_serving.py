@@ -235,11 +235,15 @@ def test_peer_reference(benchmark, point, batch_size):
     loader = C.dataloader(ds, stream, 0, collate=None)
     _check_batch(next(iter(loader)), point, stream[0])
     run_serving(benchmark, lambda: loader, stream.shape, point, 5, "peer",
-                contender="per-item reference + default_collate", peer="reference")
+                contender="per-item reference + default_collate", peer="reference",
+                path="preload")
 
 
-PEERS = {"tensordict": C.TensorDictPeer, "hf_datasets": C.HFDatasetsPeer}
-SLOW_PEERS = {"hf_datasets", "tensordict"}
+PEERS = {"tensordict": C.TensorDictPeer, "hf_datasets": C.HFDatasetsPeer,
+         "numpy_memmap": C.NumpyMemmapDataset, "safetensors": C.SafetensorsPeer,
+         "lance": C.LancePeer}
+#: peers timed on ``slow_bytes`` per round (they serve tens of thousands of samples/s or fewer)
+SLOW_PEERS = {"hf_datasets", "tensordict", "lance"}
 
 
 @pytest.mark.parametrize("batch_size", CFG.batch_sizes)
@@ -253,6 +257,12 @@ def test_peer_library(benchmark, point, peer, batch_size):
         pytest.skip(str(exc))
     samples = CFG.samples(point, slow=peer in SLOW_PEERS)
     stream = stream_for(point, batch_size, samples)
-    _check_batch(fn(stream[0]), point, stream[0])
-    run_serving(benchmark, lambda: C.iterate_direct(fn, stream), stream.shape, point, 5, "peer",
-                contender=fn.name, peer=peer)
+    if hasattr(fn, "__getitems__"):  # a Dataset: served through a DataLoader, like jasper's
+        loader = C.dataloader(fn, stream, 0)
+        _check_batch(next(iter(loader)), point, stream[0])
+        batches: Callable[[], Iterable[Any]] = lambda: loader  # noqa: E731
+    else:
+        _check_batch(fn(stream[0]), point, stream[0])
+        batches = lambda: C.iterate_direct(fn, stream)  # noqa: E731
+    run_serving(benchmark, batches, stream.shape, point, 5, "peer", contender=fn.name, peer=peer,
+                path=fn.path)

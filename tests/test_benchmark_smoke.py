@@ -148,13 +148,82 @@ def test_smoke_charts(smoke_run: Path) -> None:
     pngs = sorted(smoke_run.glob("*.png"))
     report = (smoke_run / "report.md").read_text()
     if _has("matplotlib"):
-        assert {p.stem for p in pngs} >= {"serving", "open_preload", "memory", "size_on_disk"}
+        assert {p.stem for p in pngs} >= {"serving", "peers", "open_preload", "memory",
+                                          "size_on_disk"}
         for p in pngs:
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"]({p.name})" in report
     else:
         assert not pngs
         assert "matplotlib is not installed" in report
+
+
+def _smoke_results(benchlib, run: Path):
+    r = benchlib.report
+    raw = json.loads((run / "benchmark.json").read_text())
+    return r.Results(raw["benchmarks"]), json.loads((run / "run.json").read_text())
+
+
+def test_smoke_charts_say_smoke_on_the_image(benchlib, smoke_run: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    results, run = _smoke_results(benchlib, smoke_run)
+    assert run["mode"] == "smoke"
+    names = []
+    for name, fig in benchlib.report.chart_figures(results, run):
+        texts = [t.get_text() for t in fig.texts]
+        plt.close(fig)
+        assert any("SMOKE RUN" in t for t in texts), (name, texts)
+        names.append(name)
+    assert "serving" in names and "size_on_disk" in names
+    run["mode"] = "default"  # the same results drawn as a real run carry no smoke mark
+    for name, fig in benchlib.report.chart_figures(results, run):
+        texts = [t.get_text() for t in fig.texts]
+        plt.close(fig)
+        assert not any("SMOKE" in t for t in texts), name
+
+
+def test_size_chart_labels_are_never_rounded_to_zero(benchlib, smoke_run: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    results, run = _smoke_results(benchlib, smoke_run)
+    fig = dict(benchlib.report.chart_figures(results, run))["size_on_disk"]
+    labels = [t.get_text().strip() for ax in fig.axes for t in ax.texts]
+    plt.close(fig)
+    assert labels and all(not label.startswith("0 ") for label in labels), labels
+    assert all(float(label.split()[0].replace(",", "")) > 0 for label in labels), labels
+
+
+def test_serving_chart_groups_bars_by_backend_and_path(benchlib, smoke_run: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    results, run = _smoke_results(benchlib, smoke_run)
+    fig = dict(benchlib.report.chart_figures(results, run))["serving"]
+    ax = fig.axes[0]
+    groups = [t.get_text() for t in ax.texts if t.get_weight() == "bold"]
+    assert ax.get_xscale() == "linear"
+    plt.close(fig)
+    backends = {e["extra_info"]["backend"] for e in results.entries
+                if e["extra_info"]["kind"] == "jasper_getitems"}
+    assert {g.split(",")[0] for g in groups} == backends
+    assert len(groups) == len(set(groups))
+
+
+def test_targets_separate_missed_from_not_applicable(benchlib, smoke_run: Path) -> None:
+    r = benchlib.report
+    results, run = _smoke_results(benchlib, smoke_run)
+    machine = json.loads((smoke_run / "machine.json").read_text())
+    text = r._headline(results, machine, run)
+    if not torch.cuda.is_available():
+        assert f"({r.NOT_APPLICABLE}" in text  # the GPU target, on the CPU device or no GPU
+        for line in text.splitlines():
+            if "index_select loop" in line:
+                assert "missed" not in line and "met," not in line, line
+    summary = text.splitlines()[0]
+    assert "met" in summary and "missed" in summary and r.NOT_APPLICABLE in summary
 
 
 def test_report_rebuilds_from_results(smoke_run: Path, tmp_path: Path) -> None:

@@ -2,15 +2,33 @@
 
 Every contender serves the same batches: item ``i`` of the train split is pair
 ``p = train_idx[i]``; a batch holds the question, target, steering, ``n_neg`` negatives, their
-tiers, cluster id, relevance, centroid distance and variant id (DATA_MODEL.md section 3). Steering
+tiers, cluster id, relevance, centroid distance and variant id (docs/loading.md#what-a-batch-holds). Steering
 is pinned to the ``centroid`` variant everywhere (``force_steering("centroid")`` for jasper and the
 reference), so every sample moves exactly ``jasper.schema.bytes_per_sample`` bytes and no
 contender profits from the zero variant's empty rows.
 
-Peers are used the way their documentation recommends for speed: tensordict as a memory-mapped
-``TensorDict`` (``memmap_`` once, ``TensorDict.load_memmap`` after) indexed with whole batches of
-indices; Hugging Face ``datasets`` saved with ``save_to_disk``, reopened memory-mapped with
-``load_from_disk``, ``with_format("torch")`` and indexed with a list of indices per batch.
+Peers are used the way their documentation recommends for speed, and each is labelled with the
+data path it takes (``preload``: the arrays in RAM; ``mmap``: memory-mapped files; ``lazy``: rows
+read from storage per batch), so the report compares like with like:
+
+- tensordict (``mmap``): a memory-mapped ``TensorDict`` (``memmap_`` once,
+  ``TensorDict.load_memmap`` after) indexed with whole batches of indices;
+- Hugging Face ``datasets`` (``mmap``): saved with ``save_to_disk``, reopened memory-mapped with
+  ``load_from_disk``, ``with_format("torch")`` and indexed with a list of indices per batch;
+- numpy memmap (``mmap``): what users hand-write, one ``.npy`` per array opened with
+  ``np.load(mmap_mode="r")`` and a ``Dataset.__getitems__`` that fancy-indexes them, through a
+  ``DataLoader``;
+- safetensors (``preload``): one ``.safetensors`` file, ``safetensors.torch.load_file`` (which
+  maps the file and copies each tensor out: safetensors has no zero-copy tensor API), then
+  tensor indexing per batch;
+- Lance (``lazy``): three Lance datasets (pairs, questions, sources) written with
+  ``lance.write_dataset``; a batch is a random ``take`` of its pair rows, then of its question,
+  target and negative rows (sorted and de-duplicated, as Lance's own guidance for random access
+  advises, and un-permuted);
+
+Mosaic streaming is not measured: ``import streaming`` (mosaicml-streaming 0.13) imports
+torchvision and transformers; torchvision's PyPI wheels fail to load against torch's CPU build,
+and transformers pins a huggingface-hub that breaks ``datasets`` (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -207,6 +225,7 @@ class TensorDictPeer:
     pair ids, then one indexing of each table."""
 
     name = "tensordict memmap"
+    path = "mmap"
 
     def __init__(self, arrays: Mapping[str, torch.Tensor], cache: Path) -> None:
         td_mod = optional_import("tensordict", "install it to compare with tensordict")
@@ -259,6 +278,7 @@ class HFDatasetsPeer:
     lacks, is stored as its 16-bit pattern and viewed back."""
 
     name = "HF datasets"
+    path = "mmap"
 
     def __init__(self, arrays: Mapping[str, torch.Tensor], cache: Path) -> None:
         ds_mod = optional_import("datasets", "install it to compare with Hugging Face datasets")
@@ -314,6 +334,168 @@ class HFDatasetsPeer:
             "centroid_distance": rows["centroid_distances"],
             "steering_variant": torch.ones(len(p), dtype=torch.int64),
         }
+
+
+_PAIR_FIELDS = ("pair_index", "hard_negatives", "negative_tiers", "pair_cluster_id",
+                "pair_relevance", "centroid_distances", STEERING_ARRAY)
+
+
+def _batch_from(p: torch.Tensor, rows: Mapping[str, torch.Tensor], q: torch.Tensor,
+                s: torch.Tensor, n: torch.Tensor) -> Batch:
+    """A batch dict from a peer's gathered pair fields and embedding rows."""
+    neg = rows["hard_negatives"]
+    return {
+        "question_emb": q,
+        "target_source_emb": s,
+        "steering": rows[STEERING_ARRAY],
+        "negative_embs": n.reshape(*neg.shape, -1),
+        "negative_tiers": rows["negative_tiers"].long(),
+        "cluster_id": rows["pair_cluster_id"],
+        "relevance": rows["pair_relevance"],
+        "centroid_distance": rows["centroid_distances"],
+        "steering_variant": torch.ones(p.shape[0], dtype=torch.int64),
+    }
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as numpy (bfloat16 as its 16-bit pattern)."""
+    t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _torch(a: np.ndarray, bf16: bool) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if bf16 and t.dtype == torch.int16 else t
+
+
+class NumpyMemmapDataset(torch.utils.data.Dataset):
+    """The hand-written peer: one ``.npy`` per served array opened with ``np.load(mmap_mode="r")``,
+    and a ``__getitems__`` that fancy-indexes the maps (numpy copies the rows out) for a whole
+    batch. Served through a ``DataLoader`` like jasper's dataset."""
+
+    name = "numpy memmap + __getitems__"
+    path = "mmap"
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], cache: Path) -> None:
+        names = (*_PAIR_FIELDS, "question_embs", "source_embs", "train_idx")
+
+        def build(tmp: Path) -> None:
+            for n in names:
+                np.save(tmp / f"{n}.npy", _numpy(arrays[n]))
+
+        root = _atomic_build(cache, build)
+        self.bf16 = arrays["question_embs"].dtype == torch.bfloat16
+        self.m = {n: np.load(root / f"{n}.npy", mmap_mode="r") for n in names}
+
+    def __len__(self) -> int:
+        return int(self.m["train_idx"].shape[0])
+
+    def __getitems__(self, items: list[int]) -> Batch:
+        m = self.m
+        p = m["train_idx"][np.asarray(items)]
+        rows = {n: _torch(m[n][p], self.bf16) for n in _PAIR_FIELDS}
+        qs = rows["pair_index"].numpy()
+        q = _torch(m["question_embs"][qs[:, 0]], self.bf16)
+        s = _torch(m["source_embs"][qs[:, 1]], self.bf16)
+        n = _torch(m["source_embs"][rows["hard_negatives"].numpy().reshape(-1)], self.bf16)
+        return _batch_from(torch.from_numpy(p), rows, q, s, n)
+
+
+class SafetensorsPeer:
+    """safetensors: every served array in one ``.safetensors`` file, loaded with
+    ``safetensors.torch.load_file`` (the file is mapped and each tensor copied out), then plain
+    tensor indexing per batch, as a user of ``TensorDataset``-style code would write it."""
+
+    name = "safetensors load_file + tensor indexing"
+    path = "preload"
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], cache: Path) -> None:
+        st = optional_import("safetensors.torch", "install safetensors to compare with it")
+        names = (*_PAIR_FIELDS, "question_embs", "source_embs", "train_idx")
+
+        def build(tmp: Path) -> None:
+            st.save_file({n: arrays[n].contiguous() for n in names}, str(tmp / "data.safetensors"))
+
+        root = _atomic_build(cache, build)
+        self.t = st.load_file(str(root / "data.safetensors"))
+
+    def __call__(self, items: torch.Tensor) -> Batch:
+        t = self.t
+        p = t["train_idx"][items]
+        rows = {n: t[n][p] for n in _PAIR_FIELDS}
+        qs = rows["pair_index"]
+        return _batch_from(p, rows, t["question_embs"][qs[:, 0]], t["source_embs"][qs[:, 1]],
+                           t["source_embs"][rows["hard_negatives"].reshape(-1)])
+
+
+def _sorted_take(take: Callable[[np.ndarray], np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """``take`` of the sorted unique ``rows``, un-permuted back to ``rows``' order."""
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    return take(uniq)[inverse.reshape(-1)]
+
+
+class LancePeer:
+    """Lance: the pair arrays, question and source embeddings as three Lance datasets (fixed-size
+    list columns); a batch is a random ``take`` of its pair rows, then of the question, target and
+    negative rows, each with sorted, de-duplicated indices (un-permuted after)."""
+
+    name = "Lance take"
+    path = "lazy"
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], cache: Path) -> None:
+        lance = optional_import("lance", "install pylance to compare with Lance")
+        pa = optional_import("pyarrow", "Lance needs it")
+        self.bf16 = arrays["question_embs"].dtype == torch.bfloat16
+
+        def column(t: torch.Tensor) -> Any:
+            a = _numpy(t)
+            flat = pa.array(a.reshape(-1))
+            return flat if a.ndim == 1 else pa.FixedSizeListArray.from_arrays(flat, a.shape[1])
+
+        def build(tmp: Path) -> None:
+            lance.write_dataset(pa.table({n: column(arrays[n]) for n in _PAIR_FIELDS}),
+                                str(tmp / "pairs.lance"))
+            for table, name in (("questions", "question_embs"), ("sources", "source_embs")):
+                lance.write_dataset(pa.table({"emb": column(arrays[name])}),
+                                    str(tmp / f"{table}.lance"))
+
+        root = _atomic_build(cache, build)
+        self.pairs = lance.dataset(str(root / "pairs.lance"))
+        self.questions = lance.dataset(str(root / "questions.lance"))
+        self.sources = lance.dataset(str(root / "sources.lance"))
+        self.train_idx = arrays["train_idx"]
+        self.widths = {n: (arrays[n].shape[1] if arrays[n].dim() == 2 else 0) for n in _PAIR_FIELDS}
+
+    @staticmethod
+    def _values(col: Any, width: int) -> np.ndarray:
+        arr = col.combine_chunks()
+        if width:
+            return arr.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+        return arr.to_numpy(zero_copy_only=False)
+
+    def _emb(self, ds: Any, rows: np.ndarray) -> torch.Tensor:
+        def take(idx: np.ndarray) -> np.ndarray:
+            col = ds.take(idx, columns=["emb"]).column("emb")
+            return self._values(col, col.type.list_size)
+
+        return _torch(_sorted_take(take, rows), self.bf16)
+
+    def __call__(self, items: torch.Tensor) -> Batch:
+        p = self.train_idx[items]
+        pn = p.numpy()
+
+        def take_pairs(idx: np.ndarray) -> dict[str, np.ndarray]:
+            table = self.pairs.take(idx, columns=list(_PAIR_FIELDS))
+            return {n: self._values(table.column(n), self.widths[n]) for n in _PAIR_FIELDS}
+
+        uniq, inverse = np.unique(pn, return_inverse=True)
+        got = take_pairs(uniq)
+        rows = {n: _torch(v[inverse.reshape(-1)], self.bf16 and n == STEERING_ARRAY)
+                for n, v in got.items()}
+        qs = rows["pair_index"].numpy()
+        return _batch_from(p, rows, self._emb(self.questions, qs[:, 0]),
+                           self._emb(self.sources, qs[:, 1]),
+                           self._emb(self.sources, rows["hard_negatives"].numpy().reshape(-1)))
 
 
 def iterate_direct(fn: BatchFn, stream: torch.Tensor) -> Iterator[Any]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,27 @@ def _best(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(entries, key=rate) if entries else None
 
 
-def _headline(r: Results) -> str:
+NOT_APPLICABLE = "not applicable on this machine"
+
+
+def _gpu_not_applicable(machine: dict[str, Any], run: dict[str, Any]) -> str | None:
+    """Why the GPU target cannot be judged here, or ``None`` when it can."""
+    device = str(run.get("device") or "cuda")
+    if not machine.get("gpu"):
+        return f"{NOT_APPLICABLE}: no CUDA device"
+    if not device.startswith("cuda"):
+        return (f"{NOT_APPLICABLE}: the GPU benchmarks ran on `{device}` "
+                "(JASPER_BENCH_DEVICE), a check of their code")
+    return None
+
+
+def _headline(r: Results, machine: dict[str, Any] | None = None,
+              run: dict[str, Any] | None = None) -> str:
+    """Issue 3's targets, each "met", "missed" or not applicable on this machine (a GPU target
+    without a GPU), with a count of each first."""
+    machine, run = machine or {}, run or {}
     rows = []
+    gpu_na = _gpu_not_applicable(machine, run)
     for grid, label in r.grids():
         sizes = sorted({e["extra_info"]["batch_size"] for e in r.find(grid=grid, kind="cpu_raw_gather")})
         if not sizes:
@@ -181,7 +201,7 @@ def _headline(r: Results) -> str:
                             for e in r.find(grid=grid, kind="gpu_index_select")})
         if not sizes:
             continue
-        b = 1024 if 1024 in sizes else sizes[len(sizes) // 2]
+        b = _headline_batch(sizes)
         ceiling = r.one(grid=grid, kind="cpu_raw_gather", batch_size=b)
         ref = r.one(grid=grid, kind="peer", peer="reference", batch_size=b)
         for e in sorted(r.find(grid=grid, kind="jasper_loader", batch_size=b, mapped=False),
@@ -196,18 +216,29 @@ def _headline(r: Results) -> str:
                          f"{f_ratio(vs_ref)} the per-item reference "
                          f"({_target(vs_ref, TARGET_REFERENCE)}, target >= {TARGET_REFERENCE:.0f}x)"])
         gpu_ceiling = r.one(grid=grid, kind="gpu_index_select", batch_size=b)
-        for e in r.find(grid=grid, kind="gpu_loader", batch_size=b):
+        gpu_rows = r.find(grid=grid, kind="gpu_loader", batch_size=b)
+        for e in gpu_rows:
             frac = rate(e) / rate(gpu_ceiling)
             i = e["extra_info"]
+            verdict = gpu_na or _target(frac, TARGET_GPU)
             rows.append([label, f"{i['backend']} {_jasper_label(i)} B={b}", f"{f_rate(rate(e))}/s",
                          f"{f_ratio(frac)} of the on-device index_select loop "
-                         f"({_target(frac, TARGET_GPU)}, target >= {TARGET_GPU})", ""])
+                         f"({verdict}, target >= {TARGET_GPU})", ""])
+        if not gpu_rows and gpu_na:
+            rows.append([label, f"jasper GPULoader (resident) B={b}", "",
+                         f"GPU loader / on-device index_select loop ({gpu_na}, "
+                         f"target >= {TARGET_GPU})", ""])
         for backend, mapped, kind, ratio in _pss_ratios(r, grid):
             rows.append([label, f"{backend} ({'mmap' if mapped else 'preload'}) PSS 2 worker "
                                 f"{kind} / 0 workers",
                          "", f"{f_ratio(ratio)} ({_target(ratio, TARGET_PSS, higher=False)}, "
                          f"target <= {TARGET_PSS})", ""])
-    return table(["grid", "what", "absolute", "vs ceiling / target", "vs reference / target"], rows)
+    text = " ".join(c for row in rows for c in row[3:])
+    counts = {k: len(re.findall(rf"\({k}[,:]", text)) for k in ("met", "missed", NOT_APPLICABLE)}
+    summary = (f"{counts['met']} met, {counts['missed']} missed, {counts[NOT_APPLICABLE]} "
+               f"{NOT_APPLICABLE} (a GPU target needs a CUDA device).\n\n" if rows else "")
+    return summary + table(["grid", "what", "absolute", "vs ceiling / target",
+                            "vs reference / target"], rows)
 
 
 def _pss(info: dict[str, Any]) -> dict[str, float]:
@@ -377,31 +408,77 @@ def _q4(r: Results) -> str:
 
 JASPER_CPU = ("jasper_loader", "jasper_getitems", "jasper_inprocess")
 PEER_NAMES = {"reference": "per-item reference + default_collate",
-              "tensordict": "tensordict memmap", "hf_datasets": "HF datasets (torch format)"}
+              "tensordict": "tensordict memmap", "hf_datasets": "HF datasets (torch format)",
+              "numpy_memmap": "numpy memmap + __getitems__",
+              "safetensors": "safetensors load_file + indexing",
+              "lance": "Lance take"}
+#: The data path of each peer for runs whose entries do not record it (runs before peers did).
+PEER_PATHS = {"reference": "preload", "tensordict": "mmap", "hf_datasets": "mmap",
+              "numpy_memmap": "mmap", "safetensors": "preload", "lance": "lazy"}
+#: Why each peer is where it is, for the report's "where a peer wins" notes.
+PEER_WHY = {
+    "reference": "one Python dict per item, then default_collate stacks them",
+    "tensordict": "one indexing of the memory-mapped TensorDict per batch (vectorised), each "
+                  "field gathered into a freshly allocated tensor",
+    "hf_datasets": "Arrow rows turned into tensors by the torch formatter, per column and batch",
+    "numpy_memmap": "numpy fancy indexing on the maps: vectorised, single-threaded copies into "
+                    "new arrays",
+    "safetensors": "after a load, plain tensor indexing: the same gathers as jasper, with a fresh "
+                   "allocation per field",
+    "lance": "a take per table per batch through Lance's reader: decoding and Arrow conversion "
+             "on top of the bytes",
+}
 
 
 def _q5(r: Results) -> str:
+    """Question 5 per data path: each peer against jasper's best path of the same kind and the
+    raw gather ceiling, then where a peer comes within reach of jasper or wins, and why."""
     parts = []
     for grid, label in r.grids():
-        sizes = sorted({e["extra_info"]["batch_size"] for e in r.find(grid=grid, kind="peer")})
-        peers = [p for p in PEER_NAMES if r.find(grid=grid, kind="peer", peer=p)]
-        rows = []
+        peers = r.find(grid=grid, kind="peer")
+        sizes = sorted({e["extra_info"]["batch_size"] for e in peers})
+        jasper = [e for k in JASPER_CPU for e in r.find(grid=grid, kind=k)]
+        rows, wins = [], []
         for b in sizes:
-            got = {p: r.one(grid=grid, kind="peer", peer=p, batch_size=b) for p in peers}
-            best_peer = _best([e for p, e in got.items() if e is not None])
-            jl = _best([e for k in JASPER_CPU for e in r.find(grid=grid, kind=k, batch_size=b)])
-            ref = got.get("reference")
-            rows.append([
-                str(b), *[f"{f_rate(rate(got[p]))}/s" for p in peers],
-                f"{PEER_NAMES[best_peer['extra_info']['peer']]}" if best_peer else "n/a",
-                (f"{f_rate(rate(jl))}/s ({_jasper_label(jl['extra_info'])}, "
-                 f"{jl['extra_info']['backend']})") if jl else "n/a",
-                f_ratio(rate(jl) / rate(best_peer)) if jl and best_peer else "n/a",
-                f_ratio(rate(jl) / rate(ref)) if jl and ref else "n/a",
-            ])
+            ceiling = r.one(grid=grid, kind="cpu_raw_gather", batch_size=b)
+            for path in PATH_NAMES:
+                here = sorted([e for e in peers if e["extra_info"]["batch_size"] == b
+                               and _peer_path(e["extra_info"]) == path], key=lambda e: -rate(e))
+                best = _best([e for e in jasper if e["extra_info"]["batch_size"] == b
+                              and _jasper_path(e["extra_info"]) == path])
+                if not here:
+                    continue
+                if best is None:  # jasper has no such path (lazy): compare with its best mapped
+                    best = _best([e for e in jasper if e["extra_info"]["batch_size"] == b
+                                  and _jasper_path(e["extra_info"]) == "mmap"])
+                jname = (f"{f_rate(rate(best))}/s ({_jasper_label(best['extra_info'])}, "
+                         f"{best['extra_info']['backend']})") if best else "n/a"
+                for e in here:
+                    ratio = rate(best) / rate(e) if best else math.nan
+                    rows.append([str(b), PATH_NAMES[path], _peer_label(e["extra_info"]),
+                                 f"{f_rate(rate(e))}/s",
+                                 f_ratio(rate(e) / rate(ceiling)) if ceiling else "n/a",
+                                 jname, f_ratio(ratio)])
+                    if _ok(ratio) and ratio < 1.1:
+                        wins.append((b, path, e, best, ratio))
         parts.append(f"**{label}**\n\n" + table(
-            ["batch", *[PEER_NAMES[p] for p in peers], "best peer", "jasper (best CPU path)",
-             "jasper / best peer", "jasper / reference"], rows))
+            ["batch", "path", "peer", "samples/s", "of raw gather ceiling",
+             "jasper's best path of that kind (mapped, for lazy peers)", "jasper / peer"], rows))
+        if wins:
+            lines = []
+            for b, path, e, best, ratio in wins:
+                i = e["extra_info"]
+                verdict = "wins" if ratio < 1 else "comes within 10% of jasper"
+                lines.append(f"- batch {b}, {PATH_NAMES[path]}: {_peer_label(i)} {verdict} "
+                             f"({f_rate(rate(e))}/s vs {f_rate(rate(best))}/s): "
+                             f"{PEER_WHY.get(i.get('peer', ''), '')}.")
+            parts.append("Where a peer wins or comes within 10%:\n\n" + "\n".join(lines) + "\n")
+        else:
+            parts.append("No peer came within 10% of jasper's best path of the same kind at any "
+                         "batch size.\n")
+        notes = "\n".join(f"- {PEER_NAMES[p]}: {PEER_WHY[p]}." for p in PEER_NAMES
+                          if any(e["extra_info"].get("peer") == p for e in peers))
+        parts.append("Why each peer is where it is:\n\n" + notes + "\n")
     return "\n".join(parts)
 
 
@@ -456,7 +533,7 @@ def write_report(run_dir: Path) -> Path:
     cfg = run.get("config", {})
     global STAT
     STAT = cfg.get("stat", "min")
-    charts = write_charts(r, run_dir)
+    charts = write_charts(r, run_dir, run)
     have_mpl = importlib.util.find_spec("matplotlib") is not None
     notes = "".join(f"\n> {n}\n" for n in cfg.get("notes", []))
     wall = run.get("wall_s")
@@ -471,7 +548,7 @@ def write_report(run_dir: Path) -> Path:
         "variant so every sample moves the same bytes. All ratios divide by baselines measured in "
         "this run on the same bytes; performance targets are reported, never asserted.\n" + notes,
         "## Machine\n", _machine_md(machine, run),
-        "## Issue 3's targets\n", _headline(r),
+        "## Issue 3's targets\n", _headline(r, machine, run),
         "## 1. Open and preload\n",
         "Seconds and MB/s of data bytes; the ceiling is a raw read of the same files into "
         "one preallocated buffer. Cold rounds drop the files' pages first (posix_fadvise "
@@ -506,21 +583,40 @@ def _load(p: Path) -> Any:
 
 
 # --- charts ----------------------------------------------------------------------------------
-def write_charts(r: Results, run_dir: Path) -> list[Path]:
-    """One PNG per question that has data; none without matplotlib."""
+#: Colours: the ceiling, jasper, and the peers.
+C_CEILING, C_JASPER, C_PEER = "#444444", "#1f77b4", "#ff7f0e"
+PATH_NAMES = {"preload": "preloaded", "mmap": "mapped", "lazy": "lazy (read per batch)"}
+
+
+def chart_figures(r: Results, run: dict[str, Any] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(name, matplotlib figure)`` for each question that has data; nothing without matplotlib.
+    Figures of a smoke run say so on the image. The caller closes them."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
-    out = []
-    for name, draw in (("serving", _chart_serving), ("open_preload", _chart_open),
-                       ("memory", _chart_memory), ("size_on_disk", _chart_size)):
-        fig = draw(r, plt)
+        return
+    run = run or {}
+    cfg = run.get("config", {})
+    for name, draw in (("serving", _chart_serving), ("peers", _chart_peers),
+                       ("open_preload", _chart_open), ("memory", _chart_memory),
+                       ("size_on_disk", _chart_size)):
+        fig = draw(r, plt, cfg)
         if fig is None:
             continue
+        if run.get("mode") == "smoke":
+            _mark_smoke(fig)
+        yield name, fig
+
+
+def write_charts(r: Results, run_dir: Path, run: dict[str, Any] | None = None) -> list[Path]:
+    """One PNG per question that has data (see :func:`chart_figures`); none without matplotlib."""
+    out = []
+    for name, fig in chart_figures(r, run):
+        import matplotlib.pyplot as plt
+
         path = run_dir / f"{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -528,49 +624,161 @@ def write_charts(r: Results, run_dir: Path) -> list[Path]:
     return out
 
 
-def _contender(i: dict[str, Any]) -> str:
-    k = i["kind"]
-    if k in (*JASPER_CPU, "gpu_loader"):
-        return f"{_jasper_label(i)} [{i['backend']}]"
-    return i.get("contender") or k
+def _mark_smoke(fig: Any) -> None:
+    """A smoke run's numbers mean nothing: say it across the image and in its corner."""
+    fig.text(0.5, 0.5, "SMOKE RUN", transform=fig.transFigure, fontsize=60, color="red",
+             alpha=0.15, ha="center", va="center", rotation=25, weight="bold", zorder=100)
+    fig.text(0.01, 0.995, "smoke run: tiny dataset, one round; the numbers mean nothing",
+             transform=fig.transFigure, fontsize=9, color="red", ha="left", va="top")
 
 
-def _chart_serving(r: Results, plt: Any) -> Any:
-    grid = r.grids()[0][0] if r.grids() else None
-    kinds = ("cpu_raw_gather", *JASPER_CPU, "peer", "gpu_index_select", "gpu_loader")
-    entries = [e for e in r.entries if e["extra_info"]["grid"] == grid
-               and e["extra_info"]["kind"] in kinds]
+def _headline_batch(sizes: list[int]) -> int:
+    return 1024 if 1024 in sizes else sizes[len(sizes) // 2]
+
+
+def _loader_name(i: dict[str, Any]) -> str:
+    """A jasper CPU path without its backend and path (they are the group's)."""
+    if i["kind"] == "jasper_getitems":
+        return "__getitems__ (no DataLoader)"
+    if i["kind"] == "jasper_inprocess":
+        return "GPULoader code on the CPU"
+    workers = i.get("workers", 0)
+    if not workers:
+        return "DataLoader, 0 workers"
+    kind = {"thread": "threads", "process": "processes"}.get(i.get("worker_type", ""), "processes")
+    return f"DataLoader, {workers} worker {kind}"
+
+
+def _grouped_bars(ax: Any, groups: list[tuple[str, list[tuple[str, float, str]]]],
+                  ceiling: float | None, *, log: bool = False, ratio_to: str = "ceiling") -> None:
+    """Horizontal bars in labelled groups (each sorted fastest first, as given), a dashed line at
+    ``ceiling`` and each bar labelled with its value and its fraction of the ceiling."""
+    y, ticks, labels = 0.0, [], []
+    for title, bars in groups:
+        ax.text(0.005, y - 0.1, title, transform=ax.get_yaxis_transform(), ha="left",
+                va="bottom", fontsize=9, weight="bold")
+        y += 0.6
+        for label, value, color in bars:
+            ax.barh(y, value, color=color, height=0.8)
+            frac = f", {value / ceiling:.2f}x of {ratio_to}" if ceiling and value > 0 else ""
+            ax.text(value, y, f" {f_rate(value)}/s{frac}", va="center", fontsize=7)
+            ticks.append(y)
+            labels.append(label)
+            y += 1
+        y += 0.8
+    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.set_ylim(y - 0.5, -0.8)
+    if ceiling:
+        ax.axvline(ceiling, color=C_CEILING, linestyle="--", linewidth=1)
+        ax.text(ceiling, 1.0, f"raw gather ceiling\n{f_rate(ceiling)}/s", color=C_CEILING,
+                transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+    if log:
+        ax.set_xscale("log")
+    ax.margins(x=0.35 if not log else 0.6)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f_rate(v)))
+
+
+def _chart_serving(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
+    """Question 3: how fast each of jasper's CPU paths serves, per backend and data path, against
+    the raw gather ceiling; one panel per batch size, bars sorted within each group."""
+    grids = r.grids()
+    if not grids:
+        return None
+    grid, label = grids[0]
+    entries = [e for k in JASPER_CPU for e in r.find(grid=grid, kind=k) if _ok(rate(e))]
     if not entries:
         return None
     sizes = sorted({e["extra_info"]["batch_size"] for e in entries})
-    labels = sorted({_contender(e["extra_info"]) for e in entries},
-                    key=lambda s: (not s.startswith("raw"), not s.startswith("on-device"),
-                                   not s.startswith("jasper"), s))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 0.38 * len(labels) + 1.6),
+    head = _headline_batch(sizes)
+    keys = sorted({(e["extra_info"]["backend"], "mmap" if e["extra_info"].get("mapped")
+                    else "preload") for e in entries})
+
+    def bars_of(backend: str, path: str, b: int) -> dict[str, float]:
+        return {_loader_name(e["extra_info"]): rate(e) for e in entries
+                if e["extra_info"]["backend"] == backend and e["extra_info"]["batch_size"] == b
+                and bool(e["extra_info"].get("mapped")) == (path == "mmap")}
+
+    # one order per group for every panel: fastest first at the headline batch size
+    order = {k: sorted(bars_of(*k, head), key=lambda n, k=k: -bars_of(*k, head)[n]) for k in keys}
+    n_bars = sum(len(v) for v in order.values())
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.0 * len(sizes) + 2.5,
+                                                     0.24 * n_bars + 0.5 * len(keys) + 1.8),
                              sharey=True, squeeze=False)
     for ax, b in zip(axes[0], sizes):
-        vals = []
-        for lab in labels:
-            e = next((e for e in entries if e["extra_info"]["batch_size"] == b
-                      and _contender(e["extra_info"]) == lab), None)
-            vals.append(rate(e) if e else 0.0)
-        colors = ["#555555" if "ceiling" in lab else "#1f77b4" if lab.startswith("jasper")
-                  else "#ff7f0e" for lab in labels]
-        ax.barh(range(len(labels)), vals, color=colors)
-        ax.set_xscale("log")
-        ax.set_title(f"batch {b}")
-        ax.set_xlabel("samples/s (log)")
-        for y, v in enumerate(vals):
-            if v > 0:
-                ax.text(v, y, f" {f_rate(v)}", va="center", fontsize=7)
-    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
-    axes[0][0].invert_yaxis()
-    fig.suptitle(f"Serving throughput ({r.grids()[0][1]}): grey = ceilings, blue = jasper, "
-                 "orange = peers")
+        ceiling = rate(r.one(grid=grid, kind="cpu_raw_gather", batch_size=b))
+        groups = []
+        for backend, path in keys:
+            got = bars_of(backend, path, b)
+            groups.append((f"{backend}, {PATH_NAMES[path]}",
+                           [(n, got.get(n, 0.0), C_JASPER) for n in order[(backend, path)]]))
+        _grouped_bars(ax, groups, ceiling if _ok(ceiling) else None)
+        ax.set_title(f"batch {b}", pad=28)
+        ax.set_xlabel("samples/s (linear)")
+    fig.suptitle(f"Question 3, serving: jasper's CPU paths by backend and data path, against the "
+                 f"raw gather ceiling (dashed)\n{label}; within each group fastest first at "
+                 f"batch {head}", fontsize=11)
+    fig.tight_layout()
     return fig
 
 
-def _chart_open(r: Results, plt: Any) -> Any:
+def _chart_peers(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
+    """Question 5: jasper's best path against each peer, grouped by data path (preloaded /
+    mapped / lazy), sorted, on the same bytes and index stream; log axis (two orders of
+    magnitude apart), every bar labelled with its fraction of the ceiling."""
+    grids = r.grids()
+    if not grids:
+        return None
+    grid, label = grids[0]
+    peers = [e for e in r.find(grid=grid, kind="peer") if _ok(rate(e))]
+    if not peers:
+        return None
+    sizes = sorted({e["extra_info"]["batch_size"] for e in peers})
+    jasper = [e for k in JASPER_CPU for e in r.find(grid=grid, kind=k) if _ok(rate(e))]
+    paths = [p for p in PATH_NAMES if any(_peer_path(e["extra_info"]) == p for e in peers)
+             or any(_jasper_path(e["extra_info"]) == p for e in jasper)]
+    per_panel = len(peers) / len(sizes) + 2 * len(paths)
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(11, (0.32 * per_panel + 1.3) * len(sizes)
+                                                     + 0.8), squeeze=False)
+    for ax, b in zip(axes[:, 0], sizes):
+        ceiling = rate(r.one(grid=grid, kind="cpu_raw_gather", batch_size=b))
+        groups = []
+        for path in paths:
+            bars = []
+            best = _best([e for e in jasper if e["extra_info"]["batch_size"] == b
+                          and _jasper_path(e["extra_info"]) == path])
+            if best:
+                bars.append((f"jasper: {_loader_name(best['extra_info'])} "
+                             f"[{best['extra_info']['backend']}]", rate(best), C_JASPER))
+            for e in peers:
+                if e["extra_info"]["batch_size"] == b and _peer_path(e["extra_info"]) == path:
+                    bars.append((_peer_label(e["extra_info"]), rate(e), C_PEER))
+            if bars:
+                groups.append((PATH_NAMES[path], sorted(bars, key=lambda t: -t[1])))
+        _grouped_bars(ax, groups, ceiling if _ok(ceiling) else None, log=True)
+        ax.set_title(f"batch {b}", pad=28)
+        ax.set_xlabel("samples/s (log scale)")
+    fig.suptitle(f"Question 5, peers: same bytes, same index stream ({label})\n"
+                 "blue = jasper's best path of that kind, orange = peers; dashed = raw gather "
+                 "ceiling", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _jasper_path(i: dict[str, Any]) -> str:
+    return "mmap" if i.get("mapped") else "preload"
+
+
+def _peer_path(i: dict[str, Any]) -> str:
+    return str(i.get("path") or PEER_PATHS.get(i.get("peer", ""), "preload"))
+
+
+def _peer_label(i: dict[str, Any]) -> str:
+    return str(PEER_NAMES.get(i.get("peer", ""), i.get("contender") or i.get("peer")))
+
+
+def _chart_open(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
     grid = r.grids()[0][0] if r.grids() else None
     raws = r.find(grid=grid, kind="raw_read")
     if not raws:
@@ -584,30 +792,32 @@ def _chart_open(r: Results, plt: Any) -> Any:
     ]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(keys) + 2), sharey=True)
     width = 0.8 / len(series)
+    colors = (C_CEILING, "#9ecae1", C_JASPER)
     for ax, temp in zip(axes, ("cold", "warm")):
         for s, (name, _kind, get) in enumerate(series):
             vals = []
             for backend, preset in keys:
                 e = get(grid=grid, backend=backend, preset=preset, temp=temp)
                 vals.append(e["extra_info"]["data_bytes"] / secs(e) / MB if e else 0.0)
-            ax.barh([y + s * width for y in range(len(keys))], vals, height=width, label=name)
+            ax.barh([y + s * width for y in range(len(keys))], vals, height=width, label=name,
+                    color=colors[s % len(colors)])
         ax.set_title(f"{temp} page cache")
         ax.set_xlabel("MB/s of data (higher is better)")
     axes[0].set_yticks([y + width for y in range(len(keys))], [f"{b} {p}" for b, p in keys])
     axes[0].invert_yaxis()
     axes[1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"Open + preload speed ({r.grids()[0][1]})")
+    fig.suptitle(f"Question 1, open + preload speed ({r.grids()[0][1]})")
     return fig
 
 
-def _chart_memory(r: Results, plt: Any) -> Any:
+def _chart_memory(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
     grid = r.grids()[0][0] if r.grids() else None
     mem = sorted(r.find(grid=grid, kind="memory"),
                  key=lambda e: (e["extra_info"]["backend"], bool(e["extra_info"]["mapped"])))
     if not mem:
         return None
     workers = list(dict.fromkeys(w for e in mem for w in _pss(e["extra_info"])))
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(mem) * len(workers) + 1.5))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(mem) * len(workers) + 1.8))
     width = 0.8 / len(workers)
     for s, w in enumerate(workers):
         vals = [_pss(e["extra_info"]).get(w, 0.0) / MB for e in mem]
@@ -615,32 +825,48 @@ def _chart_memory(r: Results, plt: Any) -> Any:
                 label="no workers" if w == "0" else f"{w.split()[0]} worker {w.split()[1]}")
     ax.axvline(mem[0]["extra_info"]["data_bytes"] / MB, color="black", linestyle="--",
                label="data bytes")
-    ax.set_yticks([y + width / 2 for y in range(len(mem))],
-                  [f"{e['extra_info']['backend']} ({'mmap' if e['extra_info']['mapped'] else 'preload'})"
+    ax.set_yticks([y + width * (len(workers) - 1) / 2 for y in range(len(mem))],
+                  [f"{e['extra_info']['backend']} ({PATH_NAMES[_jasper_path(e['extra_info'])]})"
                    for e in mem])
     ax.invert_yaxis()
     ax.set_xlabel("summed PSS of main process + workers after one epoch, MB")
     ax.legend(fontsize=8)
-    ax.set_title(f"Memory with DataLoader workers ({r.grids()[0][1]})")
+    title = f"Question 2, memory with DataLoader workers ({r.grids()[0][1]})"
+    measured = sorted({e["extra_info"]["backend"] for e in mem})
+    if cfg.get("memory_all_backends") is False:
+        title += (f"\nmeasured for {', '.join(measured)} only: this mode probes the base "
+                  "backend alone to stay short")
+    ax.set_title(title, fontsize=10)
     return fig
 
 
-def _chart_size(r: Results, plt: Any) -> Any:
+def _size_unit(max_bytes: float) -> tuple[float, str]:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if max_bytes >= div:
+            return div, unit
+    return 1.0, "bytes"
+
+
+def _chart_size(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
     grid = r.grids()[0][0] if r.grids() else None
     sizes = r.find(grid=grid, kind="size")
     if not sizes:
         return None
+    sizes = sorted(sizes, key=lambda e: (e["extra_info"]["backend"], e["extra_info"]["size_bytes"]))
+    data_bytes = sizes[0]["extra_info"]["data_bytes"]
+    div, unit = _size_unit(max([data_bytes, *(e["extra_info"]["size_bytes"] for e in sizes)]))
     labels = [f"{e['extra_info']['backend']} {e['extra_info']['preset']}" for e in sizes]
-    vals = [e["extra_info"]["size_bytes"] / MB for e in sizes]
+    vals = [e["extra_info"]["size_bytes"] / div for e in sizes]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(sizes) + 1.5))
     ax.barh(range(len(sizes)), vals, color="#2ca02c")
-    ax.axvline(sizes[0]["extra_info"]["data_bytes"] / MB, color="black", linestyle="--",
-               label="data bytes")
-    for y, v in enumerate(vals):
-        ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+    ax.axvline(data_bytes / div, color="black", linestyle="--", label="data bytes")
+    for y, (v, e) in enumerate(zip(vals, sizes)):
+        ax.text(v, y, f" {v:,.3g} {unit} ({e['extra_info']['size_bytes'] / data_bytes:.2f}x)",
+                va="center", fontsize=8)
     ax.set_yticks(range(len(sizes)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel("MB on disk")
-    ax.legend(fontsize=8)
-    ax.set_title(f"Size on disk ({r.grids()[0][1]})")
+    ax.set_xlabel(f"{unit} on disk (label: size and size / data bytes)")
+    ax.margins(x=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"Question 6, size on disk ({r.grids()[0][1]})")
     return fig

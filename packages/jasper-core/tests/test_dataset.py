@@ -213,7 +213,8 @@ def test_mmap_mode_holds_maps_not_copies(small_dataset: Path) -> None:
         assert loaded.memory_bytes() >= sum(
             t.numel() * t.element_size() for t in (loaded.source_embs, loaded.steering_residual))
         # the three preloaded steering arrays are views of one table with a zero row first
-        table = loaded._steering_table
+        table = loaded.steering_table
+        assert table is not None and mapped.steering_table is None
         assert table.shape[0] == 1 + 3 * loaded.n_pairs and not table[0].any()
         assert loaded.steering_keyword_weighted.untyped_storage().data_ptr() == \
             table.untyped_storage().data_ptr()
@@ -413,7 +414,8 @@ def test_only_flat_tensors_are_held(small_dataset: Path) -> None:
         with JASPERSteeringDataset(small_dataset, "train", use_mmap=mmap) as ds:
             n = len(ds)
             assert n > 1000
-            total = sum(_python_elements(v) for v in vars(ds).values())
+            total = sum(_python_elements(v)
+                        for v in (*vars(ds).values(), *vars(ds.tables).values()))
             assert total < 300, f"{total} Python container elements for {n} samples"
             for name in ("question_embs", "source_embs", "hard_negatives", "split_indices"):
                 assert getattr(ds, name).is_contiguous(), name

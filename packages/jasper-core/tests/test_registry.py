@@ -392,3 +392,19 @@ def test_listing_in_a_fresh_process_imports_nothing_heavy() -> None:
     eager = {n: m for n, m in out["class_modules"].items()
              if m in modules and m not in out["plugin_modules"]}
     assert not eager, f"listing imported backend class modules: {eager}"
+
+
+def test_guess_backend_survives_a_backend_whose_class_fails_to_import(
+    site: FakeSite, tmp_path: Path
+) -> None:
+    plugin = site.install("jasper-broken-dist", ("broken-import",), version="0.3")
+    (site.root / f"{plugin.impl_module}.py").write_text("raise ImportError('h5py is missing')\n")
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "runtime.marker").write_text("")
+    jasper.register_backend("runtime-fake", _RuntimeBackend)
+    try:
+        with pytest.warns(JasperPluginWarning, match=r"jasper-broken-dist 0\.3.*h5py is missing"):
+            assert jasper.guess_backend(d) == "runtime-fake"
+    finally:
+        registry.unregister_backend("runtime-fake")

@@ -54,7 +54,7 @@ class RowsDataset(torch.utils.data.Dataset):
         out: dict[str, object] = {n: self.reader.read_rows(n, rows) for n in self.NAMES}
         out["rows"] = rows
         out["pid"] = os.getpid()
-        out["own_handle"] = getattr(self.reader, "_pid", None) == os.getpid()
+        out["own_handle"] = self.reader._handle.is_open  # opened by this process
         return out
 
     # with batch_size=None the DataLoader hands each sampled batch of indices to __getitem__

@@ -1,7 +1,7 @@
 """Files written by the original system open unchanged.
 
-The fixture below writes ``dataset.h5`` the way the original's converter did (DATA_MODEL.md
-section 6): its groups, keyword ids as one small dataset per pair (an empty list saved with
+The fixture below writes ``dataset.h5`` the way the original's converter did
+(docs/migrating.md#hdf5-files): its groups, keyword ids as one small dataset per pair (an empty list saved with
 ``np.array([])`` is float64), no splits in the file but ``<split>_idx.pt`` beside it, its own
 PT files still in the directory, and a seed-era ``config.json``.
 """
@@ -150,7 +150,7 @@ def test_original_reader_pickles_with_the_decoded_keywords(tmp_path: Path,
     with jasper.open_store(path) as reader:
         reader.read("pair_keyword_ids")
         clone = pickle.loads(pickle.dumps(reader))
-    assert clone._h5 is None
+    assert not clone._handle.is_open
     assert_same(clone.read("pair_keyword_offsets"), original_arrays["pair_keyword_offsets"], "o")
     clone.close()
 

@@ -20,13 +20,13 @@ def test_reader_pickles_without_handles(small_dataset: Path, small_arrays: tuple
     arrays, _ = small_arrays
     with jasper.open_store(small_dataset) as reader:
         reader.read_rows("steering_centroid", torch.tensor([3, 1]))
-        assert reader._h5 is not None  # open in this process
+        assert reader._handle.is_open  # open in this process
         blob = pickle.dumps(reader)
     clone = pickle.loads(blob)
-    assert clone._h5 is None and clone._dsets == {} and clone._maps == {}
+    assert not clone._handle.is_open and clone._handle._handle is None
     rows = torch.tensor([5, 2, 5])
     assert_same(clone.read_rows("steering_centroid", rows), arrays["steering_centroid"][rows], "c")
-    assert clone._pid == os.getpid()
+    assert clone._handle.is_open and clone._handle._pid == os.getpid()
     clone.close()
 
 
@@ -35,7 +35,7 @@ def test_reopens_after_fork(small_dataset: Path, small_arrays: tuple) -> None:
     arrays, _ = small_arrays
     reader = jasper.open_store(small_dataset)
     reader.read_rows("pair_index", torch.tensor([0]))
-    parent_handle = reader._h5
+    parent_handle = reader._handle.get().h5
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: report through the pipe, never return into pytest
@@ -43,7 +43,8 @@ def test_reopens_after_fork(small_dataset: Path, small_arrays: tuple) -> None:
         try:
             got = reader.read_rows("pair_index", torch.tensor([9, 4]))
             ok = (torch.equal(got, arrays["pair_index"][torch.tensor([9, 4])])
-                  and reader._h5 is not parent_handle and reader._pid == os.getpid())
+                  and reader._handle.get().h5 is not parent_handle
+                  and reader._handle._pid == os.getpid())
             code = 0 if ok else 2
         finally:
             os.write(write_fd, bytes([code]))
@@ -54,7 +55,7 @@ def test_reopens_after_fork(small_dataset: Path, small_arrays: tuple) -> None:
     os.close(read_fd)
     assert status == b"\x00", f"child failed with code {status!r}"
     # the parent's handle still works after the child closed its inherited copy
-    assert reader._h5 is parent_handle
+    assert reader._handle.get().h5 is parent_handle
     assert_same(reader.read("pair_index"), arrays["pair_index"], "parent")
     reader.close()
 

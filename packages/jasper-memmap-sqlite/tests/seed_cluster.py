@@ -1,5 +1,5 @@
-"""Build a cluster-labeled dataset exactly as the original system wrote one (DATA_MODEL.md
-section 7): ``samples`` with labels as JSON text, ``embeddings_meta`` with the path it wrote to
+"""Build a cluster-labeled dataset exactly as the original system wrote one
+(docs/migrating.md#cluster-labeled-datasets): ``samples`` with labels as JSON text, ``embeddings_meta`` with the path it wrote to
 and the SHA-256 of the whole ``.npy`` file, ``dataset_info`` with JSON values, embeddings saved
 with ``numpy.save`` (no page alignment), rollback journal, foreign keys never turned on."""
 

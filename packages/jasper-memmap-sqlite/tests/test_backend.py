@@ -19,6 +19,7 @@ from jasper.errors import DatasetNotFoundError, FormatError, ShapeError
 from jasper.schema import ARRAYS
 from jasper.synth import SynthConfig, synthesize, write_synthetic
 from jasper_memmap_sqlite.backend import CATALOGUE_NAME, MemmapSqliteReader
+from jasper_memmap_sqlite.catalogue import ProcessConnection
 
 
 def _reader(path: Path, mmap: bool = True) -> MemmapSqliteReader:
@@ -143,25 +144,35 @@ def test_dataloader_workers_read_the_maps(store_dir: Path, ctx: str) -> None:
         assert torch.equal(got, expect)
 
 
-def _child_pid_and_conn(reader: MemmapSqliteReader, q: mp.Queue) -> None:
-    conn = reader._db.get()
-    q.put((os.getpid(), reader._db._pid, id(conn), conn.execute("PRAGMA foreign_keys").fetchone()[0]))
+def _child_pid_and_conn(db: ProcessConnection, q: mp.Queue) -> None:
+    conn = db.get()
+    q.put((os.getpid(), db._pid, id(conn), conn.execute("PRAGMA foreign_keys").fetchone()[0]))
 
 
 def test_connection_is_per_process_and_reopened_after_fork(store_dir: Path) -> None:
+    db = ProcessConnection(store_dir / CATALOGUE_NAME, readonly=True)
+    parent = db.get()
+    assert parent.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert parent.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    q: mp.Queue = mp.get_context("fork").Queue()
+    p = mp.get_context("fork").Process(target=_child_pid_and_conn, args=(db, q))
+    p.start()
+    child_pid, conn_pid, _conn_id, fk = q.get(timeout=60)
+    p.join(60)
+    assert p.exitcode == 0
+    assert conn_pid == child_pid != os.getpid()
+    assert fk == 1
+    assert db.get() is parent  # the parent's connection is untouched
+    db.close()
+
+
+def test_reader_holds_no_connection_after_open(store_dir: Path) -> None:
+    """The catalogue is read once, through the pinned directory, into memory: no SQLite handle
+    is left to carry across fork or to lock the file."""
     with _reader(store_dir) as r:
-        parent = r._db.get()
-        assert parent.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-        assert parent.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        q: mp.Queue = mp.get_context("fork").Queue()
-        p = mp.get_context("fork").Process(target=_child_pid_and_conn, args=(r, q))
-        p.start()
-        child_pid, conn_pid, _conn_id, fk = q.get(timeout=60)
-        p.join(60)
-        assert p.exitcode == 0
-        assert conn_pid == child_pid != os.getpid()
-        assert fk == 1
-        assert r._db.get() is parent  # the parent's connection is untouched
+        assert not any(isinstance(v, (sqlite3.Connection, ProcessConnection))
+                       for v in vars(r).values())
+        assert r.read_rows("pair_index", torch.tensor([1])).shape[0] == 1
 
 
 def test_deep_validation_passes_and_runs_sqlite_checks(store_dir: Path) -> None:

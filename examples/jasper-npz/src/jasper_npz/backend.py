@@ -39,8 +39,9 @@ from jasper.backend import (
 )
 from jasper.dtypes import STORAGE_NUMPY, dtype_name, from_storage, to_storage, torch_dtype
 from jasper.errors import DatasetNotFoundError, FormatError, WriteOptionError
+from jasper.files import ProcessLocal
 from jasper.manifest import Manifest
-from jasper.schema import ARRAYS
+from jasper.schema import ALL_ARRAYS
 
 ARCHIVE = "dataset.npz"
 COMPRESSION = {None: zipfile.ZIP_STORED, "deflate": zipfile.ZIP_DEFLATED}
@@ -54,39 +55,39 @@ def _logical(storage: np.dtype) -> str:
 
 
 class NpzReader(StoreReader):
-    """Reads members of ``dataset.npz``. Holds only paths when pickled; each process opens the
-    archive for itself on first use (a zip handle must not be shared across ``fork``)."""
+    """Reads members of ``dataset.npz``. The archive is opened through core's pinned dataset
+    directory (:mod:`jasper.files`: one dataset version, regular files only) and held per
+    process (:class:`jasper.files.ProcessLocal`: a zip handle must not be shared across
+    ``fork``); pickling keeps paths only."""
 
     backend_name = "npz"
 
     def __init__(self, path: Path, manifest: Manifest) -> None:
         super().__init__(path, manifest)
         self.archive = self.path / ARCHIVE
-        self._zip: zipfile.ZipFile | None = None
-        self._pid = -1
+        self._zip: ProcessLocal[zipfile.ZipFile] = ProcessLocal(self._open_archive,
+                                                                _close_archive)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_zip"] = None
-        return state
+    def _open_archive(self) -> zipfile.ZipFile:
+        try:
+            fh = self.files.open_file(ARCHIVE)
+        except DatasetNotFoundError:
+            raise DatasetNotFoundError(self.archive, "npz archive",
+                                       "The dataset is incomplete; write it again") from None
+        try:
+            return zipfile.ZipFile(fh)
+        except _BROKEN as exc:
+            fh.close()
+            raise FormatError(self.archive, f"not a readable zip archive (truncated?): {exc}") \
+                from None
 
     def _zipfile(self) -> zipfile.ZipFile:
-        if self._zip is None or self._pid != os.getpid():
-            if not self.archive.is_file():
-                raise DatasetNotFoundError(self.archive, "npz archive",
-                                           "The dataset is incomplete; write it again")
-            try:
-                self._zip = zipfile.ZipFile(self.archive)
-            except _BROKEN as exc:
-                raise FormatError(self.archive, f"not a readable zip archive (truncated?): {exc}") \
-                    from None
-            self._pid = os.getpid()
-        return self._zip
+        return self._zip.get()
 
     @contextmanager
     def _member(self, name: str) -> Iterator[tuple[IO[bytes], tuple[int, ...], np.dtype]]:
         """The open member of ``name``, positioned after its ``.npy`` header."""
-        if name not in ARRAYS:
+        if name not in ALL_ARRAYS:
             raise self._missing(name)
         zf = self._zipfile()
         try:
@@ -116,43 +117,83 @@ class NpzReader(StoreReader):
 
     def array_names(self) -> list[str]:
         members = set(self._zipfile().namelist())
-        return [n for n in ARRAYS if f"{n}.npy" in members]
+        return [n for n in ALL_ARRAYS if f"{n}.npy" in members]
 
     def info(self, name: str) -> ArrayInfo:
         with self._member(name) as (_f, shape, dtype):
             return ArrayInfo(shape, _torch_dtype(dtype))
 
-    def iter_chunks(self, name: str, rows_per_chunk: int | None = None) -> Iterator[torch.Tensor]:
+    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop``: one ``pread`` for a stored member, a forward read through the
+        decompressor for a deflated one."""
         with self._member(name) as (f, shape, dtype):
-            n = shape[0] if shape else 1
-            row_shape = shape[1:]
-            step = rows_per_chunk or default_rows_per_chunk(
-                ArrayInfo(shape, _torch_dtype(dtype)))
-            if n == 0:
-                yield from_storage(np.empty(shape, dtype), _logical(dtype))
-                return
-            for start in range(0, n, step):
-                rows = min(step, n - start)
-                buf = np.empty((rows, *row_shape), dtype)
-                want = buf.nbytes
-                try:
-                    got = f.readinto(memoryview(buf.reshape(-1).view(np.uint8)))
-                except _BROKEN as exc:
-                    raise FormatError(self.archive, f"{name}.npy is damaged: {exc}",
-                                      array=name) from None
-                if got != want:
+            if not shape:
+                return from_storage(self._read_exact(f, name, np.empty((), dtype), 0), _logical(dtype))
+            start, stop, _ = slice(start, stop).indices(shape[0])
+            stop = max(start, stop)
+            buf = np.empty((stop - start, *shape[1:]), dtype)
+            row_bytes = buf.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            zinfo = self._zipfile().getinfo(f"{name}.npy")
+            if buf.size and zinfo.compress_type == zipfile.ZIP_STORED:
+                offset = self._data_offset(zinfo) + f.tell() + start * row_bytes
+                view = memoryview(buf.reshape(-1).view(np.uint8))
+                fd = self._zipfile().fp.fileno()  # type: ignore[union-attr]
+                got = os.preadv(fd, [view], offset)
+                if got != buf.nbytes:
                     raise FormatError(self.archive, f"{name}.npy is truncated at row {start}",
                                       array=name)
-                yield from_storage(buf, _logical(dtype))
+            elif buf.size:
+                f.seek(f.tell() + start * row_bytes)
+                self._read_exact(f, name, buf, start)
+            return from_storage(buf, _logical(dtype))
 
-    def read(self, name: str) -> torch.Tensor:
-        info = self.info(name)
-        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
+    def _data_offset(self, zinfo: zipfile.ZipInfo) -> int:
+        """Where a member's bytes start in the archive (after its local file header)."""
+        fh = self._zipfile().fp
+        assert fh is not None
+        head = os.pread(fh.fileno(), 30, zinfo.header_offset)
+        if len(head) != 30 or head[:4] != b"PK\x03\x04":
+            raise FormatError(self.archive, f"bad local header of member {zinfo.filename}")
+        name_len = int.from_bytes(head[26:28], "little")
+        extra_len = int.from_bytes(head[28:30], "little")
+        return zinfo.header_offset + 30 + name_len + extra_len
+
+    def _read_exact(self, f: IO[bytes], name: str, buf: np.ndarray, row: int) -> np.ndarray:
+        try:
+            got = f.readinto(memoryview(buf.reshape(-1).view(np.uint8)))  # type: ignore[attr-defined]
+        except _BROKEN as exc:
+            raise FormatError(self.archive, f"{name}.npy is damaged: {exc}", array=name) from None
+        if got != buf.nbytes:
+            raise FormatError(self.archive, f"{name}.npy is truncated at row {row}", array=name)
+        return buf
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """One forward pass through the member, slice by slice into ``out``."""
+        info = self.check_out(name, out)
+        with self._member(name) as (f, shape, dtype):
+            n = shape[0] if shape else 1
+            step = default_rows_per_chunk(info, 8 << 20)
+            for start in range(0, n, step):
+                rows = min(step, n - start)
+                buf = np.empty((rows, *shape[1:]) if shape else (), dtype)
+                self._read_exact(f, name, buf, start)
+                t = from_storage(buf, _logical(dtype))
+                if shape:
+                    out[start : start + rows].copy_(t)
+                else:
+                    out.copy_(t)
+        return out
 
     def close(self) -> None:
-        if self._zip is not None and self._pid == os.getpid():
-            self._zip.close()
-        self._zip = None
+        self._zip.close()
+        super().close()
+
+
+def _close_archive(zf: zipfile.ZipFile) -> None:
+    fh = zf.fp  # a ZipFile leaves a file object it was given open
+    zf.close()
+    if fh is not None:
+        fh.close()
 
 
 def _torch_dtype(storage: np.dtype) -> torch.dtype:
@@ -170,7 +211,7 @@ class NpzBackend(BackendEntrypoint):
         "one uncompressed or deflated .npz archive per dataset (example plugin)"
     )
     capabilities: ClassVar[Capabilities] = Capabilities(
-        write=True, mmap=False, compression=True, row_access=False, worker_safe=True
+        write=True, mmap=False, compression=True, row_access=True, worker_safe=True
     )
     marker_files: ClassVar[tuple[str, ...]] = (ARCHIVE,)
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {

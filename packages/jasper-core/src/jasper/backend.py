@@ -18,13 +18,23 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from jasper.errors import CapabilityError, FormatError
+from jasper.errors import CapabilityError, FormatError, JasperError, ShapeError
+from jasper.files import DatasetDir
+from jasper.rows import (
+    as_row_index,
+    check_rows,
+    merge_gap_rows,
+    plan_spans,
+    span_positions,
+    unique_sorted,
+)
 
 if TYPE_CHECKING:
     from jasper.location import Location, ObjectStore
@@ -43,6 +53,8 @@ class Capabilities:
       lazily after a fork.
     - ``locations``: the location schemes the backend reads and writes (``"file"``: local
       directories; ``"s3"``...: object stores, through :meth:`BackendEntrypoint.object_store`).
+    - ``write_rows``: :meth:`StoreReader.write_rows` replaces rows of mutable arrays in place, as
+      one atomic, crash-safe change (e.g. ``ClusterLabeledDataset.update_labels``).
     """
 
     write: bool = True
@@ -51,6 +63,7 @@ class Capabilities:
     row_access: bool = False
     worker_safe: bool = True
     locations: tuple[str, ...] = ("file",)
+    write_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,11 @@ class TensorSource(ArraySource):
         return self.tensor
 
 
+#: Bytes per slice of the default :meth:`StoreReader.read_into`: fits the L2 cache of current
+#: CPUs, so the slice is still cached when it is copied into the destination.
+COPY_SLICE_BYTES = 1 << 20
+
+
 def default_rows_per_chunk(source: ArraySource | ArrayInfo, target_bytes: int = 64 << 20) -> int:
     """Rows in a chunk of about ``target_bytes`` (64 MiB): big enough to stream at disk speed,
     small enough that writing a 100 GB array needs little RAM."""
@@ -145,18 +163,46 @@ def as_source(array: torch.Tensor | ArraySource) -> ArraySource:
 class StoreReader(abc.ABC):
     """A read handle on one stored dataset. Get one with :func:`jasper.open_store`.
 
-    Subclasses implement :meth:`array_names`, :meth:`info` and :meth:`read`, and override
-    :meth:`map`, :meth:`read_rows` and :meth:`read_slice` where the format does better than the
-    defaults. All methods return CPU tensors with the logical dtype. Readers must be picklable
-    when the backend claims ``worker_safe``: hold paths, not open handles, in the pickled state,
-    and open lazily in the process that reads.
+    **Required**: :meth:`array_names`, :meth:`info` and :meth:`read_slice`. Everything else has
+    a default built on those that is already fast: :meth:`read_into` (and so :meth:`read`)
+    streams cache-sized slices into the caller's tensor, :meth:`iter_chunks` reads slices,
+    :meth:`read_rows` checks, sorts, de-duplicates and coalesces the indices
+    (:mod:`jasper.rows`) and asks :meth:`read_sorted_rows` for sorted unique rows. Override
+    where the format does better (``read_into`` straight into ``out``, ``read_sorted_rows``
+    from a map, :meth:`map` for zero-copy tensors).
+
+    All methods return CPU tensors with the logical dtype. Open every file through
+    :attr:`files` (the pinned dataset directory). Readers must be picklable when the backend
+    claims ``worker_safe``: hold paths, not open handles, in the pickled state (library handles in
+    a :class:`jasper.files.ProcessLocal`), and open lazily in the process that reads.
     """
 
     backend_name: ClassVar[str] = ""
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    def __init__(self, path: Path, manifest: Manifest, *, follow_links: bool = False) -> None:
         self.path = Path(path)
-        self.manifest = manifest
+        #: The pinned dataset directory: open every file through it (:mod:`jasper.files`), so a
+        #: reader serves one version of the dataset even while a writer commits a new one, and
+        #: reads only regular files inside the directory (``follow_links`` trusts symlinks).
+        self.files = DatasetDir(self.path, follow_links=follow_links)
+        self.files.pin()
+        self.manifest = self._pinned_manifest(manifest)
+
+    def _pinned_manifest(self, manifest: Manifest) -> Manifest:
+        """``manifest``, unless the directory was replaced between loading it and pinning the
+        directory: then the manifest of the pinned version, so data and manifest agree."""
+        import json
+
+        from jasper.manifest import MANIFEST_NAME
+        from jasper.manifest import Manifest as _Manifest
+
+        try:
+            data = json.loads(self.files.read_bytes(MANIFEST_NAME, limit=64 << 20))
+            pinned = _Manifest.from_dict(data, self.files.member(MANIFEST_NAME))
+        except (JasperError, ValueError, RecursionError):
+            return manifest  # core already parsed one; its errors are core's to report
+        return manifest if pinned.arrays == manifest.arrays else pinned
+
 
     # --- what every backend implements -----------------------------------------------------
     @abc.abstractmethod
@@ -168,10 +214,17 @@ class StoreReader(abc.ABC):
         """Shape and dtype of ``name`` as the store records them (without reading the data)."""
 
     @abc.abstractmethod
+    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``name`` as a new tensor (Python slice semantics: bounds are
+        clipped, ``stop <= start`` gives zero rows). A 0-d array: ``read_slice(name, 0, 1)`` is
+        the whole (scalar) tensor."""
+
+    # --- optional, with defaults built on the three above -----------------------------------
     def read(self, name: str) -> torch.Tensor:
         """The whole array, in RAM, as a tensor this caller owns (one copy from storage)."""
+        info = self.info(name)
+        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
 
-    # --- optional, with defaults -----------------------------------------------------------
     def map(self, name: str) -> torch.Tensor:
         """A zero-copy, read-only, memory-mapped tensor (backends with ``mmap`` capability)."""
         raise CapabilityError(
@@ -185,42 +238,72 @@ class StoreReader(abc.ABC):
         view into a larger buffer) with the whole array; returns ``out``.
 
         This is how a preload avoids double copies: backends override it to read straight into
-        ``out`` (h5py ``read_direct``, a copy from a mapped file). The default streams chunks, so
-        its extra memory is one chunk, never a second whole array.
+        ``out`` (h5py ``read_direct``, ``preadv``). The default copies slices of about
+        :data:`COPY_SLICE_BYTES` (small enough to stay in the CPU cache between the read and the
+        copy, so it costs about what one copy does); its extra memory is one slice.
         """
-        self.check_out(name, out)
-        row = 0
-        for chunk in self.iter_chunks(name):
-            n = chunk.shape[0] if chunk.dim() else 1
-            out[row : row + n].copy_(chunk)
-            row += n
+        info = self.check_out(name, out)
+        if not info.shape:
+            return out.copy_(self.read_slice(name, 0, 1).reshape(()))
+        n = info.shape[0]
+        step = default_rows_per_chunk(info, COPY_SLICE_BYTES)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            out[start:stop].copy_(self.read_slice(name, start, stop))
         return out
 
     def check_out(self, name: str, out: torch.Tensor) -> ArrayInfo:
-        """Raise ``ValueError`` unless ``out`` has the shape and dtype of array ``name``; every
-        :meth:`read_into` override starts with it."""
+        """Raise :class:`~jasper.errors.ShapeError` (a ``ValueError``) unless ``out`` has the
+        shape and dtype of array ``name``; every :meth:`read_into` override starts with it."""
         info = self.info(name)
         if tuple(out.shape) != tuple(info.shape) or out.dtype != info.dtype:
-            raise ValueError(f"read_into({name!r}): out is {tuple(out.shape)} {out.dtype}, "
-                             f"the array is {info.shape} {info.dtype}")
+            raise ShapeError(
+                f"read_into({name!r}): the destination is {tuple(out.shape)} {out.dtype} but "
+                f"the stored array is {info.shape} {info.dtype}: the manifest or the data model "
+                "disagrees with the file (run `jasper validate` on the dataset)",
+                array=name, rule="stored shape matches the expected shape", path=self.path)
         return info
-
-    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of ``name`` (default: slice a whole read)."""
-        return self.read(name)[start:stop].clone()
 
     def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (int64, any order, repeats allowed) of ``name``, in that order.
 
-        The default reads everything; backends with ``row_access`` read only what is asked,
-        sorting and de-duplicating the indices first and un-permuting after.
+        Indices are checked (:class:`~jasper.rows.RowIndexError` names the first bad one),
+        sorted and de-duplicated once here; :meth:`read_sorted_rows` reads them; the result is
+        un-permuted back to the caller's order.
         """
-        return self.read(name).index_select(0, rows)
+        info = self.info(name)
+        idx = as_row_index(rows, f"read_rows({name!r})")
+        if idx.dim() != 1:
+            raise TypeError(f"read_rows({name!r}): rows must be 1-D, got shape "
+                            f"{tuple(idx.shape)}")
+        if not info.shape:
+            raise TypeError(f"read_rows({name!r}): the array is a scalar, it has no rows")
+        check_rows(idx, info.shape[0], name, self.path)
+        if idx.numel() == 0:
+            return torch.empty((0, *info.shape[1:]), dtype=info.dtype)
+        uniq, inverse = unique_sorted(idx)
+        data = self.read_sorted_rows(name, uniq)
+        return data if inverse is None else data.index_select(0, inverse)
+
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """The hook behind :meth:`read_rows`: rows ``rows`` (int64, strictly increasing, in
+        range, at least one) of ``name``. The default reads the coalesced spans of
+        :func:`jasper.rows.plan_spans` with :meth:`read_slice`."""
+        info = self.info(name)
+        row_bytes = ArrayInfo(info.shape[1:], info.dtype).nbytes
+        spans = plan_spans(rows, merge_gap_rows(row_bytes))
+        parts = [self.read_slice(name, a, b) for a, b in spans]
+        data = parts[0] if len(parts) == 1 else torch.cat(parts)
+        pos = span_positions(spans, rows)
+        return data if pos is None else data.index_select(0, pos)
 
     def iter_chunks(self, name: str, rows_per_chunk: int | None = None) -> Iterator[torch.Tensor]:
         """Stream ``name`` in row chunks (used by convert and deep validation)."""
         info = self.info(name)
-        n = info.shape[0] if info.shape else 0
+        if not info.shape:
+            yield self.read_slice(name, 0, 1)
+            return
+        n = info.shape[0]
         step = rows_per_chunk or default_rows_per_chunk(info)
         if n == 0:
             yield self.read_slice(name, 0, 0)
@@ -228,8 +311,31 @@ class StoreReader(abc.ABC):
         for start in range(0, n, step):
             yield self.read_slice(name, start, min(n, start + step))
 
-    def close(self) -> None:  # noqa: B027 - optional hook, a no-op for stateless readers
-        """Release files and maps. Tensors already returned by :meth:`read` stay valid."""
+    def write_rows(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
+                   note: Mapping[str, Any] | None = None) -> None:
+        """Replace rows of mutable arrays in place: ``updates`` maps an array name to ``(rows
+        int64 [k], values [k, ...])``. All of it is ONE change, atomic for readers in every
+        process (see :meth:`reading_rows`) and across a crash (after a kill, the next open sees
+        all of it or none of it); checksums are kept true. ``note`` is a JSON-able description a
+        backend may keep as history. Backends with the ``write_rows`` capability override it."""
+        from jasper.registry import get_backend, list_backends
+
+        able = [n for n in list_backends() if _has_write_rows(get_backend, n)]
+        raise CapabilityError(
+            f"backend {self.backend_name!r} cannot change rows in place ({self.path}); "
+            "backends that can: " + (", ".join(able) or "none installed") +
+            " (convert with `jasper convert SRC DST --to NAME`)")
+
+    @contextmanager
+    def reading_rows(self) -> Iterator[None]:
+        """Hold while reading rows that :meth:`write_rows` may change in another process: no
+        reader sees half of a change. A no-op for stores that cannot change rows."""
+        yield
+
+    def close(self) -> None:
+        """Release files and maps. Tensors already returned by :meth:`read` stay valid.
+        Overrides call ``super().close()`` last."""
+        self.files.close()
 
     def __enter__(self) -> StoreReader:
         return self
@@ -246,6 +352,13 @@ class StoreReader(abc.ABC):
 
     def _missing(self, name: str) -> FormatError:
         return FormatError(self.path, f"array {name!r} is not in this store", array=name)
+
+
+def _has_write_rows(get_backend: Any, name: str) -> bool:
+    try:
+        return bool(get_backend(name).capabilities.write_rows)
+    except Exception:  # a backend that fails to load cannot write rows either
+        return False
 
 
 class _ReaderSource(ArraySource):
@@ -281,6 +394,16 @@ class BackendEntrypoint(abc.ABC):
     #: Named sets of write options worth comparing (e.g. ``{"lzf": {"compression": "lzf"}}``).
     #: The benchmark suite measures each; the conformance kit round-trips each.
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}
+    #: Files marking a layout without ``config.json`` that :meth:`open_foreign` reads (e.g. the
+    #: original system's cluster-labeled ``dataset.db``).
+    foreign_markers: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # core owns array-name validation for every backend, also for direct write_arrays calls
+        from jasper.validation import guard_write_arrays
+
+        guard_write_arrays(cls)
 
     def guess_can_open(self, path: str | Path) -> bool:
         """Whether ``path`` (a dataset directory) looks like this backend's. Cheap: no parsing."""
@@ -319,6 +442,11 @@ class BackendEntrypoint(abc.ABC):
         :class:`~jasper.location.Location` of one generation instead of a directory."""
         raise CapabilityError(f"backend {self.name!r} reads and writes local directories only, "
                               f"not {location}")
+
+    def open_foreign(self, path: Path) -> StoreReader | None:
+        """A reader for ``path``, a directory without ``config.json`` in a layout this backend
+        knows (its reader carries a manifest built from that layout), or ``None``."""
+        return None
 
     def deep_check(self, path: Path) -> list[str]:
         """Backend-specific integrity checks for ``validate --deep`` (e.g. SQLite's

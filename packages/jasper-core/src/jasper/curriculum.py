@@ -1,7 +1,7 @@
 """The steering curriculum: which steering variant each item gets, epoch by epoch.
 
-Three forms, chosen from ``config.json`` as the original system chose them (DATA_MODEL.md
-section 4), plus jasper's explicit step table:
+Three forms, chosen from ``config.json`` as the original system chose them
+(docs/curriculum.md), plus jasper's explicit step table:
 
 - :class:`StepCurriculum` from jasper's own ``steering_schedule`` key (``jasper synth`` writes it),
   a list of ``{"start_epoch": e, "probs": [zero, centroid, keyword, residual]}``;
@@ -38,7 +38,7 @@ from jasper.schema import STEERING_VARIANTS, VARIANT_ALIASES
 VARIANT_NAMES: tuple[str, ...] = STEERING_VARIANTS
 N_VARIANTS = len(VARIANT_NAMES)
 
-#: The documented default step table (DATA_MODEL.md section 4): (start epoch, probabilities).
+#: The documented default step table (docs/curriculum.md): (start epoch, probabilities).
 DEFAULT_STEPS: tuple[tuple[int, tuple[float, float, float, float]], ...] = (
     (0, (0.7, 0.2, 0.1, 0.0)),
     (10, (0.5, 0.3, 0.15, 0.05)),

@@ -1,8 +1,11 @@
 """The typed errors jasper raises.
 
 Every error derives from :class:`JasperError`. Errors that stand where the original system raised
-``ValueError`` (integrity failures, a missing split, an unknown steering variant) also derive from
-``ValueError`` so that existing ``except ValueError`` code keeps working. Messages name the path,
+``ValueError`` (integrity failures, a missing dataset directory or config file, a missing split, no
+dataset files found, an unknown storage format or steering variant) also derive from
+``ValueError`` so that existing ``except ValueError`` code keeps working, and their messages keep
+the original's key phrases ("Dataset directory not found", "Config file not found", "Split file
+not found"). Messages name the path,
 the array, the row and the rule where they apply, and say what to do.
 """
 
@@ -22,12 +25,13 @@ class JasperError(Exception):
     """Base class of every error jasper raises on purpose."""
 
 
-class DatasetNotFoundError(JasperError, FileNotFoundError):
-    """A dataset directory, or a file a dataset needs, does not exist."""
+class DatasetNotFoundError(JasperError, FileNotFoundError, ValueError):
+    """A dataset directory, or a file a dataset needs, does not exist (a ``ValueError`` as in
+    the original system, and a ``FileNotFoundError``)."""
 
     def __init__(self, path: str | Path, what: str = "dataset directory", hint: str = "") -> None:
         self.path = Path(path)
-        msg = f"{what} not found: {_shown(path)}"
+        msg = f"{what[:1].upper()}{what[1:]} not found: {_shown(path)}"
         if hint:
             msg += f". {hint}"
         super().__init__(msg)
@@ -102,7 +106,8 @@ class SplitNotFoundError(JasperError, ValueError):
         self.available = sorted(available)
         where = f" in {path}" if path is not None else ""
         super().__init__(
-            f"split {split!r} not found{where}; available splits: {', '.join(self.available)}"
+            f"Split file not found: split {split!r}{where}; available splits: "
+            f"{', '.join(self.available)}"
         )
 
 
@@ -143,9 +148,37 @@ class CapabilityError(BackendError):
     """An operation needs a capability (mapping, writing, row reads...) the backend lacks."""
 
 
-class NoBackendCanOpenError(BackendError, FileNotFoundError):
-    """Auto-detection found no installed backend that recognises the directory."""
+class NoBackendCanOpenError(BackendError, FileNotFoundError, ValueError):
+    """Auto-detection found no installed backend that recognises the directory (no dataset
+    files found: a ``ValueError`` in the original system)."""
 
 
 class WriteOptionError(BackendError, TypeError):
     """A write/convert option the target backend does not accept, or a bad value for one."""
+
+
+class DatasetExistsError(JasperError, FileExistsError):
+    """The write target exists and ``overwrite`` was not given."""
+
+
+class OverwriteRefusedError(DatasetExistsError):
+    """``overwrite`` was given but the target is not something jasper may replace: not a jasper
+    dataset (no manifest), a symlink, or a directory that holds (or lies inside) the source."""
+
+
+class ConcurrentWriteError(DatasetExistsError):
+    """Another writer committed to the same target while this write was running; this write
+    was not committed and the other writer's dataset is intact."""
+
+
+class StorageError(JasperError, OSError):
+    """The operating system refused a write or read (disk full, permission denied...).
+
+    ``path`` is the file concerned; the message says what to do.
+    """
+
+    def __init__(self, path: str | Path, problem: str, errno_: int | None = None) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {problem}")
+        if errno_ is not None:
+            self.errno = errno_

@@ -1,7 +1,7 @@
 """``GPULoader``: batches assembled where the tables live, without DataLoader workers.
 
 A per-item dataset preloaded on a GPU serves about as few samples per second as on the CPU
-(10-13k/s on an H200, DESIGN_NOTES) because every item is Python. This loader instead:
+(10-13k/s on an H200, docs/design.md#the-gpu) because every item is Python. This loader instead:
 
 - draws the epoch's order on the device: a stable sort of a counter hash of (seed, epoch, position)
   (:func:`shuffle_order`), identical on the CPU and on CUDA, then shards it exactly like
@@ -10,7 +10,7 @@ A per-item dataset preloaded on a GPU serves about as few samples per second as 
 - gathers each batch with ``index_select`` straight into output buffers that are reused from batch
   to batch (:meth:`JASPERSteeringDataset.gather` with ``out=``); on CUDA the fixed sequence of
   gathers of a full batch is captured once in a CUDA graph and replayed (measured on an H200:
-  3.9M samples/s eager vs 17.7M replayed at batch 1024, DESIGN_NOTES);
+  3.9M samples/s eager vs 17.7M replayed at batch 1024, docs/design.md#the-gpu);
 - from a CPU-resident dataset to a GPU ("staged" mode), gathers on the CPU into pinned staging
   buffers and copies them with non-blocking copies on a side stream, one batch ahead.
 
@@ -24,13 +24,13 @@ keep (``{k: v.clone() for k, v in batch.items()}``) or pass ``reuse_buffers=Fals
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 from jasper.curriculum import draw_key, hash32
-from jasper.dataset import MODE_PRELOAD, JasperBatch, JASPERSteeringDataset
+from jasper.dataset import JasperBatch, JASPERSteeringDataset
 
 #: Salt that separates the shuffle's hash stream from the curriculum draw's.
 _SHUFFLE_SALT = 0x5BD1E995
@@ -173,7 +173,7 @@ class GPULoader:
             raise ValueError(f"the dataset is on {dataset.device} but the loader delivers on "
                              f"{self.device}; open the dataset with device={self.device} or use "
                              "a CPU dataset (staged copies)")
-        if not staged and dataset.mode != MODE_PRELOAD and self.device.type != "cpu":
+        if not staged and not dataset.tables.resident and self.device.type != "cpu":
             raise ValueError("a mapped dataset can only feed a GPU through staged copies")
         self.staged = bool(staged)
         self.reuse_buffers = reuse_buffers or self.staged
@@ -187,7 +187,7 @@ class GPULoader:
         on_cuda = self.device.type == "cuda" and torch.cuda.is_available()
         if cuda_graph is None:
             cuda_graph = on_cuda and not self.staged and self.reuse_buffers and (
-                dataset.mode == MODE_PRELOAD)
+                dataset.tables.resident)
         self.cuda_graph = bool(cuda_graph) and on_cuda
         self._out: JasperBatch | None = None
         self._graph: Any = None
@@ -200,6 +200,9 @@ class GPULoader:
         self._thresholds = torch.zeros(3, dtype=torch.int64, device=index_device)
         self._forced = torch.full((1,), -1, dtype=torch.int64, device=index_device)
         self._draw_state: tuple[int, tuple[int, int], tuple[int, int, int]] | None = None
+        self._resume_skip = 0  # batches of the next pass already served before a checkpoint
+        self._skip_once = 0
+        self._yielded: int | None = None  # batches yielded of the pass in progress
 
     # --- epochs -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -225,13 +228,45 @@ class GPULoader:
     def _batches(self) -> Iterator[torch.Tensor]:
         order = self.sampler.indices()
         b = self.batch_size
-        for i in range(len(self)):
+        skip, self._skip_once = self._skip_once, 0
+        for i in range(skip, len(self)):
             yield order[i * b : (i + 1) * b]
 
     def __iter__(self) -> Iterator[JasperBatch]:
-        if self.staged:
-            return self._iter_staged()
-        return self._iter_resident()
+        skip, self._resume_skip = self._resume_skip, 0
+        self._skip_once = skip
+        self._yielded = skip
+        for batch in self._iter_staged() if self.staged else self._iter_resident():
+            self._yielded += 1
+            yield batch
+        self._yielded = None
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        s = self.sampler
+        return {"batch_size": self.batch_size, "num_replicas": s.num_replicas, "rank": s.rank,
+                "shuffle": "device" if s.shuffle else "none", "length": len(self)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader is (torchdata's ``StatefulDataLoader`` protocol): the curriculum
+        controls, the shuffle's epoch and the batches yielded of the pass in progress. The
+        order is a pure function of (seed, epoch), so nothing else is needed."""
+        from jasper.loader import STATE_FORMAT
+
+        return {"format": STATE_FORMAT, **self._identity(), "sampler_epoch": self.sampler.epoch,
+                "pass": 0, "dataset": self.dataset.state_dict(),
+                "batches_yielded": self._yielded or 0}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state``: the next iteration yields exactly the batches the saved
+        loader had left (raises ``ValueError`` for a state of a differently built loader)."""
+        from jasper.loader import check_loader_state
+
+        check_loader_state(state, self._identity())
+        self.dataset.load_state_dict(state["dataset"])
+        self.sampler.set_epoch(int(state["sampler_epoch"]))
+        self._resume_skip = int(state["batches_yielded"])
+        self._yielded = None
 
     def _iter_resident(self) -> Iterator[JasperBatch]:
         ds = self.dataset
@@ -255,7 +290,7 @@ class GPULoader:
                 draw: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> JasperBatch:
         ds = self.dataset
         assert self._out is not None
-        generation = ds._generation
+        generation = ds.generation
         if self._graph is None or generation != self._graph_generation:
             self._idx_static = idx.clone()
             stream = torch.cuda.Stream(device=self.device)

@@ -347,6 +347,23 @@ def refresh_backends() -> None:
     _REGISTRY.refresh()
 
 
+def _guess(name: str, path: Path) -> int | None:
+    """The backend's ``open_priority`` if it recognises ``path``, else None. A backend whose
+    class fails to import, or whose guess raises, is a warning naming it (and its
+    distribution), never a failure that hides the other backends."""
+    try:
+        backend = get_backend(name)
+        if backend.guess_can_open(path):
+            return int(getattr(backend, "open_priority", 0))
+    except BackendError as exc:
+        warnings.warn(str(exc), JasperPluginWarning, stacklevel=3)
+    except Exception as exc:  # a guessing bug in one plugin must not hide the others
+        origin = list_backends()[name]._origin() if name in list_backends() else "?"
+        warnings.warn(f"backend {name!r} ({origin}) failed in guess_can_open: "
+                      f"{type(exc).__name__}: {exc}", JasperPluginWarning, stacklevel=3)
+    return None
+
+
 def guess_backend(path: str | Path, preferred: str | None = None) -> str:
     """The name of the installed backend that can open the dataset directory ``path``.
 
@@ -356,17 +373,9 @@ def guess_backend(path: str | Path, preferred: str | None = None) -> str:
     """
     p = Path(path)
     infos = list_backends()
-    if preferred and preferred in infos and get_backend(preferred).guess_can_open(p):
+    if preferred and preferred in infos and _guess(preferred, p) is not None:
         return preferred
-    matches: list[tuple[int, str]] = []
-    for name in infos:
-        backend = get_backend(name)
-        try:
-            if backend.guess_can_open(p):
-                matches.append((getattr(backend, "open_priority", 0), name))
-        except Exception as exc:  # a guessing bug in one plugin must not hide the others
-            warnings.warn(f"backend {name!r} failed in guess_can_open: {exc}", JasperPluginWarning,
-                          stacklevel=2)
+    matches = [(prio, name) for name in infos if (prio := _guess(name, p)) is not None]
     if matches:
         return max(matches)[1]
     hint = ""
@@ -377,6 +386,7 @@ def guess_backend(path: str | Path, preferred: str | None = None) -> str:
         )
     listed = ", ".join(infos) or "none"
     raise NoBackendCanOpenError(
-        f"no installed backend recognises {p} (installed: {listed}).{hint} "
+        f"No dataset files found: no installed backend recognises {p} (installed: {listed})."
+        f"{hint} "
         f"Pass backend=NAME to force one; `jasper backends` lists what can be installed."
     )

@@ -1,10 +1,20 @@
-"""The JASPER data model as code: the one catalogue of every stored array.
+"""The data model as code: one catalogue of stored arrays per dataset kind.
 
-Backends, validation, the synthetic generator, the manifest and the dataset all read
-:data:`ARRAYS`; nothing else lists array names. See ``DATA_MODEL.md`` section 1.
+A dataset's manifest names its **kind** (:data:`KINDS`): ``jasper-steering`` (the JASPER steering
+data of docs/data-model.md, the default when a manifest names none) or ``cluster-labeled``
+(the domain-classification triplets of docs/migrating.md#cluster-labeled-datasets). Backends,
+validation, the synthetic generators, the manifest and both datasets read these catalogues;
+nothing else lists array names. :data:`ARRAYS` is the ``jasper-steering`` catalogue; :data:`ALL_ARRAYS` holds every
+kind's arrays (names are unique across kinds), for backends that map names to places.
 
 Ragged keyword ids are stored as CSR: ``pair_keyword_offsets`` ``[N_p + 1]`` (row ``p`` owns
 ``pair_keyword_ids[offsets[p]:offsets[p + 1]]``) and ``pair_keyword_ids`` (the flat values).
+
+**Records** (strings and small JSON values, one per row: a sample's text, chroma id,
+suggestions...) use the same idea, so every backend stores them without code of its own: record
+``x`` is two ordinary arrays, ``x_offsets`` int64 ``[N + 1]`` and ``x_bytes`` uint8 (the UTF-8
+bytes of every row, concatenated). :mod:`jasper.records` encodes and decodes them; checksums,
+validation and convert treat them as the arrays they are.
 """
 
 from __future__ import annotations
@@ -23,6 +33,9 @@ class Role(enum.Enum):
     SPLIT = "split"
     CSR_OFFSETS = "csr_offsets"
     CSR_VALUES = "csr_values"
+    SAMPLE = "sample"  # one row per sample of a cluster-labeled dataset
+    RECORD_OFFSETS = "record_offsets"  # [N + 1] byte offsets of a record's rows
+    RECORD_BYTES = "record_bytes"  # the UTF-8 bytes of a record's rows
 
 
 class Cols(enum.Enum):
@@ -31,6 +44,7 @@ class Cols(enum.Enum):
     EMBEDDING_DIM = "embedding_dim"
     N_NEG = "n_neg"
     TWO = "2"
+    N_CLUSTERS = "n_clusters"
 
 
 INT_INDEX = frozenset({"int64"})
@@ -56,6 +70,10 @@ class ArraySpec:
     finite: bool = False
     non_negative: bool = False
     quality_range: tuple[float, float] | None = None
+    #: Values strictly increase down the rows (sample ids: lookups bisect them).
+    increasing: bool = False
+    #: Rows may be replaced in place after writing (``StoreReader.write_rows``): label matrices.
+    mutable: bool = False
 
     @property
     def is_float(self) -> bool:
@@ -126,6 +144,123 @@ PAIR_ARRAYS: tuple[str, ...] = tuple(n for n, s in ARRAYS.items() if s.role is R
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
+# --- records ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RecordSpec:
+    """One per-row record of a dataset kind: strings (``"utf8"``) or JSON values (``"json"``).
+
+    ``nullable`` records may hold ``None`` for a row; ``choices`` restricts the strings a
+    ``utf8`` record may hold (checked by validation).
+    """
+
+    name: str
+    encoding: str
+    description: str
+    nullable: bool = False
+    choices: tuple[str, ...] = ()
+
+    @property
+    def offsets_array(self) -> str:
+        return f"{self.name}_offsets"
+
+    @property
+    def bytes_array(self) -> str:
+        return f"{self.name}_bytes"
+
+
+def _record_arrays(rec: RecordSpec) -> tuple[ArraySpec, ArraySpec]:
+    return (
+        ArraySpec(rec.offsets_array, Role.RECORD_OFFSETS, 1, INT_INDEX,
+                  f"byte offsets of each row's {rec.name} [N + 1]"),
+        ArraySpec(rec.bytes_array, Role.RECORD_BYTES, 1, frozenset({"uint8"}),
+                  f"UTF-8 bytes of every row's {rec.name}"),
+    )
+
+
+# --- the cluster-labeled kind (docs/migrating.md#cluster-labeled-datasets) -------------------------
+CLUSTER_LABEL_TYPES: tuple[str, ...] = ("source", "steering", "combined")
+SAMPLE_TYPES: tuple[str, ...] = ("source", "question")
+STEERING_MODES: tuple[str, ...] = ("suggestion", "llm_generated", "cluster_descriptor", "zero",
+                                   "mixed")
+
+CLUSTER_RECORDS: dict[str, RecordSpec] = {
+    r.name: r
+    for r in (
+        RecordSpec("sample_type", "utf8", "'source' or 'question'", choices=SAMPLE_TYPES),
+        RecordSpec("text", "utf8", "the sample's text"),
+        RecordSpec("chroma_id", "utf8", "id of the sample in the Chroma collection",
+                   nullable=True),
+        RecordSpec("suggestions", "json", "steering suggestions (JSON)", nullable=True),
+        RecordSpec("steering_mode", "utf8", "how the steering embedding was made",
+                   nullable=True),
+    )
+}
+
+
+def cluster_label_array(label_type: str) -> str:
+    """The array holding one label type, e.g. ``"combined" -> "combined_labels"``."""
+    return f"{label_type}_labels"
+
+
+CLUSTER_ARRAYS: dict[str, ArraySpec] = {
+    spec.name: spec
+    for spec in (
+        _emb("base_embeddings", "base embeddings [M, D]"),
+        _emb("steering_embeddings", "steering embeddings [M, D]"),
+        *(ArraySpec(cluster_label_array(t), Role.SAMPLE, 2, frozenset({"float32"}),
+                    f"{t} cluster probabilities of each sample [N, n_clusters]",
+                    cols=Cols.N_CLUSTERS, finite=True, mutable=True)
+          for t in CLUSTER_LABEL_TYPES),
+        ArraySpec("sample_ids", Role.SAMPLE, 1, INT_INDEX,
+                  "database id of each sample, strictly increasing", increasing=True),
+        ArraySpec("embedding_idx", Role.SAMPLE, 1, INT_INDEX,
+                  "embedding row of each sample", references=("base_embeddings",)),
+        *(a for r in CLUSTER_RECORDS.values() for a in _record_arrays(r)),
+    )
+}
+
+
+# --- dataset kinds --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetKind:
+    """A kind of dataset: its catalogue of arrays, its records, and what counts its items."""
+
+    name: str
+    description: str
+    arrays: dict[str, ArraySpec]
+    records: dict[str, RecordSpec]
+    #: The array whose first dimension is the number of items (pairs, samples).
+    rows_array: str
+    #: Manifest keys a dataset of this kind must have.
+    required_keys: tuple[str, ...]
+
+
+STEERING_KIND = "jasper-steering"
+CLUSTER_KIND = "cluster-labeled"
+#: What a manifest without a ``kind`` is: every dataset written before kinds existed.
+DEFAULT_KIND = STEERING_KIND
+
+KINDS: dict[str, DatasetKind] = {
+    STEERING_KIND: DatasetKind(STEERING_KIND, "JASPER steering pairs, negatives and splits",
+                               ARRAYS, {}, "pair_index", ("embedding_dim", "n_neg")),
+    CLUSTER_KIND: DatasetKind(CLUSTER_KIND, "cluster-labeled domain-classification samples",
+                              CLUSTER_ARRAYS, CLUSTER_RECORDS, "sample_ids",
+                              ("embedding_dim", "n_clusters")),
+}
+
+#: Every array of every kind, by name (names are unique across kinds).
+ALL_ARRAYS: dict[str, ArraySpec] = {n: s for k in KINDS.values() for n, s in k.arrays.items()}
+
+
+def dataset_kind(name: str | None) -> DatasetKind:
+    """The kind called ``name`` (``None``: the default kind); ``KeyError`` lists the known."""
+    try:
+        return KINDS[name or DEFAULT_KIND]
+    except KeyError:
+        raise KeyError(f"unknown dataset kind {name!r}; known kinds: "
+                       f"{', '.join(KINDS)}") from None
+
+
 def split_array(split: str) -> str:
     """The array holding a split's pair ids, e.g. ``"train" -> "train_idx"``."""
     return f"{split}_idx"
@@ -141,7 +276,7 @@ STEERING_ARRAYS: dict[str, str | None] = {
 }
 VARIANT_ALIASES: dict[str, str] = {"none": "zero", "keyword_weighted": "keyword"}
 
-# The four negative tiers of the original system's miner (DATA_MODEL.md section 1).
+# The four negative tiers of the original system's miner (docs/data-model.md#negative-tiers).
 NEGATIVE_TIERS: dict[int, str] = {
     1: "same cluster as the positive",
     2: "adjacent cluster",
@@ -152,6 +287,7 @@ NEGATIVE_TIERS: dict[int, str] = {
 
 def bytes_per_sample(embedding_dim: int, n_neg: int, itemsize: int = 4) -> int:
     """Bytes a served sample occupies: question, target, steering and n_neg negatives, plus the
-    int64 tiers and the three scalars and variant id (DESIGN_NOTES: 4*D*(3+n_neg) + 8*n_neg + 24).
+    int64 tiers and the three scalars and variant id: 4*D*(3+n_neg) + 8*n_neg + 24
+    (docs/performance.md#what-a-sample-costs).
     """
     return itemsize * embedding_dim * (3 + n_neg) + 8 * n_neg + 24

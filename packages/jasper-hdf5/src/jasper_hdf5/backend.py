@@ -48,10 +48,14 @@ class HDF5Backend(BackendEntrypoint):
         "gzip": {"compression": "gzip", "compression_level": 4},
     }
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
+    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False,
+             allow_external: bool = False) -> StoreReader:
         """Open ``path/dataset.h5``. The file is opened (and closed again only by
         :meth:`~jasper.backend.StoreReader.close`) right away, so that a missing, foreign or
-        truncated file fails here rather than at the first read."""
+        truncated file fails here rather than at the first read.
+
+        ``allow_external=True`` trusts HDF5 external links, external raw storage and virtual
+        datasets (refused by default: they read files outside the dataset directory)."""
         from jasper_hdf5.reader import HDF5Reader
 
         p = Path(path)
@@ -63,7 +67,7 @@ class HDF5Backend(BackendEntrypoint):
             )
         if not p.is_dir():
             raise DatasetNotFoundError(p)
-        reader = HDF5Reader(p, manifest)
+        reader = HDF5Reader(p, manifest, allow_external=allow_external)
         reader.check_open()
         return reader
 

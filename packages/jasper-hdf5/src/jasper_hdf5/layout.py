@@ -1,6 +1,6 @@
 """Where each array of the data model lives inside ``dataset.h5``.
 
-The groups are those of the original system's HDF5 format (DATA_MODEL.md section 6), so its files
+The groups are those of the original system's HDF5 format (docs/migrating.md#hdf5-files), so its files
 open unchanged. Two things differ in the files jasper writes:
 
 - keyword ids are CSR: ``pair_data/keyword_offsets`` ``[N_p + 1]`` and ``pair_data/keyword_ids``
@@ -14,6 +14,8 @@ This module imports nothing heavy, so it can be used to list a layout without h5
 """
 
 from __future__ import annotations
+
+from jasper.schema import CLUSTER_ARRAYS
 
 #: File name of the HDF5 file inside a dataset directory.
 FILE_NAME = "dataset.h5"
@@ -53,6 +55,9 @@ PATHS: dict[str, str] = {
     "val_idx": "splits/val",
     "test_idx": "splits/test",
 }
+
+# The cluster-labeled kind's arrays (records included) live in one group of their own.
+PATHS.update({name: f"cluster/{name}" for name in CLUSTER_ARRAYS})
 
 #: Further paths read when the first is absent. The original's README documented
 #: ``negatives/hard`` while its converter wrote ``negatives/hardnegatives``.

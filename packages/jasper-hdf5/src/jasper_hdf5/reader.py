@@ -20,15 +20,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import itertools
 import mmap as _mmap
 import os
-import pickle
-import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,10 +38,12 @@ from jasper.errors import (
     FormatError,
     JasperError,
     ShapeError,
-    UnsafeFileError,
 )
+from jasper.files import DatasetDir, OutsideDatasetError, ProcessLocal
 from jasper.manifest import Manifest
-from jasper.schema import ARRAYS
+from jasper.ptload import check_tensor_storage, load_pt
+from jasper.rows import merge_gap_rows, plan_spans, span_positions
+from jasper.schema import ALL_ARRAYS
 from jasper_hdf5.layout import (
     ATTR_DTYPE,
     ATTR_LAYOUT_VERSION,
@@ -61,52 +59,55 @@ T = TypeVar("T")
 #: Chunk cache per open dataset while reading: a sorted batch of random rows revisits a chunk
 #: only while it walks through it, so a few chunks suffice.
 READ_CACHE_BYTES = 4 << 20
-#: Read the whole span ``[first, last]`` of a sorted row batch when it is at most this many
-#: times the number of rows asked for (one sequential read beats a scattered selection).
-DENSE_SPAN_FACTOR = 4
-#: Read the runs of consecutive rows one call each when there are at most this many.
+#: HDF5 calls cost more than a file read: merge row runs whose gaps are this many times core's
+#: gap (a chunk decoded once serves both runs).
+DENSE_GAP_FACTOR = 4
+#: Read the coalesced spans one call each when there are at most this many; more spans become
+#: one point selection.
 MAX_RUN_CALLS = 8
 
 _CSR = ("pair_keyword_offsets", "pair_keyword_ids")
 
 
-def open_h5(file: Path) -> Any:
-    """Open ``file`` read-only with h5py; typed errors for a missing, foreign or broken file."""
+def open_h5(files: DatasetDir, name: str = FILE_NAME) -> Any:
+    """Open member ``name`` of the pinned dataset directory read-only with h5py; typed errors
+    for a missing, foreign or broken file. h5py gets ``/proc/self/fd/N`` of a descriptor opened
+    through ``files``, so it opens exactly the pinned generation's file."""
     import h5py
 
-    if not file.is_file():
+    file = files.member(name)
+    try:
+        fd = files.open_fd(name)
+    except DatasetNotFoundError:
         raise DatasetNotFoundError(
             file, "HDF5 file", "An hdf5 dataset directory holds dataset.h5 beside config.json"
-        )
+        ) from None
     try:
+        proc = files.fd_path(fd, name)
         # "best-effort": take HDF5's file lock where the filesystem supports it, and open anyway
         # where it does not (NFS, some container mounts), instead of failing.
-        return h5py.File(file, "r", locking="best-effort", rdcc_nbytes=READ_CACHE_BYTES)
+        return h5py.File(proc, "r", locking="best-effort", rdcc_nbytes=READ_CACHE_BYTES)
     except OSError as exc:
-        if not h5py.is_hdf5(file):
+        if not h5py.is_hdf5(proc):
             raise FormatError(file, "not an HDF5 file (no HDF5 signature)") from None
-        raise FormatError(file, f"cannot open the HDF5 file (truncated or corrupt?): {exc}") from None
+        raise FormatError(file, "cannot open the HDF5 file (truncated or corrupt?): "
+                          f"{str(exc).replace(proc, name)}") from None
+    finally:
+        os.close(fd)
 
 
-def load_pt_split(file: Path, name: str) -> torch.Tensor:
-    """A split saved by the original system as ``<split>_idx.pt``, loaded with
-    ``weights_only=True`` only (never a full unpickle: that can run code)."""
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(
-            file, "refused: loading it needs unrestricted unpickling, which can run arbitrary "
-            f"code ({str(exc).splitlines()[0][:200]})", array=name,
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise FormatError(file, f"not a readable .pt file: {type(exc).__name__}: {exc}",
-                          array=name) from None
+def load_pt_split(files: DatasetDir, member: str, name: str) -> torch.Tensor:
+    """A split saved by the original system as ``<split>_idx.pt`` beside the HDF5 file (a
+    regular file inside the dataset directory), loaded by core's weights-only loader."""
+    obj = load_pt(files, member, array=name)
+    file = files.member(member)
     if not isinstance(obj, torch.Tensor):
         raise FormatError(file, f"expected a tensor of pair ids, found {type(obj).__name__}",
                           array=name)
     if obj.dim() != 1 or obj.dtype.is_floating_point or obj.dtype in (torch.bool, torch.complex64):
         raise ShapeError(f"{file}: {name} is {tuple(obj.shape)} {obj.dtype}, expected a 1-D "
                          "integer tensor", array=name, rule="split shape", path=file)
+    check_tensor_storage(obj, file, name)
     return obj.to(torch.int64).contiguous()
 
 
@@ -179,62 +180,74 @@ class _Entry:
     logical: str = ""
 
 
+@dataclass
+class _Handles:
+    """What one process holds open: the h5py file, its datasets and the maps of their bytes."""
+
+    h5: Any
+    dsets: dict[str, Any] = field(default_factory=dict)
+    maps: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+def _close_handles(handles: _Handles) -> None:
+    handles.dsets.clear()
+    handles.maps.clear()
+    handles.h5.close()
+
+
 class HDF5Reader(StoreReader):
-    """A read handle on one ``dataset.h5`` (see the module docstring)."""
+    """A read handle on one ``dataset.h5`` (see the module docstring).
+
+    ``allow_external=True`` trusts HDF5 external links, external raw storage and virtual
+    datasets (read through HDF5, never mapped); by default they are refused, because they make
+    the dataset read files outside its directory.
+    """
 
     backend_name = "hdf5"
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
-        super().__init__(path, manifest)
+    def __init__(self, path: Path, manifest: Manifest, *, allow_external: bool = False,
+                 follow_links: bool = False) -> None:
+        super().__init__(path, manifest, follow_links=follow_links)
         self.file = self.path / FILE_NAME
+        self.allow_external = allow_external
         self._entries: dict[str, _Entry | None] = {}
         # arrays that are not plain datasets (legacy CSR, .pt splits), decoded once
         self._loaded: dict[str, torch.Tensor] = {}
-        self._h5: Any = None
-        self._pid: int | None = None
-        self._dsets: dict[str, Any] = {}
-        self._maps: dict[str, torch.Tensor | None] = {}
+        self._handle: ProcessLocal[_Handles] = ProcessLocal(self._open_handles, _close_handles)
 
     # --- process-local handles ---------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.update(_h5=None, _pid=None, _dsets={}, _maps={})
-        return state
+    def _open_handles(self) -> _Handles:
+        f = self._wrap(None, lambda: open_h5(self.files))
+        try:
+            version = f.attrs.get(ATTR_LAYOUT_VERSION)
+            if version is not None:
+                try:
+                    number = int(version)
+                except (TypeError, ValueError, OverflowError):
+                    raise FormatError(self.file, f"file attribute {ATTR_LAYOUT_VERSION} is "
+                                      f"{version!r}, not a layout version number (rule: "
+                                      "integer layout version)") from None
+                if number > LAYOUT_VERSION:
+                    raise FormatError(
+                        self.file, f"written with layout version {number}, newer than this "
+                        f"jasper-hdf5 reads ({LAYOUT_VERSION}); upgrade with `pip install -U "
+                        "jasper-hdf5`")
+        except BaseException:
+            f.close()
+            raise
+        return _Handles(f)
 
     def _file(self) -> Any:
-        pid = os.getpid()
-        if self._h5 is not None and self._pid == pid:
-            return self._h5
-        if self._h5 is not None:
-            # inherited through fork: the parent's HDF5 state must not be used here
-            self._drop_handles()
-        f = self._wrap(None, lambda: open_h5(self.file))
-        version = f.attrs.get(ATTR_LAYOUT_VERSION)
-        if version is not None and int(version) > LAYOUT_VERSION:
-            f.close()
-            raise FormatError(
-                self.file, f"written with layout version {int(version)}, newer than this "
-                f"jasper-hdf5 reads ({LAYOUT_VERSION}); upgrade with `pip install -U jasper-hdf5`"
-            )
-        self._h5, self._pid = f, pid
-        return f
-
-    def _drop_handles(self) -> None:
-        h5, self._h5, self._pid = self._h5, None, None
-        self._dsets = {}
-        self._maps = {}
-        if h5 is not None:
-            # closing a handle inherited from another process's HDF5 state may fail
-            with contextlib.suppress(Exception):
-                h5.close()
+        return self._handle.get().h5
 
     def check_open(self) -> None:
         """Open the file now, so that a missing, foreign or truncated file fails on open."""
         self._file()
 
     def close(self) -> None:
-        self._drop_handles()
+        self._handle.close()
         self._loaded.clear()
+        super().close()
 
     def _wrap(self, name: str | None, fn: Callable[[], T]) -> T:
         """Run an h5py call; its generic errors become a FormatError naming file and array."""
@@ -250,7 +263,7 @@ class HDF5Reader(StoreReader):
 
     # --- what is where -----------------------------------------------------------------------
     def _entry(self, name: str) -> _Entry | None:
-        if name not in ARRAYS:
+        if name not in ALL_ARRAYS:
             return None
         if name not in self._entries:
             self._entries[name] = self._wrap(name, lambda: self._resolve(name))
@@ -261,21 +274,86 @@ class HDF5Reader(StoreReader):
 
         f = self._file()
         if name in _CSR:
-            group = f.get(LEGACY_KEYWORD_GROUP)
+            group = self._get(f, LEGACY_KEYWORD_GROUP, name)
             if isinstance(group, h5py.Group):
                 return _Entry("legacy_csr", LEGACY_KEYWORD_GROUP)
         for p in candidate_paths(name):
-            obj = f.get(p)
+            obj = self._get(f, p, name)
             if obj is None:
                 continue
             if not isinstance(obj, h5py.Dataset):
                 raise FormatError(self.file, f"{p!r} is a {type(obj).__name__}, expected a "
                                   "dataset", array=name)
+            self._check_storage(name, p, obj)
             return _Entry("dataset", p, tuple(int(s) for s in obj.shape),
                           self._logical_dtype(name, p, obj))
-        if name in SPLIT_PT_FALLBACK and (self.path / f"{name}.pt").is_file():
-            return _Entry("pt", str(self.path / f"{name}.pt"))
+        if name in SPLIT_PT_FALLBACK and self.files.exists(f"{name}.pt"):
+            return _Entry("pt", f"{name}.pt")
         return None
+
+    def _get(self, f: Any, hpath: str, name: str) -> Any:
+        """``f[hpath]`` or None; an external link on the way is refused unless trusted."""
+        import h5py
+
+        node = f
+        parts = hpath.split("/")
+        for i, part in enumerate(parts):
+            link = node.get(part, getlink=True)
+            if link is None:
+                return None
+            if isinstance(link, h5py.ExternalLink) and not self.allow_external:
+                where = "/".join(parts[: i + 1])
+                raise OutsideDatasetError(
+                    self.file, f"{where!r} is an external link to {link.filename!r}:"
+                    f"{link.path!r}; jasper reads only data inside the dataset directory "
+                    "(open with allow_external=True to trust it)", array=name)
+            node = node.get(part)
+            if node is None:
+                return None
+        return node
+
+    def _check_storage(self, name: str, hpath: str, dset: Any) -> None:
+        """Refuse external raw storage and virtual datasets (unless trusted), and storage that
+        does not hold the dataset's extent (unallocated, truncated), before anything is read:
+        an HDF5 dataset may claim 10^15 rows it never wrote."""
+        import h5py
+
+        if not self.allow_external:
+            if dset.is_virtual:
+                raise OutsideDatasetError(
+                    self.file, f"{hpath!r} is a virtual dataset (its data lives in other files "
+                    "or datasets); open with allow_external=True to trust it", array=name)
+            if dset.external:
+                files = ", ".join(repr(str(e[0])) for e in dset.external)
+                raise OutsideDatasetError(
+                    self.file, f"{hpath!r} keeps its data in external file(s) {files}; open "
+                    "with allow_external=True to trust them", array=name)
+        if dset.is_virtual or dset.external or not dset.size:
+            return
+        stored = np.dtype(dset.dtype)
+        nbytes = int(dset.size) * stored.itemsize
+        layout = dset.id.get_create_plist().get_layout()
+        if layout == h5py.h5d.CONTIGUOUS:
+            offset = dset.id.get_offset()
+            if offset is None:
+                raise FormatError(self.file, f"{hpath!r} claims {tuple(dset.shape)} but its "
+                                  "storage was never written (rule: stored data covers the "
+                                  "shape)", array=name)
+            size = self.files.size(FILE_NAME)
+            if offset + nbytes > size:
+                raise FormatError(self.file, f"{hpath!r} needs bytes {offset}..{offset + nbytes}"
+                                  f" but the file has {size} (truncated? rule: stored data "
+                                  "covers the shape)", array=name)
+        elif layout == h5py.h5d.CHUNKED:
+            chunks = dset.chunks
+            expected = 1
+            for n, c in zip(dset.shape, chunks, strict=True):
+                expected *= -(-int(n) // int(c))
+            have = dset.id.get_num_chunks()
+            if have < expected:
+                raise FormatError(self.file, f"{hpath!r} claims {tuple(dset.shape)} in "
+                                  f"{expected} chunks but only {have} were written (rule: stored "
+                                  "data covers the shape)", array=name)
 
     def _logical_dtype(self, name: str, hpath: str, dset: Any) -> str:
         stored = np.dtype(dset.dtype)
@@ -293,7 +371,7 @@ class HDF5Reader(StoreReader):
         if logical not in TORCH_DTYPES or stored.kind not in "iufb":
             raise ShapeError(f"{self.file}: {name} ({hpath}) has dtype {stored}, which jasper "
                              "cannot read", array=name, rule="dtype", path=self.file)
-        allowed = ARRAYS[name].dtypes
+        allowed = ALL_ARRAYS[name].dtypes
         if logical not in allowed and stored.kind in "iu" and "int64" in allowed:
             logical = "int64"
         return logical
@@ -301,7 +379,7 @@ class HDF5Reader(StoreReader):
     def _require(self, name: str) -> _Entry:
         entry = self._entry(name)
         if entry is None:
-            if name not in ARRAYS:
+            if name not in ALL_ARRAYS:
                 raise self._missing(name)
             where = " or ".join(repr(p) for p in candidate_paths(name))
             extra = f" and there is no {name}.pt beside it" if name in SPLIT_PT_FALLBACK else ""
@@ -314,7 +392,7 @@ class HDF5Reader(StoreReader):
         if t is not None:
             return t
         if entry.kind == "pt":
-            self._loaded[name] = load_pt_split(Path(entry.location), name)
+            self._loaded[name] = load_pt_split(self.files, entry.location, name)
         else:
             f = self._file()
             index = self._entry("pair_index")
@@ -329,41 +407,43 @@ class HDF5Reader(StoreReader):
         return self._loaded[name]
 
     def _dset(self, name: str, entry: _Entry) -> Any:
-        f = self._file()  # first: it forgets the handles of a parent process
-        d = self._dsets.get(name)
+        handles = self._handle.get()
+        d = handles.dsets.get(name)
         if d is None:
-            d = self._dsets[name] = self._wrap(name, lambda: f[entry.location])
+            d = handles.dsets[name] = self._wrap(name, lambda: handles.h5[entry.location])
         return d
 
     def _map(self, name: str, entry: _Entry) -> torch.Tensor | None:
         """A read-only tensor over a map of an uncompressed contiguous dataset's bytes (stored
-        dtype, bfloat16 as such), else None."""
+        dtype, bfloat16 as such), else None. Only local contiguous data is ever mapped."""
+        handles = self._handle.get()
+        if name in handles.maps:
+            return handles.maps[name]
         dset = self._dset(name, entry)
-        if name in self._maps:
-            return self._maps[name]
         mapped: torch.Tensor | None = None
         stored = np.dtype(dset.dtype)
         if (dset.chunks is None and dset.compression is None and not dset.external
-                and dset.size and stored.isnative):
+                and not dset.is_virtual and dset.size and stored.isnative):
             offset = dset.id.get_offset()
             nbytes = int(dset.size) * stored.itemsize
-            # a file shorter than the dataset's extent would SIGBUS on touch: read through HDF5
-            # instead, which reports the truncation as an error
-            if offset is not None and offset + nbytes <= self.file.stat().st_size:
-                mm = np.memmap(self.file, mode="r", dtype=stored, offset=offset,
-                               shape=tuple(dset.shape))
-                raw = getattr(mm, "_mmap", None)
-                if raw is not None and hasattr(_mmap, "MADV_RANDOM"):
-                    raw.madvise(_mmap.MADV_RANDOM)
-                # the tensor shares the map (and keeps it alive); it is only ever read
-                stored_logical = "bfloat16" if entry.logical == "bfloat16" else stored.name
-                mapped = from_storage(mm, stored_logical)
-        self._maps[name] = mapped
+            with self.files.open_file(FILE_NAME) as fh:
+                # a file shorter than the dataset's extent would SIGBUS on touch: read through
+                # HDF5 instead, which reports the truncation as an error
+                if offset is not None and offset + nbytes <= os.fstat(fh.fileno()).st_size:
+                    mm = np.memmap(fh, mode="r", dtype=stored, offset=offset,
+                                   shape=tuple(dset.shape))
+                    raw = getattr(mm, "_mmap", None)
+                    if raw is not None and hasattr(_mmap, "MADV_RANDOM"):
+                        raw.madvise(_mmap.MADV_RANDOM)
+                    # the tensor shares the map (and keeps it alive); it is only ever read
+                    stored_logical = "bfloat16" if entry.logical == "bfloat16" else stored.name
+                    mapped = from_storage(mm, stored_logical)
+        handles.maps[name] = mapped
         return mapped
 
     # --- the StoreReader API -----------------------------------------------------------------
     def array_names(self) -> list[str]:
-        return [n for n in ARRAYS if self._entry(n) is not None]
+        return [n for n in ALL_ARRAYS if self._entry(n) is not None]
 
     def info(self, name: str) -> ArrayInfo:
         entry = self._require(name)
@@ -378,7 +458,7 @@ class HDF5Reader(StoreReader):
     def _check(self, name: str, info: ArrayInfo) -> None:
         from jasper.dtypes import dtype_name
 
-        spec = ARRAYS[name]
+        spec = ALL_ARRAYS[name]
         logical = dtype_name(info.dtype)
         if len(info.shape) != spec.rank:
             raise ShapeError(f"{self.file}: {name} has shape {info.shape}, expected rank "
@@ -392,13 +472,6 @@ class HDF5Reader(StoreReader):
             raise ShapeError(f"{self.file}: {name} is {info.shape} {logical} in the file but "
                              f"the manifest records {tuple(rec.shape)} {rec.dtype}", array=name,
                              rule="manifest shape", path=self.file)
-
-    def read(self, name: str) -> torch.Tensor:
-        info = self.info(name)
-        entry = self._require(name)
-        if entry.kind != "dataset":
-            return self._load(name, entry).clone()
-        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         info = self.check_out(name, out)
@@ -436,61 +509,33 @@ class HDF5Reader(StoreReader):
         self._wrap(name, lambda: dset.read_direct(buf, source_sel=np.s_[start:stop]))
         return out
 
-    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Sorted unique in-range rows (core checked, sorted and de-duplicated them): one
+        gather from the map of a contiguous array (HDF5 is not involved), else the coalesced
+        spans through HDF5 when they are few, else one point selection."""
         info = self.info(name)
-        rows = torch.as_tensor(rows)
-        if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype.is_complex \
-                or rows.dtype == torch.bool:
-            raise TypeError(f"read_rows({name!r}): rows must be a 1-D integer tensor, got "
-                            f"{tuple(rows.shape)} {rows.dtype}")
-        rows = rows.to(device="cpu", dtype=torch.int64)
-        n = info.shape[0]
-        if rows.numel() == 0:
-            return torch.empty((0, *info.shape[1:]), dtype=info.dtype)
-        lo, hi = torch.aminmax(rows)
-        if int(lo) < 0 or int(hi) >= n:
-            bad = int(torch.nonzero((rows < 0) | (rows >= n))[0])
-            raise IndexError(f"read_rows({name!r}): rows[{bad}] = {int(rows[bad])} is out of "
-                             f"range for {n} rows ({self.file})")
         entry = self._require(name)
         if entry.kind != "dataset":
             return self._load(name, entry).index_select(0, rows)
         mapped = self._map(name, entry)
         if mapped is not None:
-            # One gather from the map: the kernel pages the rows in, so nothing gains from
-            # sorting (MADV_RANDOM already stops read-ahead), and HDF5 is not involved.
             return mapped.index_select(0, rows).to(info.dtype)
-        uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-        data = self._read_sorted(name, entry, uniq.numpy(), info)
-        if uniq.shape[0] == rows.shape[0] and bool(torch.equal(uniq, rows)):
-            return data
-        return data.index_select(0, inverse)
-
-    def _read_sorted(self, name: str, entry: _Entry, idx: np.ndarray,
-                     info: ArrayInfo) -> torch.Tensor:
-        """Rows ``idx`` (sorted, unique, in range) of a dataset read through HDF5."""
         dset = self._dset(name, entry)
-        k = idx.shape[0]
-        first, last = int(idx[0]), int(idx[-1])
-        span = last - first + 1
+        row_bytes = ArrayInfo(info.shape[1:], info.dtype).nbytes
+        spans = plan_spans(rows, merge_gap_rows(max(row_bytes, 1)) * DENSE_GAP_FACTOR)
+        k = rows.shape[0]
+        if len(spans) <= MAX_RUN_CALLS:
+            covered = sum(b - a for a, b in spans)
+            buf_t = torch.empty((covered, *info.shape[1:]), dtype=info.dtype)
+            buf = to_storage(buf_t)
+            at = 0
+            for a, b in spans:
+                self._wrap(name, functools.partial(dset.read_direct, buf, source_sel=np.s_[a:b],
+                                                   dest_sel=np.s_[at : at + b - a]))
+                at += b - a
+            pos = span_positions(spans, rows)
+            return buf_t if pos is None else buf_t.index_select(0, pos)
         out = torch.empty((k, *info.shape[1:]), dtype=info.dtype)
-        buf = to_storage(out)
-        if span <= DENSE_SPAN_FACTOR * k:
-            if span == k:
-                self._wrap(name, lambda: dset.read_direct(buf, source_sel=np.s_[first:last + 1]))
-                return out
-            whole = torch.empty((span, *info.shape[1:]), dtype=info.dtype)
-            wbuf = to_storage(whole)
-            self._wrap(name, lambda: dset.read_direct(wbuf, source_sel=np.s_[first:last + 1]))
-            return whole.index_select(0, torch.from_numpy(idx - first))
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-        if breaks.shape[0] < MAX_RUN_CALLS:
-            bounds = [0, *breaks.tolist(), k]
-            for a, b in itertools.pairwise(bounds):
-                s = int(idx[a])
-                self._wrap(name, functools.partial(dset.read_direct, buf,
-                                                   source_sel=np.s_[s : s + (b - a)],
-                                                   dest_sel=np.s_[a:b]))
-            return out
-        self._wrap(name, lambda: dset.read_direct(buf, source_sel=np.s_[idx]))
+        idx = rows.numpy()
+        self._wrap(name, lambda: dset.read_direct(to_storage(out), source_sel=np.s_[idx]))
         return out

@@ -12,7 +12,8 @@ Reads come three ways:
 - :meth:`MemmapSqliteReader.map`: a zero-copy read-only tensor over ``numpy.memmap`` with
   ``madvise(MADV_RANDOM)`` (shuffled batches fault in only the pages they touch; readahead would
   waste the page cache on neighbours nobody asked for);
-- :meth:`~MemmapSqliteReader.read_rows`: sort + de-duplicate, gather from the map, un-permute;
+- :meth:`~MemmapSqliteReader.read_rows`: core sorts, de-duplicates and checks the indices, the
+  backend gathers the sorted rows from the map, core un-permutes;
 - :meth:`~MemmapSqliteReader.read` / ``read_into`` / ``read_slice``: ``preadv`` straight from
   the file into the destination tensor, the one copy a preload needs.
 
@@ -22,8 +23,11 @@ write permission). Clone a tensor before changing it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap as _mmap
+import os
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,14 +46,14 @@ from jasper.backend import (
 from jasper.dtypes import STORAGE_NUMPY, dtype_name, to_storage, torch_dtype
 from jasper.errors import DatasetNotFoundError, FormatError, JasperError, ShapeError
 from jasper.manifest import MANIFEST_NAME, Manifest
-from jasper.schema import ARRAYS
+from jasper.schema import ARRAYS, dataset_kind
 from jasper_memmap_sqlite.catalogue import (
     CATALOGUE_DDL,
     CatalogueEntry,
-    ProcessConnection,
     block_checksums,
     check_entry_file,
     connect,
+    connect_pinned,
     insert_array,
     load_catalogue,
     require_tables,
@@ -57,7 +61,8 @@ from jasper_memmap_sqlite.catalogue import (
     transaction,
     verify_blocks,
 )
-from jasper_memmap_sqlite.gather import as_index, gather_rows
+from jasper_memmap_sqlite.cluster_rows import LOCK_NAME as ROW_LOCK_NAME
+from jasper_memmap_sqlite.cluster_rows import ROWS_DDL, RowStore
 from jasper_memmap_sqlite.npy import (
     DEFAULT_ALIGN,
     check_size,
@@ -95,31 +100,46 @@ class MemmapSqliteReader(StoreReader):
 
     backend_name = "memmap-sqlite"
 
-    def __init__(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> None:
-        super().__init__(path, manifest)
-        self.mmap = mmap
-        self._db = ProcessConnection(self.path / CATALOGUE_NAME, readonly=True)
+    def __init__(self, path: Path, manifest: Manifest, *, follow_links: bool = False) -> None:
+        super().__init__(path, manifest, follow_links=follow_links)
         self._maps: dict[str, torch.Tensor] = {}
         self._mms: dict[str, np.ndarray] = {}
         self.entries = self._load_catalogue()
+        self._row_store = RowStore(self.path, self.path / CATALOGUE_NAME, self.entries)
+        if self._row_store.recover():  # a row writer died mid-change: rolled back
+            self.entries = self._load_catalogue()
+            self._row_store = RowStore(self.path, self.path / CATALOGUE_NAME, self.entries)
+            self.manifest = Manifest.load(self.path)
 
     def _load_catalogue(self) -> dict[str, CatalogueEntry]:
         db = self.path / CATALOGUE_NAME
-        with self._db.use() as conn:
+        conn = connect_pinned(self.files, CATALOGUE_NAME)
+        try:
             require_tables(conn, db, TABLES, "memmap-sqlite catalogue")
             meta = dict(conn.execute("SELECT key, value FROM jasper_meta"))
             if meta.get("format") != FORMAT:
                 raise FormatError(db, f"jasper_meta.format is {meta.get('format')!r}, expected "
                                   f"{FORMAT!r} (rule: memmap-sqlite catalogue)")
-            version = int(meta.get("format_version", "0"))
+            try:
+                version = int(meta.get("format_version", "0"))
+            except (TypeError, ValueError):
+                raise FormatError(db, f"jasper_meta.format_version is "
+                                  f"{meta.get('format_version')!r}, not a number (rule: "
+                                  "memmap-sqlite catalogue)") from None
             if version > FORMAT_VERSION:
                 raise FormatError(db, f"format_version {version} is newer than this "
                                   f"jasper-memmap-sqlite reads ({FORMAT_VERSION}); upgrade it "
                                   "with `pip install -U jasper-memmap-sqlite`")
             entries = load_catalogue(conn, db)
+        except sqlite3.DatabaseError as exc:
+            raise FormatError(db, f"SQLite cannot read the catalogue (damaged?): {exc}") from None
+        finally:
+            conn.close()
         for e in entries.values():
             f = self.path / e.file
-            header = read_header(f, e.name)
+            with self.files.open_file(e.file) as fh:
+                header = read_header(f, e.name, fileobj=fh)
+                size = os.fstat(fh.fileno()).st_size
             if (header.dtype, header.shape, header.offset) != (e.storage_dtype, e.shape,
                                                                 e.data_offset):
                 raise ShapeError(
@@ -127,7 +147,7 @@ class MemmapSqliteReader(StoreReader):
                     f"byte {header.offset}, the catalogue records {e.storage_dtype.str} "
                     f"{e.shape} at {e.data_offset}", array=e.name, row=None,
                     rule="file header matches the catalogue", path=f)
-            check_size(f, header, e.name)
+            check_size(f, header, e.name, size=size)
         return entries
 
     def __getstate__(self) -> dict[str, Any]:
@@ -155,7 +175,9 @@ class MemmapSqliteReader(StoreReader):
         t = self._maps.get(name)
         if t is None:
             e = self._entry(name)
-            mm = open_memmap(self.path / e.file, e.header(), mode="r", advice=_mmap.MADV_RANDOM)
+            with self.files.open_file(e.file) as fh:
+                mm = open_memmap(self.path / e.file, e.header(), mode="r",
+                                 advice=_mmap.MADV_RANDOM, fileobj=fh)
             t = map_tensor(mm, e.dtype)
             self._maps[name] = t
             self._mms[name] = mm
@@ -169,36 +191,52 @@ class MemmapSqliteReader(StoreReader):
         if mm is not None:
             madvise(mm, advice)
 
-    def read(self, name: str) -> torch.Tensor:
-        e = self._entry(name)
-        out = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
-        return self.read_into(name, out)
-
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         e = self._entry(name)
         self.check_out(name, out)
         if out.device.type != "cpu" or not out.is_contiguous():
-            out.copy_(self.read(name))
-            return out
+            return out.copy_(self.read(name))
         if e.nbytes:
             view = to_storage(out).reshape(-1).view(np.uint8)
-            pread_into(self.path / e.file, e.data_offset, memoryview(view), array=name)
+            fd = self.files.open_fd(e.file)
+            try:
+                pread_into(self.path / e.file, e.data_offset, memoryview(view), array=name, fd=fd)
+            finally:
+                os.close(fd)
         return out
 
     def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         e = self._entry(name)
         n = e.shape[0] if e.shape else 0
         start, stop, _ = slice(start, stop).indices(n)
-        return read_rows_direct(self.path / e.file, e.header(), start, max(start, stop), e.dtype,
-                                array=name)
+        fd = self.files.open_fd(e.file)
+        try:
+            return read_rows_direct(self.path / e.file, e.header(), start, max(start, stop),
+                                    e.dtype, array=name, fd=fd)
+        finally:
+            os.close(fd)
 
-    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        return gather_rows(self.map(name), as_index(rows), name)
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        # ascending rows fault the map's pages in one sweep; core sorted and checked them
+        return self.map(name).index_select(0, rows)
+
+    def write_rows(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
+                   note: Mapping[str, Any] | None = None) -> None:
+        """Replace rows of mutable arrays in place as one crash-safe change (see
+        :mod:`jasper_memmap_sqlite.cluster_rows`); maps of this and every other process see
+        the new rows from their next :meth:`reading_rows` on."""
+        self._row_store.write(updates, note, dataset_kind(self.manifest.dataset_kind).arrays)
+        self.entries = dict(self._row_store.entries)
+        self.manifest = Manifest.load(self.path)
+
+    def reading_rows(self) -> contextlib.AbstractContextManager[None]:
+        return self._row_store.reading()
 
     def close(self) -> None:
         self._maps.clear()
         self._mms.clear()
-        self._db.close()
+        self._row_store.close()
+        super().close()
 
 
 class MemmapSqliteBackend(BackendEntrypoint):
@@ -210,9 +248,12 @@ class MemmapSqliteBackend(BackendEntrypoint):
     )
     url: ClassVar[str] = "https://pypi.org/project/jasper-memmap-sqlite/"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        write=True, mmap=True, compression=False, row_access=True, worker_safe=True
+        write=True, mmap=True, compression=False, row_access=True, worker_safe=True,
+        write_rows=True,
     )
     marker_files: ClassVar[tuple[str, ...]] = (CATALOGUE_NAME,)
+    #: The cluster-labeled ``dataset.db`` layouts (the original system's and jasper's first).
+    foreign_markers: ClassVar[tuple[str, ...]] = ("dataset.db",)
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {
         "default": {},
         # numpy's own alignment: smaller files for tiny arrays, rows may straddle pages
@@ -227,7 +268,7 @@ class MemmapSqliteBackend(BackendEntrypoint):
             raise DatasetNotFoundError(p / CATALOGUE_NAME, "memmap-sqlite catalogue",
                                        "The directory was not written by the memmap-sqlite "
                                        "backend, or its write was interrupted")
-        return MemmapSqliteReader(p, manifest, mmap=mmap)
+        return MemmapSqliteReader(p, manifest)
 
     def write_arrays(
         self,
@@ -254,9 +295,11 @@ class MemmapSqliteBackend(BackendEntrypoint):
                 directory / f"{name}.npy", tuple(source.shape), storage,
                 tensor_chunks(source.iter_chunks(rows)), align=align, array=name,
                 on_bytes=progress))
+        mutable = any(s.mutable for s in dataset_kind(manifest.dataset_kind).arrays.values())
         conn = connect(directory / CATALOGUE_NAME, readonly=False, create=True)
         try:
-            conn.executescript(CATALOGUE_DDL + _BACKEND_DDL)
+            rows_ddl = ROWS_DDL if mutable else ""  # tables of in-place row changes
+            conn.executescript(CATALOGUE_DDL + _BACKEND_DDL + rows_ddl)
             with transaction(conn):
                 conn.executemany("INSERT INTO jasper_meta (key, value) VALUES (?, ?)", [
                     ("format", FORMAT),
@@ -271,11 +314,25 @@ class MemmapSqliteBackend(BackendEntrypoint):
                                  ("pair_keywords", "pair_keyword_offsets", "pair_keyword_ids"))
         finally:
             conn.close()  # the last close checkpoints the WAL into the database file
+        if mutable:
+            (directory / ROW_LOCK_NAME).touch()  # readers and row writers meet here
+
+    def open_foreign(self, path: Path) -> StoreReader | None:
+        """The cluster-labeled ``dataset.db`` layouts (no ``config.json``), read as arrays."""
+        if not (Path(path) / "dataset.db").is_file():
+            return None
+        from jasper_memmap_sqlite.cluster_reader import ClusterDbReader
+
+        return ClusterDbReader.open(Path(path))
 
     def deep_check(self, path: Path) -> list[str]:
         """``integrity_check``, ``foreign_key_check``, and every file against the catalogue:
         header, size, block checksums, and the catalogue against ``config.json``."""
         p = Path(path)
+        if not (p / CATALOGUE_NAME).exists() and (p / "dataset.db").is_file():
+            from jasper_memmap_sqlite.cluster_reader import deep_check_cluster_db
+
+            return deep_check_cluster_db(p)
         db = p / CATALOGUE_NAME
         try:
             conn = connect(db, readonly=True)

@@ -1,6 +1,6 @@
 """The SQLite side: connections done right, and the array catalogue.
 
-SQLite rules this module enforces (DESIGN_NOTES, "SQLite"):
+SQLite rules this module enforces (docs/design.md#sqlite):
 
 - every connection turns ``PRAGMA foreign_keys=ON`` (SQLite leaves them off per connection);
 - databases jasper creates use the WAL journal with ``synchronous=FULL`` (WAL with NORMAL may
@@ -32,10 +32,13 @@ import numpy as np
 
 from jasper.dtypes import STORAGE_NUMPY
 from jasper.errors import DatasetNotFoundError, FormatError
+from jasper.files import DatasetDir, check_member_name
 from jasper.manifest import Checksummer
 from jasper_memmap_sqlite.npy import NpyHeader, Written, pread_into, read_header
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+#: A catalogue larger than this is not one jasper wrote (a 100 GB array needs ~2 MB of rows).
+MAX_CATALOGUE_BYTES = 1 << 30
 
 CATALOGUE_DDL = """
 CREATE TABLE IF NOT EXISTS jasper_meta (
@@ -105,6 +108,38 @@ def connect(path: Path, *, readonly: bool, create: bool = False) -> sqlite3.Conn
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise FormatError(path, f"SQLite cannot read this database (rule: readable SQLite "
+                          f"file): {exc}") from None
+    return conn
+
+
+def connect_pinned(files: DatasetDir, name: str) -> sqlite3.Connection:
+    """A read-only in-memory copy of database ``name`` of a pinned dataset directory.
+
+    The catalogue of a committed dataset is small and never changes, so reading its bytes once
+    through the pinned directory (``sqlite3.Connection.deserialize``) gives the reader exactly
+    the generation it opened, no lock or ``-shm`` file, and damaged pages surface as
+    :class:`FormatError` here. A database with a non-empty write-ahead log beside it (being
+    written) is opened by path instead.
+    """
+    where = files.member(name)
+    wal = f"{name}-wal"
+    if files.exists(wal) and files.size(wal) > 0:
+        return connect(where, readonly=True)
+    data = bytearray(files.read_bytes(name, limit=MAX_CATALOGUE_BYTES))
+    if bytes(data[:16]) != SQLITE_MAGIC:
+        raise FormatError(where, f"not a SQLite database: the file starts with {bytes(data[:16])!r}"
+                          f", not {SQLITE_MAGIC!r} (rule: SQLite file header)")
+    if data[18:20] == b"\x02\x02":
+        data[18:20] = b"\x01\x01"  # WAL mode needs a -shm file; the log is empty
+    conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    try:
+        conn.deserialize(bytes(data))
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA query_only=ON")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise FormatError(where, f"SQLite cannot read this database (rule: readable SQLite "
                           f"file): {exc}") from None
     return conn
 
@@ -244,9 +279,12 @@ def load_catalogue(conn: sqlite3.Connection, path: Path) -> dict[str, CatalogueE
             storage = np.dtype(np.lib.format.descr_to_dtype(sdt))
             if dtype not in STORAGE_NUMPY or STORAGE_NUMPY[dtype] != storage:
                 raise ValueError(f"logical dtype {dtype!r} is not stored as {sdt!r}")
-            if Path(file).name != file:
-                raise ValueError(f"file {file!r} must be a plain name inside the dataset")
-        except (ValueError, TypeError) as exc:
+            check_member_name(file, path.parent)
+            if any(s < 0 for s in shp) or int(off) < 0 or int(nbytes) < 0:
+                raise ValueError("shape, data_offset and nbytes must not be negative")
+            if int(rpb) < 1:
+                raise ValueError(f"rows_per_block is {rpb}, must be at least 1")
+        except (ValueError, TypeError, RecursionError) as exc:
             raise FormatError(path, f"arrays row {rowid} ({name!r}) is malformed (rule: "
                               f"catalogue row): {exc}", array=name) from None
         out[name] = CatalogueEntry(name, file, dtype, storage, shp, int(off), int(nbytes), cks,

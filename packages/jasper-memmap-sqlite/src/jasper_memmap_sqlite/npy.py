@@ -11,11 +11,13 @@ catalogue, so a deep check can name the rows of a damaged block instead of just 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -68,10 +70,13 @@ def header_bytes(dtype: np.dtype, shape: tuple[int, ...], align: int = DEFAULT_A
     return MAGIC + bytes([1, 0]) + (padded - 10).to_bytes(2, "little") + body
 
 
-def read_header(path: Path, array: str | None = None) -> NpyHeader:
-    """Parse the header of ``path``; typed errors for anything that is not a plain ``.npy``."""
+def read_header(path: Path, array: str | None = None, *,
+                fileobj: IO[bytes] | None = None) -> NpyHeader:
+    """Parse the header of ``path`` (or of the open ``fileobj``, read from its start; ``path``
+    then only names it); typed errors for anything that is not a plain ``.npy``."""
     try:
-        with open(path, "rb") as f:
+        with contextlib.nullcontext(fileobj) if fileobj is not None else open(path, "rb") as f:
+            f.seek(0)
             try:
                 major, _minor = np.lib.format.read_magic(f)
                 if major == 1:
@@ -80,12 +85,15 @@ def read_header(path: Path, array: str | None = None) -> NpyHeader:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                 else:
                     raise ValueError(f"unsupported .npy format version {major}")
-            except (ValueError, SyntaxError, EOFError) as exc:
+            except (ValueError, SyntaxError, EOFError, TypeError, RecursionError,
+                    MemoryError) as exc:
                 raise FormatError(path, f"not a readable .npy file (rule: .npy header): {exc}",
                                   array=array) from None
             offset = f.tell()
     except FileNotFoundError:
         raise FormatError(path, "file is missing from the dataset directory", array=array) from None
+    except IsADirectoryError:
+        raise FormatError(path, "is a directory, expected a .npy file", array=array) from None
     if dtype.hasobject:
         raise UnsafeFileError(path, "refused: the .npy file holds Python objects, which need "
                               "unpickling to load (rule: plain numeric dtype)")
@@ -95,10 +103,11 @@ def read_header(path: Path, array: str | None = None) -> NpyHeader:
     return NpyHeader(np.dtype(dtype), tuple(int(s) for s in shape), offset)
 
 
-def check_size(path: Path, header: NpyHeader, array: str | None = None) -> None:
-    """Raise :class:`ShapeError` when the file holds fewer bytes than its shape needs (a
-    truncated file would otherwise SIGBUS on first touch of the missing pages)."""
-    size = path.stat().st_size
+def check_size(path: Path, header: NpyHeader, array: str | None = None, *,
+               size: int | None = None) -> None:
+    """Raise :class:`ShapeError` when the file (``size`` bytes, else stat'ed) holds fewer bytes
+    than its shape needs (a truncated file would otherwise SIGBUS on first touch)."""
+    size = path.stat().st_size if size is None else size
     need = header.offset + header.nbytes
     if size < need:
         row_bytes = max(1, header.row_bytes)
@@ -221,12 +230,13 @@ def tensor_chunks(source_chunks: Iterator[torch.Tensor]) -> Iterator[np.ndarray]
 
 
 def open_memmap(path: Path, header: NpyHeader, *, mode: str = "r",
-                advice: int | None = None) -> np.ndarray:
-    """Map the data of ``path`` (``mode`` ``"r"``, ``"r+"`` or ``"c"``), optionally with an
-    ``madvise`` hint. A zero-row array is an empty in-memory array (nothing to map)."""
+                advice: int | None = None, fileobj: IO[bytes] | None = None) -> np.ndarray:
+    """Map the data of ``path`` (or of the open ``fileobj``; ``mode`` ``"r"``, ``"r+"`` or
+    ``"c"``), optionally with an ``madvise`` hint. A zero-row array is an empty in-memory array
+    (nothing to map)."""
     if header.nbytes == 0:
         return np.empty(header.shape, dtype=header.dtype)
-    mm = np.memmap(path, dtype=header.dtype, mode=mode, offset=header.offset, shape=header.shape)
+    mm = np.memmap(fileobj if fileobj is not None else path, dtype=header.dtype, mode=mode, offset=header.offset, shape=header.shape)
     if advice is not None:
         madvise(mm, advice)
     return mm
@@ -244,9 +254,13 @@ def map_tensor(mm: np.ndarray, logical: str) -> torch.Tensor:
     return from_storage(mm, logical)
 
 
-def pread_into(path: Path, offset: int, out: memoryview, *, array: str | None = None) -> None:
-    """Fill ``out`` from ``path`` at ``offset`` with ``preadv`` (one copy: page cache -> out)."""
-    fd = os.open(path, os.O_RDONLY)
+def pread_into(path: Path, offset: int, out: memoryview, *, array: str | None = None,
+               fd: int | None = None) -> None:
+    """Fill ``out`` from ``path`` (or the open descriptor ``fd``) at ``offset`` with ``preadv``
+    (one copy: page cache -> out)."""
+    own = fd is None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
     try:
         done = 0
         total = len(out)
@@ -259,15 +273,17 @@ def pread_into(path: Path, offset: int, out: memoryview, *, array: str | None = 
                     array=array, rule="file size covers the recorded shape", path=path)
             done += n
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
 
 
 def read_rows_direct(path: Path, header: NpyHeader, start: int, stop: int,
-                     logical: str, *, array: str | None = None) -> torch.Tensor:
-    """Rows ``start:stop`` read straight from the file into a fresh tensor."""
+                     logical: str, *, array: str | None = None,
+                     fd: int | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` read straight from the file (or ``fd``) into a fresh tensor."""
     rows = max(0, stop - start)
     out = np.empty((rows, *header.shape[1:]), dtype=STORAGE_NUMPY[logical])
     if rows:
         pread_into(path, header.offset + start * header.row_bytes,
-                   memoryview(out.reshape(-1).view(np.uint8)), array=array)
+                   memoryview(out.reshape(-1).view(np.uint8)), array=array, fd=fd)
     return from_storage(out, logical)

@@ -1,8 +1,8 @@
 """The PT backend: one ``.pt`` file per array, the layout of the original system.
 
-Reading is always ``torch.load(weights_only=True)``; a file that needs full unpickling (it could
-run code) is refused with :class:`~jasper.errors.UnsafeFileError`, never retried unsafely
-(CVE-2025-32434 showed how thin that line is; jasper requires torch >= 2.10).
+Reading goes through core's :func:`jasper.ptload.load_pt` (weights-only, typed errors, never an
+unsafe retry) and core's pinned :class:`jasper.files.DatasetDir` (one dataset version, regular
+files inside the directory only).
 
 Files are opened with ``mmap=True``: :meth:`PTReader.map` hands out the mapped tensor itself
 (zero-copy, pages fault in on use) and :meth:`PTReader.read` makes the single copy a preload
@@ -12,7 +12,6 @@ needs, from the page cache into the caller's tensor.
 from __future__ import annotations
 
 import itertools
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,35 +27,15 @@ from jasper.backend import (
     StoreReader,
     default_rows_per_chunk,
 )
-from jasper.errors import DatasetNotFoundError, FormatError, UnsafeFileError
+from jasper.errors import DatasetNotFoundError, FormatError
 from jasper.manifest import Manifest
-from jasper.schema import ARRAYS
+from jasper.ptload import load_pt, load_pt_tensor
+from jasper.schema import ALL_ARRAYS
 
 SUFFIX = ".pt"
 #: Arrays above this size are assembled in a file-backed scratch tensor while writing, so writing
 #: a dataset larger than RAM needs only page cache, not anonymous memory.
 SCRATCH_THRESHOLD = 256 << 20
-
-
-def _load_safe(path: Path, *, mmap: bool) -> Any:
-    """``torch.load`` with ``weights_only=True``; typed errors for unsafe or broken files."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(
-            path,
-            "refused: loading it needs unrestricted unpickling, which can run arbitrary code. "
-            f"jasper only loads tensors and plain containers ({str(exc).splitlines()[0][:200]})",
-        ) from None
-    except Exception as exc:
-        # The weights-only unpickler runs no code, so whatever it raises on malformed bytes
-        # (IndexError, KeyError, struct.error... as well as RuntimeError/EOFError) is a broken
-        # file, never a reason to retry unsafely.
-        if mmap and isinstance(exc, RuntimeError) and "mmap" in str(exc).lower():
-            raise
-        raise FormatError(
-            path, f"not a readable .pt file (truncated or corrupt?): {type(exc).__name__}: {exc}"
-        ) from None
 
 
 def _ragged_to_csr(lists: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +62,8 @@ class PTReader(StoreReader):
 
     backend_name = "pt"
 
-    def __init__(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> None:
-        super().__init__(path, manifest)
-        self.mmap = mmap
+    def __init__(self, path: Path, manifest: Manifest, *, follow_links: bool = False) -> None:
+        super().__init__(path, manifest, follow_links=follow_links)
         self._cache: dict[str, torch.Tensor] = {}
         self._legacy_csr: bool | None = None
 
@@ -97,23 +75,20 @@ class PTReader(StoreReader):
         return state
 
     def array_names(self) -> list[str]:
-        names = [n for n in ARRAYS if (self.path / f"{n}{SUFFIX}").is_file()]
+        names = [n for n in ALL_ARRAYS if self.files.exists(f"{n}{SUFFIX}")]
         if "pair_keyword_ids" in names and "pair_keyword_offsets" not in names:
             names.append("pair_keyword_offsets")  # derived from the original's list of lists
-        return [n for n in ARRAYS if n in names]
+        return [n for n in ALL_ARRAYS if n in names]
 
-    def _file(self, name: str) -> Path:
-        if name not in ARRAYS:
+    def _member(self, name: str) -> str:
+        if name not in ALL_ARRAYS:
             raise self._missing(name)
         stored = "pair_keyword_ids" if name == "pair_keyword_offsets" and self._is_legacy_csr() else name
-        f = self.path / f"{stored}{SUFFIX}"
-        if not f.is_file():
-            raise FormatError(f, "file is missing from the dataset directory", array=name)
-        return f
+        return f"{stored}{SUFFIX}"
 
     def _is_legacy_csr(self) -> bool:
         if self._legacy_csr is None:
-            self._legacy_csr = not (self.path / f"pair_keyword_offsets{SUFFIX}").exists()
+            self._legacy_csr = not self.files.exists(f"pair_keyword_offsets{SUFFIX}")
         return self._legacy_csr
 
     def _mapped(self, name: str) -> torch.Tensor:
@@ -121,37 +96,19 @@ class PTReader(StoreReader):
         if t is not None:
             return t
         if name in ("pair_keyword_ids", "pair_keyword_offsets") and self._is_legacy_csr():
-            raw = _load_safe(self._file("pair_keyword_ids"), mmap=False)
-            offsets, values = _ragged_to_csr(raw, self._file("pair_keyword_ids"))
+            member = self._member("pair_keyword_ids")
+            raw = load_pt(self.files, member, array="pair_keyword_ids")
+            offsets, values = _ragged_to_csr(raw, self.files.member(member))
             self._cache["pair_keyword_offsets"] = offsets
             self._cache["pair_keyword_ids"] = values
             return self._cache[name]
-        f = self._file(name)
-        try:
-            obj = _load_safe(f, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be mapped; load it whole
-            obj = _load_safe(f, mmap=False)
-        if not isinstance(obj, torch.Tensor):
-            raise FormatError(f, f"expected a tensor, found {type(obj).__name__}", array=name)
-        self._check_storage(f, name, obj)
+        obj = load_pt_tensor(self.files, self._member(name), mmap=True, array=name)
         self._cache[name] = obj
         return obj
-
-    @staticmethod
-    def _check_storage(f: Path, name: str, t: torch.Tensor) -> None:
-        # a mapped file shorter than its header says would SIGBUS on first touch of the tail
-        need = (t.storage_offset() + t.numel()) * t.element_size()
-        if t.numel() and t.untyped_storage().nbytes() < need:
-            raise FormatError(f, f"storage holds {t.untyped_storage().nbytes()} bytes, shape "
-                              f"{tuple(t.shape)} needs {need}", array=name)
 
     def info(self, name: str) -> ArrayInfo:
         t = self._mapped(name)
         return ArrayInfo(tuple(t.shape), t.dtype)
-
-    def read(self, name: str) -> torch.Tensor:
-        t = self._mapped(name)
-        return t.clone(memory_format=torch.contiguous_format)
 
     def map(self, name: str) -> torch.Tensor:
         return self._mapped(name)
@@ -163,11 +120,12 @@ class PTReader(StoreReader):
     def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._mapped(name)[start:stop].clone()
 
-    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         return self._mapped(name).index_select(0, rows)
 
     def close(self) -> None:
         self._cache.clear()
+        super().close()
 
 
 class PTBackend(BackendEntrypoint):
@@ -181,12 +139,12 @@ class PTBackend(BackendEntrypoint):
     capabilities: ClassVar[Capabilities] = Capabilities(
         write=True, mmap=True, compression=False, row_access=True, worker_safe=True
     )
-    marker_files: ClassVar[tuple[str, ...]] = ("pair_index.pt",)
+    marker_files: ClassVar[tuple[str, ...]] = ("pair_index.pt", "sample_ids.pt")  # per kind
 
     def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> PTReader:
         if not Path(path).is_dir():
             raise DatasetNotFoundError(path)
-        return PTReader(Path(path), manifest, mmap=mmap)
+        return PTReader(Path(path), manifest)
 
     def write_arrays(
         self,

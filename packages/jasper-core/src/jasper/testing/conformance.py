@@ -44,6 +44,7 @@ from jasper.schema import ARRAYS
 from jasper.store import TMP_MARK, TRASH_MARK, clean_leftovers
 from jasper.testing import _workers
 from jasper.testing.data import make_arrays
+from jasper.testing.datasets import DatasetConformance
 
 #: Modules no backend listing may import (a listing that does costs every user seconds).
 DEFAULT_HEAVY_MODULES: tuple[str, ...] = (
@@ -153,8 +154,11 @@ DTYPE_CASES: list[tuple[str, str]] = [
 ]
 
 
-class BackendConformance:
+class BackendConformance(DatasetConformance):
     """Subclass this with one fixture, ``backend``, returning the backend instance.
+
+    Besides the store-level tests below, it runs the dataset-level tests of
+    :class:`~jasper.testing.datasets.DatasetConformance`: both dataset kinds on the backend.
 
     Class attributes (all optional):
 

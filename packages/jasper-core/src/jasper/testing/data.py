@@ -19,7 +19,8 @@ from jasper.dtypes import FLOAT_DTYPES, torch_dtype
 from jasper.manifest import MANIFEST_NAME, Manifest
 from jasper.schema import ARRAYS, INT_LABEL
 
-#: The keys of ``config.json`` that the original system's README documents (DATA_MODEL.md 2).
+#: The keys of ``config.json`` that the original system's README documents
+#: (docs/data-model.md#the-manifest-configjson).
 SEED_CONFIG_KEYS: tuple[str, ...] = (
     "embedding_dim",
     "n_neg",

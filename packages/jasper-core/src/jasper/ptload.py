@@ -1,0 +1,122 @@
+"""Loading ``.pt`` files safely: the one place jasper calls ``torch.load``.
+
+Every load is ``torch.load(weights_only=True)``, never retried unsafely (CVE-2025-32434 showed
+how thin that line is; jasper requires torch >= 2.10). Failures are typed:
+
+- a file whose pickle names a global outside torch's weights-only allow-list (it could run code)
+  is :class:`~jasper.errors.UnsafeFileError`, and so is the legacy ``.tar`` serialisation (it
+  needs unrestricted unpickling);
+- anything else the unpickler or the zip reader raises on malformed bytes is
+  :class:`~jasper.errors.FormatError` "not a readable .pt file": the weights-only unpickler runs
+  no code, so a broken file is never a reason to load it another way.
+
+The file kind is recognised from its first bytes before torch sees it, so that a zeroed or
+foreign file says "corrupt / not a .pt file" rather than torch's guesses ("legacy .tar format").
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from typing import Any
+
+import torch
+
+from jasper.errors import FormatError, UnsafeFileError
+from jasper.files import DatasetDir
+from jasper.validation import check_tensor_layout
+
+_ZIP_MAGIC = b"PK\x03\x04"
+#: torch's legacy (pre-1.6) serialisation starts with a pickled magic number, protocol 2
+_PICKLE_PROTO = 0x80
+
+
+def _kind(head: bytes, fd: int) -> str:
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head[:1] == bytes([_PICKLE_PROTO]):
+        return "legacy"
+    try:
+        with open(os.dup(fd), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            # zero blocks read as an empty archive: a legacy file has members
+            if tar.next() is not None:
+                return "tar"
+    except (OSError, ValueError, tarfile.TarError, EOFError):
+        pass
+    return "unknown"
+
+
+def load_pt(files: DatasetDir, member: str, *, mmap: bool = False,
+            array: str | None = None) -> Any:
+    """``torch.load`` of ``member`` of the pinned dataset directory ``files``, weights-only.
+
+    ``mmap=True`` maps the tensors' storages (zip-format files; the legacy format is read whole).
+    Typed errors as described in the module docstring; the messages name the file and array.
+    """
+    where = files.member(member)
+    fd = files.open_fd(member)
+    try:
+        head = os.pread(fd, 8, 0)
+        kind = _kind(head, fd)
+        if kind == "tar":
+            raise UnsafeFileError(
+                where, "refused: a .pt file in torch's legacy .tar format needs unrestricted "
+                "unpickling, which can run arbitrary code; re-save it with torch.save in a "
+                "trusted environment", array=array)
+        if kind == "unknown":
+            raise FormatError(where, "not a .pt file (corrupt or truncated?): it starts with "
+                              f"{head!r}, neither a zip archive nor a pickle", array=array)
+        path = files.fd_path(fd, member)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and kind == "zip")
+        except pickle.UnpicklingError as exc:
+            first = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()
+            detail = (first[0] if first else str(exc))[:200]
+            if "global" in detail.lower() or "unsupported class" in detail.lower():
+                raise UnsafeFileError(
+                    where, "refused: loading it needs unrestricted unpickling, which can run "
+                    f"arbitrary code. jasper only loads tensors and plain containers ({detail})",
+                    array=array) from None
+            raise FormatError(where, f"not a readable .pt file (corrupt?): {detail}",
+                              array=array) from None
+        except MemoryError:
+            raise FormatError(where, "not a readable .pt file: it claims more memory than "
+                              "there is (corrupt?)", array=array) from None
+        except Exception as exc:
+            raise FormatError(where, "not a readable .pt file (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {str(exc)[:300]}", array=array) from None
+    finally:
+        os.close(fd)
+
+
+def load_pt_tensor(files: DatasetDir, member: str, *, mmap: bool = False,
+                   array: str | None = None) -> torch.Tensor:
+    """:func:`load_pt` of a file that must hold one tensor whose storage covers its shape and
+    whose strides do not alias rows (stride 0 makes every row the same bytes)."""
+    obj = load_pt(files, member, mmap=mmap, array=array)
+    where = files.member(member)
+    if not isinstance(obj, torch.Tensor):
+        raise FormatError(where, f"expected a tensor, found {type(obj).__name__}", array=array)
+    check_tensor_storage(obj, where, array)
+    return obj
+
+
+def check_tensor_storage(t: torch.Tensor, where: Any, array: str | None) -> None:
+    """Raise unless ``t``'s rows do not alias (:func:`jasper.validation.check_tensor_layout`) and its
+    storage holds every element its shape and strides reach (a mapped file shorter than that
+    would SIGBUS on first touch of the tail)."""
+    if t.numel() == 0:
+        return
+    check_tensor_layout(array or 'tensor', t, where)
+    last = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride(),
+                                                                   strict=True))
+    need = (last + 1) * t.element_size()
+    have = t.untyped_storage().nbytes()
+    if have < need:
+        raise FormatError(where, f"storage holds {have} bytes, shape {tuple(t.shape)} needs "
+                          f"{need} (truncated or corrupt?)", array=array)
+
+
+__all__ = ["check_tensor_storage", "load_pt", "load_pt_tensor"]
