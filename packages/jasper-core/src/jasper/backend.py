@@ -39,6 +39,7 @@ from jasper.rows import (
 )
 
 if TYPE_CHECKING:
+    from jasper.location import Location, ObjectStore
     from jasper.manifest import Manifest
 
 
@@ -52,6 +53,8 @@ class Capabilities:
     - ``row_access``: :meth:`StoreReader.read_rows` reads only the requested rows (no preload).
     - ``worker_safe``: a reader can be pickled to spawned DataLoader workers and reopens itself
       lazily after a fork.
+    - ``locations``: the location schemes the backend reads and writes (``"file"``: local
+      directories; ``"s3"``...: object stores, through :meth:`BackendEntrypoint.object_store`).
     - ``write_rows``: :meth:`StoreReader.write_rows` replaces rows of mutable arrays in place, as
       one atomic, crash-safe change (e.g. ``ClusterLabeledDataset.update_labels``).
     """
@@ -61,6 +64,7 @@ class Capabilities:
     compression: bool = False
     row_access: bool = False
     worker_safe: bool = True
+    locations: tuple[str, ...] = ("file",)
     write_rows: bool = False
 
 
@@ -479,6 +483,14 @@ class BackendEntrypoint(abc.ABC):
         ``config.json`` afterwards and commits atomically.
         """
         raise CapabilityError(f"backend {self.name!r} cannot write datasets")
+
+    def object_store(self, location: Location) -> ObjectStore:
+        """The byte operations core's generation commit needs at an object-store ``location``
+        (backends whose ``capabilities.locations`` name a URL scheme); see
+        :mod:`jasper.location`. ``open`` and ``write_arrays`` then receive the
+        :class:`~jasper.location.Location` of one generation instead of a directory."""
+        raise CapabilityError(f"backend {self.name!r} reads and writes local directories only, "
+                              f"not {location}")
 
     def open_foreign(self, path: Path) -> StoreReader | None:
         """A reader for ``path``, a directory without ``config.json`` in a layout this backend

@@ -33,7 +33,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import Dataset, Subset, get_worker_info
@@ -210,16 +210,26 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         use_mmap: bool | None = None,
         seed: int | None = None,
     ) -> None:
-        self.dataset_dir = Path(dataset_dir)
+        from jasper.location import Location, as_target
+
+        target = as_target(dataset_dir)
+        # an object-store URL is pinned to its committed generation once (workers and reopens
+        # read that generation); the Location stands in for the Path in messages
+        pinned = None
+        if isinstance(target, Location):
+            from jasper.remote import pin_generation
+
+            pinned = pin_generation(target, storage_format)
+        self.dataset_dir = cast(Path, target)
         self.split = split
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cpu":
             tune_host_allocator()  # batches reuse freed memory instead of faulting in new pages
         self._closed = True
-        if not self.dataset_dir.is_dir():
+        if pinned is None and not self.dataset_dir.is_dir():
             raise DatasetNotFoundError(
                 self.dataset_dir, hint="Check the path; `jasper synth DIR` creates a dataset")
-        self.manifest = Manifest.load(self.dataset_dir)
+        self.manifest = pinned.manifest if pinned is not None else Manifest.load(self.dataset_dir)
         self.config: dict[str, Any] = self.manifest.to_dict()
         self.embedding_dim = int(self.manifest.embedding_dim)
         self.n_neg = int(self.manifest.n_neg)
@@ -228,16 +238,20 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             seed = self.manifest.random_seed if self.manifest.random_seed is not None else 0
         self.seed = int(seed)
 
-        # the same choice as open_store: a forced backend must recognise the dataset, and a
-        # missing file of the writer's is named
-        from jasper.store import choose_backend
+        if pinned is not None:
+            backend_name = pinned.backend
+        else:
+            # the same choice as open_store: a forced backend must recognise the dataset, and a
+            # missing file of the writer's is named
+            from jasper.store import choose_backend
 
-        backend_name = choose_backend(self.dataset_dir, self.manifest, storage_format)
+            backend_name = choose_backend(self.dataset_dir, self.manifest, storage_format)
         backend = get_backend(backend_name)  # BackendNotFoundError lists what is installed
         self.storage_format = backend_name
-        location = StoreLocation(self.dataset_dir, backend_name, self.manifest)
+        location = StoreLocation(cast(Path, pinned.where) if pinned else self.dataset_dir,
+                                 backend_name, self.manifest)
 
-        reader = backend.open(self.dataset_dir, self.manifest, mmap=False)
+        reader = location.open(mapped=False)
         try:
             names = set(reader.array_names())
             available = [s for s in SPLITS if split_array(s) in names]
@@ -253,7 +267,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             mode = self._choose_mode(use_mmap, backend.capabilities, infos, backend_name)
             if TABLE_SETS[mode].maps:
                 reader.close()
-                reader = backend.open(self.dataset_dir, self.manifest, mmap=True)
+                reader = location.open(mapped=True)
         except BaseException:
             reader.close()
             raise

@@ -30,6 +30,7 @@ import xxhash
 
 from jasper.dtypes import to_storage
 from jasper.errors import DatasetNotFoundError, ManifestError, SchemaVersionError
+from jasper.location import Location, as_target
 
 MANIFEST_NAME = "config.json"
 SCHEMA_VERSION = 1
@@ -257,9 +258,14 @@ class Manifest:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> Manifest:
-        """Read ``directory/config.json``."""
-        directory = Path(directory)
+    def load(cls, directory: str | Path | Location) -> Manifest:
+        """Read ``directory/config.json`` (at a URL: the committed generation's)."""
+        target = as_target(directory)
+        if isinstance(target, Location):
+            from jasper.remote import manifest_at
+
+            return manifest_at(target)
+        directory = target
         path = directory / MANIFEST_NAME
         if not directory.exists():
             raise DatasetNotFoundError(directory)

@@ -31,9 +31,12 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from jasper.location import Location
 
 from jasper.backend import ArraySource
 from jasper.build import DEFAULT_STEP_SCHEDULE, BuildConfig, build_arrays
@@ -246,7 +249,7 @@ def _reserve(path: Path) -> None:
 
 
 def write_synthetic(
-    path: str | Path,
+    path: str | Path | Location,
     cfg: SynthConfig | None = None,
     *,
     backend: str = "pt",
@@ -262,28 +265,35 @@ def write_synthetic(
         leftover_name,
         storage_error,
     )
+    from jasper.location import as_target
     from jasper.store import write_store
 
-    target = Path(path).absolute()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise storage_error(exc, target) from exc
-    # Named for the target with this pid, so a killed synth's scratch (possibly hundreds of MB)
-    # is removed by the next write to the target.
-    clean_leftovers(target)
-    check_target(target, overwrite=overwrite)  # refuse before minutes of synthesis, not after
-    scratch = leftover_name(target, SCRATCH_MARK)
-    try:
-        scratch.mkdir()
-    except OSError as exc:
-        raise storage_error(exc, target) from exc
+    where = as_target(path)
+    if isinstance(where, Path):
+        target = where.absolute()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, target) from exc
+        # Named for the target with this pid, so a killed synth's scratch (possibly hundreds of
+        # MB) is removed by the next write to the target.
+        clean_leftovers(target)
+        check_target(target, overwrite=overwrite)  # refuse before minutes of synthesis, not after
+        scratch = leftover_name(target, SCRATCH_MARK)
+        try:
+            scratch.mkdir()
+        except OSError as exc:
+            raise storage_error(exc, target) from exc
+    else:
+        # an object-store URL: scratch space in the system temp directory; the generation
+        # commit refuses an existing dataset without overwrite
+        scratch = Path(tempfile.mkdtemp(prefix=f".{where.name}.synth-"))
     try:
         try:
             arrays, manifest = synthesize(cfg, workdir=scratch, progress=progress)
         except OSError as exc:  # the memory-mapped scratch files: disk full, no permission
-            raise storage_error(exc, target) from exc
-        return write_store(target, arrays, manifest, backend=backend, overwrite=overwrite,
-                           progress=progress, **options)
+            raise storage_error(exc, target if isinstance(where, Path) else scratch) from exc
+        return write_store(target if isinstance(where, Path) else where, arrays, manifest,
+                           backend=backend, overwrite=overwrite, progress=progress, **options)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
