@@ -186,3 +186,14 @@ def test_data_digests_name_the_edited_key(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(d))
     assert Manifest.load(tmp_path).edited_data_keys() == ["arrays"]
     assert Manifest.from_dict(BASE).edited_data_keys() is None
+
+
+def test_schema_requires_n_neg_of_steering_datasets_only() -> None:
+    from jasper.errors import ManifestError
+    from jasper.manifest import Manifest
+
+    m = Manifest.from_dict({"embedding_dim": 4, "n_clusters": 3, "kind": "cluster-labeled"})
+    assert m.dataset_kind == "cluster-labeled"
+    for d in ({"embedding_dim": 4}, {"embedding_dim": 4, "kind": "jasper-steering"}):
+        with pytest.raises(ManifestError, match="n_neg"):
+            Manifest.from_dict(d)

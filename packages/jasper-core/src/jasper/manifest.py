@@ -66,7 +66,11 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "jasper dataset manifest (config.json)",
     "type": "object",
-    "required": ["embedding_dim", "n_neg"],
+    "required": ["embedding_dim"],
+    # n_neg describes hard negatives: required of JASPER steering datasets (kind absent or
+    # "jasper-steering"), absent from the cluster-labeled kind
+    "if": {"required": ["kind"], "properties": {"kind": {"const": "cluster-labeled"}}},
+    "else": {"required": ["n_neg"]},
     "properties": {
         "embedding_dim": _NONNEG_INT,
         "n_neg": _NONNEG_INT,
