@@ -228,7 +228,10 @@ def kill_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -> 
         for op, how, frac in points:
             cases.append(Case("kill", backend, f"{op}@{how}-{frac}", op,
                               _kill_body(ref, refs, backends, op, how, frac), timeout=90))
-    if "memmap-sqlite" in refs:
+    from reliability.trust import cluster_layout
+
+    if "memmap-sqlite" in refs and cluster_layout("sample_ids.npy", "source_labels.npy",
+                                                  "steering_labels.npy", "combined_labels.npy"):
         fracs = [round(rng.random(), 3) for _ in range(30)]
         if quick:
             fracs = fracs[:2]

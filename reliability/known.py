@@ -23,22 +23,14 @@ class Known:
 #: (family, backend) -> why it fails now; keep in step with the last campaign run
 #: (docs/reliability.md lists its findings)
 KNOWN: dict[tuple[str, str], Known] = {
-    ("disk-full", "pt"): Known(
-        "issue 9 item 13", "a full disk during a .pt write escapes as torch's RuntimeError "
-        "(basic_ios::clear / inline_container 'unexpected pos'), not a typed error"),
-    ("disk-full", "hdf5"): Known(
-        "issue 9 item 13", "a full disk during an HDF5 write escapes as h5py's OSError errno 28 "
-        "from FileID.close, not a typed error"),
-    ("disk-full", "memmap-sqlite"): Known(
-        "issue 9 item 13", "a full disk during a .npy write escapes as OSError ENOSPC "
-        "(npy.py _write_all) and sqlite3.OperationalError 'database or disk is full'"),
-    ("path-trust", "cluster"): Known(
-        "issue 9 item 9", "a cluster-labeled embeddings_meta.file_path that is absolute or ../ "
-        "is followed out of the dataset directory by open and deep validation"),
-    ("cli", "cli"): Known(
-        "issue 9 item 13", "`jasper synth --pairs 0` (and --dim 0, --neg 0) lets SynthConfig's "
-        "ValueError escape the CLI as a traceback instead of one line"),
-    ("kill", "cluster"): Known(
-        "issue 9 item 6", "update_labels killed mid-call leaves label files ahead of their block "
-        "checksums (deep validation: ChecksumError)", racy=True),
+    ("prepare", "cluster"): Known(
+        "cluster-labeled kind x schema-checked manifests", "`jasper synth --kind cluster-labeled` "
+        "(write_synthetic_cluster_labeled) fails: the manifest schema requires 'n_neg', which a "
+        "cluster-labeled manifest does not have; the cluster-labeled cases cannot run"),
+    ("interrupt", "hdf5"): Known(
+        "issue 9 item 5", "Ctrl-C during an HDF5 write is swallowed ('Exception ignored ... "
+        "KeyboardInterrupt') and the command exits 0", racy=True),
+    ("interrupt", "pt"): Known(
+        "issue 9 item 5", "Ctrl-C during a .pt write is sometimes swallowed and the command "
+        "exits 0", racy=True),
 }

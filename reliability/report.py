@@ -61,7 +61,9 @@ def _counts(results: Iterable[Result]) -> Counter[Outcome]:
 
 
 def findings(results: Iterable[Result]) -> list[Result]:
-    return [r for r in results if r.outcome not in GOOD]
+    """Every result off the goal; a pristine write that failed at all is one too."""
+    return [r for r in results if r.outcome not in GOOD
+            or (r.family == "prepare" and r.outcome is not Outcome.OK)]
 
 
 def goal_met(results: Iterable[Result]) -> bool:
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m reliability.report RESULTS.json... [--table PATH] [--findings PATH]``: the
     table and findings of saved runs (e.g. one run per family, merged)."""
     import argparse
+    import json
 
     p = argparse.ArgumentParser(prog="python -m reliability.report", description=main.__doc__)
     p.add_argument("results", nargs="+", type=Path)
@@ -224,16 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--findings", type=Path)
     p.add_argument("--seconds", type=float, default=0.0, help="campaign time to state")
     p.add_argument("--label", help="what the results are (default: full campaign)")
+    p.add_argument("--fuzz-json", type=Path, help="results of `python -m reliability.fuzz --json`")
     args = p.parse_args(argv)
+    fuzz = json.loads(args.fuzz_json.read_text()) if args.fuzz_json else []
     if args.label:
         LABEL.append(args.label)
     results = load(args.results)
     if args.table:
-        write_table(args.table, results, quick=False, seconds=args.seconds)
+        write_table(args.table, results, quick=False, seconds=args.seconds, fuzz=fuzz)
     if args.findings:
-        write_findings(args.findings, results, quick=False, seconds=args.seconds)
+        write_findings(args.findings, results, quick=False, seconds=args.seconds, fuzz=fuzz)
     print(summary(results))
-    return 0 if goal_met(results) else 1
+    return 0 if goal_met(results) and all(f["result"] == "ok" for f in fuzz) else 1
 
 
 if __name__ == "__main__":

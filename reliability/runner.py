@@ -131,6 +131,7 @@ def _child(case: Case, workdir: Path, wfd: int) -> None:
         limit = _vm_size() + case.mem_cap
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the campaign's own handler is not ours
         case.body(workdir)
         status = {"outcome": Outcome.OK.value}
     except Verdict as v:

@@ -173,8 +173,17 @@ def _cluster_pristine() -> Path | None:
     return p if p.exists() else None
 
 
+def cluster_layout(*files: str) -> bool:
+    """Whether the pristine cluster-labeled dataset was written and has the original system's
+    layout (``dataset.db`` with ``embeddings_meta``, label ``.npy`` files) these cases damage."""
+    p = _cluster_pristine()
+    return p is not None and all((p / f).exists() for f in ("dataset.db", *files))
+
+
 def _cluster_trust_cases(quick: bool) -> list[Case]:
     """Item 9: ``embeddings_meta.file_path`` absolute or ``../``; the dataset must refuse it."""
+    if not cluster_layout("base_embeddings.npy"):
+        return []
     variants = [("file_path-absolute", "abs"), ("file_path-dotdot", "rel")]
     modes = ("open", "validate-deep") if not quick else ("validate-deep",)
     return [Case("path-trust", "cluster", f"{name}:base", mode, _cluster_trust_body(kind, mode))
@@ -299,6 +308,8 @@ def _pickle_body(ref: Reference, fn: Callable[[Path, Path], None], mode: str,
 def _cluster_pickle_cases(quick: bool) -> list[Case]:
     files = ["base_embeddings.npy", "steering_embeddings.npy", "source_labels.npy",
              "steering_labels.npy", "combined_labels.npy", "sample_ids.npy", "embedding_idx.npy"]
+    if not cluster_layout(*files):
+        return []
     if quick:
         files = files[:1]
     return [Case("pickle", "cluster", f"npy-object:{f}", mode, _cluster_pickle_body(f, mode))

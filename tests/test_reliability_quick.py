@@ -60,9 +60,27 @@ def quick_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return json.loads((out / "r.json").read_text())
 
 
+def _prepare_mark() -> list:
+    k = importlib.import_module("reliability.known").KNOWN.get(("prepare", "cluster"))
+    return [pytest.mark.xfail(strict=True, reason=f"{k.item}: {k.reason}")] if k else []
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cluster", marks=_prepare_mark())])
+def test_pristine_datasets_write(quick_results: list[dict], backend: str) -> None:
+    """Every pristine dataset the cases damage is written by jasper itself without error."""
+    bad = [r for r in quick_results if r["family"] == "prepare" and r["outcome"] != "ok"
+           and r["backend"] == backend]
+    assert not bad, f"{bad[0]['exception']}: {bad[0]['message'][:400]}" if bad else ""
+
+
 @pytest.mark.parametrize(("family", "backend"), _groups())
 def test_quick_campaign_goal(quick_results: list[dict], family: str, backend: str) -> None:
     group = [r for r in quick_results if r["family"] == family and r["backend"] == backend]
+    if not group and backend == "cluster" and any(
+            r["family"] == "prepare" and r["backend"] == "cluster" and r["outcome"] != "ok"
+            for r in quick_results):
+        pytest.skip("the pristine cluster-labeled dataset could not be written "
+                    "(test_pristine_datasets_write)")
     assert group, f"the quick campaign ran no {family} case for {backend}"
     bad = [r for r in group if r["outcome"] not in ("ok", "typed", "undetected")]
     assert not bad, "\n".join(
@@ -71,7 +89,7 @@ def test_quick_campaign_goal(quick_results: list[dict], family: str, backend: st
 
 
 def test_every_family_has_a_quick_sample(quick_results: list[dict]) -> None:
-    assert {r["family"] for r in quick_results} == set(FAMILIES)
+    assert {r["family"] for r in quick_results} - {"prepare"} == set(FAMILIES)
 
 
 FUZZ_TARGETS = ["manifest", "pt", "hdf5", "memmap"]

@@ -96,21 +96,21 @@ def test_console_script_help() -> None:
         assert command in proc.stdout
 
 
-def test_cluster_labeled_without_memmap_sqlite_uses_the_default_writer(
+def test_cluster_labeled_is_written_and_served_with_the_default_writer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    try:
-        import jasper_memmap_sqlite  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("jasper-memmap-sqlite is installed; its own tests cover the command")
+    """The kind belongs to core: synth writes it with whatever backend is installed, and the
+    dataset class serves it, with or without jasper-memmap-sqlite."""
     code, out, err = run(capsys, "synth", str(tmp_path / "cl"), "--kind", "cluster-labeled",
-                         "--samples", "50", "--dim", "4", "--clusters", "2")
+                         "--samples", "30", "--dim", "4", "--clusters", "3")
     assert code == 0, err
-    assert "cluster-labeled dataset" in out
-    # the dataset class is core's and imports without that backend
-    from jasper import ClusterLabeledDataset  # noqa: F401
+    assert "wrote cluster-labeled dataset" in out
+    from jasper import ClusterLabeledDataset
+
+    with ClusterLabeledDataset(tmp_path / "cl") as ds:
+        assert (len(ds), ds.embedding_dim, ds.n_clusters) == (30, 4, 3)
+    code, out, err = run(capsys, "validate", str(tmp_path / "cl"), "--deep")
+    assert code == 0 and "30 samples" in out, err
 
 
 @pytest.mark.parametrize("argv", [["--pairs", "0"], ["--dim", "0"], ["--neg", "-1"],
@@ -218,3 +218,16 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(tmp_path: Path) -> No
     assert proc.returncode == 130, (out, err)
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["backends"], ["synth", "--help"],
+                                  ["info", "/nonexistent/dataset"]])
+def test_commands_that_make_no_tensors_do_not_import_torch(argv: list[str]) -> None:
+    from jasper.testing.conformance import child_env
+
+    code = ("import sys\nfrom jasper.cli import main\ntry:\n    rc = main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=120, env=child_env())
+    assert proc.stderr.strip().splitlines()[-1] == "NO-TORCH", proc.stderr[-2000:]

@@ -328,3 +328,31 @@ def test_the_epoch_variant_table_equals_the_per_pair_draw(small_dataset: Path) -
                                draw_variants(pids, epoch, ds.seed, ds.curriculum))
         ds.force_steering("centroid")
         assert set(ds.__getitems__(positions)["steering_variant"].tolist()) == {1}
+
+
+@pytest.mark.parametrize(("prefetch_factor", "in_flight"), [(None, 2), (2, 4)])
+def test_thread_workers_bound_the_batches_alive_and_allocate_in_the_consumer(
+        tagged: Path, monkeypatch: pytest.MonkeyPatch, prefetch_factor: int | None,
+        in_flight: int) -> None:
+    """Summed PSS with 2 threads was 1.17-1.25x of 0 workers: 2 x num_workers batches in flight,
+    each allocated in its gathering thread's malloc arena. Now num_workers x prefetch_factor
+    (default 1) are in flight and every output is allocated by the consuming thread."""
+    import threading
+
+    loader = create_loader(tagged, "train", batch_size=8, num_workers=2, worker_type="thread",
+                           prefetch_factor=prefetch_factor)
+    ds = loader.dataset_obj
+    allocated: list[int] = []  # one output per submitted batch, by the allocating thread
+    empty = ds.empty_batch
+
+    def recording_empty(*a: Any, **kw: Any) -> Any:
+        allocated.append(threading.get_ident())
+        return empty(*a, **kw)
+
+    monkeypatch.setattr(ds, "empty_batch", recording_empty)
+    it = iter(loader)
+    next(it)
+    assert len(allocated) == in_flight  # submitted before the first batch was handed out
+    rest = list(it)
+    assert len(rest) == len(loader) - 1 and len(allocated) == len(loader)
+    assert set(allocated) == {threading.get_ident()}

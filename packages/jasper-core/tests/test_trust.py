@@ -186,6 +186,8 @@ def test_forcing_the_wrong_backend_is_a_typed_error(tmp_path: Path) -> None:
                                                       n_clusters=2), backend="hdf5")
     with pytest.raises(NoBackendCanOpenError, match="backend 'pt' does not recognise.*'hdf5'"):
         open_store(ds, backend="pt")
+    with pytest.raises(NoBackendCanOpenError, match="backend 'pt' does not recognise"):
+        jasper.create_loader(ds, split="train", batch_size=8, storage_format="pt")
 
 
 # --- item 15: array names are never paths --------------------------------------------------------
@@ -262,3 +264,54 @@ def test_permission_denied_is_a_storage_error(tmp_path: Path) -> None:
             write_store(ro / "ds", arrays, manifest)
     finally:
         ro.chmod(0o700)
+
+
+def test_hdf5_with_10e15_unallocated_rows_is_refused_on_open(tmp_path: Path) -> None:
+    """The file's own metadata claims 10^15 rows (chunked, nothing allocated: a tiny file) and
+    the manifest agrees: open is an immediate typed error, not a hang in rows mode."""
+    h5py = pytest.importorskip("h5py")
+    pytest.importorskip("jasper_hdf5")
+    from jasper_hdf5.layout import FILE_NAME, PATHS
+
+    ds = write_synthetic(tmp_path / "h5", SynthConfig(n_pairs=80, embedding_dim=4, n_neg=2,
+                                                      n_clusters=2), backend="hdf5")
+    with h5py.File(ds / FILE_NAME, "a") as h:
+        attrs = dict(h[PATHS["source_embs"]].attrs)
+        del h[PATHS["source_embs"]]
+        d = h.create_dataset(PATHS["source_embs"], shape=(10**15, 4), dtype="f4",
+                             chunks=(1024, 4))
+        d.attrs.update(attrs)
+    edit_manifest(ds, lambda m: m["arrays"]["source_embs"].update(shape=[10**15, 4]))
+    with pytest.raises(FormatError, match="source_embs"):
+        open_store(ds)
+    with pytest.raises(FormatError, match="source_embs"):
+        jasper.JASPERSteeringDataset(ds, split="train", storage_format="hdf5")
+
+
+def test_synth_scratch_on_a_full_disk_is_a_storage_error_not_a_crash(small_tmpfs: Path) -> None:
+    """The memory-mapped scratch files are allocated up front: a full disk is a typed error,
+    not a SIGBUS killing the process on first write (run in a child to survive the old way)."""
+    import subprocess as sp
+    import sys
+    import textwrap
+
+    from jasper.testing.conformance import child_env
+
+    script = textwrap.dedent("""
+        import sys
+        from jasper import synth
+        from jasper.errors import StorageError
+        real = synth.synthesize
+        synth.synthesize = lambda cfg, workdir=None, progress=None: real(
+            cfg, workdir=workdir, memory_limit=0, progress=progress)
+        try:
+            synth.write_synthetic(sys.argv[1], synth.SynthConfig(
+                n_pairs=20000, embedding_dim=32, n_neg=4, n_clusters=4))
+        except StorageError as exc:
+            print("TYPED", exc)
+    """)
+    proc = sp.run([sys.executable, "-c", script, str(small_tmpfs / "ds")], capture_output=True,
+                  text=True, timeout=300, env=child_env())
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.startswith("TYPED") and "no space left" in proc.stdout
+    assert os.listdir(small_tmpfs) == []

@@ -352,3 +352,20 @@ def test_plain_dataloader_from_the_original_readme_works(tmp_path) -> None:
     expected = [ds[i] for i in range(4)]
     assert torch.equal(first[0], torch.stack([e[0] for e in expected]))
     assert torch.equal(first[2], torch.stack([e[2] for e in expected]))
+
+
+def test_a_copy_pickled_before_a_label_update_keeps_reading(cluster_copy: Path) -> None:
+    """A spawned worker receives the dataset pickled when it starts and pins the directory on
+    first use; a label update in between re-seals checksums in config.json but is the same
+    dataset version, so the worker reads (the new labels), never a DatasetChangedError."""
+    import pickle
+
+    new = np.full(6, 1 / 6, np.float32)
+    with ClusterLabeledDataset(cluster_copy, return_metadata=True) as ds:
+        ds[0]
+        shipped = pickle.dumps(ds)
+        ds.update_labels(3, source_label=new, combined_label=new)
+        worker = pickle.loads(shipped)
+        assert torch.equal(worker[2][2], torch.from_numpy(new))
+        assert torch.equal(worker[2][3]["source_label"], torch.from_numpy(new))
+        worker.close()

@@ -232,7 +232,6 @@ class NpzBackend(BackendEntrypoint):
         *,
         compression: str | None = None,
         compression_level: int | None = None,
-        progress: Any = None,
     ) -> None:
         """Write every array as a member of ``directory/dataset.npz``.
 

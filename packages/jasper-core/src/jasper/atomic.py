@@ -20,6 +20,8 @@ conversion). Everything else is an :class:`~jasper.errors.OverwriteRefusedError`
 
 Every temporary name carries the writer's pid, so :func:`clean_leftovers` removes only what dead
 writers left.
+
+``JASPER_NO_RENAMEAT2=1`` forces the two-rename fallback (the tests run both ways).
 """
 
 from __future__ import annotations

@@ -159,21 +159,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     if args.kind == "cluster-labeled":
         from jasper.cluster_kind import write_synthetic_cluster_labeled
-        from jasper.registry import list_backends
         from jasper.store import dir_size
 
+        backend = args.backend or default_writer()
+        how = "" if args.backend else " (the default: first installed of " + ", ".join(
+            DEFAULT_WRITERS) + "; choose with --backend)"
         t0 = time.perf_counter()
-        # memmap-sqlite changes label rows in place (update_labels); any writer serves the kind
-        backend = args.backend or ("memmap-sqlite" if "memmap-sqlite" in list_backends()
-                                   else default_writer())
         out = write_synthetic_cluster_labeled(
             args.path, n_samples=args.samples, embedding_dim=args.dim,
             n_clusters=args.clusters, seed=args.seed, backend=backend,
             overwrite=args.overwrite, progress=_progress(args), **_options(args),
         )
-        print(f"wrote cluster-labeled dataset {out} with backend {backend!r}: {args.samples:,} "
-              f"samples, D={args.dim}, {args.clusters} clusters, {_mib(dir_size(out))} in "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(f"wrote cluster-labeled dataset {out} with backend {backend!r}{how}: "
+              f"{args.samples:,} samples, D={args.dim}, {args.clusters} clusters, "
+              f"{_mib(dir_size(out))} in {time.perf_counter() - t0:.1f} s")
         return EXIT_OK
 
     from jasper.store import dir_size
@@ -195,7 +194,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _require_dir(path: str) -> None:
+    """Fail fast on a missing dataset, before the imports that opening one needs (torch)."""
+    p = Path(path)
+    # an interrupted commit's old dataset beside it is restored by opening: leave that to open
+    if not p.is_dir() and not any(p.parent.glob(f".{p.name}.jasper-old-*")):
+        from jasper.errors import DatasetNotFoundError
+
+        raise DatasetNotFoundError(path, hint="Check the path; `jasper synth DIR` creates a "
+                                              "dataset")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    _require_dir(args.path)
     from jasper.dtypes import dtype_name
     from jasper.store import dir_size, open_store
 
@@ -254,6 +265,7 @@ def _kind_of(path: str) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    _require_dir(args.path)
     import warnings
 
     from jasper.validation import DataQualityWarning, validate
@@ -284,6 +296,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    _require_dir(args.src)
     from jasper.store import convert
 
     report = convert(args.src, args.dst, to=args.to, src_backend=args.src_backend,
@@ -394,10 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", parents=[common], formatter_class=fmt,
                        help="write a realistic synthetic dataset")
     s.add_argument("path", help="target dataset directory (written atomically)")
-    s.add_argument("--kind", choices=["jasper-steering", "jasper", "cluster-labeled"],
-                   default="jasper-steering",
-                   help="dataset kind: a JASPER steering dataset ('jasper' for short) or a "
-                        "cluster-labeled one")
+    s.add_argument("--kind", choices=["jasper", "jasper-steering", "cluster-labeled"],
+                   default="jasper",
+                   help="dataset kind: a JASPER steering dataset ('jasper' or "
+                        "'jasper-steering') or a cluster-labeled one")
     s.add_argument("--pairs", type=_count(1), default=20_000,
                    help="number of question-source pairs")
     s.add_argument("--samples", type=_count(1), default=10_000,

@@ -33,7 +33,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import Dataset, Subset, get_worker_info
@@ -58,7 +58,7 @@ from jasper.errors import (
     SplitNotFoundError,
 )
 from jasper.manifest import Manifest
-from jasper.registry import get_backend, guess_backend
+from jasper.registry import get_backend
 from jasper.schema import ARRAYS, SPLITS, Role, split_array
 from jasper.tables import (
     CENTROID_TABLE,
@@ -210,16 +210,26 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         use_mmap: bool | None = None,
         seed: int | None = None,
     ) -> None:
-        self.dataset_dir = Path(dataset_dir)
+        from jasper.location import Location, as_target
+
+        target = as_target(dataset_dir)
+        # an object-store URL is pinned to its committed generation once (workers and reopens
+        # read that generation); the Location stands in for the Path in messages
+        pinned = None
+        if isinstance(target, Location):
+            from jasper.remote import pin_generation
+
+            pinned = pin_generation(target, storage_format)
+        self.dataset_dir = cast(Path, target)
         self.split = split
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cpu":
             tune_host_allocator()  # batches reuse freed memory instead of faulting in new pages
         self._closed = True
-        if not self.dataset_dir.is_dir():
+        if pinned is None and not self.dataset_dir.is_dir():
             raise DatasetNotFoundError(
                 self.dataset_dir, hint="Check the path; `jasper synth DIR` creates a dataset")
-        self.manifest = Manifest.load(self.dataset_dir)
+        self.manifest = pinned.manifest if pinned is not None else Manifest.load(self.dataset_dir)
         self.config: dict[str, Any] = self.manifest.to_dict()
         self.embedding_dim = int(self.manifest.embedding_dim)
         self.n_neg = int(self.manifest.n_neg)
@@ -228,16 +238,20 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             seed = self.manifest.random_seed if self.manifest.random_seed is not None else 0
         self.seed = int(seed)
 
-        if storage_format == "auto":
-            preferred = (self.manifest.writer or {}).get("backend")
-            backend_name = guess_backend(self.dataset_dir, preferred)
+        if pinned is not None:
+            backend_name = pinned.backend
         else:
-            backend_name = storage_format
+            # the same choice as open_store: a forced backend must recognise the dataset, and a
+            # missing file of the writer's is named
+            from jasper.store import choose_backend
+
+            backend_name = choose_backend(self.dataset_dir, self.manifest, storage_format)
         backend = get_backend(backend_name)  # BackendNotFoundError lists what is installed
         self.storage_format = backend_name
-        location = StoreLocation(self.dataset_dir, backend_name, self.manifest)
+        location = StoreLocation(cast(Path, pinned.where) if pinned else self.dataset_dir,
+                                 backend_name, self.manifest)
 
-        reader = backend.open(self.dataset_dir, self.manifest, mmap=False)
+        reader = location.open(mapped=False)
         try:
             names = set(reader.array_names())
             available = [s for s in SPLITS if split_array(s) in names]
@@ -253,7 +267,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             mode = self._choose_mode(use_mmap, backend.capabilities, infos, backend_name)
             if TABLE_SETS[mode].maps:
                 reader.close()
-                reader = backend.open(self.dataset_dir, self.manifest, mmap=True)
+                reader = location.open(mapped=True)
         except BaseException:
             reader.close()
             raise
@@ -476,8 +490,10 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         batch = self.__getitems__([idx])
         return {k: v[0] for k, v in batch.items()}
 
-    def __getitems__(self, indices: Sequence[int] | torch.Tensor) -> JasperBatch:
-        """The collated batch of the given split positions: one vectorised gather per field."""
+    def __getitems__(self, indices: Sequence[int] | torch.Tensor, *,
+                     out: Mapping[str, torch.Tensor] | None = None) -> JasperBatch:
+        """The collated batch of the given split positions: one vectorised gather per field,
+        written into ``out`` (from :meth:`empty_batch`) when given."""
         self._ensure_ready()
         idx = torch.as_tensor(indices, dtype=torch.int64, device=self.split_indices.device)
         if idx.dim() != 1:
@@ -488,8 +504,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             if int(lo) < 0 or int(hi) >= n:
                 bad = int(idx[(idx < 0) | (idx >= n)][0])
                 raise IndexError(f"Index {bad} out of range [0, {n}) of the {self.split} split")
-        out = None
-        if get_worker_info() is not None and self.device.type == "cpu":
+        if out is None and get_worker_info() is not None and self.device.type == "cpu":
             out = self.empty_batch(idx.numel(), shared=True)
         return self.gather(idx, out)
 

@@ -15,6 +15,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
+def _shown(path: str | Path) -> str:
+    """How a message names ``path``: a URL (``s3://...``) as given, a local path as a Path."""
+    text = str(path)
+    return text if "://" in text else str(Path(path))
+
+
 class JasperError(Exception):
     """Base class of every error jasper raises on purpose."""
 
@@ -25,7 +31,7 @@ class DatasetNotFoundError(JasperError, FileNotFoundError, ValueError):
 
     def __init__(self, path: str | Path, what: str = "dataset directory", hint: str = "") -> None:
         self.path = Path(path)
-        msg = f"{what[:1].upper()}{what[1:]} not found: {self.path}"
+        msg = f"{what[:1].upper()}{what[1:]} not found: {_shown(path)}"
         if hint:
             msg += f". {hint}"
         super().__init__(msg)
@@ -37,7 +43,7 @@ class FormatError(JasperError, ValueError):
     def __init__(self, path: str | Path, problem: str, array: str | None = None) -> None:
         self.path = Path(path)
         self.array = array
-        where = f"{self.path}" + (f" (array {array!r})" if array else "")
+        where = _shown(path) + (f" (array {array!r})" if array else "")
         super().__init__(f"{where}: {problem}")
 
 
@@ -64,7 +70,7 @@ class IntegrityError(JasperError, ValueError):
         self.row = row
         self.rule = rule
         self.path = Path(path) if path is not None else None
-        prefix = f"{self.path}: " if self.path is not None else ""
+        prefix = f"{_shown(path)}: " if path is not None else ""
         super().__init__(prefix + message)
 
 
@@ -85,7 +91,7 @@ class ManifestError(JasperError, ValueError):
 
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = Path(path)
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{_shown(path)}: {problem}")
 
 
 class SchemaVersionError(ManifestError):

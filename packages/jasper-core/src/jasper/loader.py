@@ -108,7 +108,10 @@ def create_loader(
         worker_type == "thread" or (worker_type == "auto" and dataset.tables.in_memory))
     kwargs: dict[str, Any] = {}
     if threaded:
-        kwargs["prefetch"] = num_workers * (prefetch_factor or 2)
+        # ``prefetch_factor`` batches in flight per thread, by default one: while the consumer
+        # waits every thread is busy, and at most num_workers + 1 batches are alive (measured at
+        # 10^5 pairs, B=1024: summed PSS 1.20x of 0 workers with 4 in flight, 1.05-1.09x with 2)
+        kwargs["prefetch"] = num_workers * (prefetch_factor or 1)
     elif num_workers > 0:
         kwargs["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
@@ -264,6 +267,9 @@ class JasperLoader(DataLoader):
         self._pass: int | None = None  # the pass being served (None between passes)
         self._yielded = 0
         super().__init__(dataset, **kwargs)
+        self.dataset_obj = dataset
+        sampler = self.sampler
+        self.sampler_obj = sampler if isinstance(sampler, DistributedSampler) else None
 
     # ``pin_memory`` reads as asked; the iterator sees whether pinning can happen here (so a
     # CPU-only machine gets no "no accelerator" warning per epoch)
@@ -397,14 +403,18 @@ class ThreadedLoader(JasperLoader):
         raise TypeError("a ThreadedLoader iterates its own threads")  # never a process iterator
 
     def _iterate(self) -> Iterator[Any]:
-        fetch = self.dataset.__getitems__  # type: ignore[attr-defined]
+        ds = self.dataset_obj
         pin = self._pin_effective
         batches = iter(self._index_sampler)
         pending: deque[Future[Any]] = deque()
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="jasper-loader") as pool:
             try:
                 for indices in batches:
-                    pending.append(pool.submit(fetch, indices))
+                    # the output is allocated here, in the consumer's thread: freed batches go
+                    # back to one malloc arena and are reused, instead of each gathering thread's
+                    # arena keeping its own high-water mark of batches
+                    out = ds.empty_batch(len(indices))
+                    pending.append(pool.submit(ds.__getitems__, indices, out=out))
                     if len(pending) >= self.prefetch:
                         yield _pinned(pending.popleft().result(), pin)
                 while pending:

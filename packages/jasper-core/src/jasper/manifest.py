@@ -30,6 +30,7 @@ import xxhash
 
 from jasper.dtypes import to_storage
 from jasper.errors import DatasetNotFoundError, ManifestError, SchemaVersionError
+from jasper.location import Location, as_target
 
 MANIFEST_NAME = "config.json"
 SCHEMA_VERSION = 1
@@ -67,9 +68,9 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "title": "jasper dataset manifest (config.json)",
     "type": "object",
     "required": ["embedding_dim"],
-    # n_neg describes hard negatives: required of JASPER steering datasets (kind absent or
-    # "jasper-steering"), absent from the cluster-labeled kind
-    "if": {"required": ["kind"], "properties": {"kind": {"const": "cluster-labeled"}}},
+    # what else is required depends on the dataset kind (jasper.schema.KINDS)
+    "if": {"properties": {"kind": {"const": "cluster-labeled"}}, "required": ["kind"]},
+    "then": {"required": ["n_clusters"], "properties": {"n_clusters": _NONNEG_INT}},
     "else": {"required": ["n_neg"]},
     "properties": {
         "embedding_dim": _NONNEG_INT,
@@ -257,9 +258,14 @@ class Manifest:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> Manifest:
-        """Read ``directory/config.json``."""
-        directory = Path(directory)
+    def load(cls, directory: str | Path | Location) -> Manifest:
+        """Read ``directory/config.json`` (at a URL: the committed generation's)."""
+        target = as_target(directory)
+        if isinstance(target, Location):
+            from jasper.remote import manifest_at
+
+            return manifest_at(target)
+        directory = target
         path = directory / MANIFEST_NAME
         if not directory.exists():
             raise DatasetNotFoundError(directory)

@@ -40,6 +40,7 @@ from jasper.errors import (
     ShapeError,
     WriteOptionError,
 )
+from jasper.location import Location, as_target
 from jasper.manifest import MANIFEST_NAME, ArrayRecord, Checksummer, Manifest
 from jasper.progress import byte_bar
 from jasper.registry import get_backend, guess_backend, list_backends
@@ -47,14 +48,19 @@ from jasper.schema import ARRAYS, Cols, Role, dataset_kind
 from jasper.validation import check_array_names, check_claimed_sizes, check_manifest_trust
 
 
-def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -> StoreReader:
-    """Open the dataset directory ``path`` for reading.
+def open_store(path: str | Path | Location, backend: str = "auto", *,
+               mmap: bool = False) -> StoreReader:
+    """Open the dataset directory (or object-store URL, see :mod:`jasper.location`) ``path``.
 
     ``backend="auto"`` uses the writer recorded in the manifest when installed, else asks every
     installed backend's ``guess_can_open``. ``mmap=True`` asks for zero-copy mapped arrays and
     raises :class:`CapabilityError` for a backend that cannot map.
     """
-    p = Path(path)
+    p = as_target(path)
+    if isinstance(p, Location):
+        from jasper.remote import open_remote
+
+        return open_remote(p, backend, mmap=mmap)
     if not p.is_dir():
         recover_interrupted_commit(p)
     if not p.is_dir():
@@ -67,7 +73,7 @@ def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -
             return foreign
     manifest = Manifest.load(p)
     check_array_names(manifest.arrays, path=p / MANIFEST_NAME)
-    name = _choose_backend(p, manifest, backend)
+    name = choose_backend(p, manifest, backend)
     impl = get_backend(name)
     if mmap and not impl.capabilities.mmap:
         raise CapabilityError(
@@ -119,18 +125,20 @@ def _itemsize(dtype: str, path: Path) -> int:
         raise ManifestError(path / MANIFEST_NAME, str(exc)) from None
 
 
-def _choose_backend(p: Path, manifest: Manifest, backend: str) -> str:
-    """The backend to open ``p`` with: the forced one only if it recognises the directory or
-    the manifest names no other writer; ``auto`` asks the recorded writer, then every backend,
-    and names the missing file when the recorded writer's files are gone."""
+def choose_backend(p: Path, manifest: Manifest, backend: str) -> str:
+    """The backend to open ``p`` with. A forced backend that declares marker files must find
+    one of them when the manifest names another writer; ``auto`` asks the recorded writer, then
+    every backend, and when the recorded writer's files are partly gone names the missing one."""
     writer = (manifest.writer or {}).get("backend")
     if backend != "auto":
         impl = get_backend(backend)
-        if writer and writer != backend and not impl.guess_can_open(p):
+        markers = impl.marker_files
+        if writer and writer != backend and markers and not any(
+                (p / m).exists() for m in markers):
             raise NoBackendCanOpenError(
-                f"backend {backend!r} does not recognise {p}: the manifest says backend "
-                f"{writer!r} wrote it; open it with backend={writer!r} (--backend {writer}) or "
-                "'auto'")
+                f"backend {backend!r} does not recognise {p} (it has none of "
+                f"{', '.join(markers)}): the manifest says backend {writer!r} wrote it; open it "
+                f"with backend={writer!r} (--backend {writer}) or 'auto'")
         return backend
     # the original system wrote .pt files: a seed-era directory holding some is a pt dataset
     seed_pt = manifest.is_seed_era and any(p.glob("*.pt"))
@@ -138,15 +146,17 @@ def _choose_backend(p: Path, manifest: Manifest, backend: str) -> str:
     try:
         return guess_backend(p, writer)
     except NoBackendCanOpenError:
-        if expected is None or expected not in list_backends():
-            raise
+        data_files = [f for f in p.iterdir() if f.name != MANIFEST_NAME
+                      and not f.name.startswith(".")]
+        if expected is None or expected not in list_backends() or not data_files:
+            raise  # nothing of the dataset is there: the original's "No dataset files found"
         missing = [m for m in get_backend(expected).marker_files if not (p / m).exists()]
         if not missing:
             raise
         raise DatasetNotFoundError(
-            p / missing[0], f"file {missing[0]!r} of this {expected} dataset",
-            f"the dataset is incomplete ({', '.join(missing)} missing): restore the file or "
-            "rewrite the dataset") from None
+            p / missing[0], "required file " + " or ".join(repr(m) for m in missing)
+            + f" of this {expected} dataset",
+            "the dataset is incomplete: restore the file or rewrite the dataset") from None
 
 
 class _HashingSource(ArraySource):
@@ -258,16 +268,20 @@ def _check_options(backend: Any, options: Mapping[str, Any]) -> None:
         )
 
 
-def dir_size(path: str | Path) -> int:
-    """Bytes on disk of every file under ``path``."""
-    p = Path(path)
+def dir_size(path: str | Path | Location) -> int:
+    """Bytes on disk of every file under ``path`` (of the committed objects at a URL)."""
+    p = as_target(path)
+    if isinstance(p, Location):
+        from jasper.remote import remote_size
+
+        return remote_size(p)
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def write_store(
-    path: str | Path,
+    path: str | Path | Location,
     arrays: Mapping[str, torch.Tensor | ArraySource],
     manifest: Manifest | Mapping[str, Any],
     *,
@@ -289,10 +303,15 @@ def write_store(
     source). ``expect_checksums`` (array -> checksum) makes any other checksum of the bytes
     written a :class:`~jasper.errors.ChecksumError` before the commit, so nothing unverified is
     committed. OS failures are :class:`~jasper.errors.StorageError` naming the file and what to
-    do. Returns the dataset path.
+    do. Returns the dataset path (the :class:`~jasper.location.Location` for an object-store
+    URL, committed by generation: see :mod:`jasper.location`).
     """
-    target = Path(path).absolute()
+    where = as_target(path)
     impl = get_backend(backend)
+    if isinstance(where, Location):
+        from jasper.remote import require_location_support
+
+        require_location_support(impl, where)
     if not impl.capabilities.write:
         raise CapabilityError(f"backend {backend!r} cannot write datasets")
     _check_options(impl, options)
@@ -302,35 +321,54 @@ def write_store(
     sources = {n: as_source(a) for n, a in arrays.items()}
     check_layout(sources, m)
     total = sum(s.nbytes for s in sources.values())
+    if isinstance(where, Location):
+        from jasper.remote import write_remote
+
+        return write_remote(  # type: ignore[return-value]
+            where, impl, lambda gen: _fill(gen, where, impl, backend, sources, m, total,
+                                           progress, options, expect_checksums),
+            overwrite=overwrite)
+    target = where.absolute()
     with atomic_directory(target, overwrite=overwrite, protect=protect) as tmp:
-        with byte_bar(total, f"writing {target.name} ({backend})", progress) as update:
-            hashing = {n: _HashingSource(n, s, update) for n, s in sources.items()}
-            impl.write_arrays(tmp, hashing, m, **options)
-        for n, h in hashing.items():
-            expected = h.shape[0] if h.shape else 1
-            if not h.consumed or h.rows != expected:
-                raise JasperError(
-                    f"backend {backend!r} wrote {h.rows} of {expected} rows of {n!r}; this is a bug "
-                    "in the backend"
-                )
-        m.arrays = {
-            n: ArrayRecord(tuple(h.shape), dtype_name(h.dtype), h.hasher.hexdigest())
-            for n, h in hashing.items()
-        }
-        _verify_checksums(m, expect_checksums or {}, target)
-        m.stamp(backend, _backend_version(backend), _json_options(options))
+        _fill(tmp, target, impl, backend, sources, m, total, progress, options,
+              expect_checksums)
         m.dump(tmp, fsync=False)  # config.json last: it is the commit marker
     return target
 
 
-def _verify_checksums(m: Manifest, expected: Mapping[str, str], target: Path) -> None:
+def _fill(into: Path | Location, target: Path | Location, impl: Any, backend: str,
+          sources: Mapping[str, ArraySource], m: Manifest, total: int, progress: bool | None,
+          options: Mapping[str, Any], expect_checksums: Mapping[str, str] | None) -> Manifest:
+    """Let the backend write every array into ``into`` (a temporary directory, or a new
+    generation's location) while core hashes them; fills ``m.arrays`` and stamps ``m``."""
+    with byte_bar(total, f"writing {target.name} ({backend})", progress) as update:
+        hashing = {n: _HashingSource(n, s, update) for n, s in sources.items()}
+        impl.write_arrays(into, hashing, m, **options)
+    for n, h in hashing.items():
+        expected = h.shape[0] if h.shape else 1
+        if not h.consumed or h.rows != expected:
+            raise JasperError(
+                f"backend {backend!r} wrote {h.rows} of {expected} rows of {n!r}; this is a bug "
+                "in the backend"
+            )
+    m.arrays = {
+        n: ArrayRecord(tuple(h.shape), dtype_name(h.dtype), h.hasher.hexdigest())
+        for n, h in hashing.items()
+    }
+    _verify_checksums(m, expect_checksums or {}, target)
+    m.stamp(backend, _backend_version(backend), _json_options(options))
+    return m
+
+
+def _verify_checksums(m: Manifest, expected: Mapping[str, str],
+                      target: Path | Location) -> None:
     for n, want in expected.items():
         got = m.arrays[n].checksum if n in m.arrays else None
         if got != want:
             raise ChecksumError(
                 f"{n}: the bytes read have checksum {got} but the source's manifest records "
                 f"{want}; the source array was changed or corrupted after it was written, so "
-                "nothing was written", array=n, rule="checksum", path=target)
+                "nothing was written", array=n, rule="checksum", path=str(target))
 
 
 def _json_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -357,8 +395,8 @@ class ConvertReport:
     """What :func:`convert` did: both sizes on disk, the target's write options (given, and
     carried over from the source), the source options not carried, and the time it took."""
 
-    src: Path
-    dst: Path
+    src: Path | Location
+    dst: Path | Location
     src_backend: str
     dst_backend: str
     src_bytes: int
@@ -421,8 +459,8 @@ def _carry_options(source: Manifest, src_backend: str, to: str,
 
 
 def convert(
-    src: str | Path,
-    dst: str | Path,
+    src: str | Path | Location,
+    dst: str | Path | Location,
     *,
     to: str,
     src_backend: str = "auto",
@@ -439,7 +477,8 @@ def convert(
     what the target got. Unknown manifest keys are kept.
     """
     t0 = time.perf_counter()
-    src_bytes = dir_size(src) if Path(src).is_dir() else 0
+    src_at = as_target(src)
+    src_bytes = dir_size(src_at) if isinstance(src_at, Location) or src_at.is_dir() else 0
     with open_store(src, src_backend) as reader:
         names = [n for n in dataset_kind(reader.manifest.dataset_kind).arrays if reader.has(n)]
         check_manifest_trust(reader.manifest, names, reader.path)
@@ -450,10 +489,10 @@ def convert(
         carried, dropped = _carry_options(manifest, reader.backend_name, to, options)
         opts = {**carried, **options}
         out = write_store(dst, sources, manifest, backend=to, overwrite=overwrite,
-                          progress=progress, protect=(Path(src),), expect_checksums=expected,
+                          progress=progress, protect=(src_at,) if isinstance(src_at, Path) else (), expect_checksums=expected,
                           **opts)
         src_name = reader.backend_name
-    return ConvertReport(Path(src), out, src_name, to, src_bytes, dir_size(out),
+    return ConvertReport(src_at, out, src_name, to, src_bytes, dir_size(out),
                          time.perf_counter() - t0, opts, carried, dropped)
 
 
@@ -465,6 +504,7 @@ __all__ = [
     "ConvertReport",
     "DatasetExistsError",
     "atomic_directory",
+    "choose_backend",
     "clean_leftovers",
     "convert",
     "dir_size",

@@ -26,13 +26,17 @@ files, so 10^7 pairs at D=384 need only the tables and one chunk in RAM.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from jasper.location import Location
 
 from jasper.backend import ArraySource
 from jasper.build import DEFAULT_STEP_SCHEDULE, BuildConfig, build_arrays
@@ -211,6 +215,8 @@ def synthesize(
         out = {name: np.lib.format.open_memmap(scratch / f"raw_{name}.npy", mode="w+", dtype=dt,
                                                shape=shape)
                for name, (shape, dt) in layout.items()}
+        for name in out:
+            _reserve(scratch / f"raw_{name}.npy")
     else:
         out = {name: np.empty(shape, dtype=dt) for name, (shape, dt) in layout.items()}
     raw.fill(out, progress)
@@ -230,8 +236,20 @@ def synthesize(
     return arrays, manifest
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped scratch file's blocks now: a full disk is then an ``OSError``
+    (ENOSPC) here instead of a SIGBUS on the first write into a page that has no block."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
 def write_synthetic(
-    path: str | Path,
+    path: str | Path | Location,
     cfg: SynthConfig | None = None,
     *,
     backend: str = "pt",
@@ -240,20 +258,42 @@ def write_synthetic(
     **options: Any,
 ) -> Path:
     """Generate a dataset with :func:`synthesize` and write it atomically with ``backend``."""
-    from jasper.atomic import SCRATCH_MARK, check_target, clean_leftovers, leftover_name
+    from jasper.atomic import (
+        SCRATCH_MARK,
+        check_target,
+        clean_leftovers,
+        leftover_name,
+        storage_error,
+    )
+    from jasper.location import as_target
     from jasper.store import write_store
 
-    target = Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Named for the target with this pid, so a killed synth's scratch (possibly hundreds of MB)
-    # is removed by the next write to the target.
-    clean_leftovers(target)
-    check_target(target, overwrite=overwrite)  # refuse before minutes of synthesis, not after
-    scratch = leftover_name(target, SCRATCH_MARK)
-    scratch.mkdir()
+    where = as_target(path)
+    if isinstance(where, Path):
+        target = where.absolute()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, target) from exc
+        # Named for the target with this pid, so a killed synth's scratch (possibly hundreds of
+        # MB) is removed by the next write to the target.
+        clean_leftovers(target)
+        check_target(target, overwrite=overwrite)  # refuse before minutes of synthesis, not after
+        scratch = leftover_name(target, SCRATCH_MARK)
+        try:
+            scratch.mkdir()
+        except OSError as exc:
+            raise storage_error(exc, target) from exc
+    else:
+        # an object-store URL: scratch space in the system temp directory; the generation
+        # commit refuses an existing dataset without overwrite
+        scratch = Path(tempfile.mkdtemp(prefix=f".{where.name}.synth-"))
     try:
-        arrays, manifest = synthesize(cfg, workdir=scratch, progress=progress)
-        return write_store(target, arrays, manifest, backend=backend, overwrite=overwrite,
-                           progress=progress, **options)
+        try:
+            arrays, manifest = synthesize(cfg, workdir=scratch, progress=progress)
+        except OSError as exc:  # the memory-mapped scratch files: disk full, no permission
+            raise storage_error(exc, target if isinstance(where, Path) else scratch) from exc
+        return write_store(target if isinstance(where, Path) else where, arrays, manifest,
+                           backend=backend, overwrite=overwrite, progress=progress, **options)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -31,6 +32,9 @@ from jasper.errors import (
 )
 from jasper.manifest import MANIFEST_NAME, Checksummer, Manifest
 from jasper.schema import ARRAYS, PAIRS, Cols, Role, split_array
+
+if TYPE_CHECKING:
+    from jasper.location import Location
 
 #: Rows per chunk for the float checks, so mapped arrays are scanned without a full copy.
 _FLOAT_CHUNK_BYTES = 64 << 20
@@ -120,8 +124,9 @@ def check_tensor_layout(name: str, t: torch.Tensor, path: str | Path | None = No
     extent = 1  # elements spanned by the dimensions checked so far
     for st, sz in dims:
         if st < extent:
+            what = "stride 0" if st == 0 else "overlapping strides"
             raise ShapeError(
-                f"{name} has strides {tuple(t.stride())} for shape {tuple(t.shape)}: its rows "
+                f"{name} has {what} (strides {tuple(t.stride())} for shape {tuple(t.shape)}): its rows "
                 "alias one another (a stride-0 or overlapping view was stored); rewrite the "
                 "array from a contiguous tensor", array=name, rule="rows do not alias",
                 path=path)
@@ -471,7 +476,7 @@ def _quality_findings(arrays: Mapping[str, torch.Tensor],
 
 
 def validate(
-    path: str | Path,
+    path: str | Path | Location,
     *,
     deep: bool = False,
     strict: bool = False,
@@ -485,11 +490,14 @@ def validate(
     run the backend's own checks (e.g. SQLite ``integrity_check``). ``strict``: value-rule
     findings raise :class:`DataQualityError`.
     """
+    from jasper.location import as_target
     from jasper.progress import byte_bar
     from jasper.registry import get_backend
     from jasper.store import open_store
 
-    p = Path(path)
+    # a local Path, or an object-store Location: it stands in for the Path in messages and
+    # the report (both print as what the user typed and have a .name)
+    p = cast(Path, as_target(path))
     t0 = time.perf_counter()
     with open_store(p, backend, mmap=False) as reader:
         from jasper.kinds import kind_job

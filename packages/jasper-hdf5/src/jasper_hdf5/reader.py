@@ -422,8 +422,11 @@ class HDF5Reader(StoreReader):
         dset = self._dset(name, entry)
         mapped: torch.Tensor | None = None
         stored = np.dtype(dset.dtype)
+        # only local contiguous data: never a dataset reached through an external link (its
+        # offset is in another file), external raw storage or a virtual dataset
         if (dset.chunks is None and dset.compression is None and not dset.external
-                and not dset.is_virtual and dset.size and stored.isnative):
+                and not dset.is_virtual and dset.size and stored.isnative
+                and dset.file.filename == handles.h5.filename):
             offset = dset.id.get_offset()
             nbytes = int(dset.size) * stored.itemsize
             with self.files.open_file(FILE_NAME) as fh:

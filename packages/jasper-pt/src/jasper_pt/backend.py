@@ -151,8 +151,6 @@ class PTBackend(BackendEntrypoint):
         directory: Path,
         arrays: Mapping[str, ArraySource],
         manifest: Manifest,
-        *,
-        progress: Any = None,
     ) -> None:
         for name, source in arrays.items():
             out = directory / f"{name}{SUFFIX}"
