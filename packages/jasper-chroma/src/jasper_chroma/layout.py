@@ -42,6 +42,24 @@ LAYOUT_VERSION = 1
 BULK_HNSW: dict[str, Any] = {"space": "l2", "ef_construction": 32, "max_neighbors": 8,
                              "batch_size": 5461, "sync_threshold": 20000}
 
+def regular_file(path: Path, what: str) -> None:
+    """Raise :class:`FormatError` naming ``path`` unless it is a regular file inside the dataset
+    (a symlink, directory or loop in its place is refused, never followed)."""
+    import os
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise FormatError(path, f"missing: {what}") from None
+    except OSError as exc:
+        raise FormatError(path, f"cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise FormatError(path, f"is {kind}; a dataset reads only regular files inside its "
+                          "own directory")
+
+
 def table_names(kind: str | None) -> list[str]:
     """The embedding tables of a dataset kind (questions, sources, keywords and centroids of
     the steering kind; base and steering embeddings of the cluster-labeled kind)."""
@@ -124,8 +142,7 @@ class Layout:
     @classmethod
     def load(cls, directory: Path, kind: str | None = None) -> Layout:
         path = directory / LAYOUT_FILE
-        if not path.is_file():
-            raise FormatError(path, "missing: a Chroma-backed dataset has chroma.json")
+        regular_file(path, "a Chroma-backed dataset has chroma.json")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             server = ServerLocation(**d["server"]) if d.get("server") else None

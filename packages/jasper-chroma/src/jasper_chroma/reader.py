@@ -14,7 +14,7 @@ from jasper.dtypes import from_storage, torch_dtype
 from jasper.errors import FormatError, JasperError
 from jasper.progress import count_bar
 from jasper_chroma.client import ChromaStoreError, check_not_forked, get_client, get_collection
-from jasper_chroma.layout import ARRAYS_DIR, CHROMA_DIR, Layout, ServerLocation
+from jasper_chroma.layout import ARRAYS_DIR, CHROMA_DIR, Layout, ServerLocation, regular_file
 
 if TYPE_CHECKING:
     from jasper.manifest import Manifest
@@ -131,8 +131,7 @@ class ChromaReader(StoreReader):
 
     def _open_npy(self, name: str) -> np.ndarray:
         p = self._npy(name)
-        if not p.is_file():
-            raise FormatError(p, "missing: this array's file is not in the dataset", array=name)
+        regular_file(p, f"the file of array {name!r} is not in the dataset")
         try:
             return np.load(p, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:

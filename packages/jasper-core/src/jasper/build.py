@@ -353,6 +353,12 @@ def _cast(x: np.ndarray, logical: str) -> np.ndarray:
     return x.astype(np.dtype(logical), copy=False)
 
 
+def _tensor(a: np.ndarray) -> TensorSource:
+    """An in-RAM or mapped numpy array as a source without a copy (read-only inputs such as
+    ``.npy`` maps are shared; nothing writes to them)."""
+    return TensorSource(from_storage(np.ascontiguousarray(a), str(a.dtype)))
+
+
 class NumpySource(ArraySource):
     """A numpy array or memmap in storage dtype, streamed as tensors of the logical dtype."""
 
@@ -836,24 +842,24 @@ def build_arrays(
         "source_embs": CastSource(s, logical),
         "keyword_embs": CastSource(kw, logical),
         "centroid_embs": CastSource(cent, logical),
-        "pair_index": TensorSource(torch.from_numpy(np.ascontiguousarray(pi))),
-        "pair_cluster_id": TensorSource(torch.from_numpy(np.ascontiguousarray(pair_cluster))),
-        "pair_keyword_offsets": TensorSource(torch.from_numpy(np.ascontiguousarray(kw_off))),
-        "pair_keyword_ids": TensorSource(torch.from_numpy(np.ascontiguousarray(kw_val))),
+        "pair_index": _tensor(pi),
+        "pair_cluster_id": _tensor(pair_cluster),
+        "pair_keyword_offsets": _tensor(kw_off),
+        "pair_keyword_ids": _tensor(kw_val),
     }
     if relevance is not None:
         rel = np.asarray(pair_vector(relevance, "pair_relevance"), dtype=np.float32)
-        arrays["pair_relevance"] = TensorSource(torch.from_numpy(rel))
+        arrays["pair_relevance"] = _tensor(rel)
         report.given.append("pair_relevance")
     if tiers_given is not None:
-        arrays["negative_tiers"] = TensorSource(torch.from_numpy(tiers_given))
+        arrays["negative_tiers"] = _tensor(tiers_given)
     for name, arr in out.items():
         if name == "hard_negatives" and given_neg is not None:
-            arrays[name] = TensorSource(torch.from_numpy(np.ascontiguousarray(arr)))
+            arrays[name] = _tensor(arr)
             continue
         arrays[name] = NumpySource(arr, logical if name.startswith("steering_") else str(arr.dtype))
     for name, idx in split_ids.items():
-        arrays[name] = TensorSource(torch.from_numpy(np.ascontiguousarray(idx)))
+        arrays[name] = _tensor(idx)
 
     n_tiers = 4 if tiers_given is None else int(tiers_given.max()) + 1 if tiers_given.size else 0
     manifest = Manifest(
