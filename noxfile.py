@@ -3,7 +3,8 @@
 `nox` (no arguments) runs the default sessions: every package's tests in its own virtualenv,
 the cross-package tests, lint, type checks and the documentation site (`nox -s docs`, strict).
 `nox -s demo` runs the main job, `nox -s build` builds and checks every package, `nox -s benchmark`
-the benchmark suite (`nox -s benchmark -- --full` for the large grid).
+the benchmark suite (`nox -s benchmark -- --full` for the large grid), `nox -s reliability` the
+reliability campaign (its quick mode runs in the "cross" tests).
 
 Every install goes through constraints.txt, which pins torch to the CPU build (2.13.0): an
 unpinned torch would pull a multi-GB CUDA build into every session.
@@ -48,7 +49,9 @@ def tests(session: nox.Session, package: str) -> None:
     """
     if package == "cross":
         # hatchling: the third-party plugin test builds the example's wheel without isolation
-        _install(session, "hatchling>=1.21", _pkg("jasper-core"), *(_pkg(b) for b in BACKENDS))
+        # atheris: the fuzz smoke run of tests/test_reliability_quick.py
+        _install(session, "hatchling>=1.21", "atheris>=2.3", _pkg("jasper-core"),
+                 *(_pkg(b) for b in BACKENDS))
         session.run("pytest", "tests", *session.posargs)
         return
     targets = [_pkg("jasper-core")]
@@ -225,3 +228,18 @@ def benchmark(session: nox.Session) -> None:
         "-r", str(ROOT / "benchmarks" / "requirements.txt"),
     )
     session.run("python", str(ROOT / "benchmarks" / "run.py"), *session.posargs)
+
+
+@nox.session
+def reliability(session: nox.Session) -> None:
+    """The reliability campaign (not in the default run; its quick mode is part of "cross").
+
+    Every case family (corrupt files, flipped regions, path trust, malicious pickles, kills,
+    full disks, concurrent writers, readers during a commit) against every installed backend,
+    each case in its own process with a timeout and a memory cap, then every reader's fuzz
+    target for a longer run; regenerates the table in docs/reliability.md and fails unless the
+    goal is met. Arguments pass through: `nox -s reliability -- --families kill --backends hdf5`.
+    Runs as root for the disk-full family's tmpfs mounts (RLIMIT_FSIZE otherwise).
+    """
+    _install(session, _pkg("jasper-core", None), *(_pkg(b, None) for b in BACKENDS), "atheris>=2.3")
+    session.run("python", "-m", "reliability", "--fuzz-seconds", "120", *session.posargs)

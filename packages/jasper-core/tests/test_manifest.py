@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jasper.errors import DatasetNotFoundError, ManifestError, SchemaVersionError
-from jasper.manifest import SCHEMA_VERSION, ArrayRecord, Checksummer, Manifest, checksum
+from jasper.manifest import (
+    MANIFEST_SCHEMA,
+    SCHEMA_VERSION,
+    ArrayRecord,
+    Checksummer,
+    Manifest,
+    checksum,
+)
 
 SEED_CONFIG = {
     "embedding_dim": 384,
@@ -52,10 +59,8 @@ json_values = st.recursive(
 )
 
 
-@given(extra=st.dictionaries(st.text(min_size=1, max_size=12).filter(lambda k: k not in {
-    "embedding_dim", "n_neg", "n_clusters", "dataset_name", "created_at", "split_sizes",
-    "steering_probabilities", "curriculum", "steering_schedule", "random_seed", "n_tiers",
-    "schema_version", "writer", "arrays"}), json_values, max_size=5))
+@given(extra=st.dictionaries(st.text(min_size=1, max_size=12).filter(
+    lambda k: k not in MANIFEST_SCHEMA["properties"]), json_values, max_size=5))
 def test_unknown_keys_round_trip(extra: dict) -> None:
     m = Manifest.from_dict({"embedding_dim": 4, "n_neg": 2, **extra})
     m.arrays["pair_index"] = ArrayRecord((3, 2), "int64", "xxh3_64:00")
@@ -84,7 +89,7 @@ def test_bad_manifest_is_a_typed_error_naming_the_file(tmp_path: Path, config: o
 
 
 def test_not_json_and_missing_and_newer_schema(tmp_path: Path) -> None:
-    with pytest.raises(DatasetNotFoundError, match="manifest not found"):
+    with pytest.raises(DatasetNotFoundError, match="Config file not found"):
         Manifest.load(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
@@ -120,3 +125,75 @@ def test_checksum_sees_every_bit() -> None:
     flipped.view(torch.int16)[5] ^= 1
     assert checksum(t) != checksum(flipped)
     assert checksum(np.zeros(4, dtype=np.float32)) == checksum(torch.zeros(4))
+
+
+BASE = {"embedding_dim": 4, "n_neg": 2}
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (json.dumps({**BASE, "writer": "pt"}), "writer"),
+        (json.dumps({**BASE, "random_seed": "abc"}), "random_seed"),
+        ('{"embedding_dim": 4, "n_neg": 2, "random_seed": 1e999}', "random_seed"),
+        (json.dumps({**BASE, "schema_version": -1}), "schema_version"),
+        (json.dumps({**BASE, "schema_version": "x"}), "schema_version"),
+        (json.dumps({**BASE, "n_clusters": -3}), "n_clusters"),
+        (json.dumps({**BASE, "split_sizes": {"train": "many"}}), "split_sizes.train"),
+        (json.dumps({**BASE, "arrays": {"pair_index": {"shape": ["a"], "dtype": "int64"}}}),
+         "arrays.pair_index.shape.0"),
+        (json.dumps({**BASE, "kind": 3}), "kind"),
+        ('{"embedding_dim": 4, "n_neg": 2, "x": ' + "[" * 200_000 + "]" * 200_000 + "}",
+         "nested too deeply"),
+    ],
+    ids=["writer-str", "seed-str", "seed-inf", "schema-neg", "schema-str", "clusters-neg",
+         "split-str", "shape-str", "kind-int", "deep-nesting"],
+)
+def test_hostile_manifest_is_a_manifest_error_naming_file_and_key(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ManifestError) as info:
+        Manifest.load(tmp_path)
+    assert str(tmp_path / "config.json") in str(info.value)
+    assert key in str(info.value)
+
+
+def test_unreadable_manifest_is_a_manifest_error(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(BASE))
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("running as a user who reads anything")
+        with pytest.raises(ManifestError, match="cannot be read.*permission"):
+            Manifest.load(tmp_path)
+    finally:
+        path.chmod(0o644)
+
+
+def test_data_digests_name_the_edited_key(tmp_path: Path) -> None:
+    m = Manifest.from_dict({**BASE, "dataset_name": "a"})
+    m.arrays["pair_index"] = ArrayRecord((3, 2), "int64", "xxh3_64:00ff")
+    m.stamp("pt", "0.1.0")
+    m.dump(tmp_path)
+    assert Manifest.load(tmp_path).edited_data_keys() == []
+    d = json.loads((tmp_path / "config.json").read_text())
+    d["dataset_name"] = "renamed"  # not data-describing: no finding
+    d["arrays"]["pair_index"].pop("checksum")
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert Manifest.load(tmp_path).edited_data_keys() == ["arrays"]
+    assert Manifest.from_dict(BASE).edited_data_keys() is None
+
+
+def test_schema_requires_n_neg_of_steering_datasets_only() -> None:
+    from jasper.errors import ManifestError
+    from jasper.manifest import Manifest
+
+    m = Manifest.from_dict({"embedding_dim": 4, "n_clusters": 3, "kind": "cluster-labeled"})
+    assert m.dataset_kind == "cluster-labeled"
+    for d in ({"embedding_dim": 4}, {"embedding_dim": 4, "kind": "jasper-steering"}):
+        with pytest.raises(ManifestError, match="n_neg"):
+            Manifest.from_dict(d)

@@ -24,7 +24,7 @@ from jasper.backend import ArrayInfo, ArraySource, BackendEntrypoint, Capabiliti
 from jasper.dtypes import from_storage, to_storage, torch_dtype
 from jasper.errors import FormatError
 from jasper.manifest import Manifest
-from jasper.schema import ARRAYS
+from jasper.schema import ALL_ARRAYS, ARRAYS
 from jasper.testing import BackendConformance, csr_to_lists, make_arrays, write_seed_dataset
 from jasper.testing.conformance import assert_bit_equal
 from jasper.testing.data import SEED_CONFIG_KEYS
@@ -40,7 +40,7 @@ class NpyReader(StoreReader):
     backend_name = NAME
 
     def _file(self, name: str) -> Path:
-        if name not in ARRAYS:
+        if name not in ALL_ARRAYS:
             raise self._missing(name)
         f = self.path / f"{name}.npy"
         if not f.is_file():
@@ -56,7 +56,7 @@ class NpyReader(StoreReader):
         return from_storage(arr, "bfloat16" if arr.dtype == np.uint16 else str(arr.dtype))
 
     def array_names(self) -> list[str]:
-        return [n for n in ARRAYS if (self.path / f"{n}.npy").is_file()]
+        return [n for n in ALL_ARRAYS if (self.path / f"{n}.npy").is_file()]
 
     def info(self, name: str) -> ArrayInfo:
         t = self._load(name, "r")

@@ -13,7 +13,8 @@ from jasper.cli import main
 def test_synth_and_validate_cluster_labeled(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cl"
-    assert main(["synth", str(out), "--kind", "cluster-labeled", "--samples", "400", "--dim", "8",
+    assert main(["synth", str(out), "--kind", "cluster-labeled", "--backend", "memmap-sqlite",
+                 "--samples", "400", "--dim", "8",
                  "--clusters", "3"]) == 0
     assert "wrote cluster-labeled dataset" in capsys.readouterr().out
     assert main(["validate", str(out), "--deep", "--json"]) == 0

@@ -1,4 +1,5 @@
-"""ClusterLabeledDataset on jasper-written datasets: items, batches, lookups, updates, writer."""
+"""ClusterLabeledDataset on memmap-sqlite datasets: items, batches, lookups, crash-safe label
+updates, the writer."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from hypothesis import strategies as st
 
 import jasper
 from jasper.errors import IntegrityError, ShapeError
+from jasper.validation import validate
 from jasper_memmap_sqlite import (
     ClusterLabeledDataset,
-    validate_cluster_labeled,
     write_cluster_labeled,
     write_synthetic_cluster_labeled,
 )
@@ -39,14 +40,13 @@ def test_importable_from_jasper() -> None:
     assert jasper.ClusterLabeledDataset is ClusterLabeledDataset
 
 
-def test_missing_package_gives_the_install_hint() -> None:
+def test_the_class_is_cores_and_needs_no_import_of_this_package() -> None:
     code = ("import sys; sys.modules['jasper_memmap_sqlite'] = None\n"
-            "from jasper.errors import BackendNotFoundError\n"
-            "try:\n    from jasper import ClusterLabeledDataset\n"
-            "except BackendNotFoundError as e:\n    print('HINT', e)\n")
+            "from jasper import ClusterLabeledDataset\n"
+            "print('OK', ClusterLabeledDataset.__module__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
-    assert "HINT" in out.stdout and "pip install jasper-memmap-sqlite" in out.stdout, out
+    assert "OK jasper.cluster_dataset" in out.stdout, out
 
 
 @pytest.mark.parametrize("label_type", ["source", "steering", "combined"])
@@ -141,26 +141,27 @@ def test_update_labels_persists_logs_and_invalidates(cluster_copy: Path) -> None
     new[2] = 1.0
     with ClusterLabeledDataset(cluster_copy, return_metadata=True, label_type="source") as ds:
         ds.prefill_cache([4])
-        assert 5 in ds._cache
+        assert 4 in ds._cache
         old = ds.get_sample_by_id(5)
         assert old is not None
         ds.update_labels(5, source_label=new, combined_label=torch.from_numpy(new))
-        assert 5 not in ds._cache  # the cached metadata row was dropped
+        assert 4 not in ds._cache  # the cached metadata row (item 4) was dropped
         assert torch.equal(ds[4][2], torch.from_numpy(new))
         np.testing.assert_array_equal(ds.get_sample_by_id(5)["steering_label"],
                                       old["steering_label"])
         ds.update_labels(5)  # nothing to change is a no-op
     with ClusterLabeledDataset(cluster_copy, label_type="combined") as ds:  # a fresh open
         assert torch.equal(ds[4][2], torch.from_numpy(new))
-    conn = sqlite3.connect(cluster_copy / "dataset.db")
-    hist = conn.execute("SELECT sample_id, label_type, old_label, new_label FROM label_history "
-                        "ORDER BY id").fetchall()
+    conn = sqlite3.connect(cluster_copy / "catalogue.db")
+    hist = conn.execute("SELECT note, changes FROM row_history ORDER BY id").fetchall()
+    journal = conn.execute("SELECT count(*) FROM row_journal").fetchone()[0]
     conn.close()
-    assert [(h[0], h[1]) for h in hist] == [(5, "source"), (5, "combined")]
-    assert json.loads(hist[0][2]) == pytest.approx(old["source_label"].tolist())
-    assert json.loads(hist[0][3]) == new.tolist()
-    report = validate_cluster_labeled(cluster_copy, deep=True)  # block checksums were updated
-    assert report.ok and report.checksums_verified == 7
+    assert len(hist) == 1  # one call, one change, both label types in it
+    assert json.loads(hist[0][0]) == {"change": "update_labels", "sample_id": 5}
+    assert json.loads(hist[0][1]) == {"combined_labels": [4], "source_labels": [4]}
+    assert journal == 0 and not (cluster_copy / "rows.pending").exists()
+    report = validate(cluster_copy, deep=True)  # manifest and block checksums were updated
+    assert report.ok and report.checksums_verified == 17
 
 
 def test_update_labels_rejects_bad_input_and_changes_nothing(cluster_copy: Path) -> None:
@@ -169,7 +170,7 @@ def test_update_labels_rejects_bad_input_and_changes_nothing(cluster_copy: Path)
         with pytest.raises(ShapeError) as e:
             ds.update_labels(1, combined_label=np.ones(5))
         assert e.value.row == 1 and "n_clusters" in (e.value.rule or "")
-        assert "dataset.db" in str(e.value)
+        assert str(cluster_copy) in str(e.value)
         with pytest.raises(ShapeError, match="NaN"):
             ds.update_labels(1, combined_label=np.full(6, np.nan))
         with pytest.raises(SampleNotFoundError, match="sample_id 999"):
@@ -179,32 +180,34 @@ def test_update_labels_rejects_bad_input_and_changes_nothing(cluster_copy: Path)
         assert torch.equal(ds[0][2], before)
 
 
-def test_failed_transaction_restores_the_label(cluster_copy: Path) -> None:
-    with ClusterLabeledDataset(cluster_copy) as ds:
-        before = ds[3][2].clone()
-        blocker = sqlite3.connect(cluster_copy / "dataset.db", timeout=0.1)
-        blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
-        ds._db.get().execute("PRAGMA busy_timeout=100")
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            ds.update_labels(4, combined_label=np.ones(6))
-        blocker.execute("ROLLBACK")
-        blocker.close()
-        assert torch.equal(ds[3][2], before)
-    conn = sqlite3.connect(cluster_copy / "dataset.db")
-    # fails after the label row was written: the row must be restored and the log rolled back
-    conn.execute("CREATE TRIGGER fail BEFORE UPDATE ON array_blocks BEGIN "
+def test_failed_commit_restores_the_label_and_its_checksums(cluster_copy: Path) -> None:
+    from jasper_memmap_sqlite.cluster_rows import RowWriteError
+
+    conn = sqlite3.connect(cluster_copy / "catalogue.db")
+    # fails after the label rows and config.json were written: both must be restored
+    conn.execute("CREATE TRIGGER fail BEFORE INSERT ON row_history BEGIN "
                  "SELECT RAISE(ABORT, 'injected failure'); END")
     conn.commit()
     with ClusterLabeledDataset(cluster_copy) as ds:
-        with pytest.raises(sqlite3.IntegrityError, match="injected failure"):
-            ds.update_labels(4, combined_label=np.ones(6))
+        before = ds[3][2].clone()
+        with pytest.raises(RowWriteError, match="injected failure"):
+            ds.update_labels(4, source_label=np.ones(6), combined_label=np.ones(6))
         assert torch.equal(ds[3][2], before)
     assert torch.equal(torch.from_numpy(np.load(cluster_copy / "combined_labels.npy")[3]), before)
-    assert conn.execute("SELECT count(*) FROM label_history").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM row_history").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM row_journal").fetchone()[0] == 0
     conn.execute("DROP TRIGGER fail")
     conn.commit()
     conn.close()
-    assert validate_cluster_labeled(cluster_copy).ok
+    assert validate(cluster_copy, deep=True).ok
+
+
+def test_labels_of_a_backend_without_row_writes_name_the_ones_with_them(tmp_path: Path) -> None:
+    p = write_synthetic_cluster_labeled(tmp_path / "pt", n_samples=20, embedding_dim=4,
+                                        n_clusters=3, backend="pt")
+    with ClusterLabeledDataset(p) as ds, pytest.raises(jasper.errors.CapabilityError,
+                                                       match="memmap-sqlite"):
+        ds.update_labels(1, combined_label=np.ones(3))
 
 
 # --- the writer ---------------------------------------------------------------------------------
@@ -227,18 +230,19 @@ def test_writer_round_trip_with_custom_ids_and_indices(tmp_path: Path) -> None:
         assert torch.equal(b, torch.from_numpy(a["base_embeddings"][[7, 0, 1]]))
         assert meta["sample_id"] == [3, 9, 21] and meta["chroma_id"] == ["a", None, "e"]
         assert torch.equal(lab, a["combined_labels"][[0, 1, 4]])
-    assert validate_cluster_labeled(p).checksums_verified == 7
+    assert validate(p, deep=True).checksums_verified == 17
     with pytest.raises(jasper.store.DatasetExistsError):
         write_cluster_labeled(p, **a)
 
 
 @pytest.mark.parametrize("change, error, rule", [
-    ({"source_labels": np.ones((20, 4), np.float32)}, ShapeError, "labels are [N, n_clusters]"),
+    ({"source_labels": np.ones((20, 4), np.float32)}, ShapeError, "columns"),
     ({"embedding_idx": [0] * 19 + [20]}, IntegrityError, "0 <= embedding_idx < embedding rows"),
     ({"sample_ids": list(range(10)) + list(range(5, 15))}, IntegrityError,
      "sample ids strictly increase"),
-    ({"sample_type": ["source"] * 19 + ["answer"]}, IntegrityError, "sample_type is"),
-    ({"steering_embeddings": torch.randn(20, 5)}, ShapeError, "same shape"),
+    ({"sample_type": ["source"] * 19 + ["answer"]}, IntegrityError, "sample_type choices"),
+    ({"steering_embeddings": torch.randn(19, 4)}, ShapeError, "same shape"),
+    ({"steering_embeddings": torch.randn(20, 5)}, ShapeError, "columns"),
 ])
 def test_writer_rejects_bad_input_atomically(tmp_path: Path, change: dict, error: type,
                                              rule: str) -> None:
@@ -274,23 +278,22 @@ def test_synthetic_is_deterministic_and_overwrites(tmp_path: Path) -> None:
 
 
 # --- bad datasets -------------------------------------------------------------------------------
-def test_truncated_embeddings_name_file_and_row(cluster_copy: Path) -> None:
+def test_truncated_embeddings_name_the_file(cluster_copy: Path) -> None:
     f = cluster_copy / "steering_embeddings.npy"
     with open(f, "r+b") as fh:
         fh.truncate(4096 + 16 * 4 * 120 + 9)
-    with pytest.raises(ShapeError) as e:
+    with pytest.raises(jasper.errors.JasperError) as e:
         ClusterLabeledDataset(cluster_copy)
-    assert e.value.row == 120 and e.value.path == f
+    assert "steering_embeddings" in str(e.value)
 
 
 def test_label_matrix_of_the_wrong_width(cluster_copy: Path) -> None:
-    conn = sqlite3.connect(cluster_copy / "dataset.db")
-    conn.execute("UPDATE dataset_info SET value = '7' WHERE key = 'n_clusters'")
-    conn.commit()
-    conn.close()
-    with pytest.raises(ShapeError, match="n_clusters = 7") as e:
+    m = json.loads((cluster_copy / "config.json").read_text())
+    m["n_clusters"] = 7
+    (cluster_copy / "config.json").write_text(json.dumps(m))
+    with pytest.raises(ShapeError, match="n_clusters is 7") as e:
         ClusterLabeledDataset(cluster_copy)
-    assert "labels.npy" in str(e.value) and e.value.rule == "labels are float32 [N, n_clusters]"
+    assert e.value.array == "source_labels" and e.value.rule == "columns"
 
 
 def test_embedding_index_out_of_range(cluster_copy: Path) -> None:
@@ -301,33 +304,30 @@ def test_embedding_index_out_of_range(cluster_copy: Path) -> None:
     with pytest.raises(IntegrityError) as e:
         ClusterLabeledDataset(cluster_copy)
     assert e.value.row == 42 and "sample_id 43" in str(e.value)
-    assert e.value.path == cluster_copy / "dataset.db"
+    assert e.value.path == cluster_copy
 
 
-def test_corrupted_array_fails_deep_validation_with_rows(cluster_copy: Path) -> None:
+def test_corrupted_array_fails_deep_validation(cluster_copy: Path) -> None:
     with open(cluster_copy / "base_embeddings.npy", "r+b") as fh:
         fh.seek(4096 + 64 * 10)
-        fh.write(b"\xff\xff\xff\xff")
-    assert validate_cluster_labeled(cluster_copy, deep=False).ok
+        fh.write(b"\x00\x00\x00\x00")
+    assert validate(cluster_copy, deep=False).ok
     with pytest.raises(jasper.errors.ChecksumError) as e:
-        validate_cluster_labeled(cluster_copy, deep=True)
-    assert e.value.row == 0 and "base_embeddings.npy" in str(e.value)
-    assert "block checksum" in str(e.value)
+        validate(cluster_copy, deep=True)
+    assert e.value.array == "base_embeddings"
 
 
-def test_non_sqlite_database_and_missing_table(cluster_copy: Path) -> None:
-    conn = sqlite3.connect(cluster_copy / "dataset.db")
-    conn.execute("DROP TABLE label_history")
-    conn.commit()
-    conn.close()
-    with pytest.raises(jasper.errors.FormatError, match="table 'label_history' is missing"):
+def test_not_a_dataset(cluster_copy: Path) -> None:
+    (cluster_copy / "catalogue.db").write_text("id,text\n1,hello\n")
+    with pytest.raises(jasper.errors.FormatError, match="not a SQLite database"):
         ClusterLabeledDataset(cluster_copy)
-    (cluster_copy / "dataset.db").write_text("id,text\n1,hello\n")
-    with pytest.raises(jasper.errors.FormatError, match="not a SQLite database") as e:
-        ClusterLabeledDataset(cluster_copy)
-    assert e.value.path == cluster_copy / "dataset.db"
     with pytest.raises(jasper.errors.DatasetNotFoundError):
         ClusterLabeledDataset(cluster_copy / "nowhere")
+
+
+def test_a_steering_dataset_is_not_cluster_labeled(store_dir: Path) -> None:
+    with pytest.raises(jasper.errors.FormatError, match="'jasper-steering' dataset"):
+        ClusterLabeledDataset(store_dir)
 
 
 def test_plain_dataloader_from_the_original_readme_works(tmp_path) -> None:
@@ -352,3 +352,20 @@ def test_plain_dataloader_from_the_original_readme_works(tmp_path) -> None:
     expected = [ds[i] for i in range(4)]
     assert torch.equal(first[0], torch.stack([e[0] for e in expected]))
     assert torch.equal(first[2], torch.stack([e[2] for e in expected]))
+
+
+def test_a_copy_pickled_before_a_label_update_keeps_reading(cluster_copy: Path) -> None:
+    """A spawned worker receives the dataset pickled when it starts and pins the directory on
+    first use; a label update in between re-seals checksums in config.json but is the same
+    dataset version, so the worker reads (the new labels), never a DatasetChangedError."""
+    import pickle
+
+    new = np.full(6, 1 / 6, np.float32)
+    with ClusterLabeledDataset(cluster_copy, return_metadata=True) as ds:
+        ds[0]
+        shipped = pickle.dumps(ds)
+        ds.update_labels(3, source_label=new, combined_label=new)
+        worker = pickle.loads(shipped)
+        assert torch.equal(worker[2][2], torch.from_numpy(new))
+        assert torch.equal(worker[2][3]["source_label"], torch.from_numpy(new))
+        worker.close()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from seed_cluster import write_seed_cluster_dataset
 
-from jasper.errors import ChecksumError, FormatError, IntegrityError, ShapeError
+from jasper.errors import ChecksumError, FormatError, IntegrityError, ShapeError, UnsafeFileError
 from jasper_memmap_sqlite import ClusterLabeledDataset, validate_cluster_labeled
 
 
@@ -51,7 +51,7 @@ def test_seed_label_update_is_written_back_as_json(seed: tuple[Path, dict[str, A
     with ClusterLabeledDataset(d) as ds:
         ds.update_labels(2, steering_label=new)
         assert np.array_equal(ds.get_sample_by_id(2)["steering_label"], new)
-        temp = ds._store.temp_dir
+        temp = ds.reader.store.temp_dir
         assert temp is not None and temp.exists()
     conn = sqlite3.connect(d / "dataset.db")
     (text,) = conn.execute("SELECT steering_label FROM samples WHERE sample_id = 2").fetchone()
@@ -139,3 +139,64 @@ def test_seed_truncated_embedding_file(seed: tuple[Path, dict[str, Any]]) -> Non
     with pytest.raises(ShapeError) as e:
         ClusterLabeledDataset(d)
     assert e.value.path == f and e.value.row == 36
+
+
+# --- only files inside the dataset are read -------------------------------------------------------
+@pytest.mark.parametrize("recorded", ["absolute", "dotdot"])
+def test_embedding_file_outside_the_dataset_is_refused(seed: tuple[Path, dict[str, Any]],
+                                                       tmp_path: Path, recorded: str) -> None:
+    d, ref = seed
+    outside = tmp_path / "elsewhere" / "base_embeddings.npy"
+    outside.parent.mkdir()
+    np.save(outside, np.ones((ref["n"], ref["dim"]), np.float32))  # a plausible foreign file
+    path = str(outside) if recorded == "absolute" else "../elsewhere/base_embeddings.npy"
+    _sql(d, "UPDATE embeddings_meta SET file_path = ? WHERE embedding_type = 'base'", path)
+    with pytest.raises(UnsafeFileError, match="outside the dataset directory") as e:
+        ClusterLabeledDataset(d)
+    assert e.value.path == d / "dataset.db" and path in str(e.value)
+    from jasper.validation import validate
+
+    with pytest.raises(UnsafeFileError):
+        validate(d, deep=True)  # the in-place file is never checked instead
+    with pytest.raises(UnsafeFileError):
+        validate_cluster_labeled(d, deep=True)
+
+
+def test_symlinked_embedding_file_is_refused(seed: tuple[Path, dict[str, Any]],
+                                             tmp_path: Path) -> None:
+    d, _ = seed
+    real = tmp_path / "real.npy"
+    (d / "steering_embeddings.npy").rename(real)
+    (d / "steering_embeddings.npy").symlink_to(real)
+    with pytest.raises(UnsafeFileError, match="not a regular file"):
+        ClusterLabeledDataset(d)
+
+
+def test_seed_dataset_validates_and_converts_like_any_dataset(
+        seed: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    from jasper.cli import main
+    from jasper.store import convert
+    from jasper.validation import validate
+
+    d, ref = seed
+    report = validate(d, deep=True)
+    assert report.ok and report.n_pairs == ref["n"]
+    assert main(["validate", str(d), "--deep"]) == 0
+    out = convert(d, tmp_path / "converted", to="memmap-sqlite").dst
+    validate(out, deep=True)
+    with ClusterLabeledDataset(d, return_metadata=True) as a, \
+            ClusterLabeledDataset(out, return_metadata=True) as b:
+        assert a.generation == "seed" and b.generation == "jasper"
+        rows = list(range(ref["n"]))
+        for x, y in zip(a.__getitems__(rows)[:3], b.__getitems__(rows)[:3]):
+            assert torch.equal(x, y)
+        ma, mb = a.__getitems__(rows)[3], b.__getitems__(rows)[3]
+        assert {k: v for k, v in ma.items() if not k.endswith("_label")} == \
+            {k: v for k, v in mb.items() if not k.endswith("_label")}
+        b.update_labels(3, combined_label=np.full(ref["n_clusters"], 0.2, np.float32))
+    f = d / "base_embeddings.npy"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        validate(d, deep=True)

@@ -143,11 +143,13 @@ def test_worker_read_waits_for_a_label_write_in_progress(flat_labels: Path) -> N
     ds = ClusterLabeledDataset(flat_labels)
     n = len(ds)
     loader = ds.loader(batch_size=n, num_workers=2)
-    f = ds._store.labels["combined"]
-    rw = np.memmap(f.path, dtype=np.float32, mode="r+", offset=f.header.offset,
-                   shape=f.header.shape)
+    import fcntl
+
+    e = ds.reader.entries["combined_labels"]
+    rw = np.memmap(flat_labels / e.file, dtype=np.float32, mode="r+", offset=e.data_offset,
+                   shape=e.shape)
     got: list[torch.Tensor] = []
-    with ds._labels_exclusive():
+    with ds.reader._row_store._locked(fcntl.LOCK_EX):  # what write_rows holds while it writes
         rw[5, :512] = 777.0  # half of the row is new
         rw.flush()
         batches = iter(loader)  # workers start and try to read every row

@@ -18,6 +18,7 @@ Zip members cannot be memory-mapped (they may be compressed), so this backend do
 
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -40,7 +41,7 @@ from jasper.dtypes import STORAGE_NUMPY, dtype_name, from_storage, to_storage, t
 from jasper.errors import DatasetNotFoundError, FormatError, WriteOptionError
 from jasper.files import ProcessLocal
 from jasper.manifest import Manifest
-from jasper.schema import ARRAYS
+from jasper.schema import ALL_ARRAYS
 
 ARCHIVE = "dataset.npz"
 COMPRESSION = {None: zipfile.ZIP_STORED, "deflate": zipfile.ZIP_DEFLATED}
@@ -86,7 +87,7 @@ class NpzReader(StoreReader):
     @contextmanager
     def _member(self, name: str) -> Iterator[tuple[IO[bytes], tuple[int, ...], np.dtype]]:
         """The open member of ``name``, positioned after its ``.npy`` header."""
-        if name not in ARRAYS:
+        if name not in ALL_ARRAYS:
             raise self._missing(name)
         zf = self._zipfile()
         try:
@@ -116,38 +117,72 @@ class NpzReader(StoreReader):
 
     def array_names(self) -> list[str]:
         members = set(self._zipfile().namelist())
-        return [n for n in ARRAYS if f"{n}.npy" in members]
+        return [n for n in ALL_ARRAYS if f"{n}.npy" in members]
 
     def info(self, name: str) -> ArrayInfo:
         with self._member(name) as (_f, shape, dtype):
             return ArrayInfo(shape, _torch_dtype(dtype))
 
-    def iter_chunks(self, name: str, rows_per_chunk: int | None = None) -> Iterator[torch.Tensor]:
+    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop``: one ``pread`` for a stored member, a forward read through the
+        decompressor for a deflated one."""
         with self._member(name) as (f, shape, dtype):
-            n = shape[0] if shape else 1
-            row_shape = shape[1:]
-            step = rows_per_chunk or default_rows_per_chunk(
-                ArrayInfo(shape, _torch_dtype(dtype)))
-            if n == 0:
-                yield from_storage(np.empty(shape, dtype), _logical(dtype))
-                return
-            for start in range(0, n, step):
-                rows = min(step, n - start)
-                buf = np.empty((rows, *row_shape), dtype)
-                want = buf.nbytes
-                try:
-                    got = f.readinto(memoryview(buf.reshape(-1).view(np.uint8)))
-                except _BROKEN as exc:
-                    raise FormatError(self.archive, f"{name}.npy is damaged: {exc}",
-                                      array=name) from None
-                if got != want:
+            if not shape:
+                return from_storage(self._read_exact(f, name, np.empty((), dtype), 0), _logical(dtype))
+            start, stop, _ = slice(start, stop).indices(shape[0])
+            stop = max(start, stop)
+            buf = np.empty((stop - start, *shape[1:]), dtype)
+            row_bytes = buf.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            zinfo = self._zipfile().getinfo(f"{name}.npy")
+            if buf.size and zinfo.compress_type == zipfile.ZIP_STORED:
+                offset = self._data_offset(zinfo) + f.tell() + start * row_bytes
+                view = memoryview(buf.reshape(-1).view(np.uint8))
+                fd = self._zipfile().fp.fileno()  # type: ignore[union-attr]
+                got = os.preadv(fd, [view], offset)
+                if got != buf.nbytes:
                     raise FormatError(self.archive, f"{name}.npy is truncated at row {start}",
                                       array=name)
-                yield from_storage(buf, _logical(dtype))
+            elif buf.size:
+                f.seek(f.tell() + start * row_bytes)
+                self._read_exact(f, name, buf, start)
+            return from_storage(buf, _logical(dtype))
 
-    def read(self, name: str) -> torch.Tensor:
-        info = self.info(name)
-        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
+    def _data_offset(self, zinfo: zipfile.ZipInfo) -> int:
+        """Where a member's bytes start in the archive (after its local file header)."""
+        fh = self._zipfile().fp
+        assert fh is not None
+        head = os.pread(fh.fileno(), 30, zinfo.header_offset)
+        if len(head) != 30 or head[:4] != b"PK\x03\x04":
+            raise FormatError(self.archive, f"bad local header of member {zinfo.filename}")
+        name_len = int.from_bytes(head[26:28], "little")
+        extra_len = int.from_bytes(head[28:30], "little")
+        return zinfo.header_offset + 30 + name_len + extra_len
+
+    def _read_exact(self, f: IO[bytes], name: str, buf: np.ndarray, row: int) -> np.ndarray:
+        try:
+            got = f.readinto(memoryview(buf.reshape(-1).view(np.uint8)))  # type: ignore[attr-defined]
+        except _BROKEN as exc:
+            raise FormatError(self.archive, f"{name}.npy is damaged: {exc}", array=name) from None
+        if got != buf.nbytes:
+            raise FormatError(self.archive, f"{name}.npy is truncated at row {row}", array=name)
+        return buf
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """One forward pass through the member, slice by slice into ``out``."""
+        info = self.check_out(name, out)
+        with self._member(name) as (f, shape, dtype):
+            n = shape[0] if shape else 1
+            step = default_rows_per_chunk(info, 8 << 20)
+            for start in range(0, n, step):
+                rows = min(step, n - start)
+                buf = np.empty((rows, *shape[1:]) if shape else (), dtype)
+                self._read_exact(f, name, buf, start)
+                t = from_storage(buf, _logical(dtype))
+                if shape:
+                    out[start : start + rows].copy_(t)
+                else:
+                    out.copy_(t)
+        return out
 
     def close(self) -> None:
         self._zip.close()
@@ -176,7 +211,7 @@ class NpzBackend(BackendEntrypoint):
         "one uncompressed or deflated .npz archive per dataset (example plugin)"
     )
     capabilities: ClassVar[Capabilities] = Capabilities(
-        write=True, mmap=False, compression=True, row_access=False, worker_safe=True
+        write=True, mmap=False, compression=True, row_access=True, worker_safe=True
     )
     marker_files: ClassVar[tuple[str, ...]] = (ARCHIVE,)
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {
@@ -197,7 +232,6 @@ class NpzBackend(BackendEntrypoint):
         *,
         compression: str | None = None,
         compression_level: int | None = None,
-        progress: Any = None,
     ) -> None:
         """Write every array as a member of ``directory/dataset.npz``.
 

@@ -20,6 +20,8 @@ conversion). Everything else is an :class:`~jasper.errors.OverwriteRefusedError`
 
 Every temporary name carries the writer's pid, so :func:`clean_leftovers` removes only what dead
 writers left.
+
+``JASPER_NO_RENAMEAT2=1`` forces the two-rename fallback (the tests run both ways).
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from jasper.errors import ConcurrentWriteError, DatasetExistsError, OverwriteRefusedError
+from jasper.errors import (
+    ConcurrentWriteError,
+    DatasetExistsError,
+    JasperError,
+    OverwriteRefusedError,
+    StorageError,
+)
 
 #: Name part of a write's temporary directory: ``.<target>.jasper-tmp-<pid>-<hex>``.
 TMP_MARK = ".jasper-tmp-"
@@ -327,18 +335,70 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False,
     """
     target = Path(os.path.abspath(target))
     markers = tuple(markers)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(target)
-    expected = check_target(target, overwrite=overwrite, protect=protect, markers=markers)
-    tmp = leftover_name(target, TMP_MARK)
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(target)
+        expected = check_target(target, overwrite=overwrite, protect=protect, markers=markers)
+        tmp = leftover_name(target, TMP_MARK)
+        tmp.mkdir()
+    except JasperError:
+        raise
+    except OSError as exc:
+        raise storage_error(exc, target) from exc
     try:
         yield tmp
         fsync_tree(tmp)
         commit(tmp, target, expected, markers)
-    except BaseException:
+    except BaseException as exc:
+        mapped = _map_write_failure(exc, target, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if mapped is not None:
+            raise mapped from exc
         raise
+
+
+#: What to do about an OS error on a write path, by errno.
+_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free space there or write elsewhere",
+    errno.EDQUOT: "disk quota exceeded: free space in your quota or write elsewhere",
+    errno.EACCES: "permission denied: write to a directory you own or fix its permissions",
+    errno.EPERM: "operation not permitted: write to a directory you own or fix its permissions",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or close other readers",
+}
+
+
+def storage_error(exc: OSError, target: Path) -> StorageError:
+    """A typed :class:`StorageError` for an OS error met while writing ``target``, naming the
+    file the OS named (else the target) and what to do."""
+    if isinstance(exc, JasperError):
+        return exc  # type: ignore[return-value]
+    where = exc.filename if exc.filename else target
+    advice = _ADVICE.get(exc.errno or -1, exc.strerror or str(exc))
+    return StorageError(where, f"writing {target.name} failed: {advice} ({exc.strerror or exc})",
+                        exc.errno)
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+def _map_write_failure(exc: BaseException, target: Path, tmp: Path) -> StorageError | None:
+    """A typed error for an OS failure inside a write, also when a library hid the errno
+    (torch's ``PytorchStreamWriter`` RuntimeError, SQLite's "cannot rollback"): a write that
+    fails while the device has under 1 MiB free failed for lack of space."""
+    if isinstance(exc, JasperError) or not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, OSError) and exc.errno in _ADVICE:
+        return storage_error(exc, target)
+    if _disk_full(tmp if tmp.exists() else target.parent):
+        return StorageError(tmp, f"writing {target.name} failed: {_ADVICE[errno.ENOSPC]} "
+                                 f"({type(exc).__name__}: {exc})", errno.ENOSPC)
+    return None
 
 
 __all__ = [
@@ -354,4 +414,5 @@ __all__ = [
     "is_dataset_dir",
     "leftover_name",
     "recover_interrupted_commit",
+    "storage_error",
 ]

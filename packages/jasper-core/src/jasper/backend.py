@@ -23,12 +23,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
-from jasper.errors import CapabilityError, FormatError, JasperError
+from jasper.dtypes import to_storage
+from jasper.errors import CapabilityError, FormatError, JasperError, ShapeError
 from jasper.files import DatasetDir
+from jasper.rows import (
+    as_row_index,
+    check_rows,
+    merge_gap_rows,
+    plan_spans,
+    span_positions,
+    unique_sorted,
+)
 
 if TYPE_CHECKING:
+    from jasper.location import Location, ObjectStore
     from jasper.manifest import Manifest
 
 
@@ -42,6 +53,8 @@ class Capabilities:
     - ``row_access``: :meth:`StoreReader.read_rows` reads only the requested rows (no preload).
     - ``worker_safe``: a reader can be pickled to spawned DataLoader workers and reopens itself
       lazily after a fork.
+    - ``locations``: the location schemes the backend reads and writes (``"file"``: local
+      directories; ``"s3"``...: object stores, through :meth:`BackendEntrypoint.object_store`).
     - ``write_rows``: :meth:`StoreReader.write_rows` replaces rows of mutable arrays in place, as
       one atomic, crash-safe change (e.g. ``ClusterLabeledDataset.update_labels``).
     """
@@ -51,6 +64,7 @@ class Capabilities:
     compression: bool = False
     row_access: bool = False
     worker_safe: bool = True
+    locations: tuple[str, ...] = ("file",)
     write_rows: bool = False
 
 
@@ -125,6 +139,23 @@ class TensorSource(ArraySource):
         return self.tensor
 
 
+#: Bytes per slice of the default :meth:`StoreReader.read_into`: fits the L2 cache of current
+#: CPUs, so the slice is still cached when it is copied into the destination.
+COPY_SLICE_BYTES = 1 << 20
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` for CPU tensors, as one single-threaded ``memcpy`` when both are
+    contiguous with the same dtype: torch parallelises copies of a few MiB over its thread pool,
+    which on a loaded machine costs far more than the copy itself (measured: 64 copies of 1 MiB,
+    2 threads on 2 busy cores, 4.4 s; one thread 0.05 s)."""
+    if (dst.dtype == src.dtype and dst.device.type == "cpu" and src.device.type == "cpu"
+            and dst.is_contiguous() and src.is_contiguous() and dst.numel() == src.numel()):
+        np.copyto(to_storage(dst), to_storage(src).reshape(tuple(dst.shape)))
+        return dst
+    return dst.copy_(src)
+
+
 def default_rows_per_chunk(source: ArraySource | ArrayInfo, target_bytes: int = 64 << 20) -> int:
     """Rows in a chunk of about ``target_bytes`` (64 MiB): big enough to stream at disk speed,
     small enough that writing a 100 GB array needs little RAM."""
@@ -146,11 +177,19 @@ def as_source(array: torch.Tensor | ArraySource) -> ArraySource:
 class StoreReader(abc.ABC):
     """A read handle on one stored dataset. Get one with :func:`jasper.open_store`.
 
-    Subclasses implement :meth:`array_names`, :meth:`info` and :meth:`read`, and override
-    :meth:`map`, :meth:`read_rows` and :meth:`read_slice` where the format does better than the
-    defaults. All methods return CPU tensors with the logical dtype. Readers must be picklable
-    when the backend claims ``worker_safe``: hold paths, not open handles, in the pickled state,
-    and open lazily in the process that reads.
+    **Required**: :meth:`array_names`, :meth:`info` and :meth:`read_slice_into` (or, for older
+    backends, :meth:`read_slice`). Everything else has a default built on those that is already
+    fast: :meth:`read_into` (and so :meth:`read`) reads straight into the caller's tensor,
+    :meth:`iter_chunks` reads slices,
+    :meth:`read_rows` checks, sorts, de-duplicates and coalesces the indices
+    (:mod:`jasper.rows`) and asks :meth:`read_sorted_rows` for sorted unique rows. Override
+    where the format does better (``read_into`` straight into ``out``, ``read_sorted_rows``
+    from a map, :meth:`map` for zero-copy tensors).
+
+    All methods return CPU tensors with the logical dtype. Open every file through
+    :attr:`files` (the pinned dataset directory). Readers must be picklable when the backend
+    claims ``worker_safe``: hold paths, not open handles, in the pickled state (library handles in
+    a :class:`jasper.files.ProcessLocal`), and open lazily in the process that reads.
     """
 
     backend_name: ClassVar[str] = ""
@@ -160,6 +199,10 @@ class StoreReader(abc.ABC):
         #: The pinned dataset directory: open every file through it (:mod:`jasper.files`), so a
         #: reader serves one version of the dataset even while a writer commits a new one, and
         #: reads only regular files inside the directory (``follow_links`` trusts symlinks).
+        if (type(self).read_slice is StoreReader.read_slice
+                and type(self).read_slice_into is StoreReader.read_slice_into):
+            raise TypeError(f"{type(self).__name__} must implement read_slice_into (preferred) "
+                            "or read_slice")
         self.files = DatasetDir(self.path, follow_links=follow_links)
         self.files.pin()
         self.manifest = self._pinned_manifest(manifest)
@@ -179,6 +222,7 @@ class StoreReader(abc.ABC):
             return manifest  # core already parsed one; its errors are core's to report
         return manifest if pinned.arrays == manifest.arrays else pinned
 
+
     # --- what every backend implements -----------------------------------------------------
     @abc.abstractmethod
     def array_names(self) -> list[str]:
@@ -188,11 +232,37 @@ class StoreReader(abc.ABC):
     def info(self, name: str) -> ArrayInfo:
         """Shape and dtype of ``name`` as the store records them (without reading the data)."""
 
-    @abc.abstractmethod
+    def read_slice_into(self, name: str, start: int, stop: int, out: torch.Tensor
+                        ) -> torch.Tensor:
+        """Fill ``out`` with rows ``start:stop`` of ``name``; returns ``out``. Implement this
+        (preferred: no default then copies twice) or :meth:`read_slice`.
+
+        Core calls it with ``0 <= start <= stop <= rows`` and ``out`` a contiguous CPU tensor of
+        shape ``(stop - start, *row_shape)`` and the array's dtype; for a 0-d array ``start,
+        stop = 0, 1`` and ``out`` is 0-d."""
+        return copy_rows(out, self.read_slice(name, start, stop))
+
+    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``name`` as a new tensor (Python slice semantics: bounds are
+        clipped, ``stop <= start`` gives zero rows; a 0-d array is returned whole)."""
+        info = self.info(name)
+        if not info.shape:
+            return self.read_slice_into(name, 0, 1, torch.empty((), dtype=info.dtype))
+        start, stop, _ = slice(start, stop).indices(info.shape[0])
+        stop = max(start, stop)
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
+        return self.read_slice_into(name, start, stop, out) if stop > start else out
+
+    def _reads_into(self) -> bool:
+        """Whether the backend implements :meth:`read_slice_into` itself (no second copy)."""
+        return type(self).read_slice_into is not StoreReader.read_slice_into
+
+    # --- optional, with defaults built on the required ones ---------------------------------
     def read(self, name: str) -> torch.Tensor:
         """The whole array, in RAM, as a tensor this caller owns (one copy from storage)."""
+        info = self.info(name)
+        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
 
-    # --- optional, with defaults -----------------------------------------------------------
     def map(self, name: str) -> torch.Tensor:
         """A zero-copy, read-only, memory-mapped tensor (backends with ``mmap`` capability)."""
         raise CapabilityError(
@@ -205,43 +275,84 @@ class StoreReader(abc.ABC):
         """Fill ``out`` (a preallocated CPU tensor of the array's shape and dtype, possibly a
         view into a larger buffer) with the whole array; returns ``out``.
 
-        This is how a preload avoids double copies: backends override it to read straight into
-        ``out`` (h5py ``read_direct``, a copy from a mapped file). The default streams chunks, so
-        its extra memory is one chunk, never a second whole array.
+        This is how a preload avoids double copies. The default hands a contiguous ``out`` to
+        :meth:`read_slice_into` whole (one copy, storage -> ``out``); otherwise it goes through
+        slices of about :data:`COPY_SLICE_BYTES` (cache-sized, so the second copy is cheap); its
+        extra memory is one slice, never a second whole array.
         """
-        self.check_out(name, out)
-        row = 0
-        for chunk in self.iter_chunks(name):
-            n = chunk.shape[0] if chunk.dim() else 1
-            out[row : row + n].copy_(chunk)
-            row += n
+        info = self.check_out(name, out)
+        if not info.shape:
+            return out.copy_(self.read_slice(name, 0, 1).reshape(()))
+        n = info.shape[0]
+        if n == 0:
+            return out
+        if self._reads_into() and out.is_contiguous() and out.device.type == "cpu":
+            return self.read_slice_into(name, 0, n, out)
+        step = default_rows_per_chunk(info, COPY_SLICE_BYTES)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            copy_rows(out[start:stop], self.read_slice(name, start, stop))
         return out
 
     def check_out(self, name: str, out: torch.Tensor) -> ArrayInfo:
-        """Raise ``ValueError`` unless ``out`` has the shape and dtype of array ``name``; every
-        :meth:`read_into` override starts with it."""
+        """Raise :class:`~jasper.errors.ShapeError` (a ``ValueError``) unless ``out`` has the
+        shape and dtype of array ``name``; every :meth:`read_into` override starts with it."""
         info = self.info(name)
         if tuple(out.shape) != tuple(info.shape) or out.dtype != info.dtype:
-            raise ValueError(f"read_into({name!r}): out is {tuple(out.shape)} {out.dtype}, "
-                             f"the array is {info.shape} {info.dtype}")
+            raise ShapeError(
+                f"read_into({name!r}): the destination is {tuple(out.shape)} {out.dtype} but "
+                f"the stored array is {info.shape} {info.dtype}: the manifest or the data model "
+                "disagrees with the file (run `jasper validate` on the dataset)",
+                array=name, rule="stored shape matches the expected shape", path=self.path)
         return info
-
-    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of ``name`` (default: slice a whole read)."""
-        return self.read(name)[start:stop].clone()
 
     def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (int64, any order, repeats allowed) of ``name``, in that order.
 
-        The default reads everything; backends with ``row_access`` read only what is asked,
-        sorting and de-duplicating the indices first and un-permuting after.
+        Indices are checked (:class:`~jasper.rows.RowIndexError` names the first bad one),
+        sorted and de-duplicated once here; :meth:`read_sorted_rows` reads them; the result is
+        un-permuted back to the caller's order.
         """
-        return self.read(name).index_select(0, rows)
+        info = self.info(name)
+        idx = as_row_index(rows, f"read_rows({name!r})")
+        if idx.dim() != 1:
+            raise TypeError(f"read_rows({name!r}): rows must be 1-D, got shape "
+                            f"{tuple(idx.shape)}")
+        if not info.shape:
+            raise TypeError(f"read_rows({name!r}): the array is a scalar, it has no rows")
+        check_rows(idx, info.shape[0], name, self.path)
+        if idx.numel() == 0:
+            return torch.empty((0, *info.shape[1:]), dtype=info.dtype)
+        uniq, inverse = unique_sorted(idx)
+        data = self.read_sorted_rows(name, uniq)
+        return data if inverse is None else data.index_select(0, inverse)
+
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """The hook behind :meth:`read_rows`: rows ``rows`` (int64, strictly increasing, in
+        range, at least one) of ``name``. The default reads the coalesced spans of
+        :func:`jasper.rows.plan_spans` with :meth:`read_slice`."""
+        info = self.info(name)
+        row_bytes = ArrayInfo(info.shape[1:], info.dtype).nbytes
+        spans = plan_spans(rows, merge_gap_rows(row_bytes))
+        if self._reads_into():
+            data = torch.empty((sum(b - a for a, b in spans), *info.shape[1:]), dtype=info.dtype)
+            at = 0
+            for a, b in spans:
+                self.read_slice_into(name, a, b, data[at : at + b - a])
+                at += b - a
+        else:
+            parts = [self.read_slice(name, a, b) for a, b in spans]
+            data = parts[0] if len(parts) == 1 else torch.cat(parts)
+        pos = span_positions(spans, rows)
+        return data if pos is None else data.index_select(0, pos)
 
     def iter_chunks(self, name: str, rows_per_chunk: int | None = None) -> Iterator[torch.Tensor]:
         """Stream ``name`` in row chunks (used by convert and deep validation)."""
         info = self.info(name)
-        n = info.shape[0] if info.shape else 0
+        if not info.shape:
+            yield self.read_slice(name, 0, 1)
+            return
+        n = info.shape[0]
         step = rows_per_chunk or default_rows_per_chunk(info)
         if n == 0:
             yield self.read_slice(name, 0, 0)
@@ -336,6 +447,13 @@ class BackendEntrypoint(abc.ABC):
     #: original system's cluster-labeled ``dataset.db``).
     foreign_markers: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # core owns array-name validation for every backend, also for direct write_arrays calls
+        from jasper.validation import guard_write_arrays
+
+        guard_write_arrays(cls)
+
     def guess_can_open(self, path: str | Path) -> bool:
         """Whether ``path`` (a dataset directory) looks like this backend's. Cheap: no parsing."""
         p = Path(path)
@@ -345,8 +463,9 @@ class BackendEntrypoint(abc.ABC):
     def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
         """Open the dataset directory ``path`` for reading.
 
-        ``manifest`` is the parsed ``config.json``. With ``mmap=True`` the reader must be able to
-        :meth:`StoreReader.map`; a backend without the capability raises ``CapabilityError``.
+        ``manifest`` is the parsed ``config.json``. ``mmap=True`` says the caller will use
+        :meth:`StoreReader.map`; core has checked the ``mmap`` capability before calling, so
+        backends may ignore it (it remains for callers that open backends directly).
         """
 
     def write_arrays(
@@ -354,17 +473,24 @@ class BackendEntrypoint(abc.ABC):
         directory: Path,
         arrays: Mapping[str, ArraySource],
         manifest: Manifest,
-        *,
-        progress: Any = None,
     ) -> None:
         """Write every array into the (new, empty) ``directory``.
 
         Backend-specific options (compression, chunking...) are explicit keyword-only
         parameters of the subclass's override; :func:`jasper.convert` checks option names
-        against the signature. ``progress`` is a callable ``progress(nbytes)`` to report bytes
-        written (may be ``None``). Core writes ``config.json`` afterwards and commits atomically.
+        against the signature. Progress is core's: it shows a bytes bar as the chunks of
+        ``arrays`` pass (and hashes them), so a backend reports nothing. Core writes
+        ``config.json`` afterwards and commits atomically.
         """
         raise CapabilityError(f"backend {self.name!r} cannot write datasets")
+
+    def object_store(self, location: Location) -> ObjectStore:
+        """The byte operations core's generation commit needs at an object-store ``location``
+        (backends whose ``capabilities.locations`` name a URL scheme); see
+        :mod:`jasper.location`. ``open`` and ``write_arrays`` then receive the
+        :class:`~jasper.location.Location` of one generation instead of a directory."""
+        raise CapabilityError(f"backend {self.name!r} reads and writes local directories only, "
+                              f"not {location}")
 
     def open_foreign(self, path: Path) -> StoreReader | None:
         """A reader for ``path``, a directory without ``config.json`` in a layout this backend

@@ -17,6 +17,71 @@ from jasper import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+#: Writers ``jasper synth`` picks by default, in order, among the installed ones.
+DEFAULT_WRITERS = ("pt", "hdf5", "memmap-sqlite")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (``jasper synth: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth showing (no "(default: None)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("%(default)" in text or "(default" in text or action.default is None
+                or action.default is False or action.default == argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _count(minimum: int) -> Any:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _installed_names() -> list[str]:
+    """Installed backend names from metadata (no backend module is imported)."""
+    from jasper.registry import list_backends
+
+    try:
+        return list(list_backends())
+    except Exception:  # a broken plugin must not break the parser; it is reported on use
+        return []
+
+
+def default_writer() -> str:
+    """The backend ``jasper synth`` writes with when none is given: the first installed of
+    :data:`DEFAULT_WRITERS`, else any installed backend that can write."""
+    from jasper.errors import BackendNotFoundError
+    from jasper.registry import get_backend, list_backends
+
+    installed = list_backends()
+    for name in (*DEFAULT_WRITERS, *installed):
+        if name in installed:
+            try:
+                if get_backend(name).capabilities.write:
+                    return name
+            except Exception:
+                continue
+    raise BackendNotFoundError("(a writer)", installed, "pip install jasper-pt or jasper-hdf5")
+
 
 def _parse_option(text: str) -> tuple[str, Any]:
     """``key=value`` with JSON values where they parse (``level=4`` -> 4, ``shuffle=true``)."""
@@ -52,13 +117,17 @@ def cmd_backends(args: argparse.Namespace) -> int:
     from jasper.registry import get_backend, installable_backends, list_backends
 
     installed = []
+    # capabilities need each backend's class (and so its libraries, torch included); the plain
+    # listing is metadata only and instant
+    with_caps = args.json or args.capabilities
     for name, info in list_backends().items():
         entry = info.to_dict()
-        try:
-            flags = get_backend(name).capabilities
-            entry["capabilities"] = {k: bool(v) for k, v in vars(flags).items()}
-        except Exception as exc:  # a broken backend is reported, not fatal to the listing
-            entry["error"] = f"{type(exc).__name__}: {exc}"
+        if with_caps:
+            try:
+                flags = get_backend(name).capabilities
+                entry["capabilities"] = {k: bool(v) for k, v in vars(flags).items()}
+            except Exception as exc:  # a broken backend is reported, not fatal to the listing
+                entry["error"] = f"{type(exc).__name__}: {exc}"
         installed.append(entry)
     missing = [{"name": k.name, "package": k.package, "description": k.description,
                 "install": f"pip install {k.package}"} for k in installable_backends().values()]
@@ -80,6 +149,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
         print("Installable:")
         for m in missing:
             print(f"  {m['name']:<15} {m['install']:<35} {m['description']}")
+    if not with_caps:
+        print("(jasper backends --capabilities also lists what each backend can do)")
     return EXIT_OK
 
 
@@ -87,22 +158,21 @@ def cmd_synth(args: argparse.Namespace) -> int:
     import time
 
     if args.kind == "cluster-labeled":
-        try:
-            from jasper_memmap_sqlite import write_synthetic_cluster_labeled
-        except ImportError:
-            from jasper.errors import BackendNotFoundError
-            from jasper.registry import list_backends
+        from jasper.cluster_kind import write_synthetic_cluster_labeled
+        from jasper.store import dir_size
 
-            raise BackendNotFoundError("memmap-sqlite", list_backends(),
-                                       "pip install jasper-memmap-sqlite") from None
+        backend = args.backend or default_writer()
+        how = "" if args.backend else " (the default: first installed of " + ", ".join(
+            DEFAULT_WRITERS) + "; choose with --backend)"
         t0 = time.perf_counter()
         out = write_synthetic_cluster_labeled(
             args.path, n_samples=args.samples, embedding_dim=args.dim,
-            n_clusters=args.clusters, seed=args.seed, overwrite=args.overwrite,
-            progress=_progress(args),
+            n_clusters=args.clusters, seed=args.seed, backend=backend,
+            overwrite=args.overwrite, progress=_progress(args), **_options(args),
         )
-        print(f"wrote cluster-labeled dataset {out} ({args.samples} samples, D={args.dim}, "
-              f"{args.clusters} clusters) in {time.perf_counter() - t0:.1f} s")
+        print(f"wrote cluster-labeled dataset {out} with backend {backend!r}{how}: "
+              f"{args.samples:,} samples, D={args.dim}, {args.clusters} clusters, "
+              f"{_mib(dir_size(out))} in {time.perf_counter() - t0:.1f} s")
         return EXIT_OK
 
     from jasper.store import dir_size
@@ -112,15 +182,31 @@ def cmd_synth(args: argparse.Namespace) -> int:
         n_pairs=args.pairs, embedding_dim=args.dim, n_neg=args.neg, n_clusters=args.clusters,
         dtype=args.dtype, seed=args.seed, dataset_name=args.name or Path(args.path).name,
     )
+    backend = args.backend or default_writer()
+    how = "" if args.backend else " (the default: first installed of " + ", ".join(
+        DEFAULT_WRITERS) + "; choose with --backend)"
     t0 = time.perf_counter()
-    out = write_synthetic(args.path, cfg, backend=args.backend, overwrite=args.overwrite,
+    out = write_synthetic(args.path, cfg, backend=backend, overwrite=args.overwrite,
                           progress=_progress(args), **_options(args))
-    print(f"wrote {out} with backend {args.backend!r}: {cfg.n_pairs:,} pairs, D={cfg.embedding_dim}, "
-          f"n_neg={cfg.n_neg}, {cfg.dtype}, {_mib(dir_size(out))} in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {out} with backend {backend!r}{how}: {cfg.n_pairs:,} pairs, "
+          f"D={cfg.embedding_dim}, n_neg={cfg.n_neg}, {cfg.dtype}, {_mib(dir_size(out))} in "
+          f"{time.perf_counter() - t0:.1f} s")
     return EXIT_OK
 
 
+def _require_dir(path: str) -> None:
+    """Fail fast on a missing dataset, before the imports that opening one needs (torch)."""
+    p = Path(path)
+    # an interrupted commit's old dataset beside it is restored by opening: leave that to open
+    if not p.is_dir() and not any(p.parent.glob(f".{p.name}.jasper-old-*")):
+        from jasper.errors import DatasetNotFoundError
+
+        raise DatasetNotFoundError(path, hint="Check the path; `jasper synth DIR` creates a "
+                                              "dataset")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    _require_dir(args.path)
     from jasper.dtypes import dtype_name
     from jasper.store import dir_size, open_store
 
@@ -131,6 +217,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "path": str(reader.path),
             "backend": reader.backend_name,
             "size_bytes": dir_size(reader.path),
+            "kind": m.dataset_kind,
             "schema_version": m.schema_version,
             "writer": m.writer,
             "dataset_name": m.dataset_name,
@@ -149,69 +236,59 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{data['path']}  [{data['backend']}]  {_mib(data['size_bytes'])}")
     era = "original system (seed-era manifest)" if m.is_seed_era else f"schema {m.schema_version}"
     print(f"  name: {data['dataset_name']}   created: {data['created_at']}   {era}")
-    print(f"  D={m.embedding_dim}  n_neg={m.n_neg}  clusters={m.n_clusters}  "
-          f"pairs={arrays['pair_index'].shape[0] if 'pair_index' in arrays else '?'}")
+    from jasper.kinds import kind_job
+
+    kind_summary = kind_job(m.dataset_kind, "summary")
+    if kind_summary is not None:
+        print(kind_summary(m, arrays))
+    else:
+        print(f"  D={m.embedding_dim}  n_neg={m.n_neg}  clusters={m.n_clusters}  "
+              f"pairs={arrays['pair_index'].shape[0] if 'pair_index' in arrays else '?'}")
     print("  splits: " + ", ".join(f"{k}={v:,}" for k, v in data["splits"].items()))
     for n, a in data["arrays"].items():
         print(f"  {n:<27} {a['dtype']:<9} {tuple(a['shape'])!s:<18} {_mib(a['bytes']):>14}")
     return EXIT_OK
 
 
-def _is_cluster_labeled(path: str) -> bool:
-    p = Path(path)
-    return (p / "dataset.db").is_file() and not (p / "config.json").exists()
+def _kind_of(path: str) -> str:
+    """The dataset kind at ``path`` as its manifest says (a directory without one is read by a
+    backend's foreign-layout reader: today only cluster-labeled ``dataset.db``)."""
+    from jasper.errors import JasperError
+    from jasper.manifest import MANIFEST_NAME, Manifest
 
-
-def _validate_cluster_labeled(args: argparse.Namespace) -> int:
-    import time
-
+    if not (Path(path) / MANIFEST_NAME).exists():
+        return "cluster-labeled" if (Path(path) / "dataset.db").exists() else "jasper-steering"
     try:
-        from jasper_memmap_sqlite import validate_cluster_labeled
-    except ImportError:
-        from jasper.errors import BackendNotFoundError
-        from jasper.registry import list_backends
-
-        raise BackendNotFoundError("memmap-sqlite", list_backends(),
-                                   "pip install jasper-memmap-sqlite") from None
-    t0 = time.perf_counter()
-    report = validate_cluster_labeled(args.path, deep=args.deep)
-    seconds = time.perf_counter() - t0
-    if args.json:
-        print(json.dumps({"path": str(report.path), "ok": report.ok, "kind": "cluster-labeled",
-                          "generation": report.generation, "n_samples": report.n_samples,
-                          "seconds": seconds, "checksums_verified": report.checksums_verified,
-                          "problems": report.problems}, indent=2))
-    else:
-        what = "deep " if args.deep else ""
-        print(f"{report.path}: {what}validation of a cluster-labeled dataset ({report.generation}) "
-              f"passed for {report.n_samples:,} samples in {seconds:.2f} s"
-              + (f"; {report.checksums_verified} checksums verified" if args.deep else ""))
-    return EXIT_OK if report.ok else EXIT_ERROR
+        return Manifest.load(path).dataset_kind
+    except JasperError:
+        return "jasper-steering"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    _require_dir(args.path)
     import warnings
 
     from jasper.validation import DataQualityWarning, validate
-
-    if _is_cluster_labeled(args.path):
-        return _validate_cluster_labeled(args)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataQualityWarning)
         report = validate(args.path, deep=args.deep, strict=args.strict, backend=args.backend,
                           progress=_progress(args))
     if args.json:
+        kind = _kind_of(args.path)
+        counted = {"n_samples": report.n_pairs} if kind == "cluster-labeled" else {
+            "n_pairs": report.n_pairs}
         print(json.dumps({
-            "path": str(report.path), "ok": report.ok, "n_pairs": report.n_pairs,
+            "path": str(report.path), "ok": report.ok, "kind": kind, **counted,
             "seconds": report.seconds, "pairs_per_second": report.pairs_per_second,
             "checksums_verified": report.checksums_verified,
             "findings": [vars(f) for f in report.findings],
         }, indent=2))
     else:
         what = "deep " if args.deep else ""
-        print(f"{report.path}: {what}validation passed for {report.n_pairs:,} pairs in "
-              f"{report.seconds:.2f} s ({report.pairs_per_second:,.0f} pairs/s)"
+        items = "samples" if _kind_of(args.path) == "cluster-labeled" else "pairs"
+        print(f"{report.path}: {what}validation passed for {report.n_pairs:,} {items} in "
+              f"{report.seconds:.2f} s ({report.pairs_per_second:,.0f} {items}/s)"
               + (f"; {report.checksums_verified} checksums verified" if args.deep else ""))
         for f in report.findings:
             print(f"  warning: {f.message}")
@@ -219,13 +296,81 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    _require_dir(args.src)
     from jasper.store import convert
 
     report = convert(args.src, args.dst, to=args.to, src_backend=args.src_backend,
                      overwrite=args.overwrite, progress=_progress(args), **_options(args))
     print(f"source: {report.src} ({report.src_backend}) {_mib(report.src_bytes)}")
     print(f"target: {report.dst} ({report.dst_backend}) {_mib(report.dst_bytes)}")
+    print(report.options_line())
     print(f"saving: {report.saving * 100:+.1f}%  ({report.seconds:.1f} s, bit-exact: checksums match)")
+    return EXIT_OK
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import time
+
+    from jasper.build import BuildConfig, build_dataset, read_table
+    from jasper.store import dir_size
+
+    backend = args.backend or default_writer()
+    ratios = tuple(float(x) for x in args.split.split(","))
+    if len(ratios) != 3:
+        raise SystemExit("jasper build: error: --split takes three ratios, e.g. 0.8,0.1,0.1")
+    cfg = BuildConfig(n_neg=args.neg, n_clusters=args.clusters, dtype=args.dtype, seed=args.seed,
+                      dataset_name=args.name or Path(args.out).name,
+                      split_ratios=(ratios[0], ratios[1], ratios[2]))
+    t0 = time.perf_counter()
+    if args.from_chroma:
+        from jasper.plugins import plugin_function
+
+        build_from = plugin_function("jasper.build_sources", "chroma", "pip install jasper-chroma")
+        out = build_from(args.from_chroma, args.out, backend=backend, overwrite=args.overwrite,
+                         progress=_progress(args), config=cfg, options=_options(args),
+                         kind=args.kind)
+    else:
+        if args.kind != "jasper-steering":
+            raise SystemExit("jasper build: error: --kind cluster-labeled needs --from-chroma")
+        if not (args.questions and args.sources and args.pairs):
+            raise SystemExit("jasper build: error: give --questions, --sources and --pairs "
+                             "(or --from-chroma LOCATION)")
+        inputs: dict[str, Any] = {}
+        pairs: Any = args.pairs
+        if Path(args.pairs).suffix in {".parquet", ".pq", ".arrow", ".feather", ".ipc"}:
+            cols = read_table(args.pairs)
+            import numpy as np
+
+            if "question" not in cols or "source" not in cols:
+                from jasper.errors import FormatError
+
+                raise FormatError(args.pairs, "a pairs table needs columns 'question' and "
+                                  f"'source' (found: {', '.join(cols)})")
+            pairs = np.stack([np.asarray(cols["question"]), np.asarray(cols["source"])], axis=1)
+            for col, arg in (("relevance", "relevance"), ("cluster_id", "cluster_ids"),
+                             ("keywords", "pair_keywords"), ("hard_negatives", "hard_negatives"),
+                             ("negative_tiers", "negative_tiers")):
+                if col in cols:
+                    inputs[arg] = cols[col]
+        for arg in ("relevance", "cluster_ids", "centroids", "keywords", "pair_keywords",
+                    "hard_negatives", "negative_tiers"):
+            if getattr(args, arg, None):
+                inputs[arg] = getattr(args, arg)
+        out = build_dataset(args.out, args.questions, args.sources, pairs, backend=backend,
+                            overwrite=args.overwrite, progress=_progress(args),
+                            options=_options(args), config=cfg, **inputs)
+    from jasper.manifest import Manifest
+
+    m = Manifest.load(out)
+    if m.dataset_kind != "jasper-steering":
+        print(f"wrote {m.dataset_kind} dataset {out} with backend {backend!r}: "
+              f"D={m.embedding_dim}, {m.n_clusters} clusters, {_mib(dir_size(out))} in "
+              f"{time.perf_counter() - t0:.1f} s")
+        return EXIT_OK
+    derived = ", ".join((m.extra.get("build") or {}).get("derived", [])) or "nothing"
+    print(f"wrote {out} with backend {backend!r}: D={m.embedding_dim}, n_neg={m.n_neg}, "
+          f"{m.n_clusters} clusters, splits {m.split_sizes}, {_mib(dir_size(out))} in "
+          f"{time.perf_counter() - t0:.1f} s; derived: {derived}")
     return EXIT_OK
 
 
@@ -237,67 +382,148 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     common.add_argument("--no-progress", action="store_true", help="never show progress bars")
+    installed = ", ".join(_installed_names()) or "none"
+    fmt = _HelpFormatter
 
-    p = argparse.ArgumentParser(
-        prog="jasper", parents=[common],
+    p = _Parser(
+        prog="jasper", parents=[common], formatter_class=fmt,
         description="Serve JASPER steering datasets to PyTorch from pluggable storage backends.",
     )
     p.add_argument("--version", action="version", version=f"jasper-core {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser,
+                           help="what to do (jasper COMMAND --help for its options)")
 
-    b = sub.add_parser("backends", parents=[common], help="list installed and installable backends")
-    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b = sub.add_parser("backends", parents=[common], formatter_class=fmt,
+                       help="list installed and installable backends")
+    b.add_argument("--json", action="store_true",
+                   help="machine-readable output (includes capabilities)")
+    b.add_argument("--capabilities", action="store_true",
+                   help="also list what each backend can do (imports every backend)")
     b.set_defaults(func=cmd_backends)
 
-    s = sub.add_parser("synth", parents=[common], help="write a realistic synthetic dataset",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser("synth", parents=[common], formatter_class=fmt,
+                       help="write a realistic synthetic dataset")
     s.add_argument("path", help="target dataset directory (written atomically)")
-    s.add_argument("--kind", choices=["jasper", "cluster-labeled"], default="jasper")
-    s.add_argument("--pairs", type=int, default=20_000, help="number of question-source pairs")
-    s.add_argument("--samples", type=int, default=10_000, help="samples (cluster-labeled kind)")
-    s.add_argument("--dim", type=int, default=384, help="embedding dimension D")
-    s.add_argument("--neg", type=int, default=8, help="hard negatives per pair")
-    s.add_argument("--clusters", type=int, default=16)
-    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kind", choices=["jasper", "jasper-steering", "cluster-labeled"],
+                   default="jasper",
+                   help="dataset kind: a JASPER steering dataset ('jasper' or "
+                        "'jasper-steering') or a cluster-labeled one")
+    s.add_argument("--pairs", type=_count(1), default=20_000,
+                   help="number of question-source pairs")
+    s.add_argument("--samples", type=_count(1), default=10_000,
+                   help="number of samples of a cluster-labeled dataset")
+    s.add_argument("--dim", type=_count(1), default=384, help="embedding dimension D")
+    s.add_argument("--neg", type=_count(1), default=8, help="hard negatives per pair")
+    s.add_argument("--clusters", type=_count(1), default=16,
+                   help="number of topic clusters (k-means centroids)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the embedding and steering arrays")
+    s.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed writes the same dataset")
     s.add_argument("--name", help="dataset_name in the manifest (default: directory name)")
-    s.add_argument("--backend", default="pt", help="storage backend to write with")
-    s.add_argument("--compression", help="compression, for backends that take it")
-    s.add_argument("--compression-level", type=int)
+    s.add_argument("--backend", default=None,
+                   help=f"storage backend to write with (installed: {installed}; default: the "
+                        f"first installed of {', '.join(DEFAULT_WRITERS)})")
+    s.add_argument("--compression",
+                   help="compression, for backends that take it (hdf5: none, lzf, gzip)")
+    s.add_argument("--compression-level", type=int,
+                   help="compression level, for compressions that take one (gzip: 0-9)")
     s.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE",
                    help="a backend write option (repeatable)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset at PATH (never other files)")
     s.set_defaults(func=cmd_synth)
 
-    i = sub.add_parser("info", parents=[common], help="describe a dataset")
-    i.add_argument("path")
-    i.add_argument("--backend", default="auto")
-    i.add_argument("--json", action="store_true")
+    i = sub.add_parser("info", parents=[common], formatter_class=fmt, help="describe a dataset")
+    i.add_argument("path", help="dataset directory")
+    i.add_argument("--backend", default="auto",
+                   help=f"backend to open it with (installed: {installed}); auto: the one "
+                        "that wrote it")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_info)
 
-    v = sub.add_parser("validate", parents=[common], help="check a dataset's integrity")
-    v.add_argument("path")
+    v = sub.add_parser("validate", parents=[common], formatter_class=fmt,
+                       help="check a dataset's integrity")
+    v.add_argument("path", help="dataset directory")
     v.add_argument("--deep", action="store_true",
                    help="also verify every checksum and the backend's own integrity checks")
     v.add_argument("--strict", action="store_true",
                    help="fail on data-quality findings (which otherwise only warn)")
-    v.add_argument("--backend", default="auto")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--backend", default="auto",
+                   help=f"backend to open it with (installed: {installed}); auto: the one "
+                        "that wrote it")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_validate)
 
-    c = sub.add_parser("convert", parents=[common], help="convert a dataset to another backend")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--to", required=True, help="target backend name")
-    c.add_argument("--src-backend", default="auto")
-    c.add_argument("--compression")
-    c.add_argument("--compression-level", type=int)
-    c.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE")
-    c.add_argument("--overwrite", action="store_true")
+    c = sub.add_parser("convert", parents=[common], formatter_class=fmt,
+                       help="convert a dataset to another backend")
+    c.add_argument("src", help="source dataset directory (never modified)")
+    c.add_argument("dst", help="target dataset directory (written atomically)")
+    c.add_argument("--to", required=True, metavar="BACKEND",
+                   help=f"target backend; installed: {installed}")
+    c.add_argument("--src-backend", default="auto",
+                   help="backend to read the source with; auto: the one that wrote it")
+    c.add_argument("--compression",
+                   help="compression of the target, for backends that take it (default: the "
+                        "source's where the target takes it)")
+    c.add_argument("--compression-level", type=int,
+                   help="compression level of the target, for compressions that take one")
+    c.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE",
+                   help="a target backend write option (repeatable)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset at DST (never other files, never the source)")
     c.set_defaults(func=cmd_convert)
+
+    bl = sub.add_parser(
+        "build", parents=[common], help="build a complete dataset from your own embeddings",
+        description="Build a complete JASPER dataset from question and source embeddings and "
+        "pairs; everything missing (clusters, negatives, tiers, steering, distances, splits) is "
+        "derived. Inputs: .npy, .pt, or parquet/Arrow (PATH:COLUMN for one column).")
+    bl.add_argument("out", help="target dataset directory (written atomically)")
+    bl.add_argument("--questions", help="question embeddings [N_q, D]")
+    bl.add_argument("--sources", help="source embeddings [N_s, D]")
+    bl.add_argument("--pairs", help="pairs: .npy [N_p, 2] or a table with columns question, "
+                    "source (and optionally relevance, cluster_id, keywords, hard_negatives)")
+    bl.add_argument("--relevance", help="relevance of each pair [N_p] (default: from cosine)")
+    bl.add_argument("--cluster-ids", dest="cluster_ids", help="cluster id of each pair [N_p] "
+                    "(default: k-means over the sources)")
+    bl.add_argument("--centroids", help="cluster centroids [N_c, D] (default: derived)")
+    bl.add_argument("--keywords", help="keyword embeddings [N_k, D]")
+    bl.add_argument("--pair-keywords", dest="pair_keywords",
+                    help="keyword rows of each pair: a list column TABLE:COLUMN")
+    bl.add_argument("--hard-negatives", dest="hard_negatives",
+                    help="hard-negative source rows [N_p, n_neg] (default: mined)")
+    bl.add_argument("--negative-tiers", dest="negative_tiers",
+                    help="tier of each hard negative (default: similarity quartiles 1..4)")
+    bl.add_argument("--from-chroma", dest="from_chroma", metavar="LOCATION",
+                    help="read questions, passages and relevance from a Chroma store "
+                    "(a PersistentClient directory or chroma://host:port; needs jasper-chroma)")
+    bl.add_argument("--kind", choices=["jasper-steering", "cluster-labeled"],
+                    default="jasper-steering", help="the dataset kind to build; "
+                    "cluster-labeled needs --from-chroma (one sample per passage and question)")
+    bl.add_argument("--neg", type=int, default=8, help="hard negatives to mine per pair (8)")
+    bl.add_argument("--clusters", type=int, help="k-means clusters (default: sqrt(N_s/2))")
+    bl.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="stored embedding dtype (default: float32, float16 inputs stay float16)")
+    bl.add_argument("--split", default="0.8,0.1,0.1",
+                    help="train,val,test pair ratios; splits are by question (0.8,0.1,0.1)")
+    bl.add_argument("--seed", type=int, default=0, help="seed of k-means, mining, splits (0)")
+    bl.add_argument("--name", help="dataset_name in the manifest (default: directory name)")
+    bl.add_argument("--backend", help="storage backend to write with (default: pt if "
+                    "installed, else the first installed writer)")
+    bl.add_argument("--compression", help="compression, for backends that take it")
+    bl.add_argument("--compression-level", type=int, help="compression level")
+    bl.add_argument("--option", "-o", action="append", type=_parse_option, metavar="KEY=VALUE",
+                    help="a backend write option (repeatable)")
+    bl.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    bl.set_defaults(func=cmd_build)
+
+    from jasper.plugins import add_plugin_commands
+
+    add_plugin_commands(sub, common)
 
     d = sub.add_parser("demo", parents=[common], add_help=False,
                        help="the main job: synthesise, write with every backend, train, report")
@@ -305,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="options of the demo (see `jasper demo --help`)")
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -318,13 +548,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.demo_args = [a for a in args.demo_args if a != "--debug"]
     else:
         args = parser.parse_args(args_list)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
     from jasper.errors import JasperError, WriteOptionError
 
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `jasper backends --json | head`: the reader left, not an error
         import os
 
@@ -333,9 +570,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (JasperError, FileExistsError) as exc:
         if args.debug:
             raise
-        print(f"jasper {args.command}: error: {exc}", file=sys.stderr)
+        print(f"jasper {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         # an option the backend does not take is a usage error, like argparse's
         return EXIT_USAGE if isinstance(exc, WriteOptionError) else EXIT_ERROR
+    except Exception as exc:  # a bug or an unmapped library error: still one line, no traceback
+        if args.debug:
+            raise
+        print(f"jasper {args.command}: error: {type(exc).__name__}: {_one_line(exc)} (this is "
+              "not a typed jasper error; please report it, with the output of --debug)",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,7 +33,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import Dataset, Subset, get_worker_info
@@ -58,7 +58,7 @@ from jasper.errors import (
     SplitNotFoundError,
 )
 from jasper.manifest import Manifest
-from jasper.registry import get_backend, guess_backend
+from jasper.registry import get_backend
 from jasper.schema import ARRAYS, SPLITS, Role, split_array
 from jasper.tables import (
     CENTROID_TABLE,
@@ -91,6 +91,10 @@ BATCH_KEYS: tuple[str, ...] = (
     "steering_variant",
     "negative_tiers",
 )
+
+#: Splits up to this many samples draw each epoch's variants once, into an int8 table (1 byte a
+#: sample); larger ones hash the pair ids of every batch.
+VARIANT_TABLE_MAX = 1 << 25
 
 #: ``use_mmap=None`` maps when the arrays exceed this fraction of the available RAM.
 AUTO_MMAP_FRACTION = 0.5
@@ -206,16 +210,26 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         use_mmap: bool | None = None,
         seed: int | None = None,
     ) -> None:
-        self.dataset_dir = Path(dataset_dir)
+        from jasper.location import Location, as_target
+
+        target = as_target(dataset_dir)
+        # an object-store URL is pinned to its committed generation once (workers and reopens
+        # read that generation); the Location stands in for the Path in messages
+        pinned = None
+        if isinstance(target, Location):
+            from jasper.remote import pin_generation
+
+            pinned = pin_generation(target, storage_format)
+        self.dataset_dir = cast(Path, target)
         self.split = split
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cpu":
             tune_host_allocator()  # batches reuse freed memory instead of faulting in new pages
         self._closed = True
-        if not self.dataset_dir.is_dir():
+        if pinned is None and not self.dataset_dir.is_dir():
             raise DatasetNotFoundError(
                 self.dataset_dir, hint="Check the path; `jasper synth DIR` creates a dataset")
-        self.manifest = Manifest.load(self.dataset_dir)
+        self.manifest = pinned.manifest if pinned is not None else Manifest.load(self.dataset_dir)
         self.config: dict[str, Any] = self.manifest.to_dict()
         self.embedding_dim = int(self.manifest.embedding_dim)
         self.n_neg = int(self.manifest.n_neg)
@@ -224,16 +238,20 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             seed = self.manifest.random_seed if self.manifest.random_seed is not None else 0
         self.seed = int(seed)
 
-        if storage_format == "auto":
-            preferred = (self.manifest.writer or {}).get("backend")
-            backend_name = guess_backend(self.dataset_dir, preferred)
+        if pinned is not None:
+            backend_name = pinned.backend
         else:
-            backend_name = storage_format
+            # the same choice as open_store: a forced backend must recognise the dataset, and a
+            # missing file of the writer's is named
+            from jasper.store import choose_backend
+
+            backend_name = choose_backend(self.dataset_dir, self.manifest, storage_format)
         backend = get_backend(backend_name)  # BackendNotFoundError lists what is installed
         self.storage_format = backend_name
-        location = StoreLocation(self.dataset_dir, backend_name, self.manifest)
+        location = StoreLocation(cast(Path, pinned.where) if pinned else self.dataset_dir,
+                                 backend_name, self.manifest)
 
-        reader = backend.open(self.dataset_dir, self.manifest, mmap=False)
+        reader = location.open(mapped=False)
         try:
             names = set(reader.array_names())
             available = [s for s in SPLITS if split_array(s) in names]
@@ -249,13 +267,15 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             mode = self._choose_mode(use_mmap, backend.capabilities, infos, backend_name)
             if TABLE_SETS[mode].maps:
                 reader.close()
-                reader = backend.open(self.dataset_dir, self.manifest, mmap=True)
+                reader = location.open(mapped=True)
         except BaseException:
             reader.close()
             raise
         self._infos = infos
         self._control = torch.tensor([-1, int(epoch), 0], dtype=torch.int64).share_memory_()
         self._draw_cache: tuple[int, tuple[int, int], tuple[int, int, int]] | None = None
+        # (epoch, variant of every split position): one gather per batch instead of the hash
+        self._variant_table: tuple[int, torch.Tensor] | None = None
         self._generation = 0
         # the table set owns the reader from here on (and closes it on failure)
         self.tables: TableSet = open_tables(mode, location, infos, self.device, reader=reader)
@@ -336,6 +356,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         for key in [k for k, v in state.items() if isinstance(v, torch.Tensor)]:
             if key != "_control":
                 del state[key]
+        state["_variant_table"] = None  # recomputed where it is needed
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -413,6 +434,16 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             "seed": self.seed,
         }
 
+    def state_dict(self) -> dict[str, int]:
+        """The curriculum controls a checkpoint needs: ``{"epoch", "forced"}`` (-1: schedule)."""
+        return {"epoch": self.current_epoch, "forced": int(self._control[_FORCED])}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore the controls of :meth:`state_dict` (workers see them at once)."""
+        forced = int(state["forced"])
+        self._control[_FORCED] = -1 if forced < 0 else variant_id(forced)
+        self._control[_EPOCH] = int(state["epoch"])
+
     def draw_params(self) -> tuple[int, tuple[int, int], tuple[int, int, int]]:
         """``(forced variant or -1, hash key, thresholds)`` of the current epoch."""
         forced = int(self._control[_FORCED])
@@ -422,6 +453,24 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             cache = (epoch, draw_key(self.seed, epoch), self.curriculum.thresholds(epoch))
             self._draw_cache = cache
         return forced, cache[1], cache[2]
+
+    def _variants_at(self, positions: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
+        """The variants of split ``positions`` (whose pair ids are ``pair_ids``): from the
+        epoch's table of the whole split where it is small, else drawn for these pairs."""
+        forced = int(self._control[_FORCED])
+        if forced >= 0:
+            return torch.full_like(pair_ids, forced, dtype=torch.int64)
+        n = self.split_indices.shape[0]
+        if n > VARIANT_TABLE_MAX:
+            return self.variants_for_pairs(pair_ids)
+        epoch = int(self._control[_EPOCH])
+        cached = self._variant_table
+        if cached is None or cached[0] != epoch:
+            _, key, thresholds = self.draw_params()
+            table = variants_from_hash(hash32(self.split_indices, key), thresholds).to(torch.int8)
+            cached = (epoch, table)
+            self._variant_table = cached  # one tuple assignment: safe for loader threads
+        return cached[1].index_select(0, positions).to(torch.int64)
 
     def variants_for_pairs(self, pair_ids: torch.Tensor) -> torch.Tensor:
         """The variant (int64, 0-3) each pair id gets now: forced, or drawn for the epoch."""
@@ -437,12 +486,14 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             idx = int(idx)
         n = len(self)
         if not 0 <= idx < n:
-            raise IndexError(f"index {idx} out of range [0, {n}) of the {self.split} split")
+            raise IndexError(f"Index {idx} out of range [0, {n}) of the {self.split} split")
         batch = self.__getitems__([idx])
         return {k: v[0] for k, v in batch.items()}
 
-    def __getitems__(self, indices: Sequence[int] | torch.Tensor) -> JasperBatch:
-        """The collated batch of the given split positions: one vectorised gather per field."""
+    def __getitems__(self, indices: Sequence[int] | torch.Tensor, *,
+                     out: Mapping[str, torch.Tensor] | None = None) -> JasperBatch:
+        """The collated batch of the given split positions: one vectorised gather per field,
+        written into ``out`` (from :meth:`empty_batch`) when given."""
         self._ensure_ready()
         idx = torch.as_tensor(indices, dtype=torch.int64, device=self.split_indices.device)
         if idx.dim() != 1:
@@ -452,9 +503,8 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             lo, hi = torch.aminmax(idx)
             if int(lo) < 0 or int(hi) >= n:
                 bad = int(idx[(idx < 0) | (idx >= n)][0])
-                raise IndexError(f"index {bad} out of range [0, {n}) of the {self.split} split")
-        out = None
-        if get_worker_info() is not None and self.device.type == "cpu":
+                raise IndexError(f"Index {bad} out of range [0, {n}) of the {self.split} split")
+        if out is None and get_worker_info() is not None and self.device.type == "cpu":
             out = self.empty_batch(idx.numel(), shared=True)
         return self.gather(idx, out)
 
@@ -504,7 +554,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         t = self.tables
         pids = self.split_indices.index_select(0, idx)
         if draw is None:
-            variant = self.variants_for_pairs(pids)
+            variant = self._variants_at(idx, pids)
         else:
             key, thresholds, forced = draw
             drawn = variants_from_hash(hash32(pids, key), thresholds)
@@ -573,6 +623,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         for name in list(self.__dict__):
             if isinstance(self.__dict__[name], torch.Tensor) and name != "_control":
                 self.__dict__[name] = None
+        self._variant_table = None
         self._closed = True
 
     def __enter__(self) -> JASPERSteeringDataset:
@@ -622,7 +673,8 @@ class ClusterSubset(Subset[dict[str, torch.Tensor]]):
         idx = torch.as_tensor(indices, dtype=torch.int64)
         n = self.positions.shape[0]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise IndexError(f"subset index out of range [0, {n})")
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise IndexError(f"Index {bad} out of range [0, {n}) of the subset")
         return self.dataset.__getitems__(self.positions.index_select(0, idx))
 
     def __len__(self) -> int:

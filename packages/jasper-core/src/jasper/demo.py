@@ -4,8 +4,11 @@ Synthesise a realistic dataset (:mod:`jasper.synth`), write it with every instal
 each one, and train a small JASPER-style predictor for a few epochs through the curriculum: an MLP
 predicts the source embedding from the question and the steering vector, trained with an
 InfoNCE-style loss over the target and the hard negatives in which harder negative tiers weigh
-more. For each backend it prints the time to open, the samples per second of training, the peak
-memory, the steering mix and the loss of every epoch (which goes down).
+more. For each backend it prints the time to open, two throughputs that answer different
+questions -- **training** samples/s (bound by the model's forward and backward passes) and
+**serving** samples/s (the loader alone, what the benchmark suite measures) -- the memory of
+jasper's own tensors (not torch's or the model's), the steering mix and the loss of every epoch
+(which goes down, and is identical across backends because they serve bit-identical batches).
 
 With no arguments it runs in well under two minutes on two CPU cores; when CUDA is present the
 batches come from the GPU-resident loader (:class:`jasper.gpu_loader.GPULoader`).
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -42,11 +44,13 @@ class BackendRun:
     write_seconds: float
     disk_bytes: int
     open_seconds: float
-    samples_per_second: float
-    peak_memory_bytes: int
+    samples_per_second: float  #: training throughput (model-bound)
+    dataset_memory_bytes: int  #: bytes of jasper's tensors in RAM/device memory (maps: 0)
     losses: list[float]
     variant_mix: list[list[float]]
     error: str | None = None
+    serving_samples_per_second: float = 0.0  #: the loader alone, no model
+    mode: str = ""  #: how the dataset holds its arrays (preload, mmap, rows)
 
     @property
     def loss_went_down(self) -> bool:
@@ -71,30 +75,54 @@ class DemoReport:
     def ok(self) -> bool:
         return bool(self.runs) and all(r.error is None and r.loss_went_down for r in self.runs)
 
+    @property
+    def losses_identical(self) -> bool:
+        """Whether every backend's run produced the same loss curve, bit for bit."""
+        done = [r for r in self.runs if r.error is None]
+        return len(done) > 1 and len({tuple(r.losses) for r in done}) == 1
+
     def __str__(self) -> str:
         mib = 1024 * 1024
         lines = [
             f"jasper demo: {self.n_pairs} pairs, D={self.embedding_dim}, n_neg={self.n_neg}, "
             f"{self.epochs} epochs of batch {self.batch_size} on {self.device} ({self.loader})",
             "",
-            f"{'backend':<16}{'write s':>9}{'disk MiB':>10}{'open s':>9}{'samples/s':>12}"
-            f"{'peak MiB':>10}  loss per epoch",
+            f"{'backend':<16}{'write s':>9}{'disk MiB':>10}{'open s':>9}"
+            f"{'train samples/s':>17}{'serve samples/s':>17}{'jasper MiB':>12}  loss per epoch",
         ]
         for r in self.runs:
             if r.error is not None:
                 lines.append(f"{r.backend:<16}FAILED: {r.error}")
                 continue
             losses = " -> ".join(f"{x:.3f}" for x in r.losses)
+            memory = f"{r.dataset_memory_bytes / mib:.1f}" if r.mode != "mmap" else "mapped"
             lines.append(
                 f"{r.backend:<16}{r.write_seconds:>9.2f}{r.disk_bytes / mib:>10.1f}"
-                f"{r.open_seconds:>9.3f}{r.samples_per_second:>12,.0f}"
-                f"{r.peak_memory_bytes / mib:>10.0f}  {losses}"
+                f"{r.open_seconds:>9.3f}{r.samples_per_second:>17,.0f}"
+                f"{r.serving_samples_per_second:>17,.0f}{memory:>12}  {losses}"
                 + ("" if r.loss_went_down else "  (did not go down)"))
         if self.runs and self.runs[0].variant_mix:
             lines.append("")
             lines.append("steering mix per epoch (" + " / ".join(VARIANT_NAMES) + "): " + "; ".join(
                 "/".join(f"{p:.2f}" for p in mix) for mix in self.runs[0].variant_mix))
+        lines += [
+            "",
+            "train samples/s: the whole training step (the model dominates); serve samples/s: "
+            "the loader alone, at this batch size",
+            "jasper MiB: the dataset's own tensors (not torch, the model or the demo's arrays)",
+        ]
+        if self.losses_identical:
+            lines.append("the losses are identical across backends because every backend serves "
+                         "bit-identical batches: same arrays, and order and steering drawn from "
+                         "(seed, epoch) alone")
+        elif len([r for r in self.runs if r.error is None]) > 1:
+            lines.append("the losses DIFFER across backends although they should serve identical "
+                         "batches: please report this with the table above")
         lines.append(f"total {self.seconds:.1f} s")
+        lines.append(
+            "next: keep the datasets with --out DIR and train from one: "
+            "create_loader('DIR/pt', 'train', batch_size=256) (README, 'As a user'); or point "
+            "create_loader at the original system's output directory as it is")
         return "\n".join(lines)
 
 
@@ -124,27 +152,6 @@ def info_nce_loss(pred: torch.Tensor, target: torch.Tensor, negatives: torch.Ten
     logits = torch.cat([logits[:, :1], logits[:, 1:] + weights.log()], dim=1)
     labels = torch.zeros(pred.shape[0], dtype=torch.int64, device=pred.device)
     return nn.functional.cross_entropy(logits, labels)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def run_demo(
@@ -202,7 +209,8 @@ def run_demo(
                 run = _train(target, name, write_s, dir_size(target), dev, epochs, batch_size,
                              stride, seed, create_loader, set_epoch, say)
             except Exception as exc:  # one broken backend must not hide the others' results
-                run = BackendRun(name, 0.0, 0, 0.0, 0.0, 0, [], [], error=f"{type(exc).__name__}: {exc}")
+                run = BackendRun(name, 0.0, 0, 0.0, 0.0, 0, [], [],
+                                 error=f"{type(exc).__name__}: {exc}")
             report.runs.append(run)
         shutil.rmtree(scratch, ignore_errors=True)
     finally:
@@ -235,10 +243,6 @@ def _train(path: Path, name: str, write_s: float, disk: int, dev: torch.device, 
            batch_size: int, stride: int, seed: int, create_loader: Callable[..., object],
            set_epoch: Callable[[object, int], None], say: Callable[[str], None]) -> BackendRun:
     on_cuda = dev.type == "cuda"
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
-    rss_reset = _reset_peak_rss()
-    rss_before = _peak_rss()
     t0 = time.perf_counter()
     loader = create_loader(path, "train", batch_size=batch_size, device=dev, seed=seed,
                            storage_format=name)
@@ -276,11 +280,24 @@ def _train(path: Path, name: str, write_s: float, disk: int, dev: torch.device, 
         losses.append(float(total) / max(1, steps))
         mixes.append((counts.double() / max(1, int(counts.sum()))).tolist())
         say(f"[{name}] epoch {epoch} (curriculum epoch {epoch * stride}): loss {losses[-1]:.4f}")
-    peak = int(torch.cuda.max_memory_allocated(dev)) if on_cuda else (
-        _peak_rss() if rss_reset else max(0, _peak_rss() - rss_before))
+    serve_rate = _serving_rate(loader, dev)
+    memory = ds.memory_bytes()
+    mode = ds.mode
     ds.close()
-    return BackendRun(name, write_s, disk, open_s, samples / train_s if train_s else 0.0, peak,
-                      losses, mixes)
+    return BackendRun(name, write_s, disk, open_s, samples / train_s if train_s else 0.0, memory,
+                      losses, mixes, serving_samples_per_second=serve_rate, mode=mode)
+
+
+def _serving_rate(loader: object, dev: torch.device) -> float:
+    """Samples per second of one pass of the loader with no model: serving throughput."""
+    served = 0
+    t0 = time.perf_counter()
+    for batch in loader:  # type: ignore[attr-defined]
+        served += batch["question_emb"].shape[0]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    return served / seconds if seconds > 0 else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,11 @@
 """The typed errors jasper raises.
 
 Every error derives from :class:`JasperError`. Errors that stand where the original system raised
-``ValueError`` (integrity failures, a missing split, an unknown steering variant) also derive from
-``ValueError`` so that existing ``except ValueError`` code keeps working. Messages name the path,
+``ValueError`` (integrity failures, a missing dataset directory or config file, a missing split, no
+dataset files found, an unknown storage format or steering variant) also derive from
+``ValueError`` so that existing ``except ValueError`` code keeps working, and their messages keep
+the original's key phrases ("Dataset directory not found", "Config file not found", "Split file
+not found"). Messages name the path,
 the array, the row and the rule where they apply, and say what to do.
 """
 
@@ -12,16 +15,23 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
+def _shown(path: str | Path) -> str:
+    """How a message names ``path``: a URL (``s3://...``) as given, a local path as a Path."""
+    text = str(path)
+    return text if "://" in text else str(Path(path))
+
+
 class JasperError(Exception):
     """Base class of every error jasper raises on purpose."""
 
 
-class DatasetNotFoundError(JasperError, FileNotFoundError):
-    """A dataset directory, or a file a dataset needs, does not exist."""
+class DatasetNotFoundError(JasperError, FileNotFoundError, ValueError):
+    """A dataset directory, or a file a dataset needs, does not exist (a ``ValueError`` as in
+    the original system, and a ``FileNotFoundError``)."""
 
     def __init__(self, path: str | Path, what: str = "dataset directory", hint: str = "") -> None:
         self.path = Path(path)
-        msg = f"{what} not found: {self.path}"
+        msg = f"{what[:1].upper()}{what[1:]} not found: {_shown(path)}"
         if hint:
             msg += f". {hint}"
         super().__init__(msg)
@@ -33,7 +43,7 @@ class FormatError(JasperError, ValueError):
     def __init__(self, path: str | Path, problem: str, array: str | None = None) -> None:
         self.path = Path(path)
         self.array = array
-        where = f"{self.path}" + (f" (array {array!r})" if array else "")
+        where = _shown(path) + (f" (array {array!r})" if array else "")
         super().__init__(f"{where}: {problem}")
 
 
@@ -60,7 +70,7 @@ class IntegrityError(JasperError, ValueError):
         self.row = row
         self.rule = rule
         self.path = Path(path) if path is not None else None
-        prefix = f"{self.path}: " if self.path is not None else ""
+        prefix = f"{_shown(path)}: " if path is not None else ""
         super().__init__(prefix + message)
 
 
@@ -81,7 +91,7 @@ class ManifestError(JasperError, ValueError):
 
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = Path(path)
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{_shown(path)}: {problem}")
 
 
 class SchemaVersionError(ManifestError):
@@ -96,7 +106,8 @@ class SplitNotFoundError(JasperError, ValueError):
         self.available = sorted(available)
         where = f" in {path}" if path is not None else ""
         super().__init__(
-            f"split {split!r} not found{where}; available splits: {', '.join(self.available)}"
+            f"Split file not found: split {split!r}{where}; available splits: "
+            f"{', '.join(self.available)}"
         )
 
 
@@ -137,8 +148,9 @@ class CapabilityError(BackendError):
     """An operation needs a capability (mapping, writing, row reads...) the backend lacks."""
 
 
-class NoBackendCanOpenError(BackendError, FileNotFoundError):
-    """Auto-detection found no installed backend that recognises the directory."""
+class NoBackendCanOpenError(BackendError, FileNotFoundError, ValueError):
+    """Auto-detection found no installed backend that recognises the directory (no dataset
+    files found: a ``ValueError`` in the original system)."""
 
 
 class WriteOptionError(BackendError, TypeError):

@@ -81,6 +81,30 @@ class Generation:
     manifest_digest: str
 
 
+def _version_part(manifest: bytes) -> bytes:
+    """The bytes of ``config.json`` that identify a dataset version: all of it except the
+    checksums of arrays whose rows change in place (``StoreReader.write_rows``, e.g. label
+    updates) and the digests derived from them. A label update re-seals those checksums; it
+    is the same version, and a worker opened before it must keep reading."""
+    import json
+
+    from jasper.schema import ALL_ARRAYS
+
+    try:
+        d = json.loads(manifest)
+        arrays = d.get("arrays") if isinstance(d, dict) else None
+        if not isinstance(arrays, dict) or not any(
+                ALL_ARRAYS[n].mutable for n in arrays if n in ALL_ARRAYS):
+            return manifest
+        for name, rec in arrays.items():
+            if name in ALL_ARRAYS and ALL_ARRAYS[name].mutable and isinstance(rec, dict):
+                rec.pop("checksum", None)
+        d.pop("data_digests", None)
+        return json.dumps(d, sort_keys=True).encode()
+    except (ValueError, RecursionError):
+        return manifest  # not JSON: the raw bytes, and the manifest parser reports it
+
+
 class DatasetDir:
     """One dataset directory, pinned: every member is opened relative to one directory
     descriptor (see the module docstring).
@@ -139,7 +163,7 @@ class DatasetDir:
         digest = ""
         try:
             data = self._read_member_at(fd, MANIFEST_FILE, limit=64 << 20)
-            digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+            digest = hashlib.blake2b(_version_part(data), digest_size=16).hexdigest()
         except (DatasetNotFoundError, FormatError):
             pass  # no manifest (yet): the directory identity alone
         return Generation(st.st_dev, st.st_ino, digest)

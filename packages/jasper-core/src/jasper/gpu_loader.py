@@ -24,7 +24,7 @@ keep (``{k: v.clone() for k, v in batch.items()}``) or pass ``reuse_buffers=Fals
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -200,6 +200,9 @@ class GPULoader:
         self._thresholds = torch.zeros(3, dtype=torch.int64, device=index_device)
         self._forced = torch.full((1,), -1, dtype=torch.int64, device=index_device)
         self._draw_state: tuple[int, tuple[int, int], tuple[int, int, int]] | None = None
+        self._resume_skip = 0  # batches of the next pass already served before a checkpoint
+        self._skip_once = 0
+        self._yielded: int | None = None  # batches yielded of the pass in progress
 
     # --- epochs -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -225,13 +228,45 @@ class GPULoader:
     def _batches(self) -> Iterator[torch.Tensor]:
         order = self.sampler.indices()
         b = self.batch_size
-        for i in range(len(self)):
+        skip, self._skip_once = self._skip_once, 0
+        for i in range(skip, len(self)):
             yield order[i * b : (i + 1) * b]
 
     def __iter__(self) -> Iterator[JasperBatch]:
-        if self.staged:
-            return self._iter_staged()
-        return self._iter_resident()
+        skip, self._resume_skip = self._resume_skip, 0
+        self._skip_once = skip
+        self._yielded = skip
+        for batch in self._iter_staged() if self.staged else self._iter_resident():
+            self._yielded += 1
+            yield batch
+        self._yielded = None
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        s = self.sampler
+        return {"batch_size": self.batch_size, "num_replicas": s.num_replicas, "rank": s.rank,
+                "shuffle": "device" if s.shuffle else "none", "length": len(self)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader is (torchdata's ``StatefulDataLoader`` protocol): the curriculum
+        controls, the shuffle's epoch and the batches yielded of the pass in progress. The
+        order is a pure function of (seed, epoch), so nothing else is needed."""
+        from jasper.loader import STATE_FORMAT
+
+        return {"format": STATE_FORMAT, **self._identity(), "sampler_epoch": self.sampler.epoch,
+                "pass": 0, "dataset": self.dataset.state_dict(),
+                "batches_yielded": self._yielded or 0}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state``: the next iteration yields exactly the batches the saved
+        loader had left (raises ``ValueError`` for a state of a differently built loader)."""
+        from jasper.loader import check_loader_state
+
+        check_loader_state(state, self._identity())
+        self.dataset.load_state_dict(state["dataset"])
+        self.sampler.set_epoch(int(state["sampler_epoch"]))
+        self._resume_skip = int(state["batches_yielded"])
+        self._yielded = None
 
     def _iter_resident(self) -> Iterator[JasperBatch]:
         ds = self.dataset

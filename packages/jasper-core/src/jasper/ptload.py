@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from jasper.errors import FormatError, ShapeError, UnsafeFileError
+from jasper.errors import FormatError, UnsafeFileError
 from jasper.files import DatasetDir
+from jasper.validation import check_tensor_layout
 
 _ZIP_MAGIC = b"PK\x03\x04"
 #: torch's legacy (pre-1.6) serialisation starts with a pickled magic number, protocol 2
@@ -103,16 +104,12 @@ def load_pt_tensor(files: DatasetDir, member: str, *, mmap: bool = False,
 
 
 def check_tensor_storage(t: torch.Tensor, where: Any, array: str | None) -> None:
-    """Raise unless ``t``'s strides are positive on every dimension longer than one and its
+    """Raise unless ``t``'s rows do not alias (:func:`jasper.validation.check_tensor_layout`) and its
     storage holds every element its shape and strides reach (a mapped file shorter than that
     would SIGBUS on first touch of the tail)."""
     if t.numel() == 0:
         return
-    for size, stride in zip(t.shape, t.stride(), strict=True):
-        if size > 1 and stride <= 0:
-            raise ShapeError(f"{array or 'tensor'} has stride {stride} on a dimension "
-                             f"of {size}: its rows alias the same bytes (rule: no aliasing "
-                             "strides)", array=array, rule="no aliasing strides", path=where)
+    check_tensor_layout(array or 'tensor', t, where)
     last = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride(),
                                                                    strict=True))
     need = (last + 1) * t.element_size()

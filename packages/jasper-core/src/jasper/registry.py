@@ -28,12 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from jasper import hookspecs
-from jasper.backend import BackendEntrypoint
 from jasper.errors import (
     BackendConflictError,
     BackendError,
@@ -41,6 +40,9 @@ from jasper.errors import (
     NoBackendCanOpenError,
     PluginLoadError,
 )
+
+if TYPE_CHECKING:  # the contract module imports torch; listing backends must not
+    from jasper.backend import BackendEntrypoint
 
 ENTRY_POINT_GROUP = "jasper.backends"
 ENV_PLUGIN_ERRORS = "JASPER_PLUGIN_ERRORS"
@@ -98,6 +100,8 @@ class BackendInfo:
                     f"backend {self.name!r} ({self._origin()}) failed to import {self.class_path!r}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+            from jasper.backend import BackendEntrypoint
+
             if not (isinstance(obj, type) and issubclass(obj, BackendEntrypoint)):
                 raise BackendError(
                     f"backend {self.name!r} ({self._origin()}): {self.class_path!r} is not a "
@@ -386,6 +390,7 @@ def guess_backend(path: str | Path, preferred: str | None = None) -> str:
         )
     listed = ", ".join(infos) or "none"
     raise NoBackendCanOpenError(
-        f"no installed backend recognises {p} (installed: {listed}).{hint} "
+        f"No dataset files found: no installed backend recognises {p} (installed: {listed})."
+        f"{hint} "
         f"Pass backend=NAME to force one; `jasper backends` lists what can be installed."
     )

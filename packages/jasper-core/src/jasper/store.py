@@ -13,7 +13,7 @@ import copy
 import inspect
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +31,36 @@ from jasper.backend import ArraySource, StoreReader, as_source
 from jasper.dtypes import dtype_name
 from jasper.errors import (
     CapabilityError,
+    ChecksumError,
     DatasetExistsError,
     DatasetNotFoundError,
     JasperError,
+    ManifestError,
+    NoBackendCanOpenError,
     ShapeError,
     WriteOptionError,
 )
+from jasper.location import Location, as_target
 from jasper.manifest import MANIFEST_NAME, ArrayRecord, Checksummer, Manifest
 from jasper.progress import byte_bar
 from jasper.registry import get_backend, guess_backend, list_backends
 from jasper.schema import ARRAYS, Cols, Role, dataset_kind
+from jasper.validation import check_array_names, check_claimed_sizes, check_manifest_trust
 
 
-def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -> StoreReader:
-    """Open the dataset directory ``path`` for reading.
+def open_store(path: str | Path | Location, backend: str = "auto", *,
+               mmap: bool = False) -> StoreReader:
+    """Open the dataset directory (or object-store URL, see :mod:`jasper.location`) ``path``.
 
     ``backend="auto"`` uses the writer recorded in the manifest when installed, else asks every
     installed backend's ``guess_can_open``. ``mmap=True`` asks for zero-copy mapped arrays and
     raises :class:`CapabilityError` for a backend that cannot map.
     """
-    p = Path(path)
+    p = as_target(path)
+    if isinstance(p, Location):
+        from jasper.remote import open_remote
+
+        return open_remote(p, backend, mmap=mmap)
     if not p.is_dir():
         recover_interrupted_commit(p)
     if not p.is_dir():
@@ -62,10 +72,8 @@ def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -
         if foreign is not None:
             return foreign
     manifest = Manifest.load(p)
-    name = backend
-    if backend == "auto":
-        preferred = (manifest.writer or {}).get("backend")
-        name = guess_backend(p, preferred)
+    check_array_names(manifest.arrays, path=p / MANIFEST_NAME)
+    name = choose_backend(p, manifest, backend)
     impl = get_backend(name)
     if mmap and not impl.capabilities.mmap:
         raise CapabilityError(
@@ -73,7 +81,82 @@ def open_store(path: str | Path, backend: str = "auto", *, mmap: bool = False) -
             f"to a backend that maps: "
             + ", ".join(n for n in list_backends() if get_backend(n).capabilities.mmap)
         )
-    return impl.open(p, manifest, mmap=mmap)
+    available = dir_size(p)
+    ratio = float(getattr(impl, "max_compression_ratio",
+                          _COMPRESSED_RATIO if impl.capabilities.compression else 1.0))
+    check_claimed_sizes({n: (r.shape, _itemsize(r.dtype, p)) for n, r in manifest.arrays.items()},
+                        available, max_ratio=ratio, path=p / MANIFEST_NAME, source="the manifest")
+    reader = impl.open(p, manifest, mmap=mmap)
+    try:
+        check_claimed_sizes(_stored_claims(reader), available, max_ratio=ratio, path=p,
+                            source=f"the {name} store")
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+def _stored_claims(reader: StoreReader) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Shape and itemsize of every array as the store's own metadata says. An array whose
+    metadata the backend already refuses is left to the backend, which raises on its use."""
+    claims = {}
+    for n in ARRAYS:
+        try:
+            if reader.has(n):
+                i = reader.info(n)
+                claims[n] = (tuple(i.shape), i.dtype.itemsize)
+        except JasperError:
+            continue
+    return claims
+
+
+#: Best compression ratio assumed of a compressing backend when bounding claimed sizes (a
+#: backend may declare its own ``max_compression_ratio``): generous for constant arrays, yet a
+#: claim of 10^15 rows still needs tens of GB of files.
+_COMPRESSED_RATIO = float(1 << 16)
+
+
+def _itemsize(dtype: str, path: Path) -> int:
+    from jasper.dtypes import torch_dtype
+
+    try:
+        return torch_dtype(dtype).itemsize
+    except TypeError as exc:
+        raise ManifestError(path / MANIFEST_NAME, str(exc)) from None
+
+
+def choose_backend(p: Path, manifest: Manifest, backend: str) -> str:
+    """The backend to open ``p`` with. A forced backend that declares marker files must find
+    one of them when the manifest names another writer; ``auto`` asks the recorded writer, then
+    every backend, and when the recorded writer's files are partly gone names the missing one."""
+    writer = (manifest.writer or {}).get("backend")
+    if backend != "auto":
+        impl = get_backend(backend)
+        markers = impl.marker_files
+        if writer and writer != backend and markers and not any(
+                (p / m).exists() for m in markers):
+            raise NoBackendCanOpenError(
+                f"backend {backend!r} does not recognise {p} (it has none of "
+                f"{', '.join(markers)}): the manifest says backend {writer!r} wrote it; open it "
+                f"with backend={writer!r} (--backend {writer}) or 'auto'")
+        return backend
+    # the original system wrote .pt files: a seed-era directory holding some is a pt dataset
+    seed_pt = manifest.is_seed_era and any(p.glob("*.pt"))
+    expected = writer or ("pt" if seed_pt else None)
+    try:
+        return guess_backend(p, writer)
+    except NoBackendCanOpenError:
+        data_files = [f for f in p.iterdir() if f.name != MANIFEST_NAME
+                      and not f.name.startswith(".")]
+        if expected is None or expected not in list_backends() or not data_files:
+            raise  # nothing of the dataset is there: the original's "No dataset files found"
+        missing = [m for m in get_backend(expected).marker_files if not (p / m).exists()]
+        if not missing:
+            raise
+        raise DatasetNotFoundError(
+            p / missing[0], "required file " + " or ".join(repr(m) for m in missing)
+            + f" of this {expected} dataset",
+            "the dataset is incomplete: restore the file or rewrite the dataset") from None
 
 
 class _HashingSource(ArraySource):
@@ -123,8 +206,9 @@ def check_steering_layout(arrays: Mapping[str, ArraySource], manifest: Manifest)
     """:func:`check_layout` of the ``jasper-steering`` kind."""
     missing = [n for n in ARRAYS if n not in arrays]
     if missing:
-        raise ShapeError(f"cannot write a dataset without arrays: {', '.join(missing)}",
-                         array=missing[0], rule="required array")
+        from jasper.build import missing_report
+
+        raise ShapeError(missing_report([], missing), array=missing[0], rule="required array")
     unknown = [n for n in arrays if n not in ARRAYS]
     if unknown:
         raise ShapeError(f"unknown arrays {', '.join(unknown)}; the data model has: "
@@ -152,12 +236,30 @@ def check_steering_layout(arrays: Mapping[str, ArraySource], manifest: Manifest)
                              array=name, rule="csr offsets rows")
 
 
-def _check_options(backend: Any, options: Mapping[str, Any]) -> None:
+def _report_all_missing(arrays: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+    """A hand-made steering manifest and arrays: every missing key and array in one error,
+    each with what builds it (instead of one ``ManifestError`` per key)."""
+    from jasper.build import missing_report
+
+    if (dict(manifest).get("kind") or dataset_kind(None).name) != dataset_kind(None).name:
+        return  # other kinds' required keys are their own check_layout's
+    keys = [k for k in ("embedding_dim", "n_neg") if k not in manifest]
+    names = [n for n in ARRAYS if n not in arrays]
+    if keys:
+        raise ShapeError(missing_report(keys, names), array=names[0] if names else None,
+                         rule="required array")
+
+
+def _accepted_options(backend: Any) -> list[str]:
     sig = inspect.signature(backend.write_arrays)
-    accepted = [
+    return [
         p.name for p in sig.parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "progress"
     ]
+
+
+def _check_options(backend: Any, options: Mapping[str, Any]) -> None:
+    accepted = _accepted_options(backend)
     unknown = [k for k in options if k not in accepted]
     if unknown:
         raise WriteOptionError(
@@ -166,16 +268,20 @@ def _check_options(backend: Any, options: Mapping[str, Any]) -> None:
         )
 
 
-def dir_size(path: str | Path) -> int:
-    """Bytes on disk of every file under ``path``."""
-    p = Path(path)
+def dir_size(path: str | Path | Location) -> int:
+    """Bytes on disk of every file under ``path`` (of the committed objects at a URL)."""
+    p = as_target(path)
+    if isinstance(p, Location):
+        from jasper.remote import remote_size
+
+        return remote_size(p)
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def write_store(
-    path: str | Path,
+    path: str | Path | Location,
     arrays: Mapping[str, torch.Tensor | ArraySource],
     manifest: Manifest | Mapping[str, Any],
     *,
@@ -183,6 +289,7 @@ def write_store(
     overwrite: bool = False,
     progress: bool | None = None,
     protect: tuple[str | Path, ...] = (),
+    expect_checksums: Mapping[str, str] | None = None,
     **options: Any,
 ) -> Path:
     """Write a dataset directory atomically with ``backend``.
@@ -193,35 +300,89 @@ def write_store(
     :class:`WriteOptionError` listing what the backend accepts. ``overwrite`` replaces only an
     existing dataset (:class:`~jasper.errors.OverwriteRefusedError` for anything else);
     ``protect`` names paths the target must neither be, contain nor lie inside (a conversion's
-    source). Returns the dataset path.
+    source). ``expect_checksums`` (array -> checksum) makes any other checksum of the bytes
+    written a :class:`~jasper.errors.ChecksumError` before the commit, so nothing unverified is
+    committed. OS failures are :class:`~jasper.errors.StorageError` naming the file and what to
+    do. Returns the dataset path (the :class:`~jasper.location.Location` for an object-store
+    URL, committed by generation: see :mod:`jasper.location`).
     """
-    target = Path(path).absolute()
+    where = as_target(path)
     impl = get_backend(backend)
+    if isinstance(where, Location):
+        from jasper.remote import require_location_support
+
+        require_location_support(impl, where)
     if not impl.capabilities.write:
         raise CapabilityError(f"backend {backend!r} cannot write datasets")
     _check_options(impl, options)
+    if not isinstance(manifest, Manifest):
+        _report_all_missing(arrays, manifest)
     m = copy.deepcopy(manifest) if isinstance(manifest, Manifest) else Manifest.from_dict(dict(manifest))
     sources = {n: as_source(a) for n, a in arrays.items()}
     check_layout(sources, m)
     total = sum(s.nbytes for s in sources.values())
+    if isinstance(where, Location):
+        from jasper.remote import write_remote
+
+        return write_remote(  # type: ignore[return-value]
+            where, impl, lambda gen: _fill(gen, where, impl, backend, sources, m, total,
+                                           progress, options, expect_checksums),
+            overwrite=overwrite)
+    target = where.absolute()
     with atomic_directory(target, overwrite=overwrite, protect=protect) as tmp:
-        with byte_bar(total, f"writing {target.name} ({backend})", progress) as update:
-            hashing = {n: _HashingSource(n, s, update) for n, s in sources.items()}
-            impl.write_arrays(tmp, hashing, m, **options)
-        for n, h in hashing.items():
-            expected = h.shape[0] if h.shape else 1
-            if not h.consumed or h.rows != expected:
-                raise JasperError(
-                    f"backend {backend!r} wrote {h.rows} of {expected} rows of {n!r}; this is a bug "
-                    "in the backend"
-                )
-        m.arrays = {
-            n: ArrayRecord(tuple(h.shape), dtype_name(h.dtype), h.hasher.hexdigest())
-            for n, h in hashing.items()
-        }
-        m.stamp(backend, _backend_version(backend))
+        _fill(tmp, target, impl, backend, sources, m, total, progress, options,
+              expect_checksums)
         m.dump(tmp, fsync=False)  # config.json last: it is the commit marker
     return target
+
+
+def _fill(into: Path | Location, target: Path | Location, impl: Any, backend: str,
+          sources: Mapping[str, ArraySource], m: Manifest, total: int, progress: bool | None,
+          options: Mapping[str, Any], expect_checksums: Mapping[str, str] | None) -> Manifest:
+    """Let the backend write every array into ``into`` (a temporary directory, or a new
+    generation's location) while core hashes them; fills ``m.arrays`` and stamps ``m``."""
+    with byte_bar(total, f"writing {target.name} ({backend})", progress) as update:
+        hashing = {n: _HashingSource(n, s, update) for n, s in sources.items()}
+        impl.write_arrays(into, hashing, m, **options)
+    for n, h in hashing.items():
+        expected = h.shape[0] if h.shape else 1
+        if not h.consumed or h.rows != expected:
+            raise JasperError(
+                f"backend {backend!r} wrote {h.rows} of {expected} rows of {n!r}; this is a bug "
+                "in the backend"
+            )
+    m.arrays = {
+        n: ArrayRecord(tuple(h.shape), dtype_name(h.dtype), h.hasher.hexdigest())
+        for n, h in hashing.items()
+    }
+    _verify_checksums(m, expect_checksums or {}, target)
+    m.stamp(backend, _backend_version(backend), _json_options(options))
+    return m
+
+
+def _verify_checksums(m: Manifest, expected: Mapping[str, str],
+                      target: Path | Location) -> None:
+    for n, want in expected.items():
+        got = m.arrays[n].checksum if n in m.arrays else None
+        if got != want:
+            raise ChecksumError(
+                f"{n}: the bytes read have checksum {got} but the source's manifest records "
+                f"{want}; the source array was changed or corrupted after it was written, so "
+                "nothing was written", array=n, rule="checksum", path=str(target))
+
+
+def _json_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The write options worth recording in the manifest (JSON values only)."""
+    import json
+
+    out = {}
+    for k, v in options.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        out[k] = v
+    return out
 
 
 def _backend_version(name: str) -> str | None:
@@ -231,33 +392,75 @@ def _backend_version(name: str) -> str | None:
 
 @dataclass
 class ConvertReport:
-    """What :func:`convert` did: both sizes on disk and the time it took."""
+    """What :func:`convert` did: both sizes on disk, the target's write options (given, and
+    carried over from the source), the source options not carried, and the time it took."""
 
-    src: Path
-    dst: Path
+    src: Path | Location
+    dst: Path | Location
     src_backend: str
     dst_backend: str
     src_bytes: int
     dst_bytes: int
     seconds: float
+    options: dict[str, Any] = field(default_factory=dict)
+    carried: dict[str, Any] = field(default_factory=dict)
+    not_carried: dict[str, str] = field(default_factory=dict)
 
     @property
     def saving(self) -> float:
         """Fraction of the source size saved (negative when the target is larger)."""
         return 1.0 - self.dst_bytes / self.src_bytes if self.src_bytes else 0.0
 
+    def options_line(self) -> str:
+        """One line on the target's options: what it got and what of the source's it did not."""
+        got = ", ".join(f"{k}={v!r}" + (" (from the source)" if k in self.carried else "")
+                        for k, v in self.options.items()) or f"{self.dst_backend} defaults"
+        line = f"target options: {got}"
+        if self.not_carried:
+            line += "; not carried: " + "; ".join(f"{k} ({why})" for k, why in
+                                                  self.not_carried.items())
+        return line
+
     def __str__(self) -> str:
         mb = 1024 * 1024
         return (
             f"converted {self.src} ({self.src_backend}, {self.src_bytes / mb:.1f} MiB) -> "
             f"{self.dst} ({self.dst_backend}, {self.dst_bytes / mb:.1f} MiB): "
-            f"{self.saving * 100:+.1f}% saved, {self.seconds:.1f} s"
+            f"{self.saving * 100:+.1f}% saved, {self.seconds:.1f} s; {self.options_line()}"
         )
 
 
+def _carry_options(source: Manifest, src_backend: str, to: str,
+                   given: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The source's recorded write options the target takes (same backend: all; another: those
+    whose value is one of the target's own presets), and why each other one is not carried.
+    Options go together (a compression and its level), so when the caller gives any of the
+    recorded ones, none is carried."""
+    recorded = (source.writer or {}).get("options") or {}
+    if any(k in given for k in recorded):
+        return {}, {f"{k}={v!r}": "options were given for the target" for k, v in recorded.items()
+                    if k not in given}
+    impl = get_backend(to)
+    accepted = _accepted_options(impl)
+    known: dict[str, list[Any]] = {}
+    for preset in impl.write_presets.values():
+        for k, v in preset.items():
+            known.setdefault(k, []).append(v)
+    carried: dict[str, Any] = {}
+    dropped: dict[str, str] = {}
+    for k, v in recorded.items():
+        if k not in accepted:
+            dropped[f"{k}={v!r}"] = f"backend {to!r} has no {k!r} option"
+        elif to == src_backend or v in known.get(k, []):
+            carried[k] = v
+        else:
+            dropped[f"{k}={v!r}"] = f"not a value backend {to!r} is known to take; pass one"
+    return carried, dropped
+
+
 def convert(
-    src: str | Path,
-    dst: str | Path,
+    src: str | Path | Location,
+    dst: str | Path | Location,
     *,
     to: str,
     src_backend: str = "auto",
@@ -267,29 +470,30 @@ def convert(
 ) -> ConvertReport:
     """Convert the dataset at ``src`` into backend ``to`` at ``dst``, streaming array by array.
 
-    Bit-exact: every array is copied with its dtype, and the target manifest's checksums must
-    equal the source's where the source recorded them. Unknown manifest keys are kept.
+    Bit-exact and verified: a jasper-written source must record a checksum for every array and
+    an unedited manifest (:func:`jasper.validation.check_manifest_trust`), and every array's
+    bytes must match its recorded checksum before the target is committed. The source's write
+    options (e.g. its compression) are carried where the target takes them; the report says
+    what the target got. Unknown manifest keys are kept.
     """
     t0 = time.perf_counter()
+    src_at = as_target(src)
+    src_bytes = dir_size(src_at) if isinstance(src_at, Location) or src_at.is_dir() else 0
     with open_store(src, src_backend) as reader:
         names = [n for n in dataset_kind(reader.manifest.dataset_kind).arrays if reader.has(n)]
+        check_manifest_trust(reader.manifest, names, reader.path)
         sources = {n: reader.source(n) for n in names}
         manifest = copy.deepcopy(reader.manifest)
-        before = dict(manifest.arrays)
+        expected = {n: rec.checksum for n, rec in manifest.arrays.items()
+                    if rec.checksum and n in sources}
+        carried, dropped = _carry_options(manifest, reader.backend_name, to, options)
+        opts = {**carried, **options}
         out = write_store(dst, sources, manifest, backend=to, overwrite=overwrite,
-                          progress=progress, protect=(Path(src),), **options)
+                          progress=progress, protect=(src_at,) if isinstance(src_at, Path) else (), expect_checksums=expected,
+                          **opts)
         src_name = reader.backend_name
-    written = Manifest.load(out)
-    for n, rec in before.items():
-        if rec.checksum and n in written.arrays and written.arrays[n].checksum != rec.checksum:
-            from jasper.errors import ChecksumError
-
-            raise ChecksumError(
-                f"conversion changed {n!r}: checksum {written.arrays[n].checksum} != {rec.checksum}",
-                array=n, rule="bit-exact conversion", path=out,
-            )
-    return ConvertReport(Path(src), out, src_name, to, dir_size(src), dir_size(out),
-                         time.perf_counter() - t0)
+    return ConvertReport(src_at, out, src_name, to, src_bytes, dir_size(out),
+                         time.perf_counter() - t0, opts, carried, dropped)
 
 
 __all__ = [
@@ -300,6 +504,7 @@ __all__ = [
     "ConvertReport",
     "DatasetExistsError",
     "atomic_directory",
+    "choose_backend",
     "clean_leftovers",
     "convert",
     "dir_size",

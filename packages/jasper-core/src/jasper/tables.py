@@ -22,7 +22,10 @@ the files in the receiving process) and :meth:`TableSet.close`. Array names come
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+import ctypes
+import mmap
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,6 +51,12 @@ LAZY_ARRAYS: tuple[str, ...] = tuple(
     n for n, s in ARRAYS.items() if s.cols is Cols.EMBEDDING_DIM and n != CENTROID_TABLE)
 #: Arrays a preloaded set keeps in shared memory (what ``reload_negatives`` replaces in place).
 RELOADABLE: tuple[str, ...] = ("hard_negatives", "negative_tiers")
+#: Arrays with a NaN/Inf rule (streamed chunk by chunk where they stay in storage).
+FINITE_ARRAYS: tuple[str, ...] = tuple(n for n, s in ARRAYS.items() if s.finite)
+#: Bytes per chunk of a scan through a map (and how far the kernel is asked to read ahead).
+SCAN_CHUNK_BYTES = 64 << 20
+_MADV_WILLNEED = 3  # Linux and the BSDs/macOS agree on the value
+_WILLNEED_STEP = 128 << 10  # the default read-ahead window (32 pages)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,53 @@ def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         strides.append(acc)
         acc *= max(1, int(s))
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape), tuple(reversed(strides)))
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith(("linux", "darwin", "freebsd")):
+        return None
+    try:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def will_need(t: torch.Tensor) -> None:
+    """Ask the kernel to start reading the pages behind a mapped tensor now (``MADV_WILLNEED``:
+    a one-shot asynchronous read-ahead; the mapping keeps its own advice, e.g. ``MADV_RANDOM``,
+    which disables read-ahead for the faults of a sequential scan). A no-op where unsupported."""
+    if _LIBC is None or t.numel() == 0 or t.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    aligned = start - start % page
+    end = start + t.numel() * t.element_size()
+    # the kernel caps one WILLNEED at the device's read-ahead window (force_page_cache_ra), so
+    # a long range is asked for in window-sized steps
+    for lo in range(aligned, end, _WILLNEED_STEP):
+        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(min(_WILLNEED_STEP, end - lo)),
+                      _MADV_WILLNEED)
+
+
+def read_ahead_chunks(t: torch.Tensor, chunk_bytes: int = SCAN_CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """Row chunks of a (mapped) tensor for a sequential scan, each read ahead while the previous
+    one is processed: a cold scan costs disk bandwidth, not one page fault per 4 KiB."""
+    n = int(t.shape[0]) if t.dim() else 0
+    if n == 0:
+        yield t
+        return
+    row_bytes = max(1, t[0].numel() * t.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    will_need(t[:step])
+    for start in range(0, n, step):
+        if start + step < n:
+            will_need(t[start + step : start + 2 * step])
+        yield t[start : start + step]
 
 
 def steering_dtype(infos: Mapping[str, ArrayInfo]) -> torch.dtype:
@@ -384,6 +440,19 @@ class MappedTables(TableSet):
 
     def _load(self, reader: StoreReader) -> dict[str, torch.Tensor]:
         return {n: reader.map(n) for n in ARRAYS}
+
+    def _check(self, arrays: Mapping[str, torch.Tensor], reader: StoreReader) -> None:
+        # The check reads every page of every array once, sequentially, through maps that
+        # backends advise MADV_RANDOM (right for shuffled batches, but it turns a cold scan
+        # into one synchronous 4 KiB fault at a time): read each array ahead explicitly.
+        path = self.location.path
+        for name, t in arrays.items():
+            if name not in FINITE_ARRAYS:
+                will_need(t)  # index arrays: scanned whole by the range checks below
+        check_arrays(arrays, self.location.manifest, path=path,
+                     skip_finite=frozenset(FINITE_ARRAYS))
+        for name in FINITE_ARRAYS:
+            check_finite_chunks(name, read_ahead_chunks(arrays[name]), path)
 
     def _columns(self) -> None:
         # copying the columns out of a map would read (and hold) the whole pair index

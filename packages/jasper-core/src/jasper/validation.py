@@ -10,18 +10,31 @@ rows``. Value rules (docs/data-model.md#what-is-checked-and-when) are data-quali
 
 from __future__ import annotations
 
+import math
+import re
 import time
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from jasper.dtypes import dtype_name
-from jasper.errors import ChecksumError, DataQualityError, IntegrityError, ShapeError
-from jasper.manifest import Checksummer, Manifest
+from jasper.errors import (
+    ChecksumError,
+    DataQualityError,
+    FormatError,
+    IntegrityError,
+    ManifestError,
+    ShapeError,
+)
+from jasper.manifest import MANIFEST_NAME, Checksummer, Manifest
 from jasper.schema import ARRAYS, PAIRS, Cols, Role, split_array
+
+if TYPE_CHECKING:
+    from jasper.location import Location
 
 #: Rows per chunk for the float checks, so mapped arrays are scanned without a full copy.
 _FLOAT_CHUNK_BYTES = 64 << 20
@@ -80,12 +93,110 @@ def _fmt_pos(name: str, pos: tuple[int, ...]) -> str:
     return f"{name}[{', '.join(str(p) for p in pos)}]"
 
 
-def check_shapes(arrays: Mapping[str, torch.Tensor], manifest: Manifest, path: Path | None = None) -> int:
-    """Ranks, dtypes, columns and row counts. Returns N_p."""
+# --- checks a backend (or core) runs before trusting what a file or a manifest claims --------
+#: An array name a backend may be asked to write or read: a catalogue name, never a path.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def check_array_names(names: Iterable[str], *, catalogue: Iterable[str] | None = None,
+                      path: str | Path | None = None) -> None:
+    """Refuse array names that could reach outside a dataset directory (anything but letters,
+    digits and ``_``: no path separators, no ``..``) and, given a ``catalogue``, names not in it.
+    Core calls it before every backend's ``write_arrays`` and on every manifest it opens, so no
+    backend has to trust a name."""
+    allowed = None if catalogue is None else frozenset(catalogue)
+    for name in names:
+        if not isinstance(name, str) or not _SAFE_NAME.match(name) or (
+                allowed is not None and name not in allowed):
+            raise ShapeError(
+                f"array name {name!r} is not a catalogue array name (letters, digits and _ "
+                "only; names are never paths)"
+                + (f"; the data model has: {', '.join(sorted(allowed))}" if allowed else ""),
+                array=str(name), rule="catalogue array name", path=path)
+
+
+def check_tensor_layout(name: str, t: torch.Tensor, path: str | Path | None = None) -> None:
+    """Refuse a tensor whose strides make rows or elements share memory (stride 0 from
+    ``expand``, overlapping ``as_strided``): one stored row would stand for many, which no
+    writer produces and a checksum of the logical bytes would not reveal. Backends call it on
+    every tensor they load."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1)
+    extent = 1  # elements spanned by the dimensions checked so far
+    for st, sz in dims:
+        if st < extent:
+            what = "stride 0" if st == 0 else "overlapping strides"
+            raise ShapeError(
+                f"{name} has {what} (strides {tuple(t.stride())} for shape {tuple(t.shape)}): its rows "
+                "alias one another (a stride-0 or overlapping view was stored); rewrite the "
+                "array from a contiguous tensor", array=name, rule="rows do not alias",
+                path=path)
+        extent += st * (sz - 1)
+
+
+def check_claimed_sizes(
+    claims: Mapping[str, tuple[tuple[int, ...], int]],
+    available_bytes: int,
+    *,
+    max_ratio: float = 1.0,
+    path: str | Path | None = None,
+    source: str = "the store",
+) -> None:
+    """Refuse shapes whose bytes (shape product x itemsize) exceed what the files can hold:
+    ``available_bytes`` (the dataset's file sizes) times ``max_ratio`` (the best compression
+    ratio the backend can reach; 1 for raw storage), plus 1 MiB. Run before anything is
+    allocated from a claimed shape, so a manifest or file claiming 10^15 rows is an error,
+    not an allocation."""
+    bound = available_bytes * max_ratio + (1 << 20)
+    total = 0
+    for name, (shape, itemsize) in claims.items():
+        nbytes = math.prod(int(s) for s in shape) * int(itemsize)
+        total += nbytes
+        if nbytes > bound:
+            raise FormatError(
+                path or ".", f"{source} claims {name} has shape {tuple(shape)} "
+                f"({nbytes:.3g} bytes) but the dataset's files hold {available_bytes:,} bytes; "
+                "the size is corrupt or hostile", array=name)
+    if total > bound:
+        raise FormatError(path or ".", f"{source} claims {total:.3g} bytes of arrays but the "
+                          f"dataset's files hold {available_bytes:,} bytes; the sizes are corrupt "
+                          "or hostile")
+
+
+def check_manifest_trust(manifest: Manifest, stored: Iterable[str], path: Path) -> None:
+    """What a deep validation and a conversion must not take on trust: a jasper-written
+    manifest (``schema_version`` set) records a checksum for every stored array, and its
+    data-describing keys are unchanged since the write (their digests match)."""
+    where = path / MANIFEST_NAME
+    edited = manifest.edited_data_keys()
+    if edited:
+        raise ManifestError(
+            where, f"{', '.join(repr(k) for k in edited)} changed after the dataset was written "
+            "(the digest recorded at write time no longer matches): the manifest no longer "
+            "describes the files; restore config.json or rewrite the dataset from its source")
+    if manifest.is_seed_era:
+        return  # the original system recorded no checksums
+    for name in stored:
+        rec = manifest.arrays.get(name)
+        if rec is None or not rec.checksum:
+            raise ChecksumError(
+                f"the manifest records no checksum for {name!r}; a jasper-written dataset has "
+                "one for every array, so the manifest was edited or damaged and the data cannot "
+                "be verified: restore config.json or rewrite the dataset", array=name,
+                rule="checksum recorded", path=path)
+
+
+def check_shapes(arrays: Mapping[str, torch.Tensor], manifest: Manifest, path: Path | None = None,
+                 placeholders: Iterable[str] = ()) -> int:
+    """Ranks, dtypes, columns, row counts and non-aliasing strides (except for
+    ``placeholders``: stand-ins whose data the caller checks itself). Returns N_p."""
     for name in ARRAYS:
         if name not in arrays:
             raise IntegrityError(f"array {name!r} is missing", array=name, rule="required array",
                                  path=path)
+    skip = frozenset(placeholders)
+    for name in ARRAYS:
+        if name not in skip:
+            check_tensor_layout(name, arrays[name], path)
     n_pairs = int(arrays["pair_index"].shape[0])
     for name, spec in ARRAYS.items():
         t = arrays[name]
@@ -168,7 +279,7 @@ def check_arrays(
     findings; each is also a :class:`DataQualityWarning` (when ``warn``), or raises
     :class:`DataQualityError` when ``strict``.
     """
-    n_pairs = check_shapes(arrays, manifest, path)
+    n_pairs = check_shapes(arrays, manifest, path, placeholders=skip_finite)
     rows = {n: int(arrays[n].shape[0]) for n in ARRAYS}
     rows[PAIRS] = n_pairs
 
@@ -213,7 +324,10 @@ def _check_range_col(name: str, t: torch.Tensor, col: int, bound: int, ref: str,
     if value < 0:
         msg, rule = f"{name}[{row}, {col}] = {value} is negative", "non-negative index"
     else:
-        msg, rule = f"{name}[{row}, {col}] = {value} but {ref} has {bound} rows", f"index < {ref} rows"
+        # "pair_index references question/source ..." is the original system's phrase
+        msg = (f"{name}[{row}, {col}] = {value} but {ref} has {bound} rows ({name} references "
+               f"{ref.removesuffix('_embs')} {value}, out of range)")
+        rule = f"index < {ref} rows"
     raise IntegrityError(msg, array=name, row=row, rule=rule, path=path)
 
 
@@ -362,7 +476,7 @@ def _quality_findings(arrays: Mapping[str, torch.Tensor],
 
 
 def validate(
-    path: str | Path,
+    path: str | Path | Location,
     *,
     deep: bool = False,
     strict: bool = False,
@@ -376,11 +490,14 @@ def validate(
     run the backend's own checks (e.g. SQLite ``integrity_check``). ``strict``: value-rule
     findings raise :class:`DataQualityError`.
     """
+    from jasper.location import as_target
     from jasper.progress import byte_bar
     from jasper.registry import get_backend
     from jasper.store import open_store
 
-    p = Path(path)
+    # a local Path, or an object-store Location: it stands in for the Path in messages and
+    # the report (both print as what the user typed and have a .name)
+    p = cast(Path, as_target(path))
     t0 = time.perf_counter()
     with open_store(p, backend, mmap=False) as reader:
         from jasper.kinds import kind_job
@@ -392,6 +509,7 @@ def validate(
             return report
         manifest = reader.manifest
         infos = {n: reader.info(n) for n in ARRAYS if reader.has(n)}
+        check_manifest_trust(manifest, infos, p)
         for n, rec in manifest.arrays.items():
             info = infos.get(n)
             if info is None:
@@ -423,6 +541,7 @@ def validate(
         for n in sorted(streamed):
             row = 0
             for chunk in reader.iter_chunks(n):
+                check_tensor_layout(n, chunk, p)
                 _check_finite(n, chunk, p, row_offset=row)
                 row += chunk.shape[0]
         report = ValidationReport(p, int(infos["pair_index"].shape[0]), 0.0, findings)
@@ -431,7 +550,7 @@ def validate(
             with byte_bar(total, f"verifying {p.name}", progress) as update:
                 for n, rec in manifest.arrays.items():
                     if not rec.checksum:
-                        continue
+                        continue  # seed-era only: check_manifest_trust refused the others
                     h = Checksummer()
                     for chunk in reader.iter_chunks(n):
                         h.update(chunk)
@@ -449,3 +568,23 @@ def validate(
                     rule="backend deep check", path=p)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def guard_write_arrays(cls: type) -> None:
+    """Wrap ``cls.write_arrays`` (when the class defines one) so that every call, from core or
+    direct, first passes :func:`check_array_names`: no backend can be made to write a file
+    outside its directory by an array name. Called for every backend class on definition."""
+    import functools
+
+    impl = cls.__dict__.get("write_arrays")
+    if impl is None or getattr(impl, "_jasper_names_checked", False):
+        return
+
+    @functools.wraps(impl)
+    def write_arrays(self: object, directory: Path, arrays: Mapping[str, object], *args: object,
+                     **kwargs: object) -> object:
+        check_array_names(arrays, path=directory)
+        return impl(self, directory, arrays, *args, **kwargs)
+
+    write_arrays._jasper_names_checked = True  # type: ignore[attr-defined]
+    cls.write_arrays = write_arrays  # type: ignore[attr-defined]

@@ -81,7 +81,6 @@ class HDF5Backend(BackendEntrypoint):
         compression_level: int | None = None,
         shuffle: bool | None = None,
         chunk_rows: int | None = None,
-        progress: Any = None,
     ) -> None:
         """Write every array into ``directory/dataset.h5``, streaming row blocks.
 

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import mmap as _mmap
 import os
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from jasper.errors import (
 from jasper.files import DatasetDir, OutsideDatasetError, ProcessLocal
 from jasper.manifest import Manifest
 from jasper.ptload import check_tensor_storage, load_pt
+from jasper.rows import merge_gap_rows, plan_spans, span_positions
 from jasper.schema import ALL_ARRAYS
 from jasper_hdf5.layout import (
     ATTR_DTYPE,
@@ -59,10 +59,11 @@ T = TypeVar("T")
 #: Chunk cache per open dataset while reading: a sorted batch of random rows revisits a chunk
 #: only while it walks through it, so a few chunks suffice.
 READ_CACHE_BYTES = 4 << 20
-#: Read the whole span ``[first, last]`` of a sorted row batch when it is at most this many
-#: times the number of rows asked for (one sequential read beats a scattered selection).
-DENSE_SPAN_FACTOR = 4
-#: Read the runs of consecutive rows one call each when there are at most this many.
+#: HDF5 calls cost more than a file read: merge row runs whose gaps are this many times core's
+#: gap (a chunk decoded once serves both runs).
+DENSE_GAP_FACTOR = 4
+#: Read the coalesced spans one call each when there are at most this many; more spans become
+#: one point selection.
 MAX_RUN_CALLS = 8
 
 _CSR = ("pair_keyword_offsets", "pair_keyword_ids")
@@ -421,8 +422,11 @@ class HDF5Reader(StoreReader):
         dset = self._dset(name, entry)
         mapped: torch.Tensor | None = None
         stored = np.dtype(dset.dtype)
+        # only local contiguous data: never a dataset reached through an external link (its
+        # offset is in another file), external raw storage or a virtual dataset
         if (dset.chunks is None and dset.compression is None and not dset.external
-                and not dset.is_virtual and dset.size and stored.isnative):
+                and not dset.is_virtual and dset.size and stored.isnative
+                and dset.file.filename == handles.h5.filename):
             offset = dset.id.get_offset()
             nbytes = int(dset.size) * stored.itemsize
             with self.files.open_file(FILE_NAME) as fh:
@@ -472,13 +476,6 @@ class HDF5Reader(StoreReader):
                              f"the manifest records {tuple(rec.shape)} {rec.dtype}", array=name,
                              rule="manifest shape", path=self.file)
 
-    def read(self, name: str) -> torch.Tensor:
-        info = self.info(name)
-        entry = self._require(name)
-        if entry.kind != "dataset":
-            return self._load(name, entry).clone()
-        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
-
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         info = self.check_out(name, out)
         if out.device.type != "cpu":
@@ -515,61 +512,33 @@ class HDF5Reader(StoreReader):
         self._wrap(name, lambda: dset.read_direct(buf, source_sel=np.s_[start:stop]))
         return out
 
-    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Sorted unique in-range rows (core checked, sorted and de-duplicated them): one
+        gather from the map of a contiguous array (HDF5 is not involved), else the coalesced
+        spans through HDF5 when they are few, else one point selection."""
         info = self.info(name)
-        rows = torch.as_tensor(rows)
-        if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype.is_complex \
-                or rows.dtype == torch.bool:
-            raise TypeError(f"read_rows({name!r}): rows must be a 1-D integer tensor, got "
-                            f"{tuple(rows.shape)} {rows.dtype}")
-        rows = rows.to(device="cpu", dtype=torch.int64)
-        n = info.shape[0]
-        if rows.numel() == 0:
-            return torch.empty((0, *info.shape[1:]), dtype=info.dtype)
-        lo, hi = torch.aminmax(rows)
-        if int(lo) < 0 or int(hi) >= n:
-            bad = int(torch.nonzero((rows < 0) | (rows >= n))[0])
-            raise IndexError(f"read_rows({name!r}): rows[{bad}] = {int(rows[bad])} is out of "
-                             f"range for {n} rows ({self.file})")
         entry = self._require(name)
         if entry.kind != "dataset":
             return self._load(name, entry).index_select(0, rows)
         mapped = self._map(name, entry)
         if mapped is not None:
-            # One gather from the map: the kernel pages the rows in, so nothing gains from
-            # sorting (MADV_RANDOM already stops read-ahead), and HDF5 is not involved.
             return mapped.index_select(0, rows).to(info.dtype)
-        uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-        data = self._read_sorted(name, entry, uniq.numpy(), info)
-        if uniq.shape[0] == rows.shape[0] and bool(torch.equal(uniq, rows)):
-            return data
-        return data.index_select(0, inverse)
-
-    def _read_sorted(self, name: str, entry: _Entry, idx: np.ndarray,
-                     info: ArrayInfo) -> torch.Tensor:
-        """Rows ``idx`` (sorted, unique, in range) of a dataset read through HDF5."""
         dset = self._dset(name, entry)
-        k = idx.shape[0]
-        first, last = int(idx[0]), int(idx[-1])
-        span = last - first + 1
+        row_bytes = ArrayInfo(info.shape[1:], info.dtype).nbytes
+        spans = plan_spans(rows, merge_gap_rows(max(row_bytes, 1)) * DENSE_GAP_FACTOR)
+        k = rows.shape[0]
+        if len(spans) <= MAX_RUN_CALLS:
+            covered = sum(b - a for a, b in spans)
+            buf_t = torch.empty((covered, *info.shape[1:]), dtype=info.dtype)
+            buf = to_storage(buf_t)
+            at = 0
+            for a, b in spans:
+                self._wrap(name, functools.partial(dset.read_direct, buf, source_sel=np.s_[a:b],
+                                                   dest_sel=np.s_[at : at + b - a]))
+                at += b - a
+            pos = span_positions(spans, rows)
+            return buf_t if pos is None else buf_t.index_select(0, pos)
         out = torch.empty((k, *info.shape[1:]), dtype=info.dtype)
-        buf = to_storage(out)
-        if span <= DENSE_SPAN_FACTOR * k:
-            if span == k:
-                self._wrap(name, lambda: dset.read_direct(buf, source_sel=np.s_[first:last + 1]))
-                return out
-            whole = torch.empty((span, *info.shape[1:]), dtype=info.dtype)
-            wbuf = to_storage(whole)
-            self._wrap(name, lambda: dset.read_direct(wbuf, source_sel=np.s_[first:last + 1]))
-            return whole.index_select(0, torch.from_numpy(idx - first))
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-        if breaks.shape[0] < MAX_RUN_CALLS:
-            bounds = [0, *breaks.tolist(), k]
-            for a, b in itertools.pairwise(bounds):
-                s = int(idx[a])
-                self._wrap(name, functools.partial(dset.read_direct, buf,
-                                                   source_sel=np.s_[s : s + (b - a)],
-                                                   dest_sel=np.s_[a:b]))
-            return out
-        self._wrap(name, lambda: dset.read_direct(buf, source_sel=np.s_[idx]))
+        idx = rows.numpy()
+        self._wrap(name, lambda: dset.read_direct(to_storage(out), source_sel=np.s_[idx]))
         return out

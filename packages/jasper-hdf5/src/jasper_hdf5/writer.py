@@ -27,6 +27,7 @@ import numpy as np
 from jasper.backend import ArraySource
 from jasper.dtypes import FLOAT_DTYPES, STORAGE_NUMPY, dtype_name, to_storage
 from jasper.errors import ShapeError, WriteOptionError
+from jasper.interrupts import InterruptGate, deferred_interrupts
 from jasper_hdf5.layout import (
     ATTR_DTYPE,
     ATTR_FORMAT,
@@ -169,15 +170,20 @@ def write_file(directory: Path, arrays: Mapping[str, ArraySource], opts: WriteOp
     path = Path(directory) / FILE_NAME
     # libver "earliest" (h5py's default) keeps the files readable by old h5py/HDF5 installs,
     # like the original system's.
-    with h5py.File(path, "w", rdcc_nbytes=WRITE_CACHE_BYTES, rdcc_w0=1.0) as f:
+    # Ctrl-C is held while h5py runs (it would be swallowed inside h5py's callbacks and the
+    # write would complete) and raised between blocks, so every interrupt stops the write.
+    with (deferred_interrupts() as gate,
+          h5py.File(path, "w", rdcc_nbytes=WRITE_CACHE_BYTES, rdcc_w0=1.0) as f):
         f.attrs[ATTR_FORMAT] = FORMAT_NAME
         f.attrs[ATTR_LAYOUT_VERSION] = LAYOUT_VERSION
         for name, source in arrays.items():
-            _write_array(f, path, name, source, opts)
+            _write_array(f, path, name, source, opts, gate)
+            gate.check()
     return path
 
 
-def _write_array(f: Any, path: Path, name: str, source: ArraySource, opts: WriteOptions) -> None:
+def _write_array(f: Any, path: Path, name: str, source: ArraySource, opts: WriteOptions,
+                 gate: InterruptGate) -> None:
     logical = dtype_name(source.dtype)
     shape = tuple(int(s) for s in source.shape)
     stored = STORAGE_NUMPY[logical]
@@ -205,5 +211,6 @@ def _write_array(f: Any, path: Path, name: str, source: ArraySource, opts: Write
                 f"{path}: array {name!r} got a block of shape {tuple(arr.shape)} at row {row}; "
                 f"the array is {shape}", array=name, row=row, rule="block fits the array",
             )
+        gate.check()
         dset.write_direct(arr, dest_sel=np.s_[row : row + n])
         row += n

@@ -3,8 +3,9 @@
 Layout of a dataset directory::
 
     config.json          core's manifest, written last (the commit marker)
-    catalogue.db         SQLite (WAL): the manifest as written, and for every array its file,
-                         logical and storage dtype, shape, data offset, checksum, block checksums
+    catalogue.db         SQLite (WAL): for every array its file, logical and storage dtype,
+                         shape, data offset and block checksums (core's config.json holds the
+                         whole-array checksums; see the README on why blocks are hashed)
     <array>.npy          one per array of jasper.schema.ARRAYS (CSR keyword ids as two arrays)
 
 Reads come three ways:
@@ -12,7 +13,8 @@ Reads come three ways:
 - :meth:`MemmapSqliteReader.map`: a zero-copy read-only tensor over ``numpy.memmap`` with
   ``madvise(MADV_RANDOM)`` (shuffled batches fault in only the pages they touch; readahead would
   waste the page cache on neighbours nobody asked for);
-- :meth:`~MemmapSqliteReader.read_rows`: sort + de-duplicate, gather from the map, un-permute;
+- :meth:`~MemmapSqliteReader.read_rows`: core sorts, de-duplicates and checks the indices, the
+  backend gathers the sorted rows from the map, core un-permutes;
 - :meth:`~MemmapSqliteReader.read` / ``read_into`` / ``read_slice``: ``preadv`` straight from
   the file into the destination tensor, the one copy a preload needs.
 
@@ -22,7 +24,7 @@ write permission). Clone a tensor before changing it.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import mmap as _mmap
 import os
 import sqlite3
@@ -44,7 +46,7 @@ from jasper.backend import (
 from jasper.dtypes import STORAGE_NUMPY, dtype_name, to_storage, torch_dtype
 from jasper.errors import DatasetNotFoundError, FormatError, JasperError, ShapeError
 from jasper.manifest import MANIFEST_NAME, Manifest
-from jasper.schema import ARRAYS
+from jasper.schema import ARRAYS, dataset_kind
 from jasper_memmap_sqlite.catalogue import (
     CATALOGUE_DDL,
     CatalogueEntry,
@@ -59,7 +61,8 @@ from jasper_memmap_sqlite.catalogue import (
     transaction,
     verify_blocks,
 )
-from jasper_memmap_sqlite.gather import as_index, gather_rows
+from jasper_memmap_sqlite.cluster_rows import LOCK_NAME as ROW_LOCK_NAME
+from jasper_memmap_sqlite.cluster_rows import ROWS_DDL, RowStore
 from jasper_memmap_sqlite.npy import (
     DEFAULT_ALIGN,
     check_size,
@@ -102,6 +105,11 @@ class MemmapSqliteReader(StoreReader):
         self._maps: dict[str, torch.Tensor] = {}
         self._mms: dict[str, np.ndarray] = {}
         self.entries = self._load_catalogue()
+        self._row_store = RowStore(self.path, self.path / CATALOGUE_NAME, self.entries)
+        if self._row_store.recover():  # a row writer died mid-change: rolled back
+            self.entries = self._load_catalogue()
+            self._row_store = RowStore(self.path, self.path / CATALOGUE_NAME, self.entries)
+            self.manifest = Manifest.load(self.path)
 
     def _load_catalogue(self) -> dict[str, CatalogueEntry]:
         db = self.path / CATALOGUE_NAME
@@ -183,17 +191,11 @@ class MemmapSqliteReader(StoreReader):
         if mm is not None:
             madvise(mm, advice)
 
-    def read(self, name: str) -> torch.Tensor:
-        e = self._entry(name)
-        out = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
-        return self.read_into(name, out)
-
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         e = self._entry(name)
         self.check_out(name, out)
         if out.device.type != "cpu" or not out.is_contiguous():
-            out.copy_(self.read(name))
-            return out
+            return out.copy_(self.read(name))
         if e.nbytes:
             view = to_storage(out).reshape(-1).view(np.uint8)
             fd = self.files.open_fd(e.file)
@@ -214,12 +216,26 @@ class MemmapSqliteReader(StoreReader):
         finally:
             os.close(fd)
 
-    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        return gather_rows(self.map(name), as_index(rows), name)
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        # ascending rows fault the map's pages in one sweep; core sorted and checked them
+        return self.map(name).index_select(0, rows)
+
+    def write_rows(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
+                   note: Mapping[str, Any] | None = None) -> None:
+        """Replace rows of mutable arrays in place as one crash-safe change (see
+        :mod:`jasper_memmap_sqlite.cluster_rows`); maps of this and every other process see
+        the new rows from their next :meth:`reading_rows` on."""
+        self._row_store.write(updates, note, dataset_kind(self.manifest.dataset_kind).arrays)
+        self.entries = dict(self._row_store.entries)
+        self.manifest = Manifest.load(self.path)
+
+    def reading_rows(self) -> contextlib.AbstractContextManager[None]:
+        return self._row_store.reading()
 
     def close(self) -> None:
         self._maps.clear()
         self._mms.clear()
+        self._row_store.close()
         super().close()
 
 
@@ -232,9 +248,12 @@ class MemmapSqliteBackend(BackendEntrypoint):
     )
     url: ClassVar[str] = "https://pypi.org/project/jasper-memmap-sqlite/"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        write=True, mmap=True, compression=False, row_access=True, worker_safe=True
+        write=True, mmap=True, compression=False, row_access=True, worker_safe=True,
+        write_rows=True,
     )
     marker_files: ClassVar[tuple[str, ...]] = (CATALOGUE_NAME,)
+    #: The cluster-labeled ``dataset.db`` layouts (the original system's and jasper's first).
+    foreign_markers: ClassVar[tuple[str, ...]] = ("dataset.db",)
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {
         "default": {},
         # numpy's own alignment: smaller files for tiny arrays, rows may straddle pages
@@ -258,7 +277,6 @@ class MemmapSqliteBackend(BackendEntrypoint):
         manifest: Manifest,
         *,
         align: int = DEFAULT_ALIGN,
-        progress: Any = None,
     ) -> None:
         """Stream every array into ``<name>.npy`` (data page-aligned), then record the catalogue
         in one transaction. ``align``: byte multiple where each file's data starts."""
@@ -275,16 +293,17 @@ class MemmapSqliteBackend(BackendEntrypoint):
             written[name] = (logical, write_npy(
                 directory / f"{name}.npy", tuple(source.shape), storage,
                 tensor_chunks(source.iter_chunks(rows)), align=align, array=name,
-                on_bytes=progress))
+                whole_checksum=False))
+        mutable = any(s.mutable for s in dataset_kind(manifest.dataset_kind).arrays.values())
         conn = connect(directory / CATALOGUE_NAME, readonly=False, create=True)
         try:
-            conn.executescript(CATALOGUE_DDL + _BACKEND_DDL)
+            rows_ddl = ROWS_DDL if mutable else ""  # tables of in-place row changes
+            conn.executescript(CATALOGUE_DDL + _BACKEND_DDL + rows_ddl)
             with transaction(conn):
                 conn.executemany("INSERT INTO jasper_meta (key, value) VALUES (?, ?)", [
                     ("format", FORMAT),
                     ("format_version", str(FORMAT_VERSION)),
                     ("align", str(align)),
-                    ("manifest", json.dumps(manifest.to_dict())),
                 ])
                 for name, (logical, w) in written.items():
                     insert_array(conn, name, logical, w)
@@ -293,16 +312,31 @@ class MemmapSqliteBackend(BackendEntrypoint):
                                  ("pair_keywords", "pair_keyword_offsets", "pair_keyword_ids"))
         finally:
             conn.close()  # the last close checkpoints the WAL into the database file
+        if mutable:
+            (directory / ROW_LOCK_NAME).touch()  # readers and row writers meet here
+
+    def open_foreign(self, path: Path) -> StoreReader | None:
+        """The cluster-labeled ``dataset.db`` layouts (no ``config.json``), read as arrays."""
+        if not (Path(path) / "dataset.db").is_file():
+            return None
+        from jasper_memmap_sqlite.cluster_reader import ClusterDbReader
+
+        return ClusterDbReader.open(Path(path))
 
     def deep_check(self, path: Path) -> list[str]:
         """``integrity_check``, ``foreign_key_check``, and every file against the catalogue:
         header, size, block checksums, and the catalogue against ``config.json``."""
         p = Path(path)
+        if not (p / CATALOGUE_NAME).exists() and (p / "dataset.db").is_file():
+            from jasper_memmap_sqlite.cluster_reader import deep_check_cluster_db
+
+            return deep_check_cluster_db(p)
         db = p / CATALOGUE_NAME
         try:
             conn = connect(db, readonly=True)
         except JasperError as exc:
             return [str(exc)]
+        problems: list[str] = []
         try:
             problems = sqlite_checks(conn, db)
             try:
@@ -311,6 +345,9 @@ class MemmapSqliteBackend(BackendEntrypoint):
             except FormatError as exc:
                 return [*problems, str(exc)]
             blocks = {n: block_checksums(conn, n) for n in entries}
+        except sqlite3.DatabaseError as exc:
+            return [*problems, f"{db}: SQLite cannot read the catalogue (damaged page?): {exc} "
+                    "(rule: readable SQLite file)"]
         finally:
             conn.close()
         for e in entries.values():
@@ -324,15 +361,10 @@ class MemmapSqliteBackend(BackendEntrypoint):
                 recorded = Manifest.load(p).arrays
             except JasperError as exc:
                 return [*problems, str(exc)]
-            for n, rec in recorded.items():
-                e = entries.get(n)
-                if e is None:
+            for n in recorded:
+                if n not in entries:
                     problems.append(f"{db}: array {n!r} is in {MANIFEST_NAME} but not in the "
                                     "catalogue (rule: catalogue covers the manifest)")
-                elif rec.checksum and e.checksum and rec.checksum != e.checksum:
-                    problems.append(f"{db}: {n!r} has checksum {e.checksum} in the catalogue "
-                                    f"but {rec.checksum} in {MANIFEST_NAME} (rule: catalogue "
-                                    "agrees with the manifest)")
         return problems
 
 

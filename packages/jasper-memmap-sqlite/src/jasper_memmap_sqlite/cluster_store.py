@@ -1,4 +1,4 @@
-"""The on-disk layout of cluster-labeled datasets, and opening one (both generations).
+"""The original system's cluster-labeled layout (``dataset.db``), opened for serving.
 
 The original system's layout (docs/migrating.md#cluster-labeled-datasets)::
 
@@ -7,19 +7,19 @@ The original system's layout (docs/migrating.md#cluster-labeled-datasets)::
     base_embeddings.npy      [N, D], opened with numpy memmap
     steering_embeddings.npy  [N, D]
 
-jasper keeps those tables (a sample's text, chroma id, suggestions and steering mode stay in
-``samples``) and moves everything a batch needs into mapped page-aligned ``.npy`` files::
+Opening parses the JSON labels once into float32 matrices held in a private temporary directory,
+so the dataset is served by the same vectorised code as every other (see
+:mod:`jasper_memmap_sqlite.cluster_reader`). Item ``i`` is the ``i``-th sample in ``sample_id``
+order, as in the original.
 
-    source_labels.npy, steering_labels.npy, combined_labels.npy   float32 [N, n_clusters]
-    sample_ids.npy, embedding_idx.npy                              int64 [N], in sample_id order
-    labels.lock                                                    flock target for label updates
+Only regular files inside the dataset directory are read: an ``embeddings_meta.file_path`` that
+names a file elsewhere (absolute, or through ``..``) is refused with
+:class:`~jasper.errors.UnsafeFileError`, unless that file no longer exists and the dataset
+directory holds a file of the same name (a moved dataset: the original recorded the absolute
+path it wrote to). Symbolic links are refused as well.
 
-and adds the array catalogue (``arrays``, ``array_blocks``, ``jasper_meta``) and
-``label_history`` (one row per label change, with a foreign key to ``samples``). Item ``i`` is the
-``i``-th sample in ``sample_id`` order, as in the original.
-
-Opening a dataset of the original system parses its JSON labels once into float32 matrices held
-in a private temporary directory, so both generations are served by the same vectorised code.
+jasper writes cluster-labeled datasets as an ordinary dataset kind (``config.json`` with
+``"kind": "cluster-labeled"``, see :mod:`jasper.cluster_kind`) with any backend.
 """
 
 from __future__ import annotations
@@ -37,12 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from jasper.errors import DatasetNotFoundError, FormatError, IntegrityError, ShapeError
+from jasper.errors import (
+    DatasetNotFoundError,
+    FormatError,
+    IntegrityError,
+    ShapeError,
+    UnsafeFileError,
+)
 from jasper_memmap_sqlite.catalogue import (
-    CatalogueEntry,
     connect,
     existing_tables,
-    load_catalogue,
     require_tables,
 )
 from jasper_memmap_sqlite.npy import NpyHeader, check_size, read_header, write_npy
@@ -52,54 +56,8 @@ BASE_FILE = "base_embeddings.npy"
 STEERING_FILE = "steering_embeddings.npy"
 LABEL_TYPES: tuple[str, ...] = ("source", "steering", "combined")
 LABEL_FILES: dict[str, str] = {t: f"{t}_labels.npy" for t in LABEL_TYPES}
-SAMPLE_IDS_FILE = "sample_ids.npy"
-EMBEDDING_IDX_FILE = "embedding_idx.npy"
 LOCK_FILE = "labels.lock"
-FORMAT = "jasper-cluster-labeled"
-FORMAT_VERSION = 1
 SEED_TABLES = ("samples", "embeddings_meta", "dataset_info")
-JASPER_TABLES = (*SEED_TABLES, "jasper_meta", "arrays", "array_blocks", "label_history")
-
-#: The original system's tables, column for column; jasper's ``samples`` differs only in that the
-#: label columns may be NULL (the labels live in the matrices).
-SAMPLES_DDL = """
-CREATE TABLE IF NOT EXISTS samples (
-    sample_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    sample_type TEXT NOT NULL CHECK (sample_type IN ('source', 'question')),
-    text TEXT NOT NULL,
-    chroma_id TEXT,
-    suggestions TEXT,
-    source_label TEXT,
-    steering_label TEXT,
-    combined_label TEXT,
-    embedding_idx INTEGER NOT NULL CHECK (embedding_idx >= 0),
-    steering_mode TEXT,
-    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
-    updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
-);
-CREATE TABLE IF NOT EXISTS embeddings_meta (
-    embedding_type TEXT PRIMARY KEY,
-    file_path TEXT NOT NULL,
-    shape TEXT NOT NULL,
-    dtype TEXT NOT NULL,
-    checksum TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dataset_info (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS idx_sample_type ON samples(sample_type);
-CREATE INDEX IF NOT EXISTS idx_chroma_id ON samples(chroma_id);
-CREATE TABLE IF NOT EXISTS label_history (
-    id INTEGER PRIMARY KEY,
-    sample_id INTEGER NOT NULL REFERENCES samples(sample_id),
-    label_type TEXT NOT NULL CHECK (label_type IN ('source', 'steering', 'combined')),
-    old_label TEXT,
-    new_label TEXT NOT NULL,
-    changed_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
-);
-CREATE INDEX IF NOT EXISTS idx_label_history_sample ON label_history(sample_id);
-"""
 
 
 @dataclass(frozen=True)
@@ -117,7 +75,7 @@ class ClusterStore:
 
     directory: Path
     db_path: Path
-    generation: str  # "jasper" or "seed"
+    generation: str  # "seed": the original system's layout
     n_samples: int
     n_clusters: int
     embedding_dim: int
@@ -127,7 +85,6 @@ class ClusterStore:
     lock_path: Path
     sample_ids: MappedFile | torch.Tensor
     embedding_idx: MappedFile | torch.Tensor
-    catalogue: dict[str, CatalogueEntry] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     temp_dir: Path | None = None
 
@@ -154,27 +111,50 @@ def _dataset_info(conn: sqlite3.Connection, db: Path) -> dict[str, Any]:
     return info
 
 
-def _resolve(directory: Path, recorded: str) -> Path:
-    """The original system stored the path it wrote to; datasets get moved, so fall back to the
-    file of that name inside the dataset directory."""
+def _resolve(directory: Path, recorded: str, kind: str, db: Path) -> Path:
+    """The file ``embeddings_meta`` registers, if it is a regular file inside ``directory``.
+
+    The original system stored the absolute path it wrote to; datasets get moved, so a recorded
+    path that no longer exists falls back to the file of that name inside the directory. A path
+    that exists outside the directory (or is a symbolic link) is never read.
+    """
+    import stat
+
     p = Path(recorded)
-    candidates = [p] if p.is_absolute() else [directory / p, p]
-    candidates.append(directory / p.name)
-    for c in candidates:
-        if c.is_file():
-            return c
-    return directory / p.name
+    # os.path.join keeps an absolute recorded path as it is; normpath folds "a/../b" lexically
+    candidate = Path(os.path.normpath(os.path.join(directory.absolute(), p)))
+    try:
+        inside = ".." not in p.parts and candidate.parent.resolve().is_relative_to(
+            directory.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        if os.path.lexists(candidate):
+            raise UnsafeFileError(
+                db, f"embeddings_meta[{kind!r}].file_path = {recorded!r} names a file outside "
+                f"the dataset directory {directory} (rule: a dataset reads only regular files "
+                "inside its own directory); copy the file into the directory and record its "
+                "name there")
+        candidate = directory / p.name  # a moved dataset: its own file of that name
+    try:
+        mode = os.lstat(candidate).st_mode
+    except FileNotFoundError:
+        return candidate  # reported by the caller as a missing file
+    if not stat.S_ISREG(mode):
+        raise UnsafeFileError(
+            candidate, f"the {kind} embedding file is not a regular file (a symbolic link or "
+            "something else); a dataset reads only regular files inside its own directory")
+    return candidate
 
 
 def _embedding_file(directory: Path, db: Path, conn: sqlite3.Connection, kind: str,
-                    default_name: str, dim: int | None,
-                    entry: CatalogueEntry | None = None) -> MappedFile:
+                    default_name: str, dim: int | None) -> MappedFile:
     row = conn.execute("SELECT file_path, shape, dtype FROM embeddings_meta WHERE "
                        "embedding_type = ?", (kind,)).fetchone()
     if row is None:
         raise FormatError(db, f"embeddings_meta has no row for embedding_type {kind!r} (rule: "
                           "base and steering embedding files are registered)")
-    path = _resolve(directory, row[0] or default_name)
+    path = _resolve(directory, row[0] or default_name, kind, db)
     if not path.is_file():
         raise DatasetNotFoundError(path, f"{kind} embedding file",
                                    f"embeddings_meta of {db} registers {row[0]!r}")
@@ -196,8 +176,6 @@ def _embedding_file(directory: Path, db: Path, conn: sqlite3.Connection, kind: s
         raise ShapeError(f"{path.name} has {header.shape[1]} columns but dataset_info "
                          f"embedding_dim is {dim}", array=kind, rule="embedding width",
                          path=path)
-    if entry is not None:  # jasper records the logical dtype (bfloat16 is stored as uint16)
-        return MappedFile(path, header, entry.dtype)
     try:
         logical = _logical(header.dtype)
     except TypeError:
@@ -215,9 +193,11 @@ def open_cluster_store(directory: str | Path) -> ClusterStore:
     db = d / DB_NAME
     conn = connect(db, readonly=True)
     try:
-        have = existing_tables(conn)
-        if "jasper_meta" in have:
-            return _open_jasper(d, db, conn)
+        if "jasper_meta" in existing_tables(conn):
+            raise FormatError(db, "this is jasper's first, unreleased cluster-labeled layout "
+                              "(dataset.db with label matrices), which this version no longer "
+                              "reads; write it again with jasper.cluster_kind."
+                              "write_cluster_labeled")
         require_tables(conn, db, SEED_TABLES, "cluster-labeled dataset")
         return _open_seed(d, db, conn)
     finally:
@@ -247,81 +227,6 @@ def _check_embedding_idx(idx: torch.Tensor, sample_ids: torch.Tensor, rows: int,
         f"sample_id {int(sample_ids[pos])} (item {pos}) has embedding_idx {int(idx[pos])} but "
         f"{BASE_FILE} has {rows} rows", array="embedding_idx", row=pos,
         rule="0 <= embedding_idx < embedding rows", path=db)
-
-
-def _check_sorted_ids(ids: torch.Tensor, db: Path) -> None:
-    if ids.numel() > 1:
-        step = ids[1:] - ids[:-1]
-        if int(step.min()) <= 0:
-            pos = int(torch.nonzero(step <= 0)[0]) + 1
-            raise IntegrityError(f"sample_ids[{pos}] = {int(ids[pos])} does not follow "
-                                 f"{int(ids[pos - 1])}", array="sample_ids", row=pos,
-                                 rule="sample ids strictly increase", path=db)
-
-
-def _open_jasper(d: Path, db: Path, conn: sqlite3.Connection) -> ClusterStore:
-    require_tables(conn, db, JASPER_TABLES, "jasper cluster-labeled dataset")
-    meta = dict(conn.execute("SELECT key, value FROM jasper_meta"))
-    if meta.get("format") != FORMAT:
-        raise FormatError(db, f"jasper_meta.format is {meta.get('format')!r}, expected "
-                          f"{FORMAT!r} (rule: cluster-labeled dataset)")
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise FormatError(db, f"format_version {meta.get('format_version')} is newer than this "
-                          "jasper-memmap-sqlite reads; upgrade it")
-    info = _dataset_info(conn, db)
-    dim, n_clusters = _dims(info, db)
-    catalogue = load_catalogue(conn, db)
-    base = _embedding_file(d, db, conn, "base", BASE_FILE, dim, catalogue.get("base"))
-    steering = _embedding_file(d, db, conn, "steering", STEERING_FILE, dim,
-                               catalogue.get("steering"))
-    n_samples = conn.execute("SELECT count(*) FROM samples").fetchone()[0]
-    files: dict[str, MappedFile] = {}
-    for name in (*(f"{t}_labels" for t in LABEL_TYPES), "sample_ids", "embedding_idx"):
-        e = catalogue.get(name)
-        if e is None:
-            raise FormatError(db, f"array {name!r} is not in the catalogue (rule: a jasper "
-                              "cluster-labeled dataset catalogues its label and index arrays)")
-        path = d / e.file
-        header = read_header(path, name)
-        if (header.dtype, header.shape, header.offset) != (e.storage_dtype, e.shape,
-                                                            e.data_offset):
-            raise ShapeError(f"{e.file}: header says {header.dtype.str} {header.shape}, the "
-                             f"catalogue {e.storage_dtype.str} {e.shape}", array=name,
-                             rule="file header matches the catalogue", path=path)
-        check_size(path, header, name)
-        files[name] = MappedFile(path, header, e.dtype)
-    width = files["combined_labels"].header.shape[1] if len(
-        files["combined_labels"].header.shape) == 2 else -1
-    n_clusters = n_clusters or width
-    for t in LABEL_TYPES:
-        f = files[f"{t}_labels"]
-        if f.header.shape != (n_samples, n_clusters) or f.logical != "float32":
-            raise ShapeError(
-                f"{f.path.name} is {f.logical} {f.header.shape}, expected float32 "
-                f"({n_samples}, {n_clusters}) for {n_samples} samples and n_clusters = "
-                f"{n_clusters}", array=f"{t}_labels",
-                row=min(n_samples, f.header.shape[0]) if f.header.shape else 0,
-                rule="labels are float32 [N, n_clusters]", path=f.path)
-    for name in ("sample_ids", "embedding_idx"):
-        f = files[name]
-        if f.header.shape != (n_samples,) or f.logical != "int64":
-            raise ShapeError(f"{f.path.name} is {f.logical} {f.header.shape}, expected int64 "
-                             f"({n_samples},)", array=name, rule="one int64 per sample",
-                             path=f.path)
-    from jasper_memmap_sqlite.npy import map_tensor, open_memmap
-
-    ids = map_tensor(open_memmap(files["sample_ids"].path, files["sample_ids"].header), "int64")
-    idx = map_tensor(open_memmap(files["embedding_idx"].path, files["embedding_idx"].header),
-                     "int64")
-    _check_sorted_ids(ids, db)
-    _check_embedding_idx(idx, ids, base.header.shape[0], db)
-    _check_same_shape(base, steering)
-    return ClusterStore(
-        directory=d, db_path=db, generation="jasper", n_samples=int(n_samples),
-        n_clusters=int(n_clusters), embedding_dim=int(base.header.shape[1]), base=base,
-        steering=steering, labels={t: files[f"{t}_labels"] for t in LABEL_TYPES},
-        lock_path=d / LOCK_FILE, sample_ids=files["sample_ids"],
-        embedding_idx=files["embedding_idx"], catalogue=catalogue, info=info)
 
 
 def _check_same_shape(base: MappedFile, steering: MappedFile) -> None:

@@ -128,7 +128,7 @@ class Written:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
-    checksum: str
+    checksum: str | None
     rows_per_block: int
     blocks: list[str] = field(default_factory=list)
 
@@ -140,16 +140,17 @@ def rows_per_block(row_bytes: int) -> int:
 class BlockHasher:
     """Hash an array in fixed blocks of rows, whatever chunk sizes arrive."""
 
-    def __init__(self, row_bytes: int) -> None:
+    def __init__(self, row_bytes: int, *, whole: bool = True) -> None:
         self.row_bytes = row_bytes
         self.rows_per_block = rows_per_block(row_bytes)
-        self.whole = Checksummer()
+        self.whole: Checksummer | None = Checksummer() if whole else None
         self.blocks: list[str] = []
         self._cur = Checksummer()
         self._cur_rows = 0
 
     def update(self, arr: np.ndarray) -> None:
-        self.whole.update(arr)
+        if self.whole is not None:
+            self.whole.update(arr)
         rows = arr.shape[0] if arr.ndim else 1
         if rows == 0:
             return
@@ -164,11 +165,11 @@ class BlockHasher:
                 self.blocks.append(self._cur.hexdigest())
                 self._cur, self._cur_rows = Checksummer(), 0
 
-    def finish(self) -> tuple[str, list[str]]:
+    def finish(self) -> tuple[str | None, list[str]]:
         if self._cur_rows:
             self.blocks.append(self._cur.hexdigest())
             self._cur, self._cur_rows = Checksummer(), 0
-        return self.whole.hexdigest(), self.blocks
+        return (self.whole.hexdigest() if self.whole is not None else None), self.blocks
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -186,16 +187,19 @@ def write_npy(
     align: int = DEFAULT_ALIGN,
     array: str | None = None,
     on_bytes: object = None,
+    whole_checksum: bool = True,
 ) -> Written:
     """Stream ``chunks`` (storage-dtype arrays, rows in order) into a page-aligned ``.npy``.
 
     Never holds more than one chunk; checks that the rows add up to ``shape[0]``.
+    ``whole_checksum=False`` skips the whole-array digest (when core records it already); the
+    per-block checksums are always computed.
     """
     head = header_bytes(storage_dtype, shape, align)
     row_bytes = storage_dtype.itemsize
     for s in shape[1:]:
         row_bytes *= s
-    hasher = BlockHasher(row_bytes)
+    hasher = BlockHasher(row_bytes, whole=whole_checksum)
     rows = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

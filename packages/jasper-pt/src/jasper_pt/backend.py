@@ -110,10 +110,6 @@ class PTReader(StoreReader):
         t = self._mapped(name)
         return ArrayInfo(tuple(t.shape), t.dtype)
 
-    def read(self, name: str) -> torch.Tensor:
-        t = self._mapped(name)
-        return t.clone(memory_format=torch.contiguous_format)
-
     def map(self, name: str) -> torch.Tensor:
         return self._mapped(name)
 
@@ -124,7 +120,7 @@ class PTReader(StoreReader):
     def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._mapped(name)[start:stop].clone()
 
-    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         return self._mapped(name).index_select(0, rows)
 
     def close(self) -> None:
@@ -155,8 +151,6 @@ class PTBackend(BackendEntrypoint):
         directory: Path,
         arrays: Mapping[str, ArraySource],
         manifest: Manifest,
-        *,
-        progress: Any = None,
     ) -> None:
         for name, source in arrays.items():
             out = directory / f"{name}{SUFFIX}"

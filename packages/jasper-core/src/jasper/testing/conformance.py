@@ -44,6 +44,7 @@ from jasper.schema import ARRAYS
 from jasper.store import TMP_MARK, TRASH_MARK, clean_leftovers
 from jasper.testing import _workers
 from jasper.testing.data import make_arrays
+from jasper.testing.datasets import DatasetConformance
 
 #: Modules no backend listing may import (a listing that does costs every user seconds).
 DEFAULT_HEAVY_MODULES: tuple[str, ...] = (
@@ -153,8 +154,11 @@ DTYPE_CASES: list[tuple[str, str]] = [
 ]
 
 
-class BackendConformance:
+class BackendConformance(DatasetConformance):
     """Subclass this with one fixture, ``backend``, returning the backend instance.
+
+    Besides the store-level tests below, it runs the dataset-level tests of
+    :class:`~jasper.testing.datasets.DatasetConformance`: both dataset kinds on the backend.
 
     Class attributes (all optional):
 
@@ -589,6 +593,97 @@ class BackendConformance:
             assert_bit_equal(t, dataset.arrays[name], f"{name!r} read before close")
         with jasper.open_store(dataset.path, backend.name) as again:
             self.assert_round_trip(again, dataset.arrays)
+
+    # === one dataset version, files inside the dataset ======================================
+    def test_reader_during_commit_sees_one_version(self, backend: BackendEntrypoint,
+                                                   tmp_path: Path) -> None:
+        """A writer process commits two versions of a dataset to one path again and again (core's
+        atomic directory swap) while this process opens and reads it: every reader must serve
+        arrays of one version only, the one its manifest describes (the re-mine +
+        ``reload_negatives`` workflow).
+
+        Fix: open every file through ``self.files`` (:class:`jasper.files.DatasetDir`, pinned
+        when the reader is created), never by path, and open lazily only through it.
+        """
+        self.require_write(backend)
+        from jasper.manifest import checksum
+
+        versions = []
+        for seed in (1, 2):
+            arrays, manifest = make_arrays(n_pairs=48, embedding_dim=8, seed=seed)
+            versions.append(self.write_dataset(backend, tmp_path / f"v{seed}", arrays, manifest))
+        target = tmp_path / "live"
+        shutil.copytree(versions[0], target)
+        script = (
+            "import shutil, sys, time\n"
+            "from jasper.store import atomic_directory\n"
+            "target, a, b, stop = sys.argv[1:5]\n"
+            "i = 0\n"
+            "end = time.monotonic() + float(stop)\n"
+            "while time.monotonic() < end:\n"
+            "    with atomic_directory(target, overwrite=True) as tmp:\n"
+            "        shutil.copytree((a, b)[i % 2], tmp, dirs_exist_ok=True)\n"
+            "    i += 1\n"
+            "print(i)\n"
+        )
+        writer = subprocess.Popen([sys.executable, "-c", script, str(target), str(versions[0]),
+                                   str(versions[1]), "4"], stdout=subprocess.PIPE, text=True)
+        served = 0
+        try:
+            end = time.monotonic() + 3.5
+            while time.monotonic() < end:
+                try:
+                    reader = jasper.open_store(target, backend.name)
+                except (JasperError, FileNotFoundError):
+                    continue  # between the two renames of a commit there is no dataset
+                with reader:
+                    for name in ("pair_index", "hard_negatives", "steering_residual",
+                                 "source_embs"):
+                        got = checksum(reader.read(name))
+                        want = reader.manifest.arrays[name].checksum
+                        assert got == want, (
+                            f"{name!r} read during a commit belongs to another version than the "
+                            f"reader's manifest (served {served} readers before): mixed data")
+                served += 1
+        finally:
+            out, _ = writer.communicate(timeout=60)
+        assert writer.returncode == 0 and int(out) > 2, "the writer did not commit repeatedly"
+        assert served > 0, "no reader could open the dataset while it was being replaced"
+
+    def test_members_outside_the_dataset_are_refused(self, backend: BackendEntrypoint,
+                                                     dataset: KitDataset,
+                                                     tmp_path: Path) -> None:
+        """Each data file of the dataset replaced by a symlink to a copy outside it, by a
+        directory, or by a self-referencing symlink: opening and reading every array raises a
+        ``JasperError`` naming that file (by default a dataset reads only regular files inside
+        its own directory) and never serves the outside copy silently.
+
+        Fix: open files with ``self.files.open_fd`` / ``open_file`` / ``path_for``.
+        """
+        files = [p for p in sorted(dataset.path.iterdir())
+                 if p.is_file() and p.name != MANIFEST_NAME
+                 and not any(fnmatch(p.name, pat) for pat in self.optional_files)]
+        assert files, "the dataset directory holds no data files"
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        for f in files:
+            for kind in ("symlink", "directory", "loop"):
+                d = tmp_path / f"case-{f.name}-{kind}"
+                shutil.copytree(dataset.path, d)
+                victim = d / f.name
+                victim.unlink()
+                if kind == "symlink":
+                    shutil.copy(f, outside / f.name)
+                    victim.symlink_to(outside / f.name)
+                elif kind == "directory":
+                    victim.mkdir()
+                else:
+                    victim.symlink_to(victim)
+                with pytest.raises(JasperError) as e, jasper.open_store(d, backend.name) as r:
+                    for name in r.array_names():
+                        r.read(name)
+                assert f.name in str(e.value), (
+                    f"{f.name} as a {kind}: the error does not name the file: {e.value}")
 
     # === mapping ============================================================================
     def test_mmap_is_zero_copy(self, backend: BackendEntrypoint, dataset: KitDataset) -> None:

@@ -1,0 +1,142 @@
+"""Where a Chroma-backed dataset keeps what: the one description reader and writer share.
+
+A dataset is a directory (jasper's contract: core writes ``config.json`` last and renames the
+directory into place):
+
+- ``chroma.json``: this layout's record: where the collections live (``"local"``: the
+  PersistentClient directory ``chroma/`` inside the dataset; ``"server"``: a Chroma server's
+  host, port, tenant and database), each table's collection name, rows and columns;
+- ``chroma/``: the PersistentClient directory (local datasets only);
+- ``arrays/NAME.npy``: every array that is not an embedding table, in its storage dtype.
+
+The four embedding tables (questions, sources, keywords, centroids) are collections whose ids
+are the row numbers as decimal strings (``"0"``, ``"1"``, ...), so row ``i`` is always id
+``str(i)``. Collections use the ``l2`` space: Chroma's ``cosine`` space stores normalised
+vectors (measured: 1-2 ulp changes on 40% of the values), which would break bit-exact reads.
+
+Why the steering vectors (``[N_p, D]`` floats, three of them) are ``.npy`` files beside the
+collections and not collections: they are never searched by similarity, only read whole at
+preload; as collections they would triple the rows Chroma indexes (writes run at about
+1-9k rows/s) and every read would pay float64 transport. As ``.npy`` they read at disk speed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from jasper.errors import FormatError
+from jasper.schema import Role, dataset_kind
+
+LAYOUT_FILE = "chroma.json"
+CHROMA_DIR = "chroma"
+ARRAYS_DIR = "arrays"
+LAYOUT_VERSION = 1
+
+#: HNSW settings for jasper's bulk loads: small graphs build faster (tables are read by id,
+#: never searched by jasper), batch and sync thresholds at Chroma's maximum batch size.
+BULK_HNSW: dict[str, Any] = {"space": "l2", "ef_construction": 32, "max_neighbors": 8,
+                             "batch_size": 5461, "sync_threshold": 20000}
+
+def table_names(kind: str | None) -> list[str]:
+    """The embedding tables of a dataset kind (questions, sources, keywords and centroids of
+    the steering kind; base and steering embeddings of the cluster-labeled kind)."""
+    return [n for n, s in dataset_kind(kind).arrays.items() if s.role is Role.TABLE]
+
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
+
+
+def collection_name(prefix: str, table: str) -> str:
+    """The collection holding ``table`` (3-512 characters, as Chroma requires)."""
+    name = f"{prefix}-{table}"
+    if not _NAME_OK.match(name):
+        raise ValueError(f"invalid Chroma collection name {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class ServerLocation:
+    """A Chroma server: ``chroma://host:port[/tenant/database]`` or ``http://host:port``."""
+
+    host: str
+    port: int
+    tenant: str = "default_tenant"
+    database: str = "default_database"
+
+    @classmethod
+    def parse(cls, text: str) -> ServerLocation:
+        parts = urlsplit(text if "://" in text else f"chroma://{text}")
+        if parts.scheme not in {"chroma", "http"} or not parts.hostname or not parts.port:
+            raise FormatError(text, "a Chroma server location is chroma://HOST:PORT"
+                              "[/TENANT/DATABASE]")
+        path = [p for p in parts.path.split("/") if p]
+        tenant = path[0] if len(path) > 0 else "default_tenant"
+        database = path[1] if len(path) > 1 else "default_database"
+        return cls(parts.hostname, parts.port, tenant, database)
+
+    def url(self) -> str:
+        return f"chroma://{self.host}:{self.port}/{self.tenant}/{self.database}"
+
+
+def is_server(location: str | Path) -> bool:
+    """Whether ``location`` names a server rather than a directory."""
+    text = str(location)
+    return text.startswith(("chroma://", "http://"))
+
+
+@dataclass
+class TableRecord:
+    collection: str
+    rows: int
+    cols: int
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"collection": self.collection, "rows": self.rows, "cols": self.cols,
+                "dtype": self.dtype}
+
+
+@dataclass
+class Layout:
+    """The parsed ``chroma.json``."""
+
+    where: str  # "local" or "server"
+    server: ServerLocation | None
+    tables: dict[str, TableRecord]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"layout_version": LAYOUT_VERSION, "where": self.where,
+                             "tables": {k: v.to_dict() for k, v in self.tables.items()}}
+        if self.server is not None:
+            d["server"] = {"host": self.server.host, "port": self.server.port,
+                           "tenant": self.server.tenant, "database": self.server.database}
+        return d
+
+    def dump(self, directory: Path) -> None:
+        (directory / LAYOUT_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n",
+                                             encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path, kind: str | None = None) -> Layout:
+        path = directory / LAYOUT_FILE
+        if not path.is_file():
+            raise FormatError(path, "missing: a Chroma-backed dataset has chroma.json")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            server = ServerLocation(**d["server"]) if d.get("server") else None
+            tables = {k: TableRecord(v["collection"], int(v["rows"]), int(v["cols"]),
+                                     str(v["dtype"])) for k, v in d["tables"].items()}
+            where = str(d["where"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise FormatError(path, f"not a valid chroma.json: {exc}") from None
+        missing = [t for t in table_names(kind) if t not in tables]
+        if missing:
+            raise FormatError(path, f"chroma.json lists no collection for {', '.join(missing)}")
+        if where not in {"local", "server"} or (where == "server") != (server is not None):
+            raise FormatError(path, f"chroma.json 'where' is {where!r}")
+        return cls(where, server, tables)

@@ -1,0 +1,7 @@
+"""``python -m reliability``: see :mod:`reliability.campaign`."""
+
+import sys
+
+from reliability.campaign import main
+
+sys.exit(main())

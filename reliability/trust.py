@@ -1,0 +1,340 @@
+"""Path-trust cases (a dataset must read only regular files inside its own directory) and
+malicious-pickle placements (no loader may run code from a file; a canary must never appear)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from reliability import ops
+from reliability.families import _sample
+from reliability.reference import Reference
+from reliability.runner import Case, Outcome, Verdict
+
+Place = tuple[str, Callable[[Path, Path], None]]  # name, fn(dataset copy, case workdir)
+
+
+def _data_files(ref: Reference) -> list[str]:
+    return sorted(p.name for p in ref.ds.iterdir() if p.is_file() and p.name != "config.json")
+
+
+# --- path trust ---------------------------------------------------------------------------------
+def _symlink_out(ref: Reference, rel: str, relative: bool) -> Callable[[Path, Path], None]:
+    def apply(d: Path, work: Path) -> None:
+        # a private copy of the foreign dataset, outside the damaged one
+        foreign = work / "foreign"
+        if not foreign.exists():
+            ref.copy_to(foreign, "alt")
+        (d / rel).unlink()
+        target = foreign / rel
+        (d / rel).symlink_to(os.path.relpath(target, d) if relative else target)
+    return apply
+
+
+def _to_special(rel: str, kind: str) -> Callable[[Path, Path], None]:
+    def apply(d: Path, _work: Path) -> None:
+        (d / rel).unlink()
+        if kind == "fifo":
+            os.mkfifo(d / rel)
+        else:
+            (d / rel).symlink_to("/dev/zero")
+    return apply
+
+
+def _h5_external(kind: str, array_path: str) -> Callable[[Path, Path], None]:
+    """Item 8/9: replace one HDF5 dataset by an external link, external raw storage or a
+    virtual dataset pointing at the foreign file."""
+    def apply(d: Path, work: Path) -> None:
+        import h5py
+
+        h5 = next(d.glob("*.h5"))
+        alt_h5 = work / "foreign.h5"
+        with h5py.File(h5, "r+") as f:
+            ds = f[array_path]
+            attrs, shape, dtype = dict(ds.attrs), ds.shape, ds.dtype
+            data = ds[()]
+            foreign_data = data[::-1].copy() if data.ndim else data  # same shape, other values
+            with h5py.File(alt_h5, "w") as g:
+                g.create_dataset(array_path, data=foreign_data)
+            del f[array_path]
+            if kind == "external-link":
+                f[array_path] = h5py.ExternalLink(str(alt_h5), array_path)
+            elif kind == "external-storage":
+                raw = work / "foreign.raw"
+                raw.write_bytes(foreign_data.tobytes())
+                new = f.create_dataset(array_path, shape=shape, dtype=dtype,
+                                       external=[(str(raw), 0, raw.stat().st_size)])
+                for k, v in attrs.items():
+                    new.attrs[k] = v
+            else:  # virtual
+                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+                layout[...] = h5py.VirtualSource(str(alt_h5), array_path, shape=shape)
+                new = f.create_virtual_dataset(array_path, layout)
+                for k, v in attrs.items():
+                    new.attrs[k] = v
+    return apply
+
+
+def _legacy_beside(ref: Reference, name: str) -> Callable[[Path, Path], None]:
+    """Item 9: a legacy ``train_idx.pt`` (foreign data) beside an HDF5 dataset."""
+    def apply(d: Path, _work: Path) -> None:
+        import torch
+
+        from jasper.store import open_store
+
+        with open_store(ref.alt) as r:
+            idx = r.read(name.removesuffix(".pt"))
+        torch.save(idx.flip(0).contiguous(), d / name)
+    return apply
+
+
+def _catalogue_path(ref: Reference, absolute: bool) -> Callable[[Path, Path], None]:
+    def apply(d: Path, work: Path) -> None:
+        import sqlite3
+
+        foreign = work / "foreign"
+        if not foreign.exists():
+            ref.copy_to(foreign, "alt")
+        target = foreign / "question_embs.npy"
+        value = str(target) if absolute else os.path.relpath(target, d)
+        conn = sqlite3.connect(d / "catalogue.db")
+        try:
+            conn.execute("UPDATE arrays SET file=? WHERE name='question_embs'", (value,))
+            conn.commit()
+        finally:
+            conn.close()
+    return apply
+
+
+def _trust_places(ref: Reference) -> list[Place]:
+    files = _data_files(ref)
+    places: list[Place] = []
+    for rel in files:
+        places.append((f"symlink-out-abs:{rel}", _symlink_out(ref, rel, relative=False)))
+        places.append((f"symlink-out-rel:{rel}", _symlink_out(ref, rel, relative=True)))
+    for rel in files[:2]:
+        places.append((f"dev-zero:{rel}", _to_special(rel, "devzero")))
+        places.append((f"fifo:{rel}", _to_special(rel, "fifo")))
+    places.append(("config-symlink-out", lambda d, w: _config_out(ref, d, w)))
+    if any(f.endswith(".h5") for f in files):
+        for kind in ("external-link", "external-storage", "virtual"):
+            for arr in ("embeddings/questions", "pair_data/index"):
+                places.append((f"h5-{kind}:{arr}", _h5_external(kind, arr)))
+        places.append(("legacy-beside:train_idx.pt", _legacy_beside(ref, "train_idx.pt")))
+    if "catalogue.db" in files:
+        places.append(("catalogue-path-abs:question_embs", _catalogue_path(ref, True)))
+        places.append(("catalogue-path-rel:question_embs", _catalogue_path(ref, False)))
+    return places
+
+
+def _config_out(ref: Reference, d: Path, work: Path) -> None:
+    foreign = work / "foreign"
+    if not foreign.exists():
+        ref.copy_to(foreign, "alt")
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to(foreign / "config.json")
+
+
+def path_trust_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -> list[Case]:
+    cases: list[Case] = []
+    for backend, ref in refs.items():
+        places = _trust_places(ref)
+        if quick:
+            special = [p for p in places if p[0].startswith(("h5-", "legacy", "catalogue", "fifo"))]
+            places = _sample([p for p in places if p not in special], 2) + _sample(special, 3)
+        modes = ("preload", "mmap", "deep") if not quick else ("preload",)
+        for name, fn in places:
+            for mode in modes:
+                timeout = 10.0 if name.startswith(("fifo", "dev-zero")) else 20.0
+                cases.append(Case("path-trust", backend, name, mode,
+                                  _trust_body(ref, fn, mode, backends), timeout=timeout))
+    cases += _cluster_trust_cases(quick)
+    return cases
+
+
+def _trust_body(ref: Reference, fn: Callable[[Path, Path], None], mode: str,
+                backends: list[str]) -> Callable[[Path], None]:
+    def body(work: Path) -> None:
+        d = ref.copy_to(work / "ds")
+        fn(d, work)
+        ops.run(mode, d, ref, work, backends)
+    return body
+
+
+# --- cluster-labeled paths ----------------------------------------------------------------------
+def _cluster_pristine() -> Path | None:
+    from reliability.campaign import current_workdir
+
+    p = current_workdir() / "pristine" / "cluster" / "ds"
+    return p if p.exists() else None
+
+
+def cluster_layout(*files: str) -> bool:
+    """Whether the pristine cluster-labeled dataset was written and has the original system's
+    layout (``dataset.db`` with ``embeddings_meta``, label ``.npy`` files) these cases damage."""
+    p = _cluster_pristine()
+    return p is not None and all((p / f).exists() for f in ("dataset.db", *files))
+
+
+def _cluster_trust_cases(quick: bool) -> list[Case]:
+    """Item 9: ``embeddings_meta.file_path`` absolute or ``../``; the dataset must refuse it."""
+    if not cluster_layout("base_embeddings.npy"):
+        return []
+    variants = [("file_path-absolute", "abs"), ("file_path-dotdot", "rel")]
+    modes = ("open", "validate-deep") if not quick else ("validate-deep",)
+    return [Case("path-trust", "cluster", f"{name}:base", mode, _cluster_trust_body(kind, mode))
+            for name, kind in variants for mode in modes]
+
+
+def _cluster_trust_body(kind: str, mode: str) -> Callable[[Path], None]:
+    def body(work: Path) -> None:
+        import sqlite3
+
+        src = _cluster_pristine()
+        if src is None:
+            return  # memmap-sqlite is not installed: no cluster-labeled datasets
+        d = work / "ds"
+        shutil.copytree(src, d)
+        foreign = work / "outside"
+        foreign.mkdir()
+        shutil.copy(d / "base_embeddings.npy", foreign / "base_embeddings.npy")
+        target = foreign / "base_embeddings.npy"
+        value = str(target) if kind == "abs" else os.path.relpath(target, d)
+        conn = sqlite3.connect(d / "dataset.db")
+        conn.execute("UPDATE embeddings_meta SET file_path=? WHERE embedding_type='base'", (value,))
+        conn.commit()
+        conn.close()
+        from jasper_memmap_sqlite import ClusterLabeledDataset, validate_cluster_labeled
+
+        if mode == "open":
+            ds = ClusterLabeledDataset(d)
+            ds.__getitems__([0, 1, 2])
+            ds.close()
+        else:
+            validate_cluster_labeled(d, deep=True)
+        raise Verdict(Outcome.SILENT_WRONG, f"{mode} accepted embeddings_meta.file_path={value!r} "
+                      "outside the dataset directory and read that file")
+    return body
+
+
+# --- malicious pickles --------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this opens (creates) the canary file: code ran."""
+
+    def __init__(self, canary: Path) -> None:
+        self.canary = str(canary)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.canary, "w"))
+
+
+def _pt_zip(rel: str, wrap: str) -> Callable[[Path, Path], None]:
+    def apply(d: Path, work: Path) -> None:
+        import torch
+
+        payload = _Payload(work / "canary")
+        obj: Any = payload if wrap == "bare" else (torch.zeros(3), payload)
+        torch.save(obj, d / rel)
+    return apply
+
+
+def _raw_pickle(rel: str) -> Callable[[Path, Path], None]:
+    def apply(d: Path, work: Path) -> None:
+        (d / rel).write_bytes(pickle.dumps(_Payload(work / "canary"), protocol=2))
+    return apply
+
+
+def _npy_object(rel: str) -> Callable[[Path, Path], None]:
+    def apply(d: Path, work: Path) -> None:
+        import numpy as np
+
+        arr = np.empty(4, dtype=object)
+        arr[:] = [_Payload(work / "canary")] * 4
+        with open(d / rel, "wb") as fh:
+            np.save(fh, arr, allow_pickle=True)
+    return apply
+
+
+def _pickle_places(ref: Reference) -> list[Place]:
+    files = _data_files(ref)
+    places: list[Place] = []
+    for rel in files:
+        if rel.endswith(".pt"):
+            places.append((f"pt-zip-bare:{rel}", _pt_zip(rel, "bare")))
+            places.append((f"pt-zip-beside-tensor:{rel}", _pt_zip(rel, "tuple")))
+            places.append((f"legacy-raw-pickle:{rel}", _raw_pickle(rel)))
+        elif rel.endswith(".npy"):
+            places.append((f"npy-object:{rel}", _npy_object(rel)))
+    if any(f.endswith(".h5") for f in files):
+        from jasper.schema import ARRAYS
+
+        for name in ARRAYS:  # legacy .pt files beside the HDF5 file, under every array's name
+            places.append((f"pt-beside-h5:{name}.pt", _pt_zip(f"{name}.pt", "bare")))
+    return places
+
+
+def pickle_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -> list[Case]:
+    cases: list[Case] = []
+    for backend, ref in refs.items():
+        places = _pickle_places(ref)
+        if quick:
+            places = _sample(places, 3)
+        modes = ("preload", "mmap", "deep", "convert") if not quick else ("preload",)
+        for name, fn in places:
+            for mode in modes:
+                cases.append(Case("pickle", backend, name, mode, _pickle_body(ref, fn, mode, backends)))
+    cases += _cluster_pickle_cases(quick)
+    return cases
+
+
+def _pickle_body(ref: Reference, fn: Callable[[Path, Path], None], mode: str,
+                 backends: list[str]) -> Callable[[Path], None]:
+    def body(work: Path) -> None:
+        d = ref.copy_to(work / "ds")
+        fn(d, work)
+        try:
+            ops.run(mode, d, ref, work, backends)
+        finally:
+            if (work / "canary").exists():
+                raise Verdict(Outcome.CANARY, f"{mode} unpickled a malicious object: the canary "
+                              "file was created")
+    return body
+
+
+def _cluster_pickle_cases(quick: bool) -> list[Case]:
+    files = ["base_embeddings.npy", "steering_embeddings.npy", "source_labels.npy",
+             "steering_labels.npy", "combined_labels.npy", "sample_ids.npy", "embedding_idx.npy"]
+    if not cluster_layout(*files):
+        return []
+    if quick:
+        files = files[:1]
+    return [Case("pickle", "cluster", f"npy-object:{f}", mode, _cluster_pickle_body(f, mode))
+            for f in files for mode in ("open", "validate-deep")]
+
+
+def _cluster_pickle_body(rel: str, mode: str) -> Callable[[Path], None]:
+    def body(work: Path) -> None:
+        src = _cluster_pristine()
+        if src is None:
+            return
+        d = work / "ds"
+        shutil.copytree(src, d)
+        _npy_object(rel)(d, work)
+        from jasper_memmap_sqlite import ClusterLabeledDataset, validate_cluster_labeled
+
+        try:
+            if mode == "open":
+                ds = ClusterLabeledDataset(d, mmap_mode=None)
+                ds.__getitems__([0, 1])
+                ds.close()
+            else:
+                validate_cluster_labeled(d, deep=True)
+        finally:
+            if (work / "canary").exists():
+                raise Verdict(Outcome.CANARY, f"{mode} unpickled a malicious object")
+    return body
+
