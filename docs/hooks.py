@@ -17,6 +17,7 @@ Two jobs, both so that the site cannot drift from the code or from the measureme
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -249,11 +250,23 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     return MARKER.sub(replace, markdown)
 
 
+def _complete(run: Path) -> bool:
+    """A run of the whole suite: a report, and no pytest selection (``-k``) narrowing it."""
+    if not (run / "report.md").is_file():
+        return False
+    try:
+        meta = json.loads((run / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not meta.get("pytest_args") and not meta.get("gpu_only")
+
+
 def committed_run() -> Path:
-    """The newest committed benchmark run (directory names start with a UTC timestamp)."""
-    runs = sorted(p for p in RESULTS.glob("*-committed") if (p / "report.md").is_file())
+    """The newest committed run of the whole suite (directory names start with a UTC timestamp);
+    partial runs (one question, a ``-k`` selection) are committed as evidence but not published."""
+    runs = sorted(p for p in RESULTS.glob("*-committed") if _complete(p))
     if not runs:
-        raise FileNotFoundError(f"no committed benchmark run with a report.md under {RESULTS}")
+        raise FileNotFoundError(f"no committed complete benchmark run under {RESULTS}")
     return runs[-1]
 
 

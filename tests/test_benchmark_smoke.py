@@ -42,7 +42,7 @@ def _run(bench_tmp: Path, name: str, *args: str, **env_extra: str) -> Path:
     env.update(env_extra)
     done = subprocess.run([sys.executable, str(BENCH / "run.py"), "--smoke", "--out", str(out),
                            *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+                          timeout=900, check=False)
     assert done.returncode == 0, f"smoke run failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
     return out
 

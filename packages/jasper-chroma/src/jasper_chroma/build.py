@@ -208,7 +208,7 @@ def build_cluster_labeled_from_chroma(
     question_collection: str = "questions",
     passage_collection: str = "passages",
 ) -> Path:
-    """A cluster-labeled dataset (DATA_MODEL.md section 7) from the same store: one sample per
+    """A cluster-labeled dataset (docs/data-model.md#cluster-labeled-datasets) from the same store: one sample per
     passage (``source``) and per question (``question``), keeping each one's ``chroma_id`` and
     document text. Clusters are k-means over the passages (:func:`jasper.build.kmeans_centroids`);
     a sample's labels are the softmax of ``temperature`` x its cosine similarity to each

@@ -1,5 +1,5 @@
-"""RAG triplet generation over a question collection and a passage collection (DATA_MODEL.md
-section 8): dataset preparation, not training.
+"""RAG triplet generation over a question collection and a passage collection
+(docs/migrating.md#rag-triplets-over-chromadb): dataset preparation, not training.
 
 A triplet ``(question_id, source_id_1, source_id_2, label)`` compares two passages for one
 question; ``label`` is :data:`UNLABELED` (-1), :data:`NEITHER` (0, neither or equal),

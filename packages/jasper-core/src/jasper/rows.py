@@ -3,7 +3,7 @@
 A shuffled batch asks for rows in random order, often with repeats. Every backend reads fastest
 in ascending order (a map faults pages in one sweep, HDF5 decodes each chunk once, a file is read
 forwards), reads a repeated row once, and merges rows that lie close together into one slice read
-(one call instead of many; DESIGN_NOTES "Performance"; zarr's ``get_ranges`` and Lance's
+(one call instead of many; docs/design.md#performance; zarr's ``get_ranges`` and Lance's
 scheduler merge near byte ranges the same way). :meth:`jasper.backend.StoreReader.read_rows`
 does all of that with the functions below and hands a backend only sorted unique rows.
 """
