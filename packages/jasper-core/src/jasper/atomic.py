@@ -232,6 +232,18 @@ def check_target(target: Path, *, overwrite: bool, protect: Iterable[str | Path]
     return _identity(target, markers)
 
 
+def allocate_file(path: Path) -> None:
+    """Allocate a memory-mapped scratch file's blocks now: a full disk is then an ``OSError``
+    (ENOSPC) here instead of a SIGBUS on the first write into a page that has no block."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -406,6 +418,7 @@ __all__ = [
     "SCRATCH_MARK",
     "TMP_MARK",
     "TRASH_MARK",
+    "allocate_file",
     "atomic_directory",
     "check_target",
     "clean_leftovers",

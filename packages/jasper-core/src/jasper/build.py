@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jasper.atomic import allocate_file
 from jasper.backend import ArraySource, TensorSource
 from jasper.dtypes import FLOAT_DTYPES, from_storage, torch_dtype
 from jasper.errors import FormatError, IntegrityError, JasperError, ShapeError
@@ -813,6 +814,7 @@ def build_arrays(
         for name, (shape, dt) in layout.items():
             out[name] = np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=dt,
                                                   shape=shape)
+            allocate_file(scratch / f"{name}.npy")  # ENOSPC now, not SIGBUS on a full disk
     else:
         out = {name: np.empty(shape, dtype=dt) for name, (shape, dt) in layout.items()}
     if given_neg is not None:

@@ -26,7 +26,6 @@ files, so 10^7 pairs at D=384 need only the tables and one chunk in RAM.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -35,14 +34,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from jasper.location import Location
+from jasper.atomic import allocate_file
 
 from jasper.backend import ArraySource
 from jasper.build import DEFAULT_STEP_SCHEDULE, BuildConfig, build_arrays
 from jasper.dtypes import FLOAT_DTYPES, torch_dtype
 from jasper.manifest import Manifest
 from jasper.progress import count_bar
+
+if TYPE_CHECKING:
+    from jasper.location import Location
 
 __all__ = ["DEFAULT_STEP_SCHEDULE", "SynthConfig", "synthesize", "write_synthetic"]
 
@@ -216,7 +217,7 @@ def synthesize(
                                                shape=shape)
                for name, (shape, dt) in layout.items()}
         for name in out:
-            _reserve(scratch / f"raw_{name}.npy")
+            allocate_file(scratch / f"raw_{name}.npy")
     else:
         out = {name: np.empty(shape, dtype=dt) for name, (shape, dt) in layout.items()}
     raw.fill(out, progress)
@@ -234,18 +235,6 @@ def synthesize(
     )
     manifest.extra.pop("build", None)  # everything but the raw pairs is derived, as always
     return arrays, manifest
-
-
-def _reserve(path: Path) -> None:
-    """Allocate a memory-mapped scratch file's blocks now: a full disk is then an ``OSError``
-    (ENOSPC) here instead of a SIGBUS on the first write into a page that has no block."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        if size and hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, size)
-    finally:
-        os.close(fd)
 
 
 def write_synthetic(
