@@ -295,7 +295,7 @@ def catalogue_mutations(ds: Path) -> list[Mutation]:
             conn = sqlite3.connect(d / "catalogue.db")
             try:
                 conn.execute("PRAGMA ignore_check_constraints = ON")
-                conn.execute(statement)
+                conn.executescript(statement)
                 conn.commit()
             finally:
                 conn.close()
@@ -305,7 +305,10 @@ def catalogue_mutations(ds: Path) -> list[Mutation]:
         ("catalogue:file-dotdot", sql("UPDATE arrays SET file='../question_embs.npy' WHERE name='question_embs'")),
         ("catalogue:file-dotdot-only", sql("UPDATE arrays SET file='..' WHERE name='question_embs'")),
         ("catalogue:file-absolute", sql("UPDATE arrays SET file='/etc/passwd' WHERE name='question_embs'")),
-        ("catalogue:file-same-as-other", sql("UPDATE arrays SET file='source_embs.npy' WHERE name='question_embs'")),
+        ("catalogue:files-swapped", sql(
+            "UPDATE arrays SET file='swap.tmp' WHERE name='question_embs';"
+            "UPDATE arrays SET file='question_embs.npy' WHERE name='source_embs';"
+            "UPDATE arrays SET file='source_embs.npy' WHERE name='question_embs';")),
         ("catalogue:rows_per_block-0", sql("UPDATE arrays SET rows_per_block=0 WHERE name='question_embs'")),
         ("catalogue:format_version-x", sql("UPDATE jasper_meta SET value='x' WHERE key='format_version'")),
         ("catalogue:shape-huge", sql("UPDATE arrays SET shape='[1000000000000000, 16]' WHERE name='question_embs'")),

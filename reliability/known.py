@@ -23,10 +23,6 @@ class Known:
 #: (family, backend) -> why it fails now; keep in step with the last campaign run
 #: (docs/reliability.md lists its findings)
 KNOWN: dict[tuple[str, str], Known] = {
-    ("prepare", "cluster"): Known(
-        "cluster-labeled kind x schema-checked manifests", "`jasper synth --kind cluster-labeled` "
-        "(write_synthetic_cluster_labeled) fails: the manifest schema requires 'n_neg', which a "
-        "cluster-labeled manifest does not have; the cluster-labeled cases cannot run"),
     ("interrupt", "hdf5"): Known(
         "issue 9 item 5", "Ctrl-C during an HDF5 write is swallowed ('Exception ignored ... "
         "KeyboardInterrupt') and the command exits 0", racy=True),

