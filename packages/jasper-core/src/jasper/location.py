@@ -141,6 +141,10 @@ class Location:
         return Location(self.scheme, "/".join([self.path.rstrip("/"), *clean]),
                         self.storage_options)
 
+    def __truediv__(self, part: str) -> Location:
+        """``location / "config.json"``, as with a Path (messages name objects this way)."""
+        return self.join(part)
+
     def __str__(self) -> str:
         return self.url
 

@@ -35,7 +35,7 @@ from jasper.errors import DatasetNotFoundError, FormatError, JasperError, ShapeE
 from jasper.location import Location
 from jasper.manifest import Manifest
 from jasper.progress import byte_bar
-from jasper.schema import ARRAYS
+from jasper.schema import ALL_ARRAYS
 from jasper_zarr.layout import (
     ATTR_DTYPE,
     ATTR_FORMAT,
@@ -154,7 +154,7 @@ class ZarrReader(StoreReader):
         return arr
 
     def _missing_array(self, name: str) -> FormatError:
-        if name not in ARRAYS:
+        if name not in ALL_ARRAYS:
             return FormatError(self._where_str(), f"array {name!r} is not in this store",
                                array=name)
         return FormatError(self._where_str(name), f"array {name!r} is missing from the zarr "
@@ -183,12 +183,12 @@ class ZarrReader(StoreReader):
             # config.json (core's manifest) sits beside the arrays; zarr warns it is foreign
             warnings.filterwarnings("ignore", message=".*not recognized as a component")
             present = set(self._wrap(None, lambda: list(group.array_keys())))
-        return [n for n in ARRAYS if n in present]
+        return [n for n in ALL_ARRAYS if n in present]
 
     def info(self, name: str) -> ArrayInfo:
         shape, logical, _ = self._metadata(name)
         info = ArrayInfo(shape, torch_dtype(logical))
-        spec = ARRAYS.get(name)
+        spec = ALL_ARRAYS.get(name)
         if spec is not None and len(shape) != spec.rank:
             raise ShapeError(f"{self._where_str(name)}: {name} has shape {shape}, expected rank "
                              f"{spec.rank}", array=name, rule="rank", path=self._where_str(name))
