@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jasper.atomic import allocate_file
-
 from jasper.backend import ArraySource
 from jasper.build import DEFAULT_STEP_SCHEDULE, BuildConfig, build_arrays
 from jasper.dtypes import FLOAT_DTYPES, torch_dtype
