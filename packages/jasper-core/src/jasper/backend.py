@@ -193,6 +193,10 @@ class StoreReader(abc.ABC):
     """
 
     backend_name: ClassVar[str] = ""
+    #: Whether a process forked after this reader (or its client library) was used can go on
+    #: reading through it. False for clients on a Rust/tokio runtime (object-store clients),
+    #: whose threads do not survive a fork: loaders start such workers with spawn instead.
+    fork_safe: bool = True
 
     def __init__(self, path: Path, manifest: Manifest, *, follow_links: bool = False) -> None:
         self.path = Path(path)

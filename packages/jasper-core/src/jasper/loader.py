@@ -35,6 +35,29 @@ from jasper.dataset import BATCH_KEYS, JASPERSteeringDataset, passthrough_collat
 LOGGER = logging.getLogger(__name__)
 
 
+def _worker_context(dataset: JASPERSteeringDataset, asked: Any) -> Any:
+    """The multiprocessing context for worker processes: what was asked, except that workers
+    of a store whose reader does not survive a fork (an object-store client on a tokio runtime
+    hangs in a forked child) are spawned. Fork is the default on Linux, so it is replaced
+    whether asked for or implied; an explicit request gets a warning saying so."""
+    method = asked if isinstance(asked, str) or asked is None else asked.get_start_method()
+    if dataset.tables.fork_safe or method not in (None, "fork"):
+        return asked
+    import multiprocessing
+
+    if method is None and multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
+        return asked  # the process-wide default is already spawn or forkserver
+    message = (f"{dataset.storage_format} dataset {dataset.dataset_dir}: its store's client "
+               "does not survive a fork, so worker processes are started with spawn")
+    if method == "fork":
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    else:
+        LOGGER.info(message)
+    return multiprocessing.get_context("spawn")
+
+
 def create_loader(
     dataset_dir: str | Path,
     split: str,
@@ -116,8 +139,9 @@ def create_loader(
         kwargs["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor
-        if multiprocessing_context is not None:
-            kwargs["multiprocessing_context"] = multiprocessing_context
+        context = _worker_context(dataset, multiprocessing_context)
+        if context is not None:
+            kwargs["multiprocessing_context"] = context
     loader: JasperLoader = (ThreadedLoader if threaded else JasperLoader)(
         dataset,
         batch_size=batch_size,

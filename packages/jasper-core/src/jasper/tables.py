@@ -217,6 +217,12 @@ class TableSet(abc.ABC):
         self.attach(check=False)
         return True
 
+    @property
+    def fork_safe(self) -> bool:
+        """Whether worker processes forked from this one can serve rows: true unless the store
+        stays open through a reader whose client does not survive a fork."""
+        return self._reader is None or self._reader.fork_safe
+
     @abc.abstractmethod
     def _load(self, reader: StoreReader) -> dict[str, torch.Tensor]:
         """Every schema array, the way this mode holds it (on the CPU)."""

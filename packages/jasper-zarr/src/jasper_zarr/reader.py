@@ -67,6 +67,12 @@ class ZarrReader(StoreReader):
 
     backend_name = "zarr"
 
+    @property  # type: ignore[override]
+    def fork_safe(self) -> bool:
+        """Local groups are read by plain file I/O; object stores through obstore, whose tokio
+        runtime hangs in a child forked after the parent used it."""
+        return not isinstance(self.where, Location)
+
     def __init__(self, where: Path | Location, manifest: Manifest) -> None:
         self.manifest = manifest
         self.where: Path | Location = where if isinstance(where, Location) else Path(where)
