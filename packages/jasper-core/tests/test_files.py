@@ -140,7 +140,7 @@ def test_pt_unsafe_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:
 def test_pt_aliasing_strides_are_refused(tmp_path: Path) -> None:
     d = _dataset(tmp_path / "ds")
     torch.save(torch.zeros(1, 4).expand(5, 4), d / "alias.pt")
-    with pytest.raises(ShapeError, match="alias.pt: alias has strides \\(0, 1\\)"):
+    with pytest.raises(ShapeError, match="alias.pt: alias has stride 0"):
         load_pt_tensor(DatasetDir(d), "alias.pt", mmap=True, array="alias")
     torch.save(torch.arange(12).reshape(3, 4), d / "ok.pt")
     t = load_pt_tensor(DatasetDir(d), "ok.pt", mmap=True, array="ok")

@@ -173,7 +173,12 @@ class EpochShuffleSampler(RandomSampler):
     """
 
     def __init__(self, data_source: Sized, *, seed: int, epoch: int = 0) -> None:
-        super().__init__(data_source, generator=torch.Generator())
+        # RandomSampler.__init__ refuses an empty source, but an empty split is valid (it
+        # yields no batch): set its attributes here instead
+        self.data_source = data_source
+        self.replacement = False
+        self._num_samples = None
+        self.generator = torch.Generator()
         self.seed = int(seed)
         self.epoch = int(epoch)
         self.next_pass = 0
