@@ -39,24 +39,22 @@ NAME = "kit-npy"
 class NpyReader(StoreReader):
     backend_name = NAME
 
-    def _file(self, name: str) -> Path:
+    # every file through the pinned directory (self.files): one dataset version, regular
+    # files inside the dataset only
+    def _load(self, name: str, mmap_mode: str | None) -> torch.Tensor:
         if name not in ALL_ARRAYS:
             raise self._missing(name)
-        f = self.path / f"{name}.npy"
-        if not f.is_file():
-            raise FormatError(f, "file is missing from the dataset directory", array=name)
-        return f
-
-    def _load(self, name: str, mmap_mode: str | None) -> torch.Tensor:
-        f = self._file(name)
+        member = f"{name}.npy"
         try:
-            arr = np.load(f, mmap_mode=mmap_mode, allow_pickle=False)
+            with self.files.path_for(member) as p:
+                arr = np.load(p, mmap_mode=mmap_mode, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise FormatError(f, f"unreadable .npy file: {exc}", array=name) from None
+            raise FormatError(self.files.member(member), f"unreadable .npy file: {exc}",
+                              array=name) from None
         return from_storage(arr, "bfloat16" if arr.dtype == np.uint16 else str(arr.dtype))
 
     def array_names(self) -> list[str]:
-        return [n for n in ALL_ARRAYS if (self.path / f"{n}.npy").is_file()]
+        return [n for n in ALL_ARRAYS if self.files.exists(f"{n}.npy")]
 
     def info(self, name: str) -> ArrayInfo:
         t = self._load(name, "r")

@@ -28,8 +28,10 @@ class ChromaBackend(BackendEntrypoint):
     name = "chroma"
     description = "embedding tables as ChromaDB collections, pair arrays as .npy beside them"
     url = "https://pypi.org/project/jasper-chroma/"
+    # pinned_reads: the collections live in Chroma, outside the directory a reader pins, so a
+    # reader open while a writer replaces the dataset is not guaranteed one version
     capabilities = Capabilities(write=True, mmap=False, compression=False, row_access=True,
-                                worker_safe=False)
+                                worker_safe=False, pinned_reads=False)
     marker_files = ("chroma.json",)
     write_presets = {"default": {}}
 

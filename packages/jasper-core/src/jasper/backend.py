@@ -57,6 +57,10 @@ class Capabilities:
       directories; ``"s3"``...: object stores, through :meth:`BackendEntrypoint.object_store`).
     - ``write_rows``: :meth:`StoreReader.write_rows` replaces rows of mutable arrays in place, as
       one atomic, crash-safe change (e.g. ``ClusterLabeledDataset.update_labels``).
+    - ``pinned_reads``: a reader serves the version it opened while a writer commits a new one
+      to the same location (every file opened through :attr:`StoreReader.files`, or a
+      generation pointer). False for stores whose data lives outside the dataset directory,
+      where nothing can pin it (a Chroma server's collections).
     """
 
     write: bool = True
@@ -66,6 +70,7 @@ class Capabilities:
     worker_safe: bool = True
     locations: tuple[str, ...] = ("file",)
     write_rows: bool = False
+    pinned_reads: bool = True
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,10 @@ class DatasetDir:
         self._fd: int | None = None
         self._pid: int | None = None
         self._generation: Generation | None = None
+        #: read-only descriptors of the regular files present when the directory was pinned:
+        #: a writer's commit moves this version aside and deletes it, and only an open file
+        #: survives that, so members are opened with the directory, not on first read
+        self._members: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # --- the directory descriptor ------------------------------------------------------------
@@ -157,6 +161,25 @@ class DatasetDir:
                 self.path, "the dataset was replaced by a new version after it was opened (a "
                 "writer committed to this path); open it again to read the new version")
         self._fd, self._pid, self._generation = fd, os.getpid(), gen
+        self._members = self._open_members(fd)
+
+    def _open_members(self, dir_fd: int) -> dict[str, int]:
+        members: dict[str, int] = {}
+        if not _HAVE_DIR_FD:  # pragma: no cover - no openat: nothing to pin members with
+            return members
+        for name in os.listdir(dir_fd):
+            # the manifest may be rewritten in place (a label update); it is read when needed
+            if name == MANIFEST_FILE:
+                continue
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # links, directories...: refused (or followed) when asked for
+                members[name] = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+                                        | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd)
+            except OSError:
+                continue  # vanished or unreadable: opening it by name reports why
+        return members
 
     def _identity(self, fd: int) -> Generation:
         st = os.fstat(fd)
@@ -182,9 +205,11 @@ class DatasetDir:
         """Close the directory descriptor (files and maps opened through it stay valid)."""
         with self._lock:
             fd, self._fd = self._fd, None
-            if fd is not None and self._pid == os.getpid():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            members, self._members = self._members, {}
+            if self._pid == os.getpid():
+                for member_fd in [*members.values(), *([fd] if fd is not None else [])]:
+                    with contextlib.suppress(OSError):
+                        os.close(member_fd)
             # in a forked child the descriptor is a copy of the parent's; closing the copy is
             # harmless, but forget it either way so that nothing here uses it again
 
@@ -211,7 +236,16 @@ class DatasetDir:
         Refuses (``OutsideDatasetError``) symbolic links unless ``follow_links``, and anything
         that is not a regular file; a missing member is :class:`DatasetNotFoundError`.
         """
-        return self._open_member_at(self.fd, name, flags)
+        dir_fd = self.fd
+        pinned = self._members.get(name)
+        if pinned is not None and flags == os.O_RDONLY and _PROC_FD.is_dir():
+            # a new open file description of the pinned file (its own offset), even if the
+            # name has been deleted since
+            try:
+                return os.open(f"{_PROC_FD}/{pinned}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass  # e.g. closed by another thread's close(): open it by name
+        return self._open_member_at(dir_fd, name, flags)
 
     def _open_member_at(self, dir_fd: int, name: str, flags: int) -> int:
         check_member_name(name, self.path)
