@@ -109,3 +109,20 @@ def test_garbage_and_pickled_npy_are_refused(tmp_path: Path) -> None:
 def test_header_alignment_rejects_bad_values() -> None:
     with pytest.raises(ValueError):
         header_bytes(np.dtype(np.float32), (3, 3), align=100)
+
+
+@pytest.mark.parametrize("damage", [b"\x00" * 40, bytes(range(128, 168))])
+def test_damaged_header_is_refused_before_numpy_parses_it(tmp_path: Path, damage: bytes) -> None:
+    """A zeroed or flipped range inside the header dict is a FormatError at once (numpy's
+    literal parser used to spend seconds on it, hanging every reader of the file): the
+    message is the pre-check's, so numpy's parser never ran."""
+    from jasper.errors import FormatError
+    from jasper_memmap_sqlite.npy import read_header
+
+    f = tmp_path / "a.npy"
+    np.save(f, np.zeros((4, 3), dtype=np.float32))
+    data = bytearray(f.read_bytes())
+    data[20 : 20 + len(damage)] = damage
+    f.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="not text"):
+        read_header(f, "a")

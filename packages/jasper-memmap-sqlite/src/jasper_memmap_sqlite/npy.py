@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,30 @@ def header_bytes(dtype: np.dtype, shape: tuple[int, ...], align: int = DEFAULT_A
     return MAGIC + bytes([1, 0]) + (padded - 10).to_bytes(2, "little") + body
 
 
+#: Bytes a .npy header (a Python dict literal padded with spaces) may hold.
+_HEADER_TEXT = bytes(range(32, 127)) + b"\n"
+#: numpy refuses longer headers by default too (``max_header_size``).
+_MAX_HEADER = 10_000
+
+
+def _check_header_text(f: IO[bytes], major: int) -> None:
+    """Refuse a header that is not a short line of text before numpy parses it: numpy's
+    literal parser takes seconds on a few KB of damaged bytes (zeroed, flipped), which made a
+    damaged file hang a reader. Leaves ``f`` where it was."""
+    start = f.tell()
+    width = 2 if major == 1 else 4
+    raw_len = f.read(width)
+    length = int.from_bytes(raw_len, "little") if len(raw_len) == width else -1
+    if length < 0 or length > _MAX_HEADER:
+        raise ValueError(f"header length {length} is outside 0..{_MAX_HEADER}")
+    header = f.read(length)
+    if len(header) < length:
+        raise EOFError(f"the header is cut short ({len(header)} of {length} bytes)")
+    if header.translate(None, _HEADER_TEXT):
+        raise ValueError("the header holds bytes that are not text (damaged header)")
+    f.seek(start)
+
+
 def read_header(path: Path, array: str | None = None, *,
                 fileobj: IO[bytes] | None = None) -> NpyHeader:
     """Parse the header of ``path`` (or of the open ``fileobj``, read from its start; ``path``
@@ -79,6 +104,7 @@ def read_header(path: Path, array: str | None = None, *,
             f.seek(0)
             try:
                 major, _minor = np.lib.format.read_magic(f)
+                _check_header_text(f, major)
                 if major == 1:
                     shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
                 elif major in (2, 3):
@@ -86,7 +112,7 @@ def read_header(path: Path, array: str | None = None, *,
                 else:
                     raise ValueError(f"unsupported .npy format version {major}")
             except (ValueError, SyntaxError, EOFError, TypeError, RecursionError,
-                    MemoryError) as exc:
+                    MemoryError, tokenize.TokenError) as exc:
                 raise FormatError(path, f"not a readable .npy file (rule: .npy header): {exc}",
                                   array=array) from None
             offset = f.tell()
