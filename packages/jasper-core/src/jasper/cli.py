@@ -195,8 +195,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _require_dir(path: str) -> None:
-    """Fail fast on a missing dataset, before the imports that opening one needs (torch)."""
-    p = Path(path)
+    """Fail fast on a missing dataset, before the imports that opening one needs (torch).
+    URLs (``s3://...``) are left to opening, which follows the store's pointer."""
+    if "://" in path and not path.startswith("file://"):
+        return
+    p = Path(path.removeprefix("file://"))
     # an interrupted commit's old dataset beside it is restored by opening: leave that to open
     if not p.is_dir() and not any(p.parent.glob(f".{p.name}.jasper-old-*")):
         from jasper.errors import DatasetNotFoundError
