@@ -62,6 +62,20 @@ def _ndbuffer(array: np.ndarray) -> Any:
     return NDBuffer.from_numpy_array(array)
 
 
+def _refuse_links(root: Path) -> None:
+    """:class:`~jasper.files.OutsideDatasetError` naming the first symbolic link under
+    ``root`` (a dataset reads only regular files inside its own directory)."""
+    from jasper.files import OutsideDatasetError
+
+    for top, dirs, files in os.walk(root, followlinks=False):
+        for name in (*dirs, *files):
+            entry = Path(top) / name
+            if entry.is_symlink():
+                raise OutsideDatasetError(
+                    entry, "is a symbolic link; jasper reads only regular files inside the "
+                    "dataset directory (copy the file in)")
+
+
 class ZarrReader(StoreReader):
     """A read handle on one jasper-zarr group (a directory, or one generation at a URL)."""
 
@@ -121,11 +135,15 @@ class ZarrReader(StoreReader):
         return group
 
     def check_open(self) -> None:
-        """Open the group now, so that a missing or foreign dataset fails on open."""
-        if isinstance(self.where, Path) and not (self.where / GROUP_FILE).is_file():
-            raise DatasetNotFoundError(self.where / GROUP_FILE, "zarr group",
-                                       "a zarr dataset directory holds zarr.json beside "
-                                       "config.json")
+        """Open the group now, so that a missing or foreign dataset fails on open; a local
+        group's files must all be regular files inside it (zarr's local store would follow a
+        symbolic link anywhere)."""
+        if isinstance(self.where, Path):
+            _refuse_links(self.where)
+            if not (self.where / GROUP_FILE).is_file():
+                raise DatasetNotFoundError(self.where / GROUP_FILE, "zarr group",
+                                           "a zarr dataset directory holds zarr.json beside "
+                                           "config.json")
         self._open_group()
 
     def close(self) -> None:
