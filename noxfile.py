@@ -25,8 +25,8 @@ EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*/pyproject.toml"))
 
 #: Packages whose tests also write with the reference backend, jasper-pt: memmap-sqlite's show
 #: that a backend without row writes names the ones with them; chroma's builder writes its
-#: output datasets with it.
-REFERENCE_WRITER_USERS = ("jasper-chroma", "jasper-memmap-sqlite")
+#: output datasets with it; zarr's tests compare local and S3 copies with a pt reference.
+REFERENCE_WRITER_USERS = ("jasper-chroma", "jasper-memmap-sqlite", "jasper-zarr")
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = False
