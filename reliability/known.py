@@ -29,4 +29,13 @@ KNOWN: dict[tuple[str, str], Known] = {
     ("interrupt", "pt"): Known(
         "issue 9 item 5", "Ctrl-C during a .pt write is sometimes swallowed and the command "
         "exits 0", racy=True),
+    ("cli", "zarr"): Known(
+        "issue 9 item 13", "a zeroed range in a zarr array's zarr.json makes `jasper validate "
+        "--deep` print a traceback instead of one line (zarr's metadata parser error is not "
+        "mapped to a jasper error)", racy=True),
+    ("pickle", "zarr"): Known(
+        "harness", "no malicious-pickle placement is defined for zarr groups yet (zarr unpickles "
+        "nothing; the placements target .pt and HDF5 files)", racy=True),
+    ("pickle", "chroma"): Known(
+        "harness", "no malicious-pickle placement is defined for Chroma stores yet", racy=True),
 }

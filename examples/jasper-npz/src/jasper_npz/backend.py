@@ -210,8 +210,11 @@ class NpzBackend(BackendEntrypoint):
     description: ClassVar[str] = (
         "one uncompressed or deflated .npz archive per dataset (example plugin)"
     )
+    # pinned_reads=False: the archive is opened again by path in each process, so a reader
+    # open while a writer commits may not find it (a known gap of the example)
     capabilities: ClassVar[Capabilities] = Capabilities(
-        write=True, mmap=False, compression=True, row_access=True, worker_safe=True
+        write=True, mmap=False, compression=True, row_access=True, worker_safe=True,
+        pinned_reads=False,
     )
     marker_files: ClassVar[tuple[str, ...]] = (ARCHIVE,)
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {
