@@ -62,6 +62,34 @@ def test_pinned_directory_keeps_reading_the_generation_it_opened(tmp_path: Path)
     assert DatasetDir(d).read_bytes("a.bin") == b"v2"
 
 
+def test_swap_while_pinning_pins_the_new_version_whole(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that swaps the directory and starts deleting the old one while a reader is
+    listing it must not leave the reader with half a version (members that are gone by name)."""
+    target = _dataset(tmp_path / "ds", b"v1")
+    new = _dataset(tmp_path / "new", b"v2")
+    real_identity = DatasetDir._identity
+    swapped = []
+
+    def identity_then_commit(self: DatasetDir, fd: int) -> object:
+        gen = real_identity(self, fd)
+        if not swapped:  # the writer commits between the reader's open and its listing
+            swapped.append(True)
+            aside = tmp_path / "old"
+            os.rename(target, aside)
+            os.rename(new, target)
+            (aside / "a.bin").unlink()  # the old version is being deleted, file by file
+        return gen
+
+    monkeypatch.setattr(DatasetDir, "_identity", identity_then_commit)
+    files = DatasetDir(target)
+    files.pin()
+    assert swapped
+    assert files.read_bytes("config.json") == b'{"v": "v2"}'
+    with os.fdopen(files.open_fd("a.bin"), "rb") as f:
+        assert f.read() == b"v2"
+
+
 def test_pickled_dir_detects_a_replaced_dataset(tmp_path: Path) -> None:
     d = _dataset(tmp_path / "ds", b"v1")
     files = DatasetDir(d)

@@ -44,6 +44,20 @@ _HAVE_DIR_FD = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
 _PROC_FD = Path("/proc/self/fd")
 
 
+#: how many times a reader re-opens a path whose directory was swapped while it was pinning it
+_PIN_ATTEMPTS = 50
+
+
+def _still_at(path: Path, fd: int) -> bool:
+    """Whether ``path`` (followed) still names the directory open as ``fd``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    here = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+
+
 class OutsideDatasetError(UnsafeFileError):
     """A dataset member is not a regular file inside the dataset directory (a symbolic link, a
     directory, a device, a name with ``/`` or ``..``): by default jasper reads nothing else."""
@@ -140,6 +154,36 @@ class DatasetDir:
             return self._fd
 
     def _open_dir(self) -> None:
+        # A writer's commit swaps a new directory into place and then deletes the old one file by
+        # file. A reader that opened the old directory just before the swap could list it while
+        # it is being emptied and pin only part of it. So after opening the members, check that
+        # the path still names the directory that was opened: a replaced directory never comes
+        # back to the path, so if it is still there, nothing had started deleting it while its
+        # members were being opened. Otherwise open the path again (the new version).
+        for _attempt in range(_PIN_ATTEMPTS):
+            fd, gen, members = self._open_dir_once()
+            if _still_at(self.path, fd):
+                break
+            self._close_fds([*members.values(), fd])
+        else:
+            raise DatasetChangedError(
+                self.path, f"the dataset was replaced {_PIN_ATTEMPTS} times while it was being "
+                "opened (a writer commits to this path in a loop); open it again later")
+        if self._generation is not None and gen != self._generation:
+            self._close_fds([*members.values(), fd])
+            raise DatasetChangedError(
+                self.path, "the dataset was replaced by a new version after it was opened (a "
+                "writer committed to this path); open it again to read the new version")
+        self._fd, self._pid, self._generation = fd, os.getpid(), gen
+        self._members = members
+
+    @staticmethod
+    def _close_fds(fds: list[int]) -> None:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _open_dir_once(self) -> tuple[int, Generation, dict[str, int]]:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECTORY", 0))
         except FileNotFoundError:
@@ -152,16 +196,11 @@ class DatasetDir:
                 from None
         try:
             gen = self._identity(fd)
+            members = self._open_members(fd)
         except BaseException:
             os.close(fd)
             raise
-        if self._generation is not None and gen != self._generation:
-            os.close(fd)
-            raise DatasetChangedError(
-                self.path, "the dataset was replaced by a new version after it was opened (a "
-                "writer committed to this path); open it again to read the new version")
-        self._fd, self._pid, self._generation = fd, os.getpid(), gen
-        self._members = self._open_members(fd)
+        return fd, gen, members
 
     def _open_members(self, dir_fd: int) -> dict[str, int]:
         members: dict[str, int] = {}
