@@ -32,6 +32,7 @@ import torch
 from jasper.backend import ArrayInfo, StoreReader
 from jasper.dtypes import STORAGE_NUMPY, dtype_name, torch_dtype
 from jasper.errors import DatasetNotFoundError, FormatError, JasperError, ShapeError
+from jasper.files import DatasetDir
 from jasper.location import Location
 from jasper.manifest import Manifest
 from jasper.progress import byte_bar
@@ -46,6 +47,7 @@ from jasper_zarr.layout import (
     Grid,
     expected_chunk_keys,
 )
+from jasper_zarr.pinned import PinnedGroup, PinnedStore
 from jasper_zarr.stores import zarr_store
 
 T = TypeVar("T")
@@ -62,20 +64,6 @@ def _ndbuffer(array: np.ndarray) -> Any:
     return NDBuffer.from_numpy_array(array)
 
 
-def _refuse_links(root: Path) -> None:
-    """:class:`~jasper.files.OutsideDatasetError` naming the first symbolic link under
-    ``root`` (a dataset reads only regular files inside its own directory)."""
-    from jasper.files import OutsideDatasetError
-
-    for top, dirs, files in os.walk(root, followlinks=False):
-        for name in (*dirs, *files):
-            entry = Path(top) / name
-            if entry.is_symlink():
-                raise OutsideDatasetError(
-                    entry, "is a symbolic link; jasper reads only regular files inside the "
-                    "dataset directory (copy the file in)")
-
-
 class ZarrReader(StoreReader):
     """A read handle on one jasper-zarr group (a directory, or one generation at a URL)."""
 
@@ -89,7 +77,12 @@ class ZarrReader(StoreReader):
 
     def __init__(self, where: Path | Location, manifest: Manifest) -> None:
         self.manifest = manifest
+        if isinstance(where, Location) and where.is_local:
+            where = Path(where.local_path)
         self.where: Path | Location = where if isinstance(where, Location) else Path(where)
+        #: a local group is read through descriptors pinned at open (jasper_zarr.pinned), so
+        #: a commit to the same path while this reader is open never mixes two versions
+        self._pinned = PinnedGroup(self.where) if isinstance(self.where, Path) else None
         # reader.path names the dataset (core sets it to the dataset URL, above a generation)
         self.path = self.where  # type: ignore[assignment]
         self._pid: int | None = None
@@ -98,6 +91,12 @@ class ZarrReader(StoreReader):
         self._checked: set[str] = set()
         self._meta: dict[str, tuple[tuple[int, ...], str, Grid]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def files(self) -> DatasetDir | None:  # type: ignore[override]
+        """The pinned dataset directory of a local group (``None`` at a URL, where the
+        generation pointer pins the version)."""
+        return self._pinned.pin() if self._pinned is not None else None
 
     # --- process-local handles ---------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -119,7 +118,8 @@ class ZarrReader(StoreReader):
             if self._group is not None and self._pid == pid:
                 return self._group
             self._arrays = {}
-            store = zarr_store(self.where, read_only=True)
+            store = (PinnedStore(self._pinned) if self._pinned is not None
+                     else zarr_store(self.where, read_only=True))
             group = self._wrap(None, lambda: zarr.open_group(store=store, mode="r",
                                                              zarr_format=3))
             attrs = dict(group.attrs)
@@ -135,19 +135,40 @@ class ZarrReader(StoreReader):
         return group
 
     def check_open(self) -> None:
-        """Open the group now, so that a missing or foreign dataset fails on open; a local
-        group's files must all be regular files inside it (zarr's local store would follow a
-        symbolic link anywhere)."""
-        if isinstance(self.where, Path):
-            _refuse_links(self.where)
-            if not (self.where / GROUP_FILE).is_file():
+        """Open the group now, so that a missing or foreign dataset fails on open. A local
+        group is pinned here: every file of it opened (regular files inside it only; zarr's
+        own local store would follow a symbolic link anywhere), and the manifest taken from
+        the pinned version, so data and manifest agree even if a commit swapped the directory
+        between core reading the manifest and this open."""
+        if self._pinned is not None:
+            self._pinned.pin()
+            if self._pinned.fd(GROUP_FILE) is None:
                 raise DatasetNotFoundError(self.where / GROUP_FILE, "zarr group",
                                            "a zarr dataset directory holds zarr.json beside "
                                            "config.json")
+            self.manifest = self._pinned_manifest(self.manifest)
         self._open_group()
+
+    def _pinned_manifest(self, manifest: Manifest) -> Manifest:
+        """The pinned version's manifest when it records other arrays than ``manifest``."""
+        import json
+
+        from jasper.manifest import MANIFEST_NAME
+
+        assert self._pinned is not None
+        data = self._pinned.read_bytes(MANIFEST_NAME)
+        if data is None:
+            return manifest
+        try:
+            pinned = Manifest.from_dict(json.loads(data), self.where / MANIFEST_NAME)
+        except (JasperError, ValueError, RecursionError):
+            return manifest  # core already parsed one; its errors are core's to report
+        return manifest if pinned.arrays == manifest.arrays else pinned
 
     def close(self) -> None:
         self._group, self._pid, self._arrays = None, None, {}
+        if self._pinned is not None:
+            self._pinned.close()
 
     def _where_str(self, key: str = "") -> str:
         base = str(self.where)
