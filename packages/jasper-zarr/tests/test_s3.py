@@ -157,3 +157,7 @@ def test_every_array_present_on_server(s3_url, small) -> None:
     jasper.write_store(s3_url, arrays, manifest, backend="zarr")
     with jasper.open_store(s3_url) as reader:
         assert reader.array_names() == [n for n in ARRAYS if n in arrays]
+        # regression: the typed row-index error of a reader named by a URL raised TypeError
+        n = arrays["question_embs"].shape[0]
+        with pytest.raises(IndexError, match=rf"{s3_url}.*{n}.*out of range"):
+            reader.read_rows("question_embs", torch.tensor([0, n]))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +39,7 @@ from jasper.manifest import Manifest
 from jasper.progress import byte_bar
 from jasper.rows import merge_gap_rows, plan_spans, span_positions
 from jasper.schema import ALL_ARRAYS
+from jasper_zarr.cache import CachingStore, ChunkCache
 from jasper_zarr.layout import (
     ATTR_DTYPE,
     ATTR_FORMAT,
@@ -93,6 +93,9 @@ class ZarrReader(StoreReader):
         self._arrays: dict[str, Any] = {}
         self._checked: set[str] = set()
         self._meta: dict[str, tuple[tuple[int, ...], str, Grid]] = {}
+        self._names: list[str] | None = None
+        #: arrays opened on the chunk-caching store, for lazy row reads (jasper_zarr.cache)
+        self._row_arrays: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     @property
@@ -104,7 +107,8 @@ class ZarrReader(StoreReader):
     # --- process-local handles ---------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_pid=None, _group=None, _arrays={}, _lock=None)
+        state.update(_pid=None, _group=None, _arrays={}, _names=None, _row_arrays={},
+                     _lock=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -120,11 +124,14 @@ class ZarrReader(StoreReader):
         with self._lock:
             if self._group is not None and self._pid == pid:
                 return self._group
-            self._arrays = {}
-            store = (PinnedStore(self._pinned) if self._pinned is not None
-                     else zarr_store(self.where, read_only=True))
+            self._arrays, self._names = {}, None
+            self._row_arrays = {}
+            if self._pinned is not None:
+                store = PinnedStore(self._pinned)
+            else:
+                store = zarr_store(self.where, read_only=True)
             group = self._wrap(None, lambda: zarr.open_group(store=store, mode="r",
-                                                             zarr_format=3))
+                                                             zarr_format=3), key=GROUP_FILE)
             attrs = dict(group.attrs)
             if attrs.get(ATTR_FORMAT) != FORMAT_NAME:
                 raise FormatError(self._where_str(GROUP_FILE), "not a jasper-zarr group (no "
@@ -169,7 +176,7 @@ class ZarrReader(StoreReader):
         return manifest if pinned.arrays == manifest.arrays else pinned
 
     def close(self) -> None:
-        self._group, self._pid, self._arrays = None, None, {}
+        self._group, self._pid, self._arrays, self._names = None, None, {}, None
         if self._pinned is not None:
             self._pinned.close()
 
@@ -177,19 +184,21 @@ class ZarrReader(StoreReader):
         base = str(self.where)
         return f"{base}/{key}" if key else base
 
-    def _wrap(self, name: str | None, fn: Callable[[], T]) -> T:
-        """Run a zarr call; its errors become a FormatError naming the store and the array."""
+    def _wrap(self, name: str | None, fn: Callable[[], T], *, key: str | None = None) -> T:
+        """Run a zarr call; its errors become a FormatError naming the object ``key`` (else
+        the array's directory, else the group) and the array."""
+        where = key or name
         try:
             return fn()
         except JasperError:
             raise
         except FileNotFoundError as exc:
-            raise FormatError(self._where_str(name or GROUP_FILE),
-                              f"missing object: {exc}", array=name) from None
+            raise FormatError(self._where_str(where or GROUP_FILE),
+                              f"missing object: {_short(exc)}", array=name) from None
         except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-            raise FormatError(self._where_str(name or ""), "zarr read failed (missing, "
-                              f"truncated or corrupt object?): {type(exc).__name__}: {exc}",
-                              array=name) from None
+            raise FormatError(self._where_str(where or ""), "zarr read failed (missing, "
+                              f"truncated or corrupt object?): {type(exc).__name__}: "
+                              f"{_short(exc)}", array=name) from None
 
     # --- metadata ----------------------------------------------------------------------------
     def _array(self, name: str) -> Any:
@@ -198,7 +207,49 @@ class ZarrReader(StoreReader):
         if arr is None:
             if name not in self.array_names():
                 raise self._missing_array(name)
-            arr = self._arrays[name] = self._wrap(name, lambda: group[name])
+            arr = self._arrays[name] = self._open_array(group, name)
+        return arr
+
+    def _row_array(self, name: str) -> Any:
+        """Array ``name`` for lazy row reads: at a URL with the chunk cache on
+        (``JASPER_ZARR_CACHE_DIR``), opened on a :class:`~jasper_zarr.cache.CachingStore`, so
+        repeated rows come from local disk; a preload (:meth:`read_into`) bypasses the cache."""
+        arr = self._array(name)
+        if self._pinned is not None:
+            return arr
+        cached = self._row_arrays.get(name)
+        if cached is None:
+            cache = ChunkCache.from_env()
+            if cache is None:
+                return arr
+            import zarr
+
+            store = CachingStore(arr.store, cache, scope=str(self.where))
+            group = self._wrap(None, lambda: zarr.open_group(store=store, mode="r",
+                                                             zarr_format=3), key=GROUP_FILE)
+            cached = self._row_arrays[name] = self._open_array(group, name)
+        return cached
+
+    def _open_array(self, group: Any, name: str) -> Any:
+        """Array ``name`` of the group; a missing, damaged or foreign ``name/zarr.json`` is a
+        FormatError naming that file (zarr raises JSON, pydantic-style or KeyError errors)."""
+        import zarr
+
+        key = f"{name}/{GROUP_FILE}"
+        try:
+            arr = group[name]
+        except JasperError:
+            raise
+        except (KeyError, FileNotFoundError):
+            raise FormatError(self._where_str(key), f"array {name!r} has no metadata file",
+                              array=name) from None
+        except Exception as exc:  # zarr's metadata parsing raises many kinds
+            raise FormatError(self._where_str(key), "array metadata is unreadable (damaged "
+                              f"zarr.json?): {type(exc).__name__}: {_short(exc)}",
+                              array=name) from None
+        if not isinstance(arr, zarr.Array):
+            raise FormatError(self._where_str(key), f"{name!r} is a zarr group, expected an "
+                              "array", array=name)
         return arr
 
     def _missing_array(self, name: str) -> FormatError:
@@ -226,12 +277,22 @@ class ZarrReader(StoreReader):
         return meta
 
     def array_names(self) -> list[str]:
-        group = self._open_group()
-        with warnings.catch_warnings():
-            # config.json (core's manifest) sits beside the arrays; zarr warns it is foreign
-            warnings.filterwarnings("ignore", message=".*not recognized as a component")
-            present = set(self._wrap(None, lambda: list(group.array_keys())))
-        return [n for n in ALL_ARRAYS if n in present]
+        """Catalogue arrays among the group's children, from one listing of the group (the
+        members' metadata is read when an array is used, so one damaged ``zarr.json`` is an
+        error naming that file, not a failure of every member read at once)."""
+        names = self._names
+        if names is not None and self._pid == os.getpid():
+            return names
+        from zarr.core.sync import sync
+
+        store = self._open_group().store
+
+        async def children() -> set[str]:
+            return {k async for k in store.list_dir("")}
+
+        present = self._wrap(None, lambda: sync(children()))
+        names = self._names = [n for n in ALL_ARRAYS if n in present]
+        return names
 
     def info(self, name: str) -> ArrayInfo:
         shape, logical, _ = self._metadata(name)
@@ -311,11 +372,14 @@ class ZarrReader(StoreReader):
     def read_slice_into(self, name: str, start: int, stop: int, out: torch.Tensor
                         ) -> torch.Tensor:
         """Rows ``start:stop`` decoded straight into ``out`` (core checked the bounds)."""
+        return self._slice_into(self._array(name), name, start, stop, out)
+
+    def _slice_into(self, arr: Any, name: str, start: int, stop: int, out: torch.Tensor
+                    ) -> torch.Tensor:
         if stop <= start:
             return out
         self._check_chunks(name)
         _, logical, _ = self._metadata(name)
-        arr = self._array(name)
         buf = _storage_view(out, logical)
         self._wrap(name, lambda: arr.get_basic_selection(np.s_[start:stop],
                                                          out=_ndbuffer(buf)))
@@ -339,16 +403,22 @@ class ZarrReader(StoreReader):
         spans = plan_spans(rows, merge_gap_rows(ArrayInfo(info.shape[1:], info.dtype).nbytes))
         if len(spans) == 1:
             a, b = spans[0]
-            data = self.read_slice_into(name, a, b, torch.empty((b - a, *info.shape[1:]),
-                                                                dtype=info.dtype))
+            data = self._slice_into(self._row_array(name), name, a, b,
+                                    torch.empty((b - a, *info.shape[1:]), dtype=info.dtype))
             pos = span_positions(spans, rows)
             return data if pos is None else data.index_select(0, pos)
         data = torch.empty((int(rows.shape[0]), *info.shape[1:]), dtype=info.dtype)
         buf = _storage_view(data, logical)
-        arr = self._array(name)
+        arr = self._row_array(name)
         idx = rows.numpy()
         self._wrap(name, lambda: arr.get_orthogonal_selection((idx,), out=_ndbuffer(buf)))
         return data
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """One line of an exception's message (zarr's validation errors span many lines)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _storage_view(t: torch.Tensor, logical: str) -> np.ndarray:
