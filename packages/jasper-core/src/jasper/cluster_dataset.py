@@ -193,9 +193,11 @@ class ClusterLabeledDataset(Dataset[Any]):
         if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
             raise ValueError(f"cache_size must be a non-negative integer, got {cache_size!r}")
         from jasper.cluster_kind import check_layout
+        from jasper.location import as_target
         from jasper.registry import get_backend
 
-        self.dataset_dir = Path(dataset_dir)
+        # a URL stays a Location (Path() would mangle s3://); it names the dataset in messages
+        self.dataset_dir = cast(Path, as_target(dataset_dir))
         self.label_type = label_type
         self.return_metadata = return_metadata
         self.mmap_mode = mmap_mode
@@ -399,7 +401,23 @@ class ClusterLabeledDataset(Dataset[Any]):
 
     def loader(self, batch_size: int, *, shuffle: bool = False, num_workers: int = 0,
                **kwargs: Any) -> DataLoader[Any]:
-        """A DataLoader whose batches come from one ``__getitems__`` call each."""
+        """A DataLoader whose batches come from one ``__getitems__`` call each. Workers of a
+        store whose reader does not survive a fork (an object-store client) are spawned, as
+        :func:`jasper.loader.create_loader` does."""
+        if num_workers > 0 and not self._reader.fork_safe:
+            import multiprocessing
+            import warnings
+
+            asked = kwargs.get("multiprocessing_context")
+            method = asked if isinstance(asked, str) or asked is None else \
+                asked.get_start_method()
+            default = multiprocessing.get_start_method(allow_none=True)
+            if method == "fork" or (method is None and default in (None, "fork")):
+                if method == "fork":
+                    warnings.warn(f"cluster-labeled dataset {self.dataset_dir}: its store's "
+                                  "client does not survive a fork, so worker processes are "
+                                  "started with spawn", RuntimeWarning, stacklevel=2)
+                kwargs["multiprocessing_context"] = multiprocessing.get_context("spawn")
         return DataLoader(self, batch_size=batch_size, shuffle=shuffle,
                           num_workers=num_workers, collate_fn=self.collate,  # type: ignore[arg-type]
                           **kwargs)

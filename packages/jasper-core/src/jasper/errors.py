@@ -69,7 +69,8 @@ class IntegrityError(JasperError, ValueError):
         self.array = array
         self.row = row
         self.rule = rule
-        self.path = Path(path) if path is not None else None
+        # str(): a reader at a URL names itself by a Location, which is not os.PathLike
+        self.path = Path(str(path)) if path is not None else None
         prefix = f"{_shown(path)}: " if path is not None else ""
         super().__init__(prefix + message)
 
