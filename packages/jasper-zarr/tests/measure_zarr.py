@@ -106,7 +106,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="jasper-zarr-measure-"))
     arrays, manifest = synthesize(SynthConfig(n_pairs=args.pairs, embedding_dim=args.dim,
                                               n_neg=8, seed=0))
-    data_bytes = sum(t.numel() * t.element_size() for t in arrays.values())
+    data_bytes = sum(int(t.nbytes) for t in arrays.values())  # tensors or sources
     report["data_bytes"] = data_bytes
     presets = jasper.get_backend("zarr").write_presets
     local = {}
@@ -152,7 +152,8 @@ def main() -> None:
         n = len(rows)
         g = torch.Generator().manual_seed(0)
         random_order = torch.randperm(n, generator=g)
-        block = rows._reader._metadata("question_embs")[2].chunk_rows  # type: ignore[union-attr]
+        with jasper.open_store(url) as reader:
+            block = reader._metadata("question_embs")[2].chunk_rows
         blocked = block_shuffled_indices(torch.arange(n), block, 0, 0)
         lazy = {
             "rows_random_per_s": batches_per_s(rows, random_order, batch, n_batches),
