@@ -187,10 +187,16 @@ def test_missing_collection_wrong_dimension_and_missing_id(url: str) -> None:
     s = layout.tables["source_embs"].collection
     client.delete_collection(s)
     wrong = client.create_collection(s, embedding_function=None)
-    wrong.add(ids=[str(i) for i in range(24)], embeddings=torch.zeros(24, 5).numpy())
+    rows = layout.tables["source_embs"].rows
+    wrong.add(ids=[str(i) for i in range(rows)], embeddings=torch.zeros(rows, 5).numpy())
     with jasper.open_store(url) as reader, \
             pytest.raises(ChromaStoreError, match=rf"'{s}' holds 5-dimensional embeddings, "
                           "expected 8"):
+        reader.read("source_embs")
+    wrong.add(ids=[str(rows)], embeddings=torch.zeros(1, 5).numpy())
+    with jasper.open_store(url) as reader, \
+            pytest.raises(ChromaStoreError, match=rf"'{s}' holds id '{rows}', not a row number "
+                          rf"in \[0, {rows}\)"):
         reader.read("source_embs")
     k = layout.tables["keyword_embs"].collection
     client.delete_collection(k)
@@ -228,3 +234,51 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_version(url: str,
     assert {k.split("/")[1] for k in _objects(url).list("generations/")} == {pointer.generation}
     assert json.loads(_objects(url).get("jasper-pointer.json"))["generation"] == \
         pointer.generation
+
+
+_COMMIT_LOOP = """
+import sys, time
+import jasper
+from jasper.testing.data import make_arrays
+url, stop = sys.argv[1], float(sys.argv[2])
+versions = [make_arrays(48, 8, seed=s) for s in (1, 2)]
+end = time.monotonic() + stop
+i = 0
+while time.monotonic() < end:
+    arrays, manifest = versions[i % 2]
+    jasper.write_store(url, arrays, manifest, backend="chroma", overwrite=True, progress=False)
+    i += 1
+print(i)
+"""
+
+
+def test_reader_during_commits_sees_one_version(url: str) -> None:
+    """A writer process commits two versions to one URL again and again while this process
+    opens and reads it: every reader serves the arrays of the version its manifest describes,
+    or (its generation deleted two commits later) a typed error; never a mix."""
+    import subprocess
+    import sys
+    import time
+
+    from jasper.testing.conformance import child_env
+
+    arrays, manifest = make_arrays(48, 8, seed=1)
+    jasper.write_store(url, arrays, manifest, backend="chroma", progress=False)
+    writer = subprocess.Popen([sys.executable, "-c", _COMMIT_LOOP, url, "12"],
+                              env=child_env(JASPER_PROGRESS="0"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    served = gone = 0
+    try:
+        end = time.monotonic() + 12
+        while time.monotonic() < end and writer.poll() is None:
+            try:
+                with jasper.open_store(url) as reader:
+                    _assert_version(reader)
+                served += 1
+            except JasperError:
+                gone += 1  # the generation it opened was superseded twice meanwhile
+    finally:
+        out, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, err[-2000:]
+    assert int(out) > 2, "the writer did not commit repeatedly"
+    assert served > 0, "no reader could read the dataset while it was being replaced"

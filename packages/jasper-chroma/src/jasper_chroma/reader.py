@@ -89,6 +89,71 @@ def fetch_ids(collection: Any, ids: list[str], out: np.ndarray | torch.Tensor, w
     return metas
 
 
+def fetch_all(collection: Any, out: torch.Tensor, where: str,
+              progress: bool | None = None) -> None:
+    """Fill ``out`` with every row of a jasper-written collection (row ``r`` is id ``str(r)``),
+    paging by ``limit``/``offset``: faster than paging by ids over HTTP (measured, see the
+    README), and as safe: every returned id is placed by its value, an id that is not a row
+    number in range is an error, and after the last page every row must have been seen (the
+    first missing one is named). Pages come in insertion order, which for jasper's writes is
+    row order, so most pages are one contiguous slice assignment."""
+    check_not_forked()
+    n = int(out.shape[0])
+    seen = np.zeros(n, dtype=bool)
+    as_numpy = out.dtype != torch.bfloat16
+    target: Any = out.numpy() if as_numpy else out
+    offset = 0
+    with count_bar(n, f"reading {collection.name}", progress, unit="row") as update:
+        while True:
+            try:
+                got = collection.get(include=["embeddings"], limit=PAGE, offset=offset)
+            except Exception as exc:
+                raise ChromaStoreError(f"{where}: reading collection {collection.name!r} "
+                                       f"failed: {type(exc).__name__}: {str(exc)[:300]}") from None
+            ids = got["ids"]
+            if not ids:
+                break
+            try:
+                dest = np.fromiter((int(i) for i in ids), dtype=np.int64, count=len(ids))
+            except ValueError:
+                bad = next(i for i in ids if not i.isdigit())
+                raise ChromaStoreError(f"{where}: collection {collection.name!r} holds id "
+                                       f"{bad!r}, not a row number") from None
+            wrong = (dest < 0) | (dest >= n)
+            if wrong.any() or any(a != str(b) for a, b in zip(ids, dest.tolist())):
+                k = int(np.argmax(wrong)) if wrong.any() else next(
+                    k for k, (a, b) in enumerate(zip(ids, dest.tolist())) if a != str(b))
+                raise ChromaStoreError(f"{where}: collection {collection.name!r} holds id "
+                                       f"{ids[k]!r}, not a row number in [0, {n})")
+            emb = got["embeddings"]
+            if np.shape(emb)[1:] != tuple(out.shape[1:]):
+                raise ChromaStoreError(f"{where}: collection {collection.name!r} holds "
+                                       f"{np.shape(emb)[1]}-dimensional embeddings, expected "
+                                       f"{out.shape[1]}")
+            lo, hi = int(dest[0]), int(dest[-1]) + 1
+            run = hi - lo == len(dest) and bool((np.diff(dest) == 1).all())
+            if as_numpy:
+                if run:
+                    target[lo:hi] = emb
+                else:
+                    target[dest] = emb
+            else:
+                vals = torch.from_numpy(np.asarray(emb)).to(torch.bfloat16)
+                if run:
+                    target[lo:hi] = vals
+                else:
+                    target[torch.from_numpy(dest)] = vals
+            seen[dest] = True
+            update(len(ids))
+            offset += len(ids)
+            if len(ids) < PAGE:
+                break
+    if not seen.all():
+        missing = int(np.argmin(seen))
+        raise ChromaStoreError(f"{where}: collection {collection.name!r} has no id "
+                               f"{str(missing)!r}; {int(n - seen.sum())} of {n} rows are missing")
+
+
 def fetch_rows(collection: Any, rows: np.ndarray, out: np.ndarray | torch.Tensor,
                where: str, progress: bool | None = None) -> None:
     """:func:`fetch_ids` of a jasper-written collection: row ``r`` is id ``str(r)``."""
@@ -198,6 +263,14 @@ class ChromaReader(StoreReader):
             self._cols[key] = col
         return col
 
+    def collection(self, table: str) -> Any:
+        """The Chroma collection holding ``table`` in this reader's version (this process's
+        handle; e.g. to query it by similarity, or to time Chroma alone against a preload)."""
+        if table not in self.layout.tables:
+            raise KeyError(f"{table!r} is not an embedding table of this dataset "
+                           f"({', '.join(self.layout.tables)})")
+        return self._collection(table)
+
     def _open_npy(self, name: str) -> np.ndarray:
         arr = self._npys.get(name)
         if arr is not None:
@@ -247,8 +320,7 @@ class ChromaReader(StoreReader):
         if name in self.layout.tables:
             n = info.shape[0]
             if n:
-                fetch_rows(self._collection(name), np.arange(n, dtype=np.int64), out,
-                           self.where, self.progress)
+                fetch_all(self._collection(name), out, self.where, self.progress)
             return out
         arr = self._open_npy(name)
         try:
