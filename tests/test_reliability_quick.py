@@ -89,10 +89,7 @@ def test_every_family_has_a_quick_sample(quick_results: list[dict]) -> None:
 
 FUZZ_TARGETS = ["manifest", "pt", "hdf5", "memmap"]
 #: fuzz targets whose deterministic smoke run (seed 1) finds a bug today, with the issue item
-FUZZ_KNOWN = {
-    "memmap": "issue 9 item 13: a damaged .npy header dict escapes numpy's header parser as "
-              "tokenize.TokenError (jasper_memmap_sqlite/npy.py read_header)",
-}
+FUZZ_KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
