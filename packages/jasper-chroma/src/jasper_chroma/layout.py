@@ -238,9 +238,17 @@ class Layout:
             tables = {k: TableRecord(v["collection"], int(v["rows"]), int(v["cols"]),
                                      str(v["dtype"])) for k, v in d["tables"].items()}
             where = str(d["where"])
+            version = d.get("layout_version", LAYOUT_VERSION)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError,
                 AttributeError) as exc:
             raise FormatError(path, f"not a valid chroma.json: {exc}") from None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise FormatError(path, f"chroma.json layout_version is {version!r}, not a layout "
+                              "version number (rule: integer layout version)")
+        if version > LAYOUT_VERSION:
+            raise FormatError(path, f"chroma.json has layout version {version}, newer than this "
+                              f"jasper-chroma reads ({LAYOUT_VERSION}); upgrade with "
+                              "`pip install -U jasper-chroma`")
         missing = [t for t in table_names(kind) if t not in tables]
         if missing:
             raise FormatError(path, f"chroma.json lists no collection for {', '.join(missing)}")
