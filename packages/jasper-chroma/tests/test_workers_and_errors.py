@@ -159,3 +159,21 @@ def test_local_reader_keeps_its_version_through_an_overwrite(tmp_path: Path) -> 
             assert checksum(got) == old.manifest.arrays[name].checksum
     with jasper.open_store(target) as new:
         assert torch.equal(new.read("source_embs"), b["source_embs"])
+
+
+@pytest.mark.parametrize(("version", "match"), [("x", "not a positive integer"),
+                                                (10**6, "newer than this jasper-chroma reads"),
+                                                (None, "not a positive integer")])
+def test_hostile_layout_versions_are_format_errors(dataset: Any, tmp_path: Path, version: Any,
+                                                   match: str) -> None:
+    import json
+    import shutil
+
+    path, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    layout = json.loads((copy / "chroma.json").read_text())
+    layout["layout_version"] = version
+    (copy / "chroma.json").write_text(json.dumps(layout))
+    with pytest.raises(FormatError, match=match):
+        jasper.open_store(copy)
