@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tokenize
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +135,8 @@ class ChromaReader(StoreReader):
         regular_file(p, f"the file of array {name!r} is not in the dataset")
         try:
             return np.load(p, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
+        except (ValueError, OSError, EOFError, SyntaxError, TypeError, RecursionError,
+                MemoryError, tokenize.TokenError) as exc:  # numpy's header literal parser
             raise FormatError(p, f"not a readable .npy file (truncated?): {exc}",
                               array=name) from None
 
