@@ -52,10 +52,11 @@ import torch
 
 from jasper.atomic import allocate_file
 from jasper.backend import ArraySource, TensorSource
-from jasper.dtypes import FLOAT_DTYPES, from_storage, torch_dtype
+from jasper.dtypes import FLOAT_DTYPES, from_storage, to_storage, torch_dtype
 from jasper.errors import FormatError, IntegrityError, JasperError, ShapeError
 from jasper.manifest import Manifest
 from jasper.progress import count_bar
+from jasper.steering import JASPER_V1, STEERING, KeywordRows, steering_rows
 
 #: Input accepted wherever an array is expected: an array, a tensor or a file path
 #: (``.npy``, ``.pt``, ``.parquet``/``.arrow``/``.feather`` with ``:COLUMN``).
@@ -354,6 +355,11 @@ def _cast(x: np.ndarray, logical: str) -> np.ndarray:
     return x.astype(np.dtype(logical), copy=False)
 
 
+def _stored_rows(table: np.ndarray, idx: np.ndarray, logical: str) -> torch.Tensor:
+    """Rows ``idx`` of a table exactly as the dataset will store them (cast to ``logical``)."""
+    return from_storage(_cast(_rows(table, idx), logical), logical)
+
+
 def _tensor(a: np.ndarray) -> TensorSource:
     """An in-RAM or mapped numpy array as a source without a copy (read-only inputs such as
     ``.npy`` maps are shared; nothing writes to them)."""
@@ -528,6 +534,9 @@ class _Miner:
         self.s_members, self.s_offsets = _members(source_cluster, centroids.shape[0])
         self.adjacent = _adjacent(centroids_n)
         self.keywords = keywords
+        # the centroid table as it is stored (the steering kernel reads stored rows)
+        self.centroids_stored = from_storage(_cast(np.asarray(centroids, dtype=np.float32),
+                                                   logical), logical)
         self.kw_offsets, self.kw_values = kw_offsets, kw_values
         self.given_negatives = hard_negatives
         self.neighbours = neighbours
@@ -552,7 +561,6 @@ class _Miner:
                sims: np.ndarray) -> None:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 4, ci])
-        b = stop - start
         pi = np.asarray(self.pairs[start:stop])
         q, s = pi[:, 0], pi[:, 1]
         cluster = np.asarray(self.pair_cluster[start:stop])
@@ -563,26 +571,8 @@ class _Miner:
                                                         0.0, 1.0)
         out["centroid_distances"][start:stop] = np.clip(1.0 - np.einsum("bd,bd->b", qe, ce),
                                                         0.0, 2.0)
-        steer_c = self.centroids[cluster]
-        out["steering_centroid"][start:stop] = _cast(steer_c, self.logical)
-
-        # keywords of the pair, weighted by their similarity to the question
-        lo, hi = int(self.kw_offsets[start]), int(self.kw_offsets[stop])
-        counts = np.diff(self.kw_offsets[start : stop + 1])
-        if hi > lo:
-            owner = np.repeat(np.arange(b), counts)
-            kwe = _normalize(_rows(self.keywords, np.asarray(self.kw_values[lo:hi])))
-            w = np.exp(4.0 * np.einsum("nd,nd->n", kwe, qe[owner])).astype(np.float32)
-            acc = np.zeros((b, qe.shape[1]), dtype=np.float32)
-            np.add.at(acc, owner, kwe * w[:, None])
-            kw_steer = _normalize(acc)
-        else:
-            kw_steer = np.zeros_like(qe)
-        none = counts == 0
-        kw_steer[none] = steer_c[none]  # a pair without keywords steers by its centroid
-        out["steering_keyword_weighted"][start:stop] = _cast(kw_steer, self.logical)
-        resid = se - np.einsum("bd,bd->b", se, ce)[:, None] * ce
-        out["steering_residual"][start:stop] = _cast(_normalize(resid), self.logical)
+        if "steering_centroid" in out:
+            self._steering(start, stop, q, s, cluster, out)
 
         if self.given_negatives is not None:
             neg = np.asarray(self.given_negatives[start:stop])
@@ -590,6 +580,22 @@ class _Miner:
             return
         out["hard_negatives"][start:stop], sims[start:stop] = self._mine(rng, s, se, cluster,
                                                                          out["hard_negatives"].shape[1])
+
+    def _steering(self, start: int, stop: int, q: np.ndarray, s: np.ndarray,
+                  cluster: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """The three steering arrays of pairs ``start:stop`` through the one kernel that also
+        derives them per batch (jasper.steering), from the rows as they are stored."""
+        logical = self.logical
+        lo, hi = int(self.kw_offsets[start]), int(self.kw_offsets[stop])
+        counts = np.diff(self.kw_offsets[start : stop + 1]).astype(np.int64)
+        owner = np.repeat(np.arange(stop - start), counts)
+        kw = KeywordRows(_stored_rows(self.keywords, np.asarray(self.kw_values[lo:hi]), logical),
+                         torch.from_numpy(owner), torch.from_numpy(counts))
+        c = self.centroids_stored.index_select(0, torch.from_numpy(np.asarray(cluster)))
+        qt, st = _stored_rows(self.q, q, logical), _stored_rows(self.s, s, logical)
+        for v, name in enumerate(STEERING, start=1):
+            out[name][start:stop] = to_storage(steering_rows(
+                JASPER_V1, v, centroids=c, questions=qt, sources=st, keywords=kw))
 
     def _mine(self, rng: np.random.Generator, s: np.ndarray, se: np.ndarray,
               cluster: np.ndarray, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
