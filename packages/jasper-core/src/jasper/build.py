@@ -56,7 +56,15 @@ from jasper.dtypes import FLOAT_DTYPES, from_storage, to_storage, torch_dtype
 from jasper.errors import FormatError, IntegrityError, JasperError, ShapeError
 from jasper.manifest import Manifest
 from jasper.progress import count_bar
-from jasper.steering import JASPER_V1, STEERING, KeywordRows, steering_rows
+from jasper.steering import (
+    EXCEPTION_ROWS,
+    EXCEPTION_VALUES,
+    JASPER_V1,
+    STEERING,
+    DerivedSpec,
+    KeywordRows,
+    steering_rows,
+)
 
 #: Input accepted wherever an array is expected: an array, a tensor or a file path
 #: (``.npy``, ``.pt``, ``.parquet``/``.arrow``/``.feather`` with ``:COLUMN``).
@@ -285,6 +293,9 @@ class BuildConfig:
     #: "auto" (all sources up to 256 per centroid, a seeded sample above), "kmeans", "sampled"
     kmeans: str = "auto"
     memory_limit: int = 1 << 30
+    #: Declare the steering derived (computed per batch by jasper.steering's kernel, the one
+    #: that would have produced the stored arrays) instead of storing the three arrays.
+    derived_steering: bool = False
     steering_probabilities: dict[str, float] = field(
         default_factory=lambda: {"zero": 0.25, "centroid": 0.25, "keyword": 0.25, "residual": 0.25})
 
@@ -798,13 +809,12 @@ def build_arrays(
 
     # --- the pair arrays, chunk by chunk
     storage = _storage_dtype(logical)
-    layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {
-        "steering_centroid": ((n, d), storage),
-        "steering_keyword_weighted": ((n, d), storage),
-        "steering_residual": ((n, d), storage),
+    layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {} if cfg.derived_steering else {
+        name: ((n, d), storage) for name in STEERING}
+    layout.update({
         "centroid_distances": ((n,), np.dtype(np.float32)),
         "hard_negatives": ((n, n_neg), np.dtype(np.int64)),
-    }
+    })
     if relevance is None:
         layout["pair_relevance"] = ((n,), np.dtype(np.float32))
     if tiers_given is None:
@@ -833,8 +843,7 @@ def build_arrays(
     report.derived += [x for x in ("pair_relevance", "negative_tiers") if x in layout]
     if given_neg is None:
         report.derived.append("hard_negatives")
-    report.derived += ["steering_centroid", "steering_keyword_weighted", "steering_residual",
-                       "centroid_distances"]
+    report.derived += [*([] if cfg.derived_steering else STEERING), "centroid_distances"]
 
     # --- splits
     if splits is not None:
@@ -868,6 +877,11 @@ def build_arrays(
         arrays[name] = NumpySource(arr, logical if name.startswith("steering_") else str(arr.dtype))
     for name, idx in split_ids.items():
         arrays[name] = _tensor(idx)
+    derived = None
+    if cfg.derived_steering:
+        derived = DerivedSpec(JASPER_V1, logical).to_dict()
+        arrays[EXCEPTION_ROWS] = TensorSource(torch.zeros((0, 2), dtype=torch.int64))
+        arrays[EXCEPTION_VALUES] = TensorSource(torch.zeros((0, d), dtype=torch_dtype(logical)))
 
     n_tiers = 4 if tiers_given is None else int(tiers_given.max()) + 1 if tiers_given.size else 0
     manifest = Manifest(
@@ -881,6 +895,7 @@ def build_arrays(
         random_seed=cfg.seed,
         n_tiers=n_tiers,
         extra={"build": report.to_dict(), **dict(extra or {})},
+        derived_steering=derived,
     )
     return arrays, manifest
 

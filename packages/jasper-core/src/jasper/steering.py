@@ -38,7 +38,7 @@ never changes silently.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -259,22 +259,6 @@ class DerivedSpec:
                    d.get("checked_rows"))
 
 
-#: JSON Schema of the ``derived_steering`` manifest key (part of the manifest's schema).
-DERIVED_SCHEMA: dict[str, Any] = {
-    "type": ["object", "null"],
-    "required": ["formula"],
-    "properties": {
-        "formula": {"type": "string", "enum": sorted(FORMULAS)},
-        "params": {"type": "object"},
-        "dtype": {"type": "string", "enum": sorted(FLOAT_DTYPES)},
-        "exceptions": {"type": "integer", "minimum": 0},
-        "tolerance": {"type": "object", "properties": {"atol": {"type": "number", "minimum": 0},
-                                                       "rtol": {"type": "number", "minimum": 0}}},
-        "checked_rows": {"type": ["integer", "null"], "minimum": 0},
-    },
-}
-
-
 def derived_spec(manifest: Manifest) -> DerivedSpec | None:
     """The manifest's derived-steering record, or ``None`` when steering is stored."""
     d = getattr(manifest, "derived_steering", None)
@@ -295,6 +279,25 @@ def placeholder(n_pairs: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """A stand-in for a derived steering array in structural checks: right shape and dtype,
     no data (a meta tensor)."""
     return torch.empty((n_pairs, dim), dtype=dtype, device="meta")
+
+
+def check_exception_layout(arrays: Mapping[str, Any], spec: DerivedSpec, dim: int) -> None:
+    """Shape-level rules of the exception arrays before a write (``arrays``: name -> anything
+    with ``shape`` and ``dtype``)."""
+    rows, values = arrays[EXCEPTION_ROWS], arrays[EXCEPTION_VALUES]
+    e = int(rows.shape[0]) if len(rows.shape) else -1
+    if tuple(rows.shape) != (e, 2) or rows.dtype != torch.int64:
+        raise ShapeError(f"{EXCEPTION_ROWS} must be int64 [E, 2], got {rows.dtype} "
+                         f"{tuple(rows.shape)}", array=EXCEPTION_ROWS, rule="shape")
+    want = torch_dtype(spec.dtype)
+    if tuple(values.shape) != (e, dim) or values.dtype != want:
+        raise ShapeError(f"{EXCEPTION_VALUES} must be {want} [{e}, {dim}] (one row per "
+                         f"exception), got {values.dtype} {tuple(values.shape)}",
+                         array=EXCEPTION_VALUES, rule="shape")
+    if e != spec.exceptions:
+        raise ShapeError(f"{EXCEPTION_ROWS} has {e} rows but the manifest's {MANIFEST_KEY} "
+                         f"records {spec.exceptions} exceptions", array=EXCEPTION_ROWS,
+                         rule="exception count")
 
 
 def check_exceptions(rows: torch.Tensor, values: torch.Tensor, *, n_pairs: int, dim: int,
@@ -402,7 +405,7 @@ class DerivedSteering:
             kw = None
             if "k" in needs:
                 kw = keyword_rows_of(csr[0], csr[1], pids,
-                                     lambda ids: table("keyword_embs", ids))
+                                     lambda ids: table("keyword_embs", ids.to(res.device)))
                 kw = KeywordRows(kw.rows.to(res.device), kw.owner.to(res.device),
                                  kw.counts.to(res.device))
             vals = steering_rows(self.formula, v, centroids=c, questions=q, sources=s,
@@ -450,54 +453,107 @@ class DeriveReport:
                 f"{self.max_abs_diff:.3g}")
 
 
-def find_exceptions(
-    f: Formula,
-    stored: Sequence[torch.Tensor],
-    *,
-    questions: torch.Tensor, sources: torch.Tensor, centroids: torch.Tensor,
+def derived_chunks(
+    f: Formula, *, questions: torch.Tensor, sources: torch.Tensor, centroids: torch.Tensor,
     keyword_embs: torch.Tensor, pair_index: torch.Tensor, pair_cluster_id: torch.Tensor,
-    keyword_offsets: torch.Tensor, keyword_ids: torch.Tensor,
-    dtype: torch.dtype, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+    keyword_offsets: torch.Tensor, keyword_ids: torch.Tensor, dtype: torch.dtype,
     chunk: int = 1 << 14,
-) -> tuple[torch.Tensor, torch.Tensor, DeriveReport]:
-    """Check every stored steering row (``stored``: the three arrays in variant order, tensors
-    or maps) against ``f``; returns the exception rows ``[E, 2]``, their stored values
-    ``[E, D]`` (in ``dtype``) and the report. Works chunk by chunk (bounded memory)."""
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Every derived steering row of a dataset, as ``(variant, first pair, rows)`` chunks
+    (tables may be tensors or maps; bounded memory)."""
     n = int(pair_index.shape[0])
-    d = int(centroids.shape[1])
-    report = DeriveReport(f, n, atol, rtol, {v: 0 for v in STEERING_VARIANTS[1:]})
-    rows: list[torch.Tensor] = []
-    vals: list[torch.Tensor] = []
     for v in (1, 2, 3):
         needs = f.needs(v)
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             pids = torch.arange(start, stop, dtype=torch.int64)
             pi = pair_index[start:stop].to(torch.int64)
-            cl = pair_cluster_id[start:stop].to(torch.int64)
-            c = centroids.index_select(0, cl)
+            c = centroids.index_select(0, pair_cluster_id[start:stop].to(torch.int64))
             q = questions.index_select(0, pi[:, 0]) if "q" in needs else None
             s = sources.index_select(0, pi[:, 1]) if "s" in needs else None
             kw = keyword_rows_of(keyword_offsets, keyword_ids, pids,
                                  lambda ids: keyword_embs.index_select(0, ids)) \
                 if "k" in needs else None
-            got = steering_rows(f, v, centroids=c, questions=q, sources=s, keywords=kw,
-                                dtype=dtype)
-            want = stored[v - 1][start:stop].to(dtype)
-            diff = (got.to(torch.float64) - want.to(torch.float64)).abs()
-            bound = atol + rtol * want.to(torch.float64).abs()
-            off = ~(diff <= bound).all(dim=1)  # NaN differences are exceptions too
-            if bool(off.any()):
-                where = torch.nonzero(off).reshape(-1)
-                rows.append(torch.stack([torch.full_like(where, v), where + start], dim=1))
-                vals.append(want.index_select(0, where))
-                report.exceptions[STEERING_VARIANTS[v]] += int(where.numel())
-            ok = ~off
-            if bool(ok.any()):
-                report.max_abs_diff = max(report.max_abs_diff, float(diff[ok].max()))
+            yield v, start, steering_rows(f, v, centroids=c, questions=q, sources=s,
+                                          keywords=kw, dtype=dtype)
+
+
+def find_exceptions(
+    f: Formula, stored: Sequence[Any], tables: Mapping[str, torch.Tensor], *,
+    dtype: torch.dtype, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+    chunk: int = 1 << 14,
+) -> tuple[torch.Tensor, torch.Tensor, DeriveReport]:
+    """Check every stored steering row (``stored``: the three arrays in variant order, tensors
+    or maps) against ``f`` computed from ``tables`` (the dataset's arrays by name); returns the
+    exception rows ``[E, 2]``, their stored values ``[E, D]`` (in ``dtype``) and the report.
+    A row is reproduced when every element is within ``atol + rtol * |stored|``."""
+    n = int(tables["pair_index"].shape[0])
+    d = int(tables["centroid_embs"].shape[1])
+    report = DeriveReport(f, n, atol, rtol, {v: 0 for v in STEERING_VARIANTS[1:]})
+    rows: list[torch.Tensor] = []
+    vals: list[torch.Tensor] = []
+    for v, start, got in derived_chunks(f, dtype=dtype, chunk=chunk, **table_args(tables)):
+        want = stored[v - 1][start : start + got.shape[0]].to(dtype)
+        diff = (got.to(torch.float64) - want.to(torch.float64)).abs()
+        bound = atol + rtol * want.to(torch.float64).abs()
+        off = ~(diff <= bound).all(dim=1)  # NaN differences are exceptions too
+        if bool(off.any()):
+            where = torch.nonzero(off).reshape(-1)
+            rows.append(torch.stack([torch.full_like(where, v), where + start], dim=1))
+            vals.append(want.index_select(0, where))
+            report.exceptions[STEERING_VARIANTS[v]] += int(where.numel())
+        ok = ~off
+        if bool(ok.any()):
+            report.max_abs_diff = max(report.max_abs_diff, float(diff[ok].max()))
     e_rows = torch.cat(rows) if rows else torch.zeros((0, 2), dtype=torch.int64)
     e_vals = torch.cat(vals) if vals else torch.zeros((0, d), dtype=dtype)
     return e_rows, e_vals, report
+
+
+def table_args(arrays: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The keyword arguments of :func:`derived_chunks` from a dataset's arrays by name."""
+    return {"questions": arrays["question_embs"], "sources": arrays["source_embs"],
+            "centroids": arrays["centroid_embs"], "keyword_embs": arrays["keyword_embs"],
+            "pair_index": arrays["pair_index"], "pair_cluster_id": arrays["pair_cluster_id"],
+            "keyword_offsets": arrays["pair_keyword_offsets"],
+            "keyword_ids": arrays["pair_keyword_ids"]}
+
+
+#: The tables derived steering reads (what :func:`table_args` takes).
+FORMULA_INPUTS: tuple[str, ...] = ("question_embs", "source_embs", "centroid_embs",
+                                   "keyword_embs", "pair_index", "pair_cluster_id",
+                                   "pair_keyword_offsets", "pair_keyword_ids")
+
+
+def derive_arrays(
+    arrays: Mapping[str, Any], manifest: Manifest, f: Formula = JASPER_V1, *,
+    atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, chunk: int = 1 << 14,
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], Manifest, DeriveReport]:
+    """A stored-steering dataset's arrays and manifest turned into a derived one: the three
+    steering arrays are dropped, every one of their rows is checked against ``f`` and the
+    rows it does not reproduce within (``atol``, ``rtol``) become the stored exceptions, so
+    the batches served stay what they were (up to the tolerance). ``arrays`` may hold maps or
+    anything sliceable by rows for the steering arrays (then pass their ``dtype``)."""
+    import copy
+
+    if derived_spec(manifest) is not None:
+        raise ValueError("the dataset's steering is derived already")
+    if dtype is None:
+        dtype = arrays[STEERING[0]].dtype
+        for n in STEERING[1:]:
+            dtype = torch.promote_types(dtype, arrays[n].dtype)
+    rows, vals, report = find_exceptions(f, [arrays[n] for n in STEERING], arrays,
+                                         dtype=dtype, atol=atol, rtol=rtol, chunk=chunk)
+    out = {n: t for n, t in arrays.items() if n not in STEERING}
+    out[EXCEPTION_ROWS], out[EXCEPTION_VALUES] = rows, vals
+    m = copy.deepcopy(manifest)
+    from jasper.dtypes import dtype_name
+
+    m.derived_steering = DerivedSpec(f, dtype_name(dtype), int(rows.shape[0]), atol, rtol,
+                                     3 * int(arrays["pair_index"].shape[0])).to_dict()
+    m.arrays = {}
+    return out, m, report
 
 
 def stored_bytes_per_pair(dim: int, itemsize: int = 4) -> int:
@@ -508,11 +564,11 @@ def stored_bytes_per_pair(dim: int, itemsize: int = 4) -> int:
 __all__ = [
     "DEFAULT_ATOL",
     "DEFAULT_RTOL",
-    "DERIVED_SCHEMA",
     "EXCEPTION_ARRAYS",
     "EXCEPTION_ROWS",
     "EXCEPTION_VALUES",
     "FORMULAS",
+    "FORMULA_INPUTS",
     "JASPER_V1",
     "MANIFEST_KEY",
     "STEERING",
@@ -521,12 +577,16 @@ __all__ = [
     "DerivedSteering",
     "Formula",
     "KeywordRows",
+    "check_exception_layout",
     "check_exceptions",
+    "derive_arrays",
+    "derived_chunks",
     "derived_spec",
     "find_exceptions",
     "formula",
     "keyword_rows_of",
     "steering_rows",
     "stored_names",
+    "table_args",
     "unit",
 ]
