@@ -67,6 +67,9 @@ STEERING: tuple[str, ...] = tuple(
 DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 0.0
 
+#: A derived dataset normalises its keyword table once when it is at most this big (float32).
+UNIT_TABLE_MAX_BYTES = 256 << 20
+
 _EPS = 1e-12  # unit(): the floor of a row norm (jasper-v1)
 _ORIGINAL_EPS = 1e-8  # the original's "is this vector zero" threshold
 
@@ -90,11 +93,14 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class KeywordRows:
     """The keywords of a batch of pairs, flattened: ``rows[i]`` belongs to pair ``owner[i]``
-    (owners non-decreasing, each pair's keywords in stored order); ``counts[p]`` per pair."""
+    (owners non-decreasing, each pair's keywords in stored order); ``counts[p]`` per pair.
+    ``unit_rows``: the rows are already ``unit()`` of the stored rows, in float32 (a table
+    normalised once; row-wise, so the bits equal normalising per batch)."""
 
     rows: torch.Tensor
     owner: torch.Tensor
     counts: torch.Tensor
+    unit_rows: bool = False
 
 
 def keyword_rows_of(offsets: torch.Tensor, values: torch.Tensor, pair_ids: torch.Tensor,
@@ -132,7 +138,7 @@ def _jasper_v1(variant: int, q: torch.Tensor | None, s: torch.Tensor | None, c: 
     if variant == 2:
         assert q is not None and kw is not None
         b = c.shape[0]
-        kwe = unit(kw.rows)
+        kwe = kw.rows if kw.unit_rows else unit(kw.rows)
         w = torch.exp(float(params.get("keyword_sharpness", 4.0))
                       * _dot(kwe, unit(q).index_select(0, kw.owner)))
         out = unit(_segment_sum(kwe * w.unsqueeze(-1), kw.owner, b))
@@ -214,8 +220,11 @@ def steering_rows(f: Formula, variant: int, *, centroids: torch.Tensor,
     def up(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(work)
 
+    if keywords is not None and keywords.unit_rows and (
+            f.name != "jasper-v1" or keywords.rows.dtype != work):
+        raise ValueError("normalised keyword rows are jasper-v1's, in its working dtype")
     kw = None if keywords is None else KeywordRows(keywords.rows.to(work), keywords.owner,
-                                                   keywords.counts)
+                                                   keywords.counts, keywords.unit_rows)
     out = _KERNELS[f.name](variant, up(questions), up(sources), up(centroids), kw, f.params)
     return out.to(dtype or centroids.dtype)
 
@@ -364,6 +373,19 @@ class DerivedSteering:
         rows = exception_rows.to(torch.int64)
         self.exception_keys = (rows[:, 0] * n_pairs + rows[:, 1]).contiguous()
         self.exception_values = exception_values
+        #: jasper-v1 reads every keyword row normalised: done once for the whole table when
+        #: it is in memory and small (:meth:`prepare`), else per batch (the same bits)
+        self.keyword_units: torch.Tensor | None = None
+
+    def prepare(self, keyword_table: torch.Tensor) -> None:
+        """Normalise the keyword table once (jasper-v1, in-memory tables up to
+        :data:`UNIT_TABLE_MAX_BYTES` in float32)."""
+        if self.formula.name != "jasper-v1" or keyword_table.device.type == "meta":
+            return
+        if keyword_table.numel() * 4 > UNIT_TABLE_MAX_BYTES:
+            return
+        work = torch.float64 if keyword_table.dtype == torch.float64 else torch.float32
+        self.keyword_units = unit(keyword_table.to(work))
 
     @property
     def n_exceptions(self) -> int:
@@ -404,10 +426,16 @@ class DerivedSteering:
                 s = table("source_embs", table("pair_index", pids)[:, 1].to(torch.int64))
             kw = None
             if "k" in needs:
-                kw = keyword_rows_of(csr[0], csr[1], pids,
-                                     lambda ids: table("keyword_embs", ids.to(res.device)))
-                kw = KeywordRows(kw.rows.to(res.device), kw.owner.to(res.device),
-                                 kw.counts.to(res.device))
+                units = self.keyword_units
+
+                def rows_of(ids: torch.Tensor, units: torch.Tensor | None = units) -> torch.Tensor:
+                    ids = ids.to(res.device)
+                    return units.index_select(0, ids) if units is not None else table(
+                        "keyword_embs", ids)
+
+                kw = keyword_rows_of(csr[0], csr[1], pids, rows_of)
+                kw = KeywordRows(kw.rows, kw.owner.to(res.device), kw.counts.to(res.device),
+                                 unit_rows=units is not None)
             vals = steering_rows(self.formula, v, centroids=c, questions=q, sources=s,
                                  keywords=kw, dtype=res.dtype)
             res.index_copy_(0, where, vals)

@@ -239,6 +239,7 @@ class TableSet(abc.ABC):
                 self.derived = DerivedSteering(
                     self.derived_spec, self.n_pairs, self.embedding_dim,
                     self.arrays[EXCEPTION_ROWS], self.arrays[EXCEPTION_VALUES])
+                self.derived.prepare(self.arrays["keyword_embs"])
         except BaseException:
             reader.close()
             raise
@@ -371,7 +372,9 @@ class TableSet(abc.ABC):
         return total
 
     def _owned(self) -> list[torch.Tensor]:
-        return list(self.arrays.values())
+        extra = [] if self.derived is None or self.derived.keyword_units is None else [
+            self.derived.keyword_units]
+        return [*self.arrays.values(), *extra]
 
     def _release_reader(self) -> None:
         if self._reader is not None:
@@ -493,7 +496,7 @@ class PreloadedTables(TableSet):
 
     def _owned(self) -> list[torch.Tensor]:
         extra = [self.steering_table] if self.steering_table is not None else []
-        return [*self.arrays.values(), *extra]
+        return [*super()._owned(), *extra]
 
     def close(self) -> None:
         super().close()
