@@ -119,6 +119,19 @@ def keyword_rows_of(offsets: torch.Tensor, values: torch.Tensor, pair_ids: torch
     return KeywordRows(table_rows(ids), owner, counts)
 
 
+#: Elements per row of :func:`_exp`'s working buffer: a multiple of every CPU vector width.
+_EXP_LANES = 64
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` of a 1-D tensor whose every element takes the same code path whatever its
+    position: CPU kernels evaluate a tensor's tail (``numel % vector width``) with the scalar
+    libm ``exp``, which may differ by an ulp from the vectorised one, so each element is
+    evaluated in a row of ``_EXP_LANES`` copies (always whole vectors) and read back."""
+    wide = x.unsqueeze(-1).expand(-1, _EXP_LANES).contiguous()
+    return torch.exp(wide)[:, 0].contiguous()
+
+
 def _segment_sum(x: torch.Tensor, owner: torch.Tensor, b: int) -> torch.Tensor:
     return torch.zeros((b, x.shape[-1]), dtype=x.dtype, device=x.device).index_add_(0, owner, x)
 
@@ -139,8 +152,8 @@ def _jasper_v1(variant: int, q: torch.Tensor | None, s: torch.Tensor | None, c: 
         assert q is not None and kw is not None
         b = c.shape[0]
         kwe = kw.rows if kw.unit_rows else unit(kw.rows)
-        w = torch.exp(float(params.get("keyword_sharpness", 4.0))
-                      * _dot(kwe, unit(q).index_select(0, kw.owner)))
+        w = _exp(float(params.get("keyword_sharpness", 4.0))
+                 * _dot(kwe, unit(q).index_select(0, kw.owner)))
         out = unit(_segment_sum(kwe * w.unsqueeze(-1), kw.owner, b))
         return torch.where((kw.counts == 0).unsqueeze(-1), c, out)
     assert s is not None
