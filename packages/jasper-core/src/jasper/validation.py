@@ -31,9 +31,10 @@ from jasper.errors import (
     ShapeError,
 )
 from jasper.manifest import MANIFEST_NAME, Checksummer, Manifest
-from jasper.schema import ARRAYS, PAIRS, Cols, Role, split_array
+from jasper.schema import ALL_ARRAYS, ARRAYS, PAIRS, Cols, Role, split_array
 
 if TYPE_CHECKING:
+    from jasper.backend import StoreReader
     from jasper.location import Location
 
 #: Rows per chunk for the float checks, so mapped arrays are scanned without a full copy.
@@ -65,6 +66,8 @@ class ValidationReport:
     findings: list[Finding] = field(default_factory=list)
     checksums_verified: int = 0
     backend_problems: list[str] = field(default_factory=list)
+    #: derived steering: the rows computed and found finite by a deep validation
+    derived_rows_checked: int = 0
 
     @property
     def pairs_per_second(self) -> float:
@@ -508,7 +511,9 @@ def validate(
                                                   progress=progress)
             return report
         manifest = reader.manifest
-        infos = {n: reader.info(n) for n in ARRAYS if reader.has(n)}
+        from jasper.steering import stored_names
+
+        infos = {n: reader.info(n) for n in stored_names(manifest) if reader.has(n)}
         check_manifest_trust(manifest, infos, p)
         for n, rec in manifest.arrays.items():
             info = infos.get(n)
@@ -527,7 +532,7 @@ def validate(
         streamed: set[str] = set()
         arrays: dict[str, torch.Tensor] = {}
         for n, info in infos.items():
-            spec = ARRAYS[n]
+            spec = ALL_ARRAYS[n]
             if mapped:
                 arrays[n] = reader.map(n)
             elif spec.finite and spec.rank == 2:
@@ -535,8 +540,9 @@ def validate(
                 streamed.add(n)
             else:
                 arrays[n] = reader.read(n)
+        derived = _check_derived(arrays, reader, manifest, p)
         findings = check_arrays(arrays, manifest, path=p, strict=strict, warn=False,
-                                skip_finite=frozenset(streamed))
+                                skip_finite=frozenset(streamed) | derived)
         del arrays
         for n in sorted(streamed):
             row = 0
@@ -561,6 +567,9 @@ def validate(
                             f"{rec.checksum}; the array was changed or corrupted after it was "
                             "written", array=n, rule="checksum", path=p)
                     report.checksums_verified += 1
+            if derived:
+                report.derived_rows_checked = _check_derived_values(reader, manifest, p,
+                                                                    mapped=mapped)
             report.backend_problems = get_backend(reader.backend_name).deep_check(p)
             if report.backend_problems:
                 raise IntegrityError(
@@ -568,6 +577,50 @@ def validate(
                     rule="backend deep check", path=p)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_derived(arrays: dict[str, torch.Tensor], reader: StoreReader, manifest: Manifest,
+                   path: Path) -> frozenset[str]:
+    """Derived steering: the exception arrays' rules, and shape-only stand-ins for the
+    steering arrays in ``arrays``; returns their names (nothing when steering is stored)."""
+    from jasper.dtypes import torch_dtype
+    from jasper.steering import (
+        EXCEPTION_ROWS,
+        EXCEPTION_VALUES,
+        STEERING,
+        check_exceptions,
+        derived_spec,
+        placeholder,
+    )
+
+    spec = derived_spec(manifest)
+    if spec is None:
+        return frozenset()
+    n_pairs, dim = int(arrays["pair_index"].shape[0]), int(manifest.embedding_dim)
+    dtype = torch_dtype(spec.dtype)
+    check_exceptions(reader.read(EXCEPTION_ROWS), reader.read(EXCEPTION_VALUES),
+                     n_pairs=n_pairs, dim=dim, dtype=dtype, expected=spec.exceptions, path=path)
+    for n in STEERING:
+        arrays[n] = placeholder(n_pairs, dim, dtype)
+    return frozenset(STEERING)
+
+
+def _check_derived_values(reader: StoreReader, manifest: Manifest, path: Path, *,
+                          mapped: bool) -> int:
+    """Compute every derived steering row once (chunk by chunk) and check it is finite, so a
+    deep validation proves what batches will serve. Returns the number of rows computed."""
+    from jasper.dtypes import torch_dtype
+    from jasper.steering import FORMULA_INPUTS, STEERING, derived_chunks, derived_spec, table_args
+
+    spec = derived_spec(manifest)
+    assert spec is not None
+    tables = {n: reader.map(n) if mapped else reader.read(n) for n in FORMULA_INPUTS}
+    rows = 0
+    for v, start, got in derived_chunks(spec.formula, dtype=torch_dtype(spec.dtype),
+                                        **table_args(tables)):
+        _check_finite(f"{STEERING[v - 1]} (derived)", got, path, row_offset=start)
+        rows += int(got.shape[0])
+    return rows
 
 
 def guard_write_arrays(cls: type) -> None:
