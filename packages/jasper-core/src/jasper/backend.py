@@ -179,6 +179,28 @@ def as_source(array: torch.Tensor | ArraySource) -> ArraySource:
     raise TypeError(f"expected a torch.Tensor or ArraySource, got {type(array).__name__}")
 
 
+#: What storage libraries raise on damaged input (h5py, zipfile, numpy's header parser...):
+#: :meth:`StoreReader.typed_errors` turns it into a ``FormatError``.
+LIBRARY_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, KeyError, ValueError,
+                                                   TypeError, EOFError)
+
+
+def check_format_version(found: object, supported: int, file: Path, what: str,
+                         package: str) -> int:
+    """The layout version ``found`` in a backend's file, as an int; a
+    :class:`~jasper.errors.FormatError` naming ``file`` when it is not a number or newer than
+    ``supported`` (the ``package`` to upgrade is named)."""
+    try:
+        number = int(found)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        raise FormatError(file, f"{what} is {found!r}, not a layout version number (rule: "
+                          "integer layout version)") from None
+    if number > supported:
+        raise FormatError(file, f"written with layout version {number}, newer than this "
+                          f"{package} reads ({supported}); upgrade {package} (see its README)")
+    return number
+
+
 class StoreReader(abc.ABC):
     """A read handle on one stored dataset. Get one with :func:`jasper.open_store`.
 
@@ -410,6 +432,46 @@ class StoreReader(abc.ABC):
 
     def _missing(self, name: str) -> FormatError:
         return FormatError(self.path, f"array {name!r} is not in this store", array=name)
+
+    def check_info(self, name: str, info: ArrayInfo, file: Path | None = None) -> ArrayInfo:
+        """``info`` if it fits the data model (rank, allowed dtypes) and the manifest's record
+        of ``name``, else a :class:`~jasper.errors.ShapeError` naming ``file`` (default: the
+        dataset) and the array. Backends whose files carry their own shapes call it in
+        :meth:`info`, so a file that disagrees fails before anything is read."""
+        from jasper.dtypes import dtype_name
+        from jasper.schema import ALL_ARRAYS
+
+        where = file or self.path
+        spec = ALL_ARRAYS[name]
+        logical = dtype_name(info.dtype)
+        if len(info.shape) != spec.rank:
+            raise ShapeError(f"{where}: {name} has shape {info.shape}, expected rank "
+                             f"{spec.rank}", array=name, rule="rank", path=where)
+        if logical not in spec.dtypes:
+            raise ShapeError(f"{where}: {name} has dtype {logical}; allowed: "
+                             f"{', '.join(sorted(spec.dtypes))}", array=name, rule="dtype",
+                             path=where)
+        rec = self.manifest.arrays.get(name)
+        if rec is not None and (tuple(rec.shape) != info.shape or rec.dtype != logical):
+            raise ShapeError(f"{where}: {name} is {info.shape} {logical} in the file but the "
+                             f"manifest records {tuple(rec.shape)} {rec.dtype}", array=name,
+                             rule="manifest shape", path=where)
+        return info
+
+    @contextmanager
+    def typed_errors(self, file: Path, array: str | None = None,
+                     what: str = "read failed (truncated or corrupt file?)",
+                     errors: tuple[type[BaseException], ...] = LIBRARY_ERRORS) -> Iterator[None]:
+        """Turn what a storage library raises on damaged input (``errors``) into a
+        :class:`~jasper.errors.FormatError` naming ``file`` and ``array``; jasper's own errors
+        pass through. Every backend wraps its library calls in it."""
+        try:
+            yield
+        except JasperError:
+            raise
+        except errors as exc:
+            raise FormatError(file, f"{what}: {type(exc).__name__}: {exc}", array=array) \
+                from None
 
 
 def _has_write_rows(get_backend: Any, name: str) -> bool:

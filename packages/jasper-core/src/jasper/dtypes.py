@@ -51,6 +51,17 @@ def torch_dtype(name: str) -> torch.dtype:
         ) from None
 
 
+def storage_logical(storage: np.dtype) -> str:
+    """The logical dtype whose values numpy dtype ``storage`` holds: ``uint16`` is bfloat16's
+    bit pattern (no array of the data model is ``uint16``); a ``TypeError`` for a dtype jasper
+    cannot hold."""
+    storage = np.dtype(storage).newbyteorder("=")
+    for name, stored in STORAGE_NUMPY.items():
+        if stored == storage:
+            return name
+    raise TypeError(f"dtype {storage} is not supported by jasper")
+
+
 def to_storage(tensor: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor's bytes, in its storage dtype (no copy when contiguous)."""
     t = tensor.detach()
