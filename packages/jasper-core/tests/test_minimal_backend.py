@@ -73,7 +73,7 @@ class MinimalBackend(BackendEntrypoint):
     capabilities: ClassVar[Capabilities] = Capabilities(write=True, mmap=False, row_access=True)
     marker_files: ClassVar[tuple[str, ...]] = (FORMAT_FILE,)
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
+    def open(self, path: Path, manifest: Manifest) -> StoreReader:
         return MinimalReader(Path(path), manifest)
 
     def write_arrays(self, directory: Path, arrays: Mapping[str, ArraySource],

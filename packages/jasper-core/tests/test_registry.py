@@ -60,7 +60,7 @@ IMPL = textwrap.dedent(
         name = {name!r}
         description = "a fake backend"
 
-        def open(self, path, manifest, *, mmap=False):
+        def open(self, path, manifest):
             raise NotImplementedError
     """
 )
@@ -146,7 +146,7 @@ class _RuntimeBackend(BackendEntrypoint):
     description: ClassVar[str] = "registered at run time"
     marker_files: ClassVar[tuple[str, ...]] = ("runtime.marker",)
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
+    def open(self, path: Path, manifest: Manifest) -> StoreReader:
         raise NotImplementedError
 
 

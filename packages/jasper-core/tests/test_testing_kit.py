@@ -80,7 +80,7 @@ class NpyBackend(BackendEntrypoint):
     # other backends store .npy files too, so a file of our own marks our datasets
     marker_files: ClassVar[tuple[str, ...]] = ("kit-npy.format",)
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
+    def open(self, path: Path, manifest: Manifest) -> StoreReader:
         return NpyReader(Path(path), manifest)
 
     def write_arrays(self, directory: Path, arrays: Mapping[str, ArraySource],
@@ -130,7 +130,7 @@ BROKEN = textwrap.dedent(
     class Broken(NpyBackend):
         name = "kit-broken"
 
-        def open(self, path, manifest, *, mmap=False):
+        def open(self, path, manifest):
             return Reader(path, manifest)
 
 

@@ -155,7 +155,7 @@ class NpzBackend(BackendEntrypoint):
         "deflate": {"compression": "deflate", "compression_level": 1},
     }
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> NpzReader:
+    def open(self, path: Path, manifest: Manifest) -> NpzReader:
         return NpzReader(Path(path), manifest)
 
     def write_arrays(

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jasper.backend import ArraySource, BackendEntrypoint, Capabilities, StoreReader
-from jasper.errors import CapabilityError
 
 if TYPE_CHECKING:
     from jasper.manifest import Manifest
@@ -35,10 +34,7 @@ class ChromaBackend(BackendEntrypoint):
     marker_files = ("chroma.json",)
     write_presets = {"default": {}}
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
-        if mmap:
-            raise CapabilityError(f"backend 'chroma' cannot memory-map {path}: its tables are "
-                                  "in Chroma; open without mmap (preload)")
+    def open(self, path: Path, manifest: Manifest) -> StoreReader:
         from jasper_chroma.reader import ChromaReader
 
         return ChromaReader(Path(path), manifest)

@@ -531,12 +531,15 @@ class BackendEntrypoint(abc.ABC):
         return p.is_dir() and any((p / m).exists() for m in self.marker_files)
 
     @abc.abstractmethod
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
+    def open(self, path: Path, manifest: Manifest) -> StoreReader:
         """Open the dataset directory ``path`` for reading.
 
-        ``manifest`` is the parsed ``config.json``. ``mmap=True`` says the caller will use
-        :meth:`StoreReader.map`; core has checked the ``mmap`` capability before calling, so
-        backends may ignore it (it remains for callers that open backends directly).
+        ``manifest`` is the parsed ``config.json``. How the reader is used is the caller's
+        choice per call (:meth:`StoreReader.map`, ``read_into``, ``read_rows``): core checks the
+        ``mmap`` capability before it maps, and a reader of a backend that cannot map raises
+        ``CapabilityError`` from ``map``. (Until contract v2 ``open`` took an ``mmap`` flag that
+        no backend acted on; core no longer passes it, so an override that still accepts it
+        keeps working.)
         """
 
     def write_arrays(

@@ -110,7 +110,7 @@ def open_pinned(pinned: PinnedGeneration, *, mmap: bool = False) -> StoreReader:
         raise CapabilityError(f"backend {impl.name!r} cannot memory-map {pinned.location}: "
                               "object stores are preloaded or read by rows; open with "
                               "mmap=False")
-    reader = impl.open(pinned.where, pinned.manifest, mmap=mmap)  # type: ignore[arg-type]
+    reader = impl.open(pinned.where, pinned.manifest)  # type: ignore[arg-type]
     # reader.path names the dataset (what `jasper info` shows and sizes), not one generation
     reader.path = pinned.location  # type: ignore[assignment]
     return reader

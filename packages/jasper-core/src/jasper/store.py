@@ -86,7 +86,7 @@ def open_store(path: str | Path | Location, backend: str = "auto", *,
                           _COMPRESSED_RATIO if impl.capabilities.compression else 1.0))
     check_claimed_sizes({n: (r.shape, _itemsize(r.dtype, p)) for n, r in manifest.arrays.items()},
                         available, max_ratio=ratio, path=p / MANIFEST_NAME, source="the manifest")
-    reader = impl.open(p, manifest, mmap=mmap)
+    reader = impl.open(p, manifest)
     try:
         check_claimed_sizes(_stored_claims(reader), available, max_ratio=ratio, path=p,
                             source=f"the {name} store")

@@ -260,7 +260,7 @@ class MemmapSqliteBackend(BackendEntrypoint):
         "align-64": {"align": 64},
     }
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> MemmapSqliteReader:
+    def open(self, path: Path, manifest: Manifest) -> MemmapSqliteReader:
         p = Path(path)
         if not p.is_dir():
             raise DatasetNotFoundError(p)

@@ -141,7 +141,7 @@ class PTBackend(BackendEntrypoint):
     )
     marker_files: ClassVar[tuple[str, ...]] = ("pair_index.pt", "sample_ids.pt")  # per kind
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> PTReader:
+    def open(self, path: Path, manifest: Manifest) -> PTReader:
         if not Path(path).is_dir():
             raise DatasetNotFoundError(path)
         return PTReader(Path(path), manifest)
