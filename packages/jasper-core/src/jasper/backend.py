@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from jasper.dtypes import to_storage
 from jasper.errors import CapabilityError, FormatError, JasperError, ShapeError
 from jasper.files import DatasetDir
+from jasper.lazy import lazy_torch
 from jasper.rows import (
     as_row_index,
     check_rows,
@@ -39,8 +39,12 @@ from jasper.rows import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from jasper.location import Location, ObjectStore
     from jasper.manifest import Manifest
+else:
+    torch = lazy_torch(globals())
 
 
 @dataclass(frozen=True)
@@ -73,19 +77,43 @@ class Capabilities:
     pinned_reads: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ArrayInfo:
-    """Shape and logical dtype of a stored array, as the store itself reports them."""
+    """Shape and logical dtype of a stored array, as the store itself reports them.
+
+    ``ArrayInfo(shape, dtype)`` takes a torch dtype or a logical dtype name (``"float32"``):
+    a backend that reads shapes from its own metadata passes the name, so describing a dataset
+    (``jasper info``) needs no torch; :attr:`dtype` gives the torch dtype when tensors are made.
+    """
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    #: the logical dtype name, as the manifest records it
+    dtype_name: str
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype | str) -> None:
+        from jasper.dtypes import dtype_name
+
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
+        object.__setattr__(self, "dtype_name", dtype_name(dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        from jasper.dtypes import torch_dtype
+
+        return torch_dtype(self.dtype_name)
+
+    @property
+    def itemsize(self) -> int:
+        from jasper.dtypes import ITEMSIZE
+
+        return ITEMSIZE[self.dtype_name]
 
     @property
     def nbytes(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
-        return n * self.dtype.itemsize
+        return n * self.itemsize
 
 
 class ArraySource(abc.ABC):
@@ -438,12 +466,11 @@ class StoreReader(abc.ABC):
         of ``name``, else a :class:`~jasper.errors.ShapeError` naming ``file`` (default: the
         dataset) and the array. Backends whose files carry their own shapes call it in
         :meth:`info`, so a file that disagrees fails before anything is read."""
-        from jasper.dtypes import dtype_name
         from jasper.schema import ALL_ARRAYS
 
         where = file or self.path
         spec = ALL_ARRAYS[name]
-        logical = dtype_name(info.dtype)
+        logical = info.dtype_name
         if len(info.shape) != spec.rank:
             raise ShapeError(f"{where}: {name} has shape {info.shape}, expected rank "
                              f"{spec.rank}", array=name, rule="rank", path=where)

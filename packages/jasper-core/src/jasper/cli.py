@@ -210,7 +210,6 @@ def _require_dir(path: str) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     _require_dir(args.path)
-    from jasper.dtypes import dtype_name
     from jasper.store import dir_size, open_store
 
     with open_store(args.path, args.backend) as reader:
@@ -230,7 +229,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "created_at": m.created_at,
             "splits": {s: int(arrays[f"{s}_idx"].shape[0]) for s in ("train", "val", "test")
                        if f"{s}_idx" in arrays},
-            "arrays": {n: {"shape": list(i.shape), "dtype": dtype_name(i.dtype),
+            "arrays": {n: {"shape": list(i.shape), "dtype": i.dtype_name,
                            "bytes": i.nbytes} for n, i in arrays.items()},
         }
     if args.json:

@@ -22,15 +22,20 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xxhash
 
 from jasper.dtypes import to_storage
 from jasper.errors import DatasetNotFoundError, ManifestError, SchemaVersionError
+from jasper.lazy import lazy_torch
 from jasper.location import Location, as_target
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 MANIFEST_NAME = "config.json"
 SCHEMA_VERSION = 1

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-import torch
-
 from jasper.dtypes import dtype_name
 from jasper.errors import (
     ChecksumError,
@@ -30,11 +28,16 @@ from jasper.errors import (
     ManifestError,
     ShapeError,
 )
+from jasper.lazy import lazy_torch
 from jasper.manifest import MANIFEST_NAME, Checksummer, Manifest
 from jasper.schema import ARRAYS, PAIRS, Cols, Role, split_array
 
 if TYPE_CHECKING:
+    import torch
+
     from jasper.location import Location
+else:
+    torch = lazy_torch(globals())
 
 #: Rows per chunk for the float checks, so mapped arrays are scanned without a full copy.
 _FLOAT_CHUNK_BYTES = 64 << 20
@@ -515,9 +518,9 @@ def validate(
             if info is None:
                 raise IntegrityError(f"array {n!r} is recorded in the manifest but missing from "
                                      "the store", array=n, rule="manifest arrays present", path=p)
-            if tuple(info.shape) != tuple(rec.shape) or dtype_name(info.dtype) != rec.dtype:
+            if tuple(info.shape) != tuple(rec.shape) or info.dtype_name != rec.dtype:
                 raise ShapeError(
-                    f"{n} is {tuple(info.shape)} {dtype_name(info.dtype)} in the store but the "
+                    f"{n} is {tuple(info.shape)} {info.dtype_name} in the store but the "
                     f"manifest records {tuple(rec.shape)} {rec.dtype}", array=n,
                     rule="manifest shape", path=p)
         # Large float arrays are never copied whole: mapped where the backend maps, otherwise

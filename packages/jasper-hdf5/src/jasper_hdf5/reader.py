@@ -26,19 +26,19 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
 from jasper.backend import ArrayInfo, StoreReader, check_format_version
-from jasper.dtypes import STORAGE_NUMPY, TORCH_DTYPES, from_storage, to_storage, torch_dtype
+from jasper.dtypes import LOGICAL_DTYPES, STORAGE_NUMPY, from_storage, to_storage
 from jasper.errors import (
     DatasetNotFoundError,
     FormatError,
     ShapeError,
 )
 from jasper.files import DatasetDir, OutsideDatasetError, ProcessLocal
+from jasper.lazy import lazy_torch
 from jasper.manifest import Manifest
 from jasper.ptload import load_pt_tensor
 from jasper.rows import merge_gap_rows, plan_spans, span_positions
@@ -52,6 +52,11 @@ from jasper_hdf5.layout import (
     SPLIT_PT_FALLBACK,
     candidate_paths,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 T = TypeVar("T")
 
@@ -343,7 +348,7 @@ class HDF5Reader(StoreReader):
         # The original system's files carry no attribute: the stored dtype is the logical one,
         # except that narrower integer ids are widened to the int64 the data model asks for.
         logical = stored.name
-        if logical not in TORCH_DTYPES or stored.kind not in "iufb":
+        if logical not in LOGICAL_DTYPES or stored.kind not in "iufb":
             raise ShapeError(f"{self.file}: {name} ({hpath}) has dtype {stored}, which jasper "
                              "cannot read", array=name, rule="dtype", path=self.file)
         allowed = ALL_ARRAYS[name].dtypes
@@ -426,7 +431,7 @@ class HDF5Reader(StoreReader):
     def info(self, name: str) -> ArrayInfo:
         entry = self._require(name)
         if entry.kind == "dataset":
-            return self.check_info(name, ArrayInfo(entry.shape, torch_dtype(entry.logical)),
+            return self.check_info(name, ArrayInfo(entry.shape, entry.logical),
                                    self.file)
         t = self._load(name, entry)
         return self.check_info(name, ArrayInfo(tuple(t.shape), t.dtype), self.file)

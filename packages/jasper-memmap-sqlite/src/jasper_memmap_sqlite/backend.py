@@ -30,10 +30,9 @@ import os
 import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from jasper.backend import (
     ArrayInfo,
@@ -43,8 +42,9 @@ from jasper.backend import (
     StoreReader,
     default_rows_per_chunk,
 )
-from jasper.dtypes import STORAGE_NUMPY, dtype_name, to_storage, torch_dtype
+from jasper.dtypes import STORAGE_NUMPY, dtype_name, to_storage
 from jasper.errors import DatasetNotFoundError, FormatError, JasperError, ShapeError
+from jasper.lazy import lazy_torch
 from jasper.manifest import MANIFEST_NAME, Manifest
 from jasper.schema import ARRAYS, dataset_kind
 from jasper_memmap_sqlite.catalogue import (
@@ -75,6 +75,11 @@ from jasper_memmap_sqlite.npy import (
     tensor_chunks,
     write_npy,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 CATALOGUE_NAME = "catalogue.db"
 FORMAT = "jasper-memmap-sqlite"
@@ -169,7 +174,7 @@ class MemmapSqliteReader(StoreReader):
 
     def info(self, name: str) -> ArrayInfo:
         e = self._entry(name)
-        return ArrayInfo(e.shape, torch_dtype(e.dtype))
+        return ArrayInfo(e.shape, e.dtype)
 
     def map(self, name: str) -> torch.Tensor:
         t = self._maps.get(name)

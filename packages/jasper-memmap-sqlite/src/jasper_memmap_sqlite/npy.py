@@ -18,15 +18,20 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from jasper.dtypes import STORAGE_NUMPY, from_storage, to_storage
 from jasper.errors import ShapeError
+from jasper.lazy import lazy_torch
 from jasper.manifest import Checksummer
 from jasper.npy import NpyHeader, check_size, pread_into, read_header  # noqa: F401
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 MAGIC = b"\x93NUMPY"
 #: Where array data starts (bytes): one page, so rows never straddle a page needlessly.
