@@ -224,8 +224,11 @@ def check_format_version(found: object, supported: int, file: Path, what: str,
         raise FormatError(file, f"{what} is {found!r}, not a layout version number (rule: "
                           "integer layout version)") from None
     if number > supported:
+        from jasper.registry import install_hint
+
         raise FormatError(file, f"written with layout version {number}, newer than this "
-                          f"{package} reads ({supported}); upgrade {package} (see its README)")
+                          f"{package} reads ({supported}); upgrade: "
+                          + install_hint(package, upgrade=True))
     return number
 
 

@@ -130,10 +130,12 @@ def _need(module: str, step: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        from jasper.registry import install_hint as _install_hint
+
         package = {"sklearn": "scikit-learn", "pyarrow": "pyarrow"}.get(module, module)
         raise MissingDependencyError(
-            f"{step} needs {package}, which is not installed: pip install 'jasper-core[build]' "
-            f"(or pip install {package})"
+            f"{step} needs {package}, which is not installed: pip install -c constraints.txt "
+            f"{package} (or {_install_hint('jasper-core', extra='build')})"
         ) from exc
 
 

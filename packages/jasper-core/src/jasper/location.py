@@ -254,8 +254,11 @@ class Pointer:
             raise FormatError(where, "not a jasper dataset pointer (no 'format': "
                               f"{POINTER_FORMAT!r})")
         if int(d.get("version", 0)) > POINTER_VERSION:
+            from jasper.registry import install_hint
+
             raise FormatError(where, f"pointer version {d.get('version')} is newer than this "
-                              f"jasper reads ({POINTER_VERSION}); upgrade jasper-core")
+                              f"jasper reads ({POINTER_VERSION}); upgrade: "
+                              + install_hint("jasper-core", upgrade=True))
         gen = d.get("generation")
         if not isinstance(gen, str) or not _valid_generation(gen):
             raise FormatError(where, f"the pointer names no valid generation ({gen!r})")

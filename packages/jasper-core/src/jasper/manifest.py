@@ -221,7 +221,7 @@ class Manifest:
             raise SchemaVersionError(
                 path,
                 f"schema_version {version!r} is newer than this jasper-core understands "
-                f"({SCHEMA_VERSION}); upgrade with `pip install -U jasper-core`",
+                f"({SCHEMA_VERSION}); upgrade: {_upgrade_core()}",
             )
         try:
             problem = _schema_problem(d)
@@ -361,3 +361,9 @@ def checksum(tensor: torch.Tensor) -> str:
     c = Checksummer()
     c.update(tensor)
     return c.hexdigest()
+
+
+def _upgrade_core() -> str:
+    from jasper.registry import install_hint
+
+    return install_hint("jasper-core", upgrade=True)

@@ -40,6 +40,7 @@ from jasper.backend import (
     BackendEntrypoint,
     Capabilities,
     StoreReader,
+    check_format_version,
     default_rows_per_chunk,
 )
 from jasper.dtypes import STORAGE_NUMPY, dtype_name, to_storage
@@ -125,16 +126,8 @@ class MemmapSqliteReader(StoreReader):
             if meta.get("format") != FORMAT:
                 raise FormatError(db, f"jasper_meta.format is {meta.get('format')!r}, expected "
                                   f"{FORMAT!r} (rule: memmap-sqlite catalogue)")
-            try:
-                version = int(meta.get("format_version", "0"))
-            except (TypeError, ValueError):
-                raise FormatError(db, f"jasper_meta.format_version is "
-                                  f"{meta.get('format_version')!r}, not a number (rule: "
-                                  "memmap-sqlite catalogue)") from None
-            if version > FORMAT_VERSION:
-                raise FormatError(db, f"format_version {version} is newer than this "
-                                  f"jasper-memmap-sqlite reads ({FORMAT_VERSION}); upgrade it "
-                                  "with `pip install -U jasper-memmap-sqlite`")
+            check_format_version(meta.get("format_version", "0"), FORMAT_VERSION, db,
+                                 "jasper_meta.format_version", "jasper-memmap-sqlite")
             entries = load_catalogue(conn, db)
         except sqlite3.DatabaseError as exc:
             raise FormatError(db, f"SQLite cannot read the catalogue (damaged?): {exc}") from None
