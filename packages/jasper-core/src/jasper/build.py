@@ -132,10 +132,12 @@ def _need(module: str, step: str) -> Any:
     except ImportError as exc:
         from jasper.registry import install_hint as _install_hint
 
-        package = {"sklearn": "scikit-learn", "pyarrow": "pyarrow"}.get(module, module)
+        top = module.partition(".")[0]  # the distribution is named after the top package
+        package = {"sklearn": "scikit-learn", "pyarrow": "pyarrow"}.get(top, top)
         raise MissingDependencyError(
             f"{step} needs {package}, which is not installed: pip install -c constraints.txt "
-            f"{package} (or {_install_hint('jasper-core', extra='build')})"
+            f"{package}; or jasper-core's build extra: "
+            f"{_install_hint('jasper-core', extra='build')}"
         ) from exc
 
 
