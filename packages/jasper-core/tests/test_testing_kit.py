@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,7 +19,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import jasper
 from jasper.backend import ArrayInfo, ArraySource, BackendEntrypoint, Capabilities, StoreReader
 from jasper.dtypes import from_storage, to_storage, torch_dtype
 from jasper.errors import FormatError
@@ -91,12 +90,8 @@ class NpyBackend(BackendEntrypoint):
 
 
 @pytest.fixture
-def npy_backend() -> Iterator[BackendEntrypoint]:
-    jasper.register_backend(NAME, NpyBackend, force=True)
-    try:
-        yield jasper.get_backend(NAME)
-    finally:
-        jasper.registry.unregister_backend(NAME)
+def npy_backend(register_for_test: Any) -> BackendEntrypoint:
+    return register_for_test(NAME, NpyBackend)
 
 
 class TestKitOnNpyBackend(BackendConformance):
