@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -152,7 +151,9 @@ def path_trust_cases(refs: dict[str, Reference], backends: list[str], quick: boo
                 timeout = 10.0 if name.startswith(("fifo", "dev-zero")) else 20.0
                 cases.append(Case("path-trust", backend, name, mode,
                                   _trust_body(ref, fn, mode, backends), timeout=timeout))
-    cases += _cluster_trust_cases(quick)
+    from reliability import cluster_cases
+
+    cases += cluster_cases.trust_cases(quick)
     return cases
 
 
@@ -162,62 +163,6 @@ def _trust_body(ref: Reference, fn: Callable[[Path, Path], None], mode: str,
         d = ref.copy_to(work / "ds")
         fn(d, work)
         ops.run(mode, d, ref, work, backends)
-    return body
-
-
-# --- cluster-labeled paths ----------------------------------------------------------------------
-def _cluster_pristine() -> Path | None:
-    from reliability.campaign import current_workdir
-
-    p = current_workdir() / "pristine" / "cluster" / "ds"
-    return p if p.exists() else None
-
-
-def cluster_layout(*files: str) -> bool:
-    """Whether the pristine cluster-labeled dataset was written and has the original system's
-    layout (``dataset.db`` with ``embeddings_meta``, label ``.npy`` files) these cases damage."""
-    p = _cluster_pristine()
-    return p is not None and all((p / f).exists() for f in ("dataset.db", *files))
-
-
-def _cluster_trust_cases(quick: bool) -> list[Case]:
-    """Item 9: ``embeddings_meta.file_path`` absolute or ``../``; the dataset must refuse it."""
-    if not cluster_layout("base_embeddings.npy"):
-        return []
-    variants = [("file_path-absolute", "abs"), ("file_path-dotdot", "rel")]
-    modes = ("open", "validate-deep") if not quick else ("validate-deep",)
-    return [Case("path-trust", "cluster", f"{name}:base", mode, _cluster_trust_body(kind, mode))
-            for name, kind in variants for mode in modes]
-
-
-def _cluster_trust_body(kind: str, mode: str) -> Callable[[Path], None]:
-    def body(work: Path) -> None:
-        import sqlite3
-
-        src = _cluster_pristine()
-        if src is None:
-            return  # memmap-sqlite is not installed: no cluster-labeled datasets
-        d = work / "ds"
-        shutil.copytree(src, d)
-        foreign = work / "outside"
-        foreign.mkdir()
-        shutil.copy(d / "base_embeddings.npy", foreign / "base_embeddings.npy")
-        target = foreign / "base_embeddings.npy"
-        value = str(target) if kind == "abs" else os.path.relpath(target, d)
-        conn = sqlite3.connect(d / "dataset.db")
-        conn.execute("UPDATE embeddings_meta SET file_path=? WHERE embedding_type='base'", (value,))
-        conn.commit()
-        conn.close()
-        from jasper_memmap_sqlite import ClusterLabeledDataset, validate_cluster_labeled
-
-        if mode == "open":
-            ds = ClusterLabeledDataset(d)
-            ds.__getitems__([0, 1, 2])
-            ds.close()
-        else:
-            validate_cluster_labeled(d, deep=True)
-        raise Verdict(Outcome.SILENT_WRONG, f"{mode} accepted embeddings_meta.file_path={value!r} "
-                      "outside the dataset directory and read that file")
     return body
 
 
@@ -287,7 +232,9 @@ def pickle_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -
         for name, fn in places:
             for mode in modes:
                 cases.append(Case("pickle", backend, name, mode, _pickle_body(ref, fn, mode, backends)))
-    cases += _cluster_pickle_cases(quick)
+    from reliability import cluster_cases
+
+    cases += cluster_cases.pickle_cases(quick)
     return cases
 
 
@@ -303,38 +250,3 @@ def _pickle_body(ref: Reference, fn: Callable[[Path, Path], None], mode: str,
                 raise Verdict(Outcome.CANARY, f"{mode} unpickled a malicious object: the canary "
                               "file was created")
     return body
-
-
-def _cluster_pickle_cases(quick: bool) -> list[Case]:
-    files = ["base_embeddings.npy", "steering_embeddings.npy", "source_labels.npy",
-             "steering_labels.npy", "combined_labels.npy", "sample_ids.npy", "embedding_idx.npy"]
-    if not cluster_layout(*files):
-        return []
-    if quick:
-        files = files[:1]
-    return [Case("pickle", "cluster", f"npy-object:{f}", mode, _cluster_pickle_body(f, mode))
-            for f in files for mode in ("open", "validate-deep")]
-
-
-def _cluster_pickle_body(rel: str, mode: str) -> Callable[[Path], None]:
-    def body(work: Path) -> None:
-        src = _cluster_pristine()
-        if src is None:
-            return
-        d = work / "ds"
-        shutil.copytree(src, d)
-        _npy_object(rel)(d, work)
-        from jasper_memmap_sqlite import ClusterLabeledDataset, validate_cluster_labeled
-
-        try:
-            if mode == "open":
-                ds = ClusterLabeledDataset(d, mmap_mode=None)
-                ds.__getitems__([0, 1])
-                ds.close()
-            else:
-                validate_cluster_labeled(d, deep=True)
-        finally:
-            if (work / "canary").exists():
-                raise Verdict(Outcome.CANARY, f"{mode} unpickled a malicious object")
-    return body
-

@@ -31,13 +31,12 @@ class ZarrBackend(BackendEntrypoint):
         "zarr v3 sharded arrays (none / zstd / blosc-lz4) on local disk or s3://"
     )
     url: ClassVar[str] = "https://pypi.org/project/jasper-zarr/"
-    # pinned_reads=False: on object stores a reader follows one generation pointer and is
-    # pinned, but a local group is read by zarr's local store by path, so a reader open while a
-    # writer swaps in a new version can mix the two (known gap: open it through the pinned
-    # directory, jasper.files)
+    # pinned_reads: a local group is read through descriptors of all its files opened when the
+    # reader opens (jasper_zarr.pinned, on core's DatasetDir); at a URL the reader resolves the
+    # generation pointer once and reads only that generation's immutable objects
     capabilities: ClassVar[Capabilities] = Capabilities(
         write=True, mmap=False, compression=True, row_access=True, worker_safe=True,
-        locations=("file", "s3"), pinned_reads=False,
+        locations=("file", "s3"), pinned_reads=True,
     )
     marker_files: ClassVar[tuple[str, ...]] = (GROUP_FILE,)
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {k: dict(v) for k, v in PRESETS.items()}
