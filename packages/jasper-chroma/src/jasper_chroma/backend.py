@@ -49,11 +49,7 @@ class ChromaBackend(BackendEntrypoint):
                                   f"URLs, not {location.scheme}:// ({location})")
         return ChromaObjects(ServerDataset.parse(location))
 
-    def open(self, path: Path | Location, manifest: Manifest,
-             *, mmap: bool = False) -> StoreReader:
-        if mmap:
-            raise CapabilityError(f"backend 'chroma' cannot memory-map {path}: its tables are "
-                                  "in Chroma; open without mmap (preload)")
+    def open(self, path: Path | Location, manifest: Manifest) -> StoreReader:
         from jasper_chroma.reader import ChromaReader
 
         return ChromaReader(path, manifest)

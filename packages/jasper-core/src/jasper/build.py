@@ -139,10 +139,14 @@ def _need(module: str, step: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        package = {"sklearn": "scikit-learn", "pyarrow": "pyarrow"}.get(module, module)
+        from jasper.registry import install_hint as _install_hint
+
+        top = module.partition(".")[0]  # the distribution is named after the top package
+        package = {"sklearn": "scikit-learn", "pyarrow": "pyarrow"}.get(top, top)
         raise MissingDependencyError(
-            f"{step} needs {package}, which is not installed: pip install 'jasper-core[build]' "
-            f"(or pip install {package})"
+            f"{step} needs {package}, which is not installed: pip install -c constraints.txt "
+            f"{package}; or jasper-core's build extra: "
+            f"{_install_hint('jasper-core', extra='build')}"
         ) from exc
 
 
@@ -378,7 +382,9 @@ def _tensor(a: np.ndarray) -> TensorSource:
 
 
 class NumpySource(ArraySource):
-    """A numpy array or memmap in storage dtype, streamed as tensors of the logical dtype."""
+    """A numpy array or memmap streamed as tensors of the logical dtype: rows already in its
+    storage dtype are copied as they are, others are cast (bfloat16 through float32, stored as
+    its bit pattern)."""
 
     def __init__(self, array: np.ndarray, logical: str) -> None:
         self.array = array
@@ -387,32 +393,15 @@ class NumpySource(ArraySource):
         self.dtype = torch_dtype(logical)
 
     def iter_chunks(self, rows_per_chunk: int) -> Iterator[torch.Tensor]:
-        n = self.shape[0]
-        if n == 0:
-            yield from_storage(np.ascontiguousarray(self.array), self.logical)
-            return
-        for i in range(0, n, rows_per_chunk):
-            yield from_storage(np.array(self.array[i : i + rows_per_chunk]), self.logical)
-
-
-class CastSource(ArraySource):
-    """A float table (array or memmap, any float dtype) streamed in the logical dtype."""
-
-    def __init__(self, array: np.ndarray, logical: str) -> None:
-        self.array = array
-        self.logical = logical
-        self.shape = tuple(array.shape)
-        self.dtype = torch_dtype(logical)
-
-    def iter_chunks(self, rows_per_chunk: int) -> Iterator[torch.Tensor]:
-        n = self.shape[0]
-        for i in range(0, max(n, 1), rows_per_chunk):
+        storage = _storage_dtype(self.logical)
+        for i in range(0, max(self.shape[0], 1), rows_per_chunk):  # one empty chunk if no rows
             part = np.asarray(self.array[i : i + rows_per_chunk])
-            if self.logical != "bfloat16" and part.dtype == np.dtype(self.logical):
-                yield torch.from_numpy(np.array(part))
-            else:
-                yield from_storage(_cast(part.astype(np.float32, copy=False), self.logical),
-                                   self.logical)
+            part = np.array(part) if part.dtype == storage else _cast(part, self.logical)
+            yield from_storage(part, self.logical)
+
+
+#: The name the float tables were streamed under (one class does both now).
+CastSource = NumpySource
 
 
 # --- clustering -------------------------------------------------------------------------------

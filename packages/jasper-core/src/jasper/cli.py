@@ -80,7 +80,9 @@ def default_writer() -> str:
                     return name
             except Exception:
                 continue
-    raise BackendNotFoundError("(a writer)", installed, "pip install jasper-pt or jasper-hdf5")
+    from jasper.registry import install_hint
+
+    raise BackendNotFoundError("(a writer)", installed, install_hint("jasper-pt"))
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -114,7 +116,7 @@ def _mib(n: int) -> str:
 
 # --- commands ---------------------------------------------------------------------------------
 def cmd_backends(args: argparse.Namespace) -> int:
-    from jasper.registry import get_backend, installable_backends, list_backends
+    from jasper.registry import get_backend, install_hint, installable_backends, list_backends
 
     installed = []
     # capabilities need each backend's class (and so its libraries, torch included); the plain
@@ -130,13 +132,13 @@ def cmd_backends(args: argparse.Namespace) -> int:
                 entry["error"] = f"{type(exc).__name__}: {exc}"
         installed.append(entry)
     missing = [{"name": k.name, "package": k.package, "description": k.description,
-                "install": f"pip install {k.package}"} for k in installable_backends().values()]
+                "install": install_hint(k.package)} for k in installable_backends().values()]
     if args.json:
         print(json.dumps({"installed": installed, "installable": missing}, indent=2))
         return EXIT_OK
     print("Installed backends:")
     if not installed:
-        print("  (none) - pip install jasper-pt")
+        print(f"  (none) - {install_hint('jasper-pt')}")
     for e in installed:
         caps = ", ".join(k for k, v in (e.get("capabilities") or {}).items() if v)
         origin = f"{e['distribution']} {e['version']}" if e["distribution"] else "run-time"
@@ -148,7 +150,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
     if missing:
         print("Installable:")
         for m in missing:
-            print(f"  {m['name']:<15} {m['install']:<35} {m['description']}")
+            print(f"  {m['name']:<15} {m['package']:<28} {m['description']}")
+            print(f"  {'':<15} install: {m['install']}")
     if not with_caps:
         print("(jasper backends --capabilities also lists what each backend can do)")
     return EXIT_OK
@@ -211,7 +214,6 @@ def _require_dir(path: str) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     _require_dir(args.path)
-    from jasper.dtypes import dtype_name
     from jasper.store import dir_size, open_store
 
     with open_store(args.path, args.backend) as reader:
@@ -231,7 +233,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "created_at": m.created_at,
             "splits": {s: int(arrays[f"{s}_idx"].shape[0]) for s in ("train", "val", "test")
                        if f"{s}_idx" in arrays},
-            "arrays": {n: {"shape": list(i.shape), "dtype": dtype_name(i.dtype),
+            "arrays": {n: {"shape": list(i.shape), "dtype": i.dtype_name,
                            "bytes": i.nbytes} for n, i in arrays.items()},
         }
     if args.json:
@@ -332,8 +334,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.from_chroma:
         from jasper.plugins import plugin_function
+        from jasper.registry import install_hint
 
-        build_from = plugin_function("jasper.build_sources", "chroma", "pip install jasper-chroma")
+        build_from = plugin_function("jasper.build_sources", "chroma",
+                                     install_hint("jasper-chroma"))
         out = build_from(args.from_chroma, args.out, backend=backend, overwrite=args.overwrite,
                          progress=_progress(args), config=cfg, options=_options(args),
                          kind=args.kind)

@@ -251,7 +251,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         location = StoreLocation(cast(Path, pinned.where) if pinned else self.dataset_dir,
                                  backend_name, self.manifest)
 
-        reader = location.open(mapped=False)
+        reader = location.open()
         try:
             names = set(reader.array_names())
             available = [s for s in SPLITS if split_array(s) in names]
@@ -268,7 +268,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             mode = self._choose_mode(use_mmap, backend.capabilities, infos, backend_name)
             if TABLE_SETS[mode].maps:
                 reader.close()
-                reader = location.open(mapped=True)
+                reader = location.open()
         except BaseException:
             reader.close()
             raise

@@ -22,15 +22,20 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xxhash
 
 from jasper.dtypes import to_storage
 from jasper.errors import DatasetNotFoundError, ManifestError, SchemaVersionError
+from jasper.lazy import lazy_torch
 from jasper.location import Location, as_target
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 MANIFEST_NAME = "config.json"
 SCHEMA_VERSION = 1
@@ -236,7 +241,7 @@ class Manifest:
             raise SchemaVersionError(
                 path,
                 f"schema_version {version!r} is newer than this jasper-core understands "
-                f"({SCHEMA_VERSION}); upgrade with `pip install -U jasper-core`",
+                f"({SCHEMA_VERSION}); upgrade: {_upgrade_core()}",
             )
         try:
             problem = _schema_problem(d)
@@ -379,3 +384,9 @@ def checksum(tensor: torch.Tensor) -> str:
     c = Checksummer()
     c.update(tensor)
     return c.hexdigest()
+
+
+def _upgrade_core() -> str:
+    from jasper.registry import install_hint
+
+    return install_hint("jasper-core", upgrade=True)

@@ -15,9 +15,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from jasper.atomic import (
     SCRATCH_MARK,
@@ -40,12 +38,18 @@ from jasper.errors import (
     ShapeError,
     WriteOptionError,
 )
+from jasper.lazy import lazy_torch
 from jasper.location import Location, as_target
 from jasper.manifest import MANIFEST_NAME, ArrayRecord, Checksummer, Manifest
 from jasper.progress import byte_bar
 from jasper.registry import get_backend, guess_backend, list_backends
 from jasper.schema import ARRAYS, Cols, Role, dataset_kind
 from jasper.validation import check_array_names, check_claimed_sizes, check_manifest_trust
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 
 def open_store(path: str | Path | Location, backend: str = "auto", *,
@@ -86,7 +90,7 @@ def open_store(path: str | Path | Location, backend: str = "auto", *,
                           _COMPRESSED_RATIO if impl.capabilities.compression else 1.0))
     check_claimed_sizes({n: (r.shape, _itemsize(r.dtype, p)) for n, r in manifest.arrays.items()},
                         available, max_ratio=ratio, path=p / MANIFEST_NAME, source="the manifest")
-    reader = impl.open(p, manifest, mmap=mmap)
+    reader = impl.open(p, manifest)
     try:
         check_claimed_sizes(_stored_claims(reader), available, max_ratio=ratio, path=p,
                             source=f"the {name} store")
@@ -104,7 +108,7 @@ def _stored_claims(reader: StoreReader) -> dict[str, tuple[tuple[int, ...], int]
         try:
             if reader.has(n):
                 i = reader.info(n)
-                claims[n] = (tuple(i.shape), i.dtype.itemsize)
+                claims[n] = (tuple(i.shape), i.itemsize)
         except JasperError:
             continue
     return claims
@@ -117,12 +121,13 @@ _COMPRESSED_RATIO = float(1 << 16)
 
 
 def _itemsize(dtype: str, path: Path) -> int:
-    from jasper.dtypes import torch_dtype
+    from jasper.dtypes import ITEMSIZE, LOGICAL_DTYPES
 
     try:
-        return torch_dtype(dtype).itemsize
-    except TypeError as exc:
-        raise ManifestError(path / MANIFEST_NAME, str(exc)) from None
+        return ITEMSIZE[dtype]
+    except (KeyError, TypeError):
+        raise ManifestError(path / MANIFEST_NAME, f"unknown dtype name {dtype!r}; known: "
+                            f"{', '.join(sorted(LOGICAL_DTYPES))}") from None
 
 
 def choose_backend(p: Path, manifest: Manifest, backend: str) -> str:

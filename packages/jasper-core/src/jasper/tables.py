@@ -76,9 +76,9 @@ class StoreLocation:
     backend: str
     manifest: Manifest
 
-    def open(self, *, mapped: bool) -> StoreReader:
-        """A fresh reader (``mapped``: one that can :meth:`~StoreReader.map`)."""
-        return get_backend(self.backend).open(self.path, self.manifest, mmap=mapped)
+    def open(self) -> StoreReader:
+        """A fresh reader (it maps, reads rows or preloads as its caller asks)."""
+        return get_backend(self.backend).open(self.path, self.manifest)
 
 
 def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -222,7 +222,7 @@ class TableSet(abc.ABC):
         """Load (or map) the arrays from ``reader`` (default: a fresh one); with ``check``, run
         every rule of the data model first (:func:`jasper.validation.check_arrays`)."""
         if reader is None:
-            reader = self.location.open(mapped=self.maps)
+            reader = self.location.open()
         try:
             arrays = self._load(reader)
             virtual = self._virtual_arrays()
@@ -330,7 +330,7 @@ class TableSet(abc.ABC):
     def read_fresh(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """``names`` as they are in storage now (a rewritten dataset is new files: reopen)."""
         self._release_reader()
-        reader = self.location.open(mapped=self.maps)
+        reader = self.location.open()
         try:
             got = {n: reader.map(n) if self.maps else reader.read(n) for n in names}
         except BaseException:
