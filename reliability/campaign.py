@@ -85,12 +85,15 @@ def prepare(root: Path, backends: list[str]) -> dict[str, Reference]:
         if res.outcome.value != "ok":
             raise SystemExit(f"cannot write the pristine {b} dataset: {res.exception} {res.message}")
         refs[b] = Reference.from_dict(json.loads((root / "pristine" / b / "reference.json").read_text()))
-    if "memmap-sqlite" in backends:
-        # a failure here is a finding (a valid synthetic write failed), and the cluster-labeled
-        # cases that need this dataset are left out of the run
-        res = run_case(Case("prepare", "cluster", "pristine", "write",
-                            lambda _w: reference.build_cluster(root), timeout=300),
-                       root / "prepare" / "cluster")
+    from reliability import cluster_cases
+
+    # a failure here is a finding (a valid synthetic write failed); the cluster-labeled cases
+    # then leave that dataset out of the run
+    names = [*backends, cluster_cases.SEED] if "memmap-sqlite" in backends else list(backends)
+    for name in names:
+        res = run_case(Case("prepare", "cluster", f"pristine:{name}", "write",
+                            lambda _w, n=name: cluster_cases.build(root, n), timeout=300),
+                       root / "prepare" / f"cluster-{name}")
         PREPARE.append(res)
     return refs
 

@@ -354,10 +354,41 @@ def hdf5_attr_mutations(ds: Path) -> list[Mutation]:
     ]
 
 
+def _json_file_edit(rel: str, fn: Callable[[Any], None]) -> Callable[[Path], None]:
+    def apply(d: Path) -> None:
+        doc = json.loads((d / rel).read_text())
+        fn(doc)
+        (d / rel).write_text(json.dumps(doc))
+    return apply
+
+
+def version_mutations(ds: Path) -> list[Mutation]:
+    """Hostile layout versions of the backends that keep one in a JSON file (zarr's group
+    attributes, chroma.json), and a ``format_version`` forged into the manifest."""
+    out: list[Mutation] = [
+        ("manifest:format_version-x", _json_file_edit("config.json", lambda m: m.update(
+            format_version="x"))),
+        ("manifest:writer-format_version-x", _json_file_edit("config.json", lambda m: m[
+            "writer"].update(format_version="x") if isinstance(m.get("writer"), dict) else None)),
+    ]
+    if (ds / "zarr.json").exists():
+        for label, value in (("x", "x"), ("float", 1.5), ("future", 10**6)):
+            out.append((f"zarr-attr:layout-version-{label}", _json_file_edit(
+                "zarr.json", lambda z, v=value: z["attributes"].__setitem__(
+                    "jasper_layout_version", v))))
+    if (ds / "chroma.json").exists():
+        for label, value in (("x", "x"), ("future", 10**6)):
+            out.append((f"chroma-json:layout-version-{label}", _json_file_edit(
+                "chroma.json", lambda c, v=value: c.__setitem__("layout_version", v))))
+        out.append(("chroma-json:list", lambda d: (d / "chroma.json").write_text("[1, 2]")))
+    return out
+
+
 def mutations(ref: Reference) -> list[Mutation]:
     """The whole corpus of one backend."""
     return (file_mutations(ref.ds) + hdf5_mutations(ref.ds) + hdf5_attr_mutations(ref.ds)
-            + catalogue_mutations(ref.ds) + manifest_mutations(ref.ds))
+            + catalogue_mutations(ref.ds) + manifest_mutations(ref.ds)
+            + version_mutations(ref.ds))
 
 
 def apply(ref: Reference, mutation: Mutation, dest: Path) -> Path:

@@ -228,15 +228,9 @@ def kill_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -> 
         for op, how, frac in points:
             cases.append(Case("kill", backend, f"{op}@{how}-{frac}", op,
                               _kill_body(ref, refs, backends, op, how, frac), timeout=90))
-    from reliability.trust import cluster_layout
+    from reliability import cluster_cases
 
-    if "memmap-sqlite" in refs and cluster_layout("sample_ids.npy", "source_labels.npy",
-                                                  "steering_labels.npy", "combined_labels.npy"):
-        fracs = [round(rng.random(), 3) for _ in range(30)]
-        if quick:
-            fracs = fracs[:2]
-        cases += [Case("kill", "cluster", f"update_labels@time-{f}", "update_labels",
-                       _kill_labels_body(f), timeout=90) for f in fracs]
+    cases += cluster_cases.kill_cases(quick)
     return cases
 
 
@@ -261,70 +255,6 @@ def _kill_body(ref: Reference, refs: dict[str, Reference], backends: list[str], 
         if "error" in res and not res.get("typed"):
             raise RuntimeError(f"{what}: the write raised {res['error']}")
         _after_fault(target, allowed, src, src_digests, ref.backend, what)
-    return body
-
-
-# --- update_labels ------------------------------------------------------------------------------
-def _cluster_copy(work: Path) -> Path:
-    from reliability.campaign import current_workdir
-
-    d = work / "cl"
-    shutil.copytree(current_workdir() / "pristine" / "cluster" / "ds", d)
-    return d
-
-
-def _new_labels(i: int, k: int) -> tuple[Any, Any, Any]:
-    import numpy as np
-
-    src = np.full(k, 0.01, dtype=np.float32)
-    src[i % k] = 1.0 - 0.01 * (k - 1)
-    st = np.roll(src, 1)
-    return src, st, (src + st) / 2
-
-
-def _kill_labels_body(frac: float) -> Callable[[Path], None]:
-    def body(work: Path) -> None:
-        import numpy as np
-
-        d = _cluster_copy(work)
-        old = {t: np.load(d / f"{t}_labels.npy") for t in ("source", "steering", "combined")}
-        ids = np.load(d / "sample_ids.npy")
-        k = old["source"].shape[1]
-        calls = list(range(0, min(len(ids), 40)))
-
-        def updates() -> None:
-            from jasper_memmap_sqlite import ClusterLabeledDataset
-
-            ds = ClusterLabeledDataset(d)
-            for i in calls:
-                s, st, c = _new_labels(i, k)
-                ds.update_labels(int(ids[i]), source_label=s, steering_label=st, combined_label=c)
-            ds.close()
-
-        t_probe = _fork_run(updates, report=work / "dry.json")
-        if "error" in t_probe:
-            raise RuntimeError(f"update_labels fails without a fault: {t_probe['error']}")
-        shutil.rmtree(d)
-        d = _cluster_copy(work)
-        res = _fork_run(updates, kill_after=frac * t_probe["seconds"], report=work / "run.json")
-        what = f"killed after {frac * t_probe['seconds']:.3f} s of {t_probe['seconds']:.3f} s"
-        if "error" in res and not res.get("typed"):
-            raise RuntimeError(f"{what}: update_labels raised {res['error']}")
-        from jasper_memmap_sqlite import validate_cluster_labeled
-
-        try:
-            validate_cluster_labeled(d, deep=True)
-        except Exception as exc:
-            raise Verdict(Outcome.LOST, f"{what}: deep validation fails afterwards: "
-                          f"{type(exc).__name__}: {exc}"[:600]) from None
-        now = {t: np.load(d / f"{t}_labels.npy") for t in old}
-        for i in calls:
-            new = dict(zip(("source", "steering", "combined"), _new_labels(i, k)))
-            state = ["new" if np.allclose(now[t][i], new[t]) else
-                     "old" if np.array_equal(now[t][i], old[t][i]) else "other" for t in old]
-            if len(set(state)) != 1 or state[0] == "other":
-                raise Verdict(Outcome.SILENT_WRONG, f"{what}: sample {int(ids[i])} has labels "
-                              f"(source, steering, combined) = {state}: one call, torn")
     return body
 
 

@@ -24,7 +24,6 @@ from reliability.runner import Outcome, Verdict
 #: a dataset small enough that every case copies it in milliseconds, big enough for several
 #: chunks, blocks and pages per array
 SYNTH = {"n_pairs": 200, "embedding_dim": 16, "n_neg": 2, "n_clusters": 4}
-CLUSTER = {"n_samples": 200, "embedding_dim": 16, "n_clusters": 4}
 
 
 def digest(t: torch.Tensor) -> str:
@@ -95,14 +94,6 @@ def build(root: Path, backend: str) -> Reference:
     ref = Reference(backend, ds, alt, store_digests(ds), store_digests(alt))
     (base / "reference.json").write_text(json.dumps(ref.to_dict(), indent=1))
     return ref
-
-
-def build_cluster(root: Path) -> Path:
-    """The pristine cluster-labeled dataset (update_labels and its path-trust cases)."""
-    from jasper_memmap_sqlite import write_synthetic_cluster_labeled
-
-    return Path(write_synthetic_cluster_labeled(root / "pristine" / "cluster" / "ds", **CLUSTER,
-                                                seed=0, progress=False))
 
 
 # --- judging served data ------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -152,7 +151,9 @@ def path_trust_cases(refs: dict[str, Reference], backends: list[str], quick: boo
                 timeout = 10.0 if name.startswith(("fifo", "dev-zero")) else 20.0
                 cases.append(Case("path-trust", backend, name, mode,
                                   _trust_body(ref, fn, mode, backends), timeout=timeout))
-    cases += _cluster_trust_cases(quick)
+    from reliability import cluster_cases
+
+    cases += cluster_cases.trust_cases(quick)
     return cases
 
 
@@ -162,62 +163,6 @@ def _trust_body(ref: Reference, fn: Callable[[Path, Path], None], mode: str,
         d = ref.copy_to(work / "ds")
         fn(d, work)
         ops.run(mode, d, ref, work, backends)
-    return body
-
-
-# --- cluster-labeled paths ----------------------------------------------------------------------
-def _cluster_pristine() -> Path | None:
-    from reliability.campaign import current_workdir
-
-    p = current_workdir() / "pristine" / "cluster" / "ds"
-    return p if p.exists() else None
-
-
-def cluster_layout(*files: str) -> bool:
-    """Whether the pristine cluster-labeled dataset was written and has the original system's
-    layout (``dataset.db`` with ``embeddings_meta``, label ``.npy`` files) these cases damage."""
-    p = _cluster_pristine()
-    return p is not None and all((p / f).exists() for f in ("dataset.db", *files))
-
-
-def _cluster_trust_cases(quick: bool) -> list[Case]:
-    """Item 9: ``embeddings_meta.file_path`` absolute or ``../``; the dataset must refuse it."""
-    if not cluster_layout("base_embeddings.npy"):
-        return []
-    variants = [("file_path-absolute", "abs"), ("file_path-dotdot", "rel")]
-    modes = ("open", "validate-deep") if not quick else ("validate-deep",)
-    return [Case("path-trust", "cluster", f"{name}:base", mode, _cluster_trust_body(kind, mode))
-            for name, kind in variants for mode in modes]
-
-
-def _cluster_trust_body(kind: str, mode: str) -> Callable[[Path], None]:
-    def body(work: Path) -> None:
-        import sqlite3
-
-        src = _cluster_pristine()
-        if src is None:
-            return  # memmap-sqlite is not installed: no cluster-labeled datasets
-        d = work / "ds"
-        shutil.copytree(src, d)
-        foreign = work / "outside"
-        foreign.mkdir()
-        shutil.copy(d / "base_embeddings.npy", foreign / "base_embeddings.npy")
-        target = foreign / "base_embeddings.npy"
-        value = str(target) if kind == "abs" else os.path.relpath(target, d)
-        conn = sqlite3.connect(d / "dataset.db")
-        conn.execute("UPDATE embeddings_meta SET file_path=? WHERE embedding_type='base'", (value,))
-        conn.commit()
-        conn.close()
-        from jasper_memmap_sqlite import ClusterLabeledDataset, validate_cluster_labeled
-
-        if mode == "open":
-            ds = ClusterLabeledDataset(d)
-            ds.__getitems__([0, 1, 2])
-            ds.close()
-        else:
-            validate_cluster_labeled(d, deep=True)
-        raise Verdict(Outcome.SILENT_WRONG, f"{mode} accepted embeddings_meta.file_path={value!r} "
-                      "outside the dataset directory and read that file")
     return body
 
 
@@ -259,9 +204,68 @@ def _npy_object(rel: str) -> Callable[[Path, Path], None]:
     return apply
 
 
+def _zarr_pickle(rel: str, how: str) -> Callable[[Path, Path], None]:
+    """A zarr array (directory ``rel``) whose metadata asks for unpickling: numcodecs' pickle
+    codec in its zarr 3 codec chain (``codec``) or inside its shards (``sharded``), or zarr 2
+    metadata (``.zarray``) of an object array with a pickle object codec (``v2-object``); its
+    chunk files hold the payload."""
+    def apply(d: Path, work: Path) -> None:
+        import json
+
+        arr = d / rel
+        meta = json.loads((arr / "zarr.json").read_text())
+        payload = pickle.dumps(_Payload(work / "canary"), protocol=2)
+        chunks = [p for p in arr.rglob("*") if p.is_file() and p.name != "zarr.json"]
+        for c in chunks:
+            c.write_bytes(payload)
+        codec = {"name": "numcodecs.pickle", "configuration": {"protocol": 2}}
+        if how == "codec":
+            meta["codecs"] = [codec]
+        elif how == "sharded":
+            meta["codecs"][0].setdefault("configuration", {})["codecs"] = [codec]
+        else:  # v2-object
+            (arr / "zarr.json").unlink()
+            shape = meta["shape"]
+            (arr / ".zarray").write_text(json.dumps({
+                "zarr_format": 2, "shape": shape, "chunks": shape, "dtype": "|O",
+                "compressor": None, "fill_value": None, "order": "C",
+                "filters": [{"id": "pickle", "protocol": 2}], "dimension_separator": "."}))
+            (arr / ".zattrs").write_text(json.dumps(meta.get("attributes", {})))
+            (arr / ".".join("0" * max(1, len(shape)))).write_bytes(payload)
+            return
+        (arr / "zarr.json").write_text(json.dumps(meta))
+    return apply
+
+
+def _chroma_index_pickle(seg: str) -> Callable[[Path, Path], None]:
+    """Chroma's persistent HNSW segment directory: ``index_metadata.pickle`` is the file older
+    chromadb releases ``pickle.load``ed from every segment."""
+    def apply(d: Path, work: Path) -> None:
+        (d / seg / "index_metadata.pickle").write_bytes(
+            pickle.dumps(_Payload(work / "canary"), protocol=2))
+    return apply
+
+
 def _pickle_places(ref: Reference) -> list[Place]:
     files = _data_files(ref)
     places: list[Place] = []
+    nested = sorted(p.relative_to(ref.ds).as_posix() for p in ref.ds.rglob("*.npy")
+                    if p.parent != ref.ds)
+    for rel in nested:  # side arrays in subdirectories (chroma's arrays/)
+        places.append((f"npy-object:{rel}", _npy_object(rel)))
+    for meta in sorted(ref.ds.rglob("zarr.json")):
+        if meta.parent == ref.ds or '"array"' not in meta.read_text():
+            continue
+        rel = meta.parent.relative_to(ref.ds).as_posix()
+        for how in ("codec", "sharded", "v2-object"):
+            places.append((f"zarr-pickle-{how}:{rel}", _zarr_pickle(rel, how)))
+    for sqlite in sorted(ref.ds.rglob("chroma.sqlite3")):
+        for seg in sorted(p for p in sqlite.parent.iterdir() if p.is_dir()):
+            rel = seg.relative_to(ref.ds).as_posix()
+            places.append((f"chroma-index-metadata-pickle:{rel}", _chroma_index_pickle(rel)))
+        store = sqlite.parent.relative_to(ref.ds).as_posix()
+        places.append((f"chroma-pickle-in-store:{store}/index_metadata.pickle",
+                       _raw_pickle(f"{store}/index_metadata.pickle")))
     for rel in files:
         if rel.endswith(".pt"):
             places.append((f"pt-zip-bare:{rel}", _pt_zip(rel, "bare")))
@@ -287,7 +291,9 @@ def pickle_cases(refs: dict[str, Reference], backends: list[str], quick: bool) -
         for name, fn in places:
             for mode in modes:
                 cases.append(Case("pickle", backend, name, mode, _pickle_body(ref, fn, mode, backends)))
-    cases += _cluster_pickle_cases(quick)
+    from reliability import cluster_cases
+
+    cases += cluster_cases.pickle_cases(quick)
     return cases
 
 
@@ -303,38 +309,3 @@ def _pickle_body(ref: Reference, fn: Callable[[Path, Path], None], mode: str,
                 raise Verdict(Outcome.CANARY, f"{mode} unpickled a malicious object: the canary "
                               "file was created")
     return body
-
-
-def _cluster_pickle_cases(quick: bool) -> list[Case]:
-    files = ["base_embeddings.npy", "steering_embeddings.npy", "source_labels.npy",
-             "steering_labels.npy", "combined_labels.npy", "sample_ids.npy", "embedding_idx.npy"]
-    if not cluster_layout(*files):
-        return []
-    if quick:
-        files = files[:1]
-    return [Case("pickle", "cluster", f"npy-object:{f}", mode, _cluster_pickle_body(f, mode))
-            for f in files for mode in ("open", "validate-deep")]
-
-
-def _cluster_pickle_body(rel: str, mode: str) -> Callable[[Path], None]:
-    def body(work: Path) -> None:
-        src = _cluster_pristine()
-        if src is None:
-            return
-        d = work / "ds"
-        shutil.copytree(src, d)
-        _npy_object(rel)(d, work)
-        from jasper_memmap_sqlite import ClusterLabeledDataset, validate_cluster_labeled
-
-        try:
-            if mode == "open":
-                ds = ClusterLabeledDataset(d, mmap_mode=None)
-                ds.__getitems__([0, 1])
-                ds.close()
-            else:
-                validate_cluster_labeled(d, deep=True)
-        finally:
-            if (work / "canary").exists():
-                raise Verdict(Outcome.CANARY, f"{mode} unpickled a malicious object")
-    return body
-

@@ -25,7 +25,8 @@ if str(ROOT) not in sys.path:  # the campaign lives at the repository root, not 
 
 FAMILIES = ["corpus", "region", "path-trust", "pickle", "kill", "disk-full",
             "concurrent-writers", "reader-during-commit", "interrupt", "cli"]
-#: groups beside the backends: the cluster-labeled kind (memmap-sqlite), argument-only CLI cases
+#: groups beside the backends: cluster-labeled datasets (one per writable backend, and the
+#: original system's dataset.db layout with memmap-sqlite), argument-only CLI cases
 EXTRA_GROUPS = {"path-trust": "cluster", "pickle": "cluster", "kill": "cluster", "cli": "cli"}
 
 
@@ -39,8 +40,7 @@ def _groups() -> list:
     out = []
     for fam in FAMILIES:
         extra = EXTRA_GROUPS.get(fam)
-        names = [*backends, extra] if extra == "cli" or (extra and "memmap-sqlite" in backends) \
-            else backends
+        names = [*backends, extra] if extra else backends
         for b in names:
             k = known.get((fam, b))
             marks = [pytest.mark.xfail(strict=not k.racy, reason=f"{k.item}: {k.reason}")] if k else []
@@ -76,9 +76,6 @@ def test_pristine_datasets_write(quick_results: list[dict], backend: str) -> Non
 @pytest.mark.parametrize(("family", "backend"), _groups())
 def test_quick_campaign_goal(quick_results: list[dict], family: str, backend: str) -> None:
     group = [r for r in quick_results if r["family"] == family and r["backend"] == backend]
-    if not group and backend == "cluster":
-        pytest.skip("no cluster-labeled case ran: its pristine dataset was not written "
-                    "(test_pristine_datasets_write) or lacks the dataset.db layout these cases damage")
     assert group, f"the quick campaign ran no {family} case for {backend}"
     bad = [r for r in group if r["outcome"] not in ("ok", "typed", "undetected")]
     assert not bad, "\n".join(
@@ -92,10 +89,7 @@ def test_every_family_has_a_quick_sample(quick_results: list[dict]) -> None:
 
 FUZZ_TARGETS = ["manifest", "pt", "hdf5", "memmap"]
 #: fuzz targets whose deterministic smoke run (seed 1) finds a bug today, with the issue item
-FUZZ_KNOWN = {
-    "memmap": "issue 9 item 13: a damaged .npy header dict escapes numpy's header parser as "
-              "tokenize.TokenError (jasper_memmap_sqlite/npy.py read_header)",
-}
+FUZZ_KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

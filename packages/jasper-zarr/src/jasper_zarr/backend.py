@@ -59,17 +59,12 @@ class ZarrBackend(BackendEntrypoint):
                                   "AWS_ENDPOINT_URL")
         return S3Objects(location)
 
-    def open(self, path: Path | Location, manifest: Manifest, *,  # type: ignore[override]
-             mmap: bool = False) -> StoreReader:
+    def open(self, path: Path | Location,  # type: ignore[override]
+             manifest: Manifest) -> StoreReader:
         """Open the group at ``path`` (a directory, or a generation's location from core).
         The group metadata is read right away, so a missing or foreign group fails here."""
         from jasper_zarr.reader import ZarrReader
 
-        if mmap:
-            raise CapabilityError(
-                f"backend 'zarr' cannot memory-map {path}: zarr arrays are preloaded "
-                "(read_into) or read by rows (read_rows); `jasper convert SRC DST --to pt` "
-                "makes a mapped copy")
         if isinstance(path, Path) and not path.is_dir():
             raise DatasetNotFoundError(path)
         reader = ZarrReader(path, manifest)

@@ -136,7 +136,12 @@ class ZarrReader(StoreReader):
             if attrs.get(ATTR_FORMAT) != FORMAT_NAME:
                 raise FormatError(self._where_str(GROUP_FILE), "not a jasper-zarr group (no "
                                   f"{ATTR_FORMAT}={FORMAT_NAME!r} attribute)")
-            version = int(attrs.get(ATTR_LAYOUT_VERSION, 0))
+            raw_version = attrs.get(ATTR_LAYOUT_VERSION, 0)
+            if not isinstance(raw_version, int) or isinstance(raw_version, bool):
+                raise FormatError(self._where_str(GROUP_FILE), f"{ATTR_LAYOUT_VERSION} is "
+                                  f"{raw_version!r}, not a layout version number (rule: "
+                                  "integer layout version)")
+            version = raw_version
             if version > LAYOUT_VERSION:
                 raise FormatError(self._where_str(GROUP_FILE), f"layout version {version} is "
                                   f"newer than this jasper-zarr reads ({LAYOUT_VERSION}); "
