@@ -40,6 +40,7 @@ from jasper.errors import (
     ShapeError,
     WriteOptionError,
 )
+from jasper.interrupts import checkpoint, holds_interrupts
 from jasper.location import Location, as_target
 from jasper.manifest import MANIFEST_NAME, ArrayRecord, Checksummer, Manifest
 from jasper.progress import byte_bar
@@ -187,6 +188,7 @@ class _HashingSource(ArraySource):
             self.hasher.update(chunk)
             self.rows += chunk.shape[0] if chunk.dim() else 1
             self._on_bytes(chunk.numel() * chunk.element_size())
+            checkpoint()  # Ctrl-C held during the write stops it here, between chunks
             yield chunk
 
     def materialize(self) -> torch.Tensor:
@@ -280,6 +282,7 @@ def dir_size(path: str | Path | Location) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+@holds_interrupts
 def write_store(
     path: str | Path | Location,
     arrays: Mapping[str, torch.Tensor | ArraySource],
@@ -458,6 +461,7 @@ def _carry_options(source: Manifest, src_backend: str, to: str,
     return carried, dropped
 
 
+@holds_interrupts
 def convert(
     src: str | Path | Location,
     dst: str | Path | Location,
