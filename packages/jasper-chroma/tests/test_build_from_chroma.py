@@ -85,13 +85,16 @@ def test_build_from_a_server_store(chroma_server: str, tmp_path: Path) -> None:
     gen.load_dataset()
     from jasper.cli import main
 
-    out = build_from_chroma(url, tmp_path / "ds", backend="chroma",
+    # the built dataset goes onto the same server, next to the corpus it came from
+    out = build_from_chroma(url, f"{url}/built", backend="chroma",
                             config=BuildConfig(n_neg=4, n_clusters=3),
                             question_collection="srv-questions",
-                            passage_collection="srv-passages",
-                            options={"server": chroma_server})
+                            passage_collection="srv-passages")
+    assert str(out) == f"{url}/built"
     check_built(out)
     assert main(["validate", str(out), "--deep"]) == 0
+    assert not Path("chroma:").exists(), "the URL was taken for a relative directory"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_stores_are_typed_errors(local_store: Path, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-"""jasper-core's backend conformance kit against a PersistentClient directory and a server."""
+"""jasper-core's backend conformance kit against PersistentClient directories. The kit writes and
+inspects local directories; datasets on a server (``chroma://``) are tested in
+test_server_location.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
@@ -41,11 +42,3 @@ class TestChromaLocalConformance(_ChromaKit):
     # jasper reads tables by id, which Chroma answers from its SQLite record store; the HNSW
     # segment files serve only similarity queries
     optional_files = ("chroma/*/*.bin", "chroma/*/*.pickle")
-
-
-class TestChromaServerConformance(_ChromaKit):
-    write_options: ClassVar[dict[str, str]] = {}
-
-    @pytest.fixture(autouse=True)
-    def _server(self, chroma_server: str) -> None:
-        type(self).write_options = {"server": chroma_server}

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import jasper
+from jasper.errors import FormatError
 from jasper.testing import _workers
 from jasper.testing.data import make_arrays
 from jasper_chroma.client import (
@@ -117,7 +118,7 @@ def test_missing_id_names_collection_and_id(dataset: Any, tmp_path: Path) -> Non
         jasper.validate(copy, deep=True)
 
 
-def test_missing_collection_and_server_down(dataset: Any, tmp_path: Path) -> None:
+def test_missing_collection_and_a_server_layout_in_a_directory(dataset: Any, tmp_path: Path) -> None:
     import json
     import shutil
 
@@ -127,28 +128,52 @@ def test_missing_collection_and_server_down(dataset: Any, tmp_path: Path) -> Non
     layout = json.loads((copy / "chroma.json").read_text())
     layout["tables"]["keyword_embs"]["collection"] = "jasper-gone-keyword_embs"
     (copy / "chroma.json").write_text(json.dumps(layout))
-    with jasper.open_store(copy) as reader, \
-            pytest.raises(ChromaStoreError, match="collection 'jasper-gone-keyword_embs' not found"):
-        reader.read("keyword_embs")
+    # a local reader loads every collection when it opens (pinning the version): refused there
+    with pytest.raises(ChromaStoreError, match=f"{copy / 'chroma'}: collection "
+                       "'jasper-gone-keyword_embs' not found"):
+        jasper.open_store(copy)
+    # a local dataset's chroma.json naming a server is refused (servers hold whole datasets)
     layout["where"], layout["server"] = "server", {"host": "127.0.0.1", "port": 9,
                                                    "tenant": "default_tenant",
                                                    "database": "default_database"}
     (copy / "chroma.json").write_text(json.dumps(layout))
-    with jasper.open_store(copy) as reader, \
-            pytest.raises(ChromaStoreError, match="chroma://127.0.0.1:9/.*cannot connect"):
-        reader.read("question_embs")
+    with pytest.raises(FormatError, match="chroma.json.*local"):
+        jasper.open_store(copy)
 
 
-def test_failed_server_write_removes_its_collections(chroma_server: str, tmp_path: Path) -> None:
-    from jasper_chroma.layout import ServerLocation
+def test_local_reader_keeps_its_version_through_an_overwrite(tmp_path: Path) -> None:
+    """A reader opened before a commit replaces (and deletes) the directory serves the version
+    it opened, tables and .npy arrays alike, without having read anything before the commit."""
+    from jasper.manifest import checksum
 
-    arrays, manifest = make_arrays(20, 8, seed=3)
-    sources: dict[str, Any] = dict(arrays)
-    sources["steering_residual"] = _workers.HalfThenFail(arrays["steering_residual"])
-    client = get_client(ServerLocation.parse(chroma_server))
-    before = {c.name for c in client.list_collections()}
-    with pytest.raises(_workers.SourceFailed):
-        jasper.write_store(tmp_path / "x", sources, manifest, backend="chroma",
-                           server=chroma_server, progress=False)
-    assert {c.name for c in client.list_collections()} == before
-    assert not (tmp_path / "x").exists()
+    a, manifest_a = make_arrays(32, 8, seed=1)
+    b, manifest_b = make_arrays(32, 8, seed=2)
+    target = tmp_path / "live"
+    jasper.write_store(target, a, manifest_a, backend="chroma", progress=False)
+    with jasper.open_store(target) as old:
+        jasper.write_store(target, b, manifest_b, backend="chroma", overwrite=True,
+                           progress=False)
+        for name, value in a.items():
+            got = old.read(name)
+            assert torch.equal(got, value), f"{name} of the old reader comes from the new version"
+            assert checksum(got) == old.manifest.arrays[name].checksum
+    with jasper.open_store(target) as new:
+        assert torch.equal(new.read("source_embs"), b["source_embs"])
+
+
+@pytest.mark.parametrize(("version", "match"), [("x", "not a positive integer"),
+                                                (10**6, "newer than this jasper-chroma reads"),
+                                                (None, "not a positive integer")])
+def test_hostile_layout_versions_are_format_errors(dataset: Any, tmp_path: Path, version: Any,
+                                                   match: str) -> None:
+    import json
+    import shutil
+
+    path, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    layout = json.loads((copy / "chroma.json").read_text())
+    layout["layout_version"] = version
+    (copy / "chroma.json").write_text(json.dumps(layout))
+    with pytest.raises(FormatError, match=match):
+        jasper.open_store(copy)

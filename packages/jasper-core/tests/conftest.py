@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from jasper.backend import BackendEntrypoint
 
 os.environ.setdefault("JASPER_PROGRESS", "0")
 
@@ -37,3 +39,21 @@ def copy_dataset(tmp_path: Path) -> Callable[[Path], Path]:
         return dst
 
     return _copy
+
+
+@pytest.fixture
+def register_for_test() -> Iterator[Callable[[str, type[BackendEntrypoint]], BackendEntrypoint]]:
+    """``register(name, cls)``: a backend class registered at run time (replacing one of that
+    name) for the test, unregistered afterwards; returns its instance."""
+    import jasper
+
+    names: list[str] = []
+
+    def register(name: str, cls: type[BackendEntrypoint]) -> BackendEntrypoint:
+        jasper.register_backend(name, cls, force=True)
+        names.append(name)
+        return jasper.get_backend(name)
+
+    yield register
+    for name in names:
+        jasper.registry.unregister_backend(name)

@@ -230,3 +230,18 @@ def test_sampled_kmeans_streams_from_a_memmap(tmp_path: Path, monkeypatch: pytes
                              config=BuildConfig(n_neg=2, n_clusters=5))
     assert m.extra["build"]["kmeans"] == "sampled"
     assert check_arrays(materialize(arrays), m) == []  # type: ignore[arg-type]
+
+
+def test_a_missing_optional_dependency_names_the_distribution_that_installs_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sklearn.cluster`` is installed as ``scikit-learn``; the hint said ``sklearn.cluster``."""
+    import sys
+
+    from jasper.build import MissingDependencyError, _need
+
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)  # import of it raises ImportError
+    with pytest.raises(MissingDependencyError) as err:
+        _need("sklearn.cluster", "clustering")
+    msg = str(err.value)
+    assert "needs scikit-learn" in msg and "pip install -c constraints.txt scikit-learn;" in msg
+    assert "'./packages/jasper-core[build]'" in msg

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from jasper.cli import main
+from jasper.registry import install_hint
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -29,7 +30,8 @@ def test_backends_lists_installed_and_installable(capsys: pytest.CaptureFixture[
     pt = next(b for b in data["installed"] if b["name"] == "pt")
     assert pt["distribution"] == "jasper-pt" and pt["capabilities"]["mmap"] is True
     for b in data["installable"]:
-        assert b["install"] == f"pip install {b['package']}"
+        assert b["install"] == install_hint(b["package"])
+        assert f"./packages/{b['package']} " in b["install"]
         assert b["name"] not in names
     code, out, _ = run(capsys, "backends")
     assert code == 0 and "Installed backends:" in out and "pt" in out

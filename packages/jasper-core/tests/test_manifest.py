@@ -96,7 +96,7 @@ def test_not_json_and_missing_and_newer_schema(tmp_path: Path) -> None:
         Manifest.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(
         {"embedding_dim": 4, "n_neg": 2, "schema_version": SCHEMA_VERSION + 1}))
-    with pytest.raises(SchemaVersionError, match="pip install -U jasper-core"):
+    with pytest.raises(SchemaVersionError, match=r"upgrade: pip install -U -c constraints\.txt \./packages/jasper-core "):
         Manifest.load(tmp_path)
     with pytest.raises(DatasetNotFoundError):
         Manifest.load(tmp_path / "nope")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -73,7 +73,7 @@ class MinimalBackend(BackendEntrypoint):
     capabilities: ClassVar[Capabilities] = Capabilities(write=True, mmap=False, row_access=True)
     marker_files: ClassVar[tuple[str, ...]] = (FORMAT_FILE,)
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
+    def open(self, path: Path, manifest: Manifest) -> StoreReader:
         return MinimalReader(Path(path), manifest)
 
     def write_arrays(self, directory: Path, arrays: Mapping[str, ArraySource],
@@ -88,12 +88,8 @@ class MinimalBackend(BackendEntrypoint):
 
 
 @pytest.fixture
-def minimal_backend() -> Iterator[BackendEntrypoint]:
-    jasper.register_backend(NAME, MinimalBackend, force=True)
-    try:
-        yield jasper.get_backend(NAME)
-    finally:
-        jasper.registry.unregister_backend(NAME)
+def minimal_backend(register_for_test: Any) -> BackendEntrypoint:
+    return register_for_test(NAME, MinimalBackend)
 
 
 class TestKitOnMinimalBackend(BackendConformance):

@@ -60,7 +60,7 @@ IMPL = textwrap.dedent(
         name = {name!r}
         description = "a fake backend"
 
-        def open(self, path, manifest, *, mmap=False):
+        def open(self, path, manifest):
             raise NotImplementedError
     """
 )
@@ -146,7 +146,7 @@ class _RuntimeBackend(BackendEntrypoint):
     description: ClassVar[str] = "registered at run time"
     marker_files: ClassVar[tuple[str, ...]] = ("runtime.marker",)
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
+    def open(self, path: Path, manifest: Manifest) -> StoreReader:
         raise NotImplementedError
 
 
@@ -320,7 +320,8 @@ def test_missing_known_backend_says_what_to_install(site: FakeSite,
     with pytest.raises(BackendNotFoundError) as info:
         jasper.get_backend("hdf5")
     msg = str(info.value)
-    assert "pip install jasper-hdf5" in msg
+    assert "pip install -c constraints.txt ./packages/jasper-hdf5 in a clone" in msg
+    assert registry.install_hint("jasper-hdf5") in msg
     assert "present" in msg and "installed backends:" in msg
     assert info.value.installed == sorted(jasper.list_backends())
     assert "hdf5" in registry.installable_backends()
@@ -408,3 +409,43 @@ def test_guess_backend_survives_a_backend_whose_class_fails_to_import(
             assert jasper.guess_backend(d) == "runtime-fake"
     finally:
         registry.unregister_backend("runtime-fake")
+
+
+# --- install hints point at something that installs -----------------------------------------
+_REPO = Path(__file__).resolve().parents[3]
+
+
+def _project(folder: Path) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads((folder / "pyproject.toml").read_text())["project"]
+
+
+@pytest.mark.parametrize("package", ["jasper-core",
+                                     *(k.package for k in registry.KNOWN_BACKENDS.values())])
+def test_every_install_hint_names_a_package_folder_of_the_repository(package: str) -> None:
+    """jasper's packages are not on PyPI: a hint must name the folder that pip installs."""
+    hint = registry.install_hint(package)
+    assert hint.startswith(f"pip install -c constraints.txt ./packages/{package} in a clone")
+    assert f"--find-links dist {package})" in hint
+    assert _project(_REPO / "packages" / package)["name"] == package
+    assert (_REPO / "constraints.txt").is_file()
+    upgrade = registry.install_hint(package, upgrade=True)
+    assert upgrade.startswith(f"pip install -U -c constraints.txt ./packages/{package} ")
+
+
+def test_an_extra_in_a_hint_exists() -> None:
+    hint = registry.install_hint("jasper-core", extra="build")
+    assert "'./packages/jasper-core[build]'" in hint
+    assert "build" in _project(_REPO / "packages" / "jasper-core")["optional-dependencies"]
+
+
+def test_no_message_of_core_tells_to_pip_install_a_package_by_its_bare_name() -> None:
+    """``pip install jasper-hdf5`` finds nothing on PyPI: every hint goes through install_hint."""
+    import re
+
+    bare = re.compile(r"pip install (-U )?['\"]?jasper-")
+    src = _REPO / "packages" / "jasper-core" / "src" / "jasper"
+    found = [f"{p.name}:{i}" for p in sorted(src.rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if bare.search(line)]
+    assert found == []

@@ -159,7 +159,7 @@ def test_missing_known_backend_names_its_package(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("JASPER_BACKENDS_DISABLE", "hdf5")
     jasper.refresh_backends()
     try:
-        with pytest.raises(BackendNotFoundError, match="pip install jasper-hdf5; installed backends: .*pt"):
+        with pytest.raises(BackendNotFoundError, match=r"pip install -c constraints\.txt \./packages/jasper-hdf5 .*; installed backends: .*pt"):
             open_store(small_dataset, backend="hdf5")
     finally:
         monkeypatch.delenv("JASPER_BACKENDS_DISABLE")

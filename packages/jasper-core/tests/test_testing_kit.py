@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,7 +19,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import jasper
 from jasper.backend import ArrayInfo, ArraySource, BackendEntrypoint, Capabilities, StoreReader
 from jasper.dtypes import from_storage, to_storage, torch_dtype
 from jasper.errors import FormatError
@@ -80,7 +79,7 @@ class NpyBackend(BackendEntrypoint):
     # other backends store .npy files too, so a file of our own marks our datasets
     marker_files: ClassVar[tuple[str, ...]] = ("kit-npy.format",)
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
+    def open(self, path: Path, manifest: Manifest) -> StoreReader:
         return NpyReader(Path(path), manifest)
 
     def write_arrays(self, directory: Path, arrays: Mapping[str, ArraySource],
@@ -91,12 +90,8 @@ class NpyBackend(BackendEntrypoint):
 
 
 @pytest.fixture
-def npy_backend() -> Iterator[BackendEntrypoint]:
-    jasper.register_backend(NAME, NpyBackend, force=True)
-    try:
-        yield jasper.get_backend(NAME)
-    finally:
-        jasper.registry.unregister_backend(NAME)
+def npy_backend(register_for_test: Any) -> BackendEntrypoint:
+    return register_for_test(NAME, NpyBackend)
 
 
 class TestKitOnNpyBackend(BackendConformance):
@@ -130,7 +125,7 @@ BROKEN = textwrap.dedent(
     class Broken(NpyBackend):
         name = "kit-broken"
 
-        def open(self, path, manifest, *, mmap=False):
+        def open(self, path, manifest):
             return Reader(path, manifest)
 
 

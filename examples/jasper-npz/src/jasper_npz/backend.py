@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from jasper.backend import (
+    LIBRARY_ERRORS,
     ArrayInfo,
     ArraySource,
     BackendEntrypoint,
@@ -37,28 +38,26 @@ from jasper.backend import (
     StoreReader,
     default_rows_per_chunk,
 )
-from jasper.dtypes import STORAGE_NUMPY, dtype_name, from_storage, to_storage, torch_dtype
-from jasper.errors import DatasetNotFoundError, FormatError, WriteOptionError
+from jasper.dtypes import STORAGE_NUMPY, dtype_name, storage_logical, to_storage, torch_dtype
+from jasper.errors import FormatError, WriteOptionError
 from jasper.files import ProcessLocal
 from jasper.manifest import Manifest
+from jasper.npy import NpyHeader, pread_into, read_header
 from jasper.schema import ALL_ARRAYS
 
 ARCHIVE = "dataset.npz"
 COMPRESSION = {None: zipfile.ZIP_STORED, "deflate": zipfile.ZIP_DEFLATED}
 
-# What the zip and .npy readers raise on damaged input; all of it becomes FormatError.
-_BROKEN = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError)
-
-
-def _logical(storage: np.dtype) -> str:
-    return "bfloat16" if storage == np.dtype(np.uint16) else storage.name
+# What the zip reader raises on damaged input (core's typed_errors adds zip's and zlib's own).
+_BROKEN = (zipfile.BadZipFile, zlib.error, *LIBRARY_ERRORS)
 
 
 class NpzReader(StoreReader):
     """Reads members of ``dataset.npz``. The archive is opened through core's pinned dataset
     directory (:mod:`jasper.files`: one dataset version, regular files only) and held per
     process (:class:`jasper.files.ProcessLocal`: a zip handle must not be shared across
-    ``fork``); pickling keeps paths only."""
+    ``fork``); pickling keeps paths only. Core builds every other read on
+    :meth:`read_slice_into` (a preload is one call with the whole destination)."""
 
     backend_name = "npz"
 
@@ -69,87 +68,58 @@ class NpzReader(StoreReader):
                                                                 _close_archive)
 
     def _open_archive(self) -> zipfile.ZipFile:
+        fh = self.files.open_file(ARCHIVE)
         try:
-            fh = self.files.open_file(ARCHIVE)
-        except DatasetNotFoundError:
-            raise DatasetNotFoundError(self.archive, "npz archive",
-                                       "The dataset is incomplete; write it again") from None
-        try:
-            return zipfile.ZipFile(fh)
-        except _BROKEN as exc:
+            with self.typed_errors(self.archive, None, "not a readable zip archive", _BROKEN):
+                return zipfile.ZipFile(fh)
+        except BaseException:
             fh.close()
-            raise FormatError(self.archive, f"not a readable zip archive (truncated?): {exc}") \
-                from None
-
-    def _zipfile(self) -> zipfile.ZipFile:
-        return self._zip.get()
+            raise
 
     @contextmanager
-    def _member(self, name: str) -> Iterator[tuple[IO[bytes], tuple[int, ...], np.dtype]]:
-        """The open member of ``name``, positioned after its ``.npy`` header."""
+    def _member(self, name: str) -> Iterator[tuple[IO[bytes], NpyHeader]]:
+        """The open member of ``name`` after its ``.npy`` header (checked by core)."""
         if name not in ALL_ARRAYS:
             raise self._missing(name)
-        zf = self._zipfile()
-        try:
-            f = zf.open(f"{name}.npy")
-        except KeyError:
-            raise FormatError(self.archive, f"the archive has no member {name}.npy",
-                              array=name) from None
-        except _BROKEN as exc:
-            raise FormatError(self.archive, f"cannot open member {name}.npy: {exc}",
-                              array=name) from None
-        with f:
-            try:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                elif version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise ValueError(f"unsupported .npy format version {version}")
-            except _BROKEN as exc:
-                raise FormatError(self.archive, f"bad .npy header in {name}.npy: {exc}",
-                                  array=name) from None
-            if fortran or dtype.hasobject:
-                raise FormatError(self.archive, f"{name}.npy must be a C-ordered plain array",
-                                  array=name)
-            yield f, tuple(shape), dtype
+        if f"{name}.npy" not in self._zip.get().NameToInfo:
+            raise FormatError(self.archive, f"the archive has no member {name}.npy", array=name)
+        with self.typed_errors(self.archive, name, f"member {name}.npy is damaged", _BROKEN), \
+                self._zip.get().open(f"{name}.npy") as f:
+            yield f, read_header(self.archive, name, fileobj=f)
 
     def array_names(self) -> list[str]:
-        members = set(self._zipfile().namelist())
+        members = set(self._zip.get().namelist())
         return [n for n in ALL_ARRAYS if f"{n}.npy" in members]
 
     def info(self, name: str) -> ArrayInfo:
-        with self._member(name) as (_f, shape, dtype):
-            return ArrayInfo(shape, _torch_dtype(dtype))
+        with self._member(name) as (_f, header):
+            try:
+                return ArrayInfo(header.shape, torch_dtype(storage_logical(header.dtype)))
+            except TypeError as exc:
+                raise FormatError(self.archive, str(exc), array=name) from None
 
-    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop``: one ``pread`` for a stored member, a forward read through the
-        decompressor for a deflated one."""
-        with self._member(name) as (f, shape, dtype):
-            if not shape:
-                return from_storage(self._read_exact(f, name, np.empty((), dtype), 0), _logical(dtype))
-            start, stop, _ = slice(start, stop).indices(shape[0])
-            stop = max(start, stop)
-            buf = np.empty((stop - start, *shape[1:]), dtype)
-            row_bytes = buf.itemsize * int(np.prod(shape[1:], dtype=np.int64))
-            zinfo = self._zipfile().getinfo(f"{name}.npy")
-            if buf.size and zinfo.compress_type == zipfile.ZIP_STORED:
-                offset = self._data_offset(zinfo) + f.tell() + start * row_bytes
-                view = memoryview(buf.reshape(-1).view(np.uint8))
-                fd = self._zipfile().fp.fileno()  # type: ignore[union-attr]
-                got = os.preadv(fd, [view], offset)
-                if got != buf.nbytes:
+    def read_slice_into(self, name: str, start: int, stop: int, out: torch.Tensor
+                        ) -> torch.Tensor:
+        """Rows ``start:stop`` into ``out``: one ``preadv`` for a stored member, a forward
+        read through the decompressor for a deflated one."""
+        buf = memoryview(to_storage(out).reshape(-1).view(np.uint8))
+        with self._member(name) as (f, header):
+            first = header.offset + start * header.row_bytes
+            zinfo = self._zip.get().getinfo(f"{name}.npy")
+            if zinfo.compress_type == zipfile.ZIP_STORED:
+                fd = self._zip.get().fp.fileno()  # type: ignore[union-attr]
+                pread_into(self.archive, self._data_offset(zinfo) + first, buf, array=name,
+                           fd=fd)
+            else:
+                f.seek(first)
+                if f.readinto(buf) != len(buf):  # type: ignore[attr-defined]
                     raise FormatError(self.archive, f"{name}.npy is truncated at row {start}",
                                       array=name)
-            elif buf.size:
-                f.seek(f.tell() + start * row_bytes)
-                self._read_exact(f, name, buf, start)
-            return from_storage(buf, _logical(dtype))
+        return out
 
     def _data_offset(self, zinfo: zipfile.ZipInfo) -> int:
         """Where a member's bytes start in the archive (after its local file header)."""
-        fh = self._zipfile().fp
+        fh = self._zip.get().fp
         assert fh is not None
         head = os.pread(fh.fileno(), 30, zinfo.header_offset)
         if len(head) != 30 or head[:4] != b"PK\x03\x04":
@@ -157,32 +127,6 @@ class NpzReader(StoreReader):
         name_len = int.from_bytes(head[26:28], "little")
         extra_len = int.from_bytes(head[28:30], "little")
         return zinfo.header_offset + 30 + name_len + extra_len
-
-    def _read_exact(self, f: IO[bytes], name: str, buf: np.ndarray, row: int) -> np.ndarray:
-        try:
-            got = f.readinto(memoryview(buf.reshape(-1).view(np.uint8)))  # type: ignore[attr-defined]
-        except _BROKEN as exc:
-            raise FormatError(self.archive, f"{name}.npy is damaged: {exc}", array=name) from None
-        if got != buf.nbytes:
-            raise FormatError(self.archive, f"{name}.npy is truncated at row {row}", array=name)
-        return buf
-
-    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """One forward pass through the member, slice by slice into ``out``."""
-        info = self.check_out(name, out)
-        with self._member(name) as (f, shape, dtype):
-            n = shape[0] if shape else 1
-            step = default_rows_per_chunk(info, 8 << 20)
-            for start in range(0, n, step):
-                rows = min(step, n - start)
-                buf = np.empty((rows, *shape[1:]) if shape else (), dtype)
-                self._read_exact(f, name, buf, start)
-                t = from_storage(buf, _logical(dtype))
-                if shape:
-                    out[start : start + rows].copy_(t)
-                else:
-                    out.copy_(t)
-        return out
 
     def close(self) -> None:
         self._zip.close()
@@ -196,13 +140,6 @@ def _close_archive(zf: zipfile.ZipFile) -> None:
         fh.close()
 
 
-def _torch_dtype(storage: np.dtype) -> torch.dtype:
-    try:
-        return torch_dtype(_logical(storage))
-    except TypeError:
-        raise FormatError(ARCHIVE, f"unsupported dtype {storage}") from None
-
-
 class NpzBackend(BackendEntrypoint):
     """One ``dataset.npz`` per dataset; ``compression="deflate"`` trades speed for size."""
 
@@ -210,21 +147,15 @@ class NpzBackend(BackendEntrypoint):
     description: ClassVar[str] = (
         "one uncompressed or deflated .npz archive per dataset (example plugin)"
     )
-    # pinned_reads=False: the archive is opened again by path in each process, so a reader
-    # open while a writer commits may not find it (a known gap of the example)
     capabilities: ClassVar[Capabilities] = Capabilities(
-        write=True, mmap=False, compression=True, row_access=True, worker_safe=True,
-        pinned_reads=False,
-    )
+        write=True, mmap=False, compression=True, row_access=True, worker_safe=True)
     marker_files: ClassVar[tuple[str, ...]] = (ARCHIVE,)
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {
         "default": {},
         "deflate": {"compression": "deflate", "compression_level": 1},
     }
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> NpzReader:
-        if not Path(path).is_dir():
-            raise DatasetNotFoundError(path)
+    def open(self, path: Path, manifest: Manifest) -> NpzReader:
         return NpzReader(Path(path), manifest)
 
     def write_arrays(

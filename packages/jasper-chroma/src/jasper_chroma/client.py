@@ -102,6 +102,23 @@ def get_client(location: Path | ServerLocation) -> Any:
         return client
 
 
+def open_persistent(path: Path, where: str) -> Any:
+    """A PersistentClient of this reader's own on ``path`` (a pinned ``/proc/self/fd/N/...``
+    directory), not shared through the cache: the caller closes it."""
+    global _USED_BY
+    check_not_forked()
+    import chromadb
+
+    with _LOCK:
+        try:
+            client = chromadb.PersistentClient(path=str(path), settings=settings())
+        except Exception as exc:
+            raise ChromaStoreError(f"{where}: cannot open the Chroma directory: "
+                                   f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        _USED_BY = os.getpid()
+    return client
+
+
 def release_client(location: Path | ServerLocation) -> None:
     """Close this process's client for ``location`` (before a directory is renamed)."""
     with _LOCK:

@@ -1,23 +1,35 @@
 """Where a Chroma-backed dataset keeps what: the one description reader and writer share.
 
-A dataset is a directory (jasper's contract: core writes ``config.json`` last and renames the
+Two locations:
+
+**A local directory** (jasper's contract: core writes ``config.json`` last and renames the
 directory into place):
 
-- ``chroma.json``: this layout's record: where the collections live (``"local"``: the
-  PersistentClient directory ``chroma/`` inside the dataset; ``"server"``: a Chroma server's
-  host, port, tenant and database), each table's collection name, rows and columns;
-- ``chroma/``: the PersistentClient directory (local datasets only);
+- ``chroma.json``: this layout's record: each table's collection name, rows and columns;
+- ``chroma/``: the PersistentClient directory holding the table collections;
 - ``arrays/NAME.npy``: every array that is not an embedding table, in its storage dtype.
+
+**A Chroma server**, ``chroma://HOST:PORT/TENANT/DATABASE/NAME`` (or ``chroma://HOST:PORT/NAME``
+for the default tenant and database): everything is on the server, nothing on local disk.
+Core's generation commit (:mod:`jasper.location`) runs over :class:`ChromaObjects`, an object
+store kept in one collection per dataset, ``jasper.NAME.objects``: the pointer, each
+generation's writer record, ``config.json``, ``chroma.json`` and ``arrays/NAME.npy`` (as base64
+chunks in record metadata). A generation's tables are the collections
+``jasper.NAME.GENERATION.TABLE``; they appear in the object store as the keys
+``generations/GENERATION/collections/TABLE``, so the protocol deletes them with the generation
+(an aborted write, a superseded version, a dead writer's leftovers). Collections jasper did not
+name this way are never listed, read or deleted.
 
 The four embedding tables (questions, sources, keywords, centroids) are collections whose ids
 are the row numbers as decimal strings (``"0"``, ``"1"``, ...), so row ``i`` is always id
 ``str(i)``. Collections use the ``l2`` space: Chroma's ``cosine`` space stores normalised
 vectors (measured: 1-2 ulp changes on 40% of the values), which would break bit-exact reads.
 
-Why the steering vectors (``[N_p, D]`` floats, three of them) are ``.npy`` files beside the
+Why the steering vectors (``[N_p, D]`` floats, three of them) are ``.npy`` beside the
 collections and not collections: they are never searched by similarity, only read whole at
 preload; as collections they would triple the rows Chroma indexes (writes run at about
-1-9k rows/s) and every read would pay float64 transport. As ``.npy`` they read at disk speed.
+1-9k rows/s) and every read would pay float64 transport. On a server they are objects of the
+dataset's object collection, like every other non-table array.
 """
 
 from __future__ import annotations
@@ -101,6 +113,76 @@ class ServerLocation:
         return f"chroma://{self.host}:{self.port}/{self.tenant}/{self.database}"
 
 
+#: URL scheme of a dataset on a Chroma server.
+SCHEME = "chroma"
+#: A dataset name on a server: it becomes part of collection names (``jasper.NAME.*``).
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: Core's generation names (``20261202T023500Z-1234-0123456789ab``), as collection-name parts.
+_GENERATION = r"[0-9]{8}T[0-9]{6}Z-[0-9]+-[0-9a-f]{12}"
+OBJECTS_SUFFIX = "objects"
+
+
+@dataclass(frozen=True)
+class ServerDataset:
+    """A dataset on a Chroma server, parsed from its :class:`jasper.location.Location`
+    (``chroma://HOST:PORT/TENANT/DATABASE/NAME``, or ``chroma://HOST:PORT/NAME`` for the default
+    tenant and database) or from one of its generations' locations
+    (``.../NAME/generations/GENERATION``, what core hands the writer and the reader)."""
+
+    server: ServerLocation
+    name: str
+    generation: str | None = None
+
+    @classmethod
+    def parse(cls, location: Any) -> ServerDataset:
+        text = str(location)
+        path = getattr(location, "path", None)
+        if path is None or getattr(location, "scheme", None) != SCHEME:
+            raise FormatError(text, "a dataset on a Chroma server is "
+                              "chroma://HOST:PORT/TENANT/DATABASE/NAME")
+        parts = path.split("/")
+        generation = None
+        if len(parts) >= 3 and parts[-2] == "generations":
+            generation, parts = parts[-1], parts[:-2]
+            if not re.fullmatch(_GENERATION, generation):
+                raise FormatError(text, f"{generation!r} is not a jasper generation")
+        if len(parts) == 2:
+            parts = [parts[0], "default_tenant", "default_database", parts[1]]
+        if len(parts) != 4:
+            raise FormatError(text, "a dataset on a Chroma server is "
+                              "chroma://HOST:PORT/TENANT/DATABASE/NAME (or "
+                              "chroma://HOST:PORT/NAME for the default tenant and database)")
+        host, _, port = parts[0].rpartition(":")
+        if not host or not port.isdigit():
+            raise FormatError(text, "the server is HOST:PORT (chroma://127.0.0.1:8000/...)")
+        name = parts[3]
+        if not _DATASET_NAME.match(name):
+            raise FormatError(text, f"dataset name {name!r}: 1-64 characters from "
+                              "[A-Za-z0-9_-], starting with a letter or digit (it becomes part "
+                              "of Chroma collection names)")
+        return cls(ServerLocation(host, int(port), parts[1], parts[2]), name, generation)
+
+    @property
+    def url(self) -> str:
+        return f"{self.server.url()}/{self.name}"
+
+    @property
+    def objects_collection(self) -> str:
+        """The collection holding the dataset's objects (pointer, manifests, arrays)."""
+        return f"jasper.{self.name}.{OBJECTS_SUFFIX}"
+
+    def table_collection(self, generation: str, table: str) -> str:
+        """The collection of ``table`` in ``generation``."""
+        return collection_name(f"jasper.{self.name}.{generation}", table)
+
+    def parse_table_collection(self, collection: str) -> tuple[str, str] | None:
+        """``(generation, table)`` of a table collection of this dataset; None for any other
+        collection (of another dataset, or not jasper's)."""
+        m = re.fullmatch(rf"jasper\.{re.escape(self.name)}\.({_GENERATION})-([a-z_]+)",
+                         collection)
+        return (m.group(1), m.group(2)) if m else None
+
+
 def is_server(location: str | Path) -> bool:
     """Whether ``location`` names a server rather than a directory."""
     text = str(location)
@@ -136,15 +218,30 @@ class Layout:
         return d
 
     def dump(self, directory: Path) -> None:
-        (directory / LAYOUT_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n",
-                                             encoding="utf-8")
+        (directory / LAYOUT_FILE).write_bytes(self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
 
     @classmethod
     def load(cls, directory: Path, kind: str | None = None) -> Layout:
         path = directory / LAYOUT_FILE
         regular_file(path, "a Chroma-backed dataset has chroma.json")
+        return cls.parse(path.read_bytes(), path, kind)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Any, kind: str | None = None) -> Layout:
+        """The layout in ``data`` (the bytes of ``chroma.json``; ``path`` names it in errors)."""
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            d = json.loads(data)
+            version = d.get("layout_version", LAYOUT_VERSION)
+            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                raise FormatError(path, f"chroma.json layout_version is {version!r}, not a "
+                                  "positive integer")
+            if version > LAYOUT_VERSION:
+                raise FormatError(path, f"chroma.json layout_version {version} is newer than "
+                                  f"this jasper-chroma reads ({LAYOUT_VERSION}); upgrade "
+                                  "jasper-chroma")
             server = ServerLocation(**d["server"]) if d.get("server") else None
             tables = {k: TableRecord(v["collection"], int(v["rows"]), int(v["cols"]),
                                      str(v["dtype"])) for k, v in d["tables"].items()}

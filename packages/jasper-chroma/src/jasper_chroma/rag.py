@@ -244,7 +244,7 @@ class CorpusTripletGenerator(TripletGenerator):
                     col.upsert(ids=[str(r["id"]) for r in chunk],
                                embeddings=np.asarray([r["embedding"] for r in chunk], np.float32),
                                documents=[str(r.get("text", "")) for r in chunk],
-                               metadatas=metas)  # type: ignore[arg-type]
+                               metadatas=metas)
             if kw_names:
                 # keyword embeddings: the mean of the passages naming the keyword
                 kcol = client.get_or_create_collection("keywords", embedding_function=None)

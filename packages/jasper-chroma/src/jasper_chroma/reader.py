@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import stat
 import tokenize
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,9 +16,18 @@ import torch
 from jasper.backend import ArrayInfo, StoreReader
 from jasper.dtypes import from_storage, torch_dtype
 from jasper.errors import FormatError, JasperError
+from jasper.files import DatasetChangedError
+from jasper.location import Location
 from jasper.progress import count_bar
-from jasper_chroma.client import ChromaStoreError, check_not_forked, get_client, get_collection
-from jasper_chroma.layout import ARRAYS_DIR, CHROMA_DIR, Layout, ServerLocation, regular_file
+from jasper_chroma.client import (
+    ChromaStoreError,
+    check_not_forked,
+    get_client,
+    get_collection,
+    open_persistent,
+)
+from jasper_chroma.layout import ARRAYS_DIR, CHROMA_DIR, LAYOUT_FILE, Layout, ServerDataset
+from jasper_chroma.objects import ChromaObjects
 
 if TYPE_CHECKING:
     from jasper.manifest import Manifest
@@ -70,12 +82,77 @@ def fetch_ids(collection: Any, ids: list[str], out: np.ndarray | torch.Tensor, w
             if as_numpy:
                 target[dest] = emb
             else:
-                target[torch.from_numpy(dest)] = torch.from_numpy(np.asarray(emb)).to(out.dtype)
+                target[torch.from_numpy(dest)] = torch.from_numpy(np.asarray(emb)).to(torch.bfloat16)
             if include_metadata:
                 for k, m in zip(dest.tolist(), got["metadatas"] or [None] * len(dest)):
                     metas[k] = m
             update(len(want))
     return metas
+
+
+def fetch_all(collection: Any, out: torch.Tensor, where: str,
+              progress: bool | None = None) -> None:
+    """Fill ``out`` with every row of a jasper-written collection (row ``r`` is id ``str(r)``),
+    paging by ``limit``/``offset``: faster than paging by ids over HTTP (measured, see the
+    README), and as safe: every returned id is placed by its value, an id that is not a row
+    number in range is an error, and after the last page every row must have been seen (the
+    first missing one is named). Pages come in insertion order, which for jasper's writes is
+    row order, so most pages are one contiguous slice assignment."""
+    check_not_forked()
+    n = int(out.shape[0])
+    seen = np.zeros(n, dtype=bool)
+    as_numpy = out.dtype != torch.bfloat16
+    target: Any = out.numpy() if as_numpy else out
+    offset = 0
+    with count_bar(n, f"reading {collection.name}", progress, unit="row") as update:
+        while True:
+            try:
+                got = collection.get(include=["embeddings"], limit=PAGE, offset=offset)
+            except Exception as exc:
+                raise ChromaStoreError(f"{where}: reading collection {collection.name!r} "
+                                       f"failed: {type(exc).__name__}: {str(exc)[:300]}") from None
+            ids = got["ids"]
+            if not ids:
+                break
+            try:
+                dest = np.fromiter((int(i) for i in ids), dtype=np.int64, count=len(ids))
+            except ValueError:
+                bad = next(i for i in ids if not i.isdigit())
+                raise ChromaStoreError(f"{where}: collection {collection.name!r} holds id "
+                                       f"{bad!r}, not a row number") from None
+            wrong = (dest < 0) | (dest >= n)
+            if wrong.any() or any(a != str(b) for a, b in zip(ids, dest.tolist())):
+                k = int(np.argmax(wrong)) if wrong.any() else next(
+                    k for k, (a, b) in enumerate(zip(ids, dest.tolist())) if a != str(b))
+                raise ChromaStoreError(f"{where}: collection {collection.name!r} holds id "
+                                       f"{ids[k]!r}, not a row number in [0, {n})")
+            emb = got["embeddings"]
+            if np.shape(emb)[1:] != tuple(out.shape[1:]):
+                raise ChromaStoreError(f"{where}: collection {collection.name!r} holds "
+                                       f"{np.shape(emb)[1]}-dimensional embeddings, expected "
+                                       f"{out.shape[1]}")
+            lo, hi = int(dest[0]), int(dest[-1]) + 1
+            run = hi - lo == len(dest) and bool((np.diff(dest) == 1).all())
+            if as_numpy:
+                if run:
+                    target[lo:hi] = emb
+                else:
+                    target[dest] = emb
+            else:
+                vals = torch.from_numpy(np.asarray(emb)).to(torch.bfloat16)
+                if run:
+                    target[lo:hi] = vals
+                else:
+                    target[torch.from_numpy(dest)] = vals
+            seen[dest] = True
+            update(len(ids))
+            offset += len(ids)
+            if len(ids) < PAGE:
+                break
+    if not seen.all():
+        missing = int(np.argmin(seen))
+        raise ChromaStoreError(f"{where}: collection {collection.name!r} has no id "
+                               f"{str(missing)!r}; {int(n - seen.sum())} of {n} rows are missing")
 
 
 def fetch_rows(collection: Any, rows: np.ndarray, out: np.ndarray | torch.Tensor,
@@ -85,66 +162,140 @@ def fetch_rows(collection: Any, rows: np.ndarray, out: np.ndarray | torch.Tensor
 
 
 class ChromaReader(StoreReader):
-    """A read handle on a Chroma-backed dataset. Holds paths only in its pickled state; the
-    client is made lazily in the process that reads (see :mod:`jasper_chroma.client` for why
-    a forked child is refused)."""
+    """A read handle on one version of a Chroma-backed dataset: a local directory, or one
+    generation on a Chroma server (the location core hands :meth:`ChromaBackend.open`).
+
+    Pinned reads: a local reader opens every file of the directory it pinned (the ``.npy``
+    maps, and a PersistentClient on ``/proc/self/fd/N/chroma`` whose collections it loads)
+    before checking that the path still names that directory, so a writer's commit, which
+    moves the old version aside and deletes it, never mixes versions under it. A server reader
+    reads one generation's collections and objects, which a commit never changes (they are
+    deleted one overwrite later, see :mod:`jasper.location`). Pickled state holds locations
+    only; clients open in the process that reads (a forked child of a process that used Chroma
+    is refused: :mod:`jasper_chroma.client`).
+    """
 
     backend_name = "chroma"
+    fork_safe = False  # Chroma's runtime hangs in a forked child: loaders spawn instead
 
-    def __init__(self, path: Path, manifest: Manifest, progress: bool | None = None) -> None:
-        super().__init__(path, manifest)
-        self.layout = Layout.load(self.path, manifest.dataset_kind)
+    def __init__(self, where: Path | Location, manifest: Manifest,
+                 progress: bool | None = None) -> None:
         self.progress = progress
         self._cols: dict[str, Any] = {}
+        self._npys: dict[str, np.ndarray] = {}
+        self._local: _LocalPin | None = None
+        self.dataset: ServerDataset | None = None
+        if isinstance(where, Location):
+            self.dataset = ServerDataset.parse(where)
+            if self.dataset.generation is None:
+                raise FormatError(str(where), "open a server dataset through jasper.open_store "
+                                  "(it follows the dataset's pointer to one generation)")
+            self.path = where  # type: ignore[assignment]
+            self.manifest = manifest
+            self._objects = ChromaObjects(self.dataset)
+            data = self._object(LAYOUT_FILE)
+            self.layout = Layout.parse(data, f"{self.dataset.url}/{self._prefix}{LAYOUT_FILE}",
+                                       manifest.dataset_kind)
+            return
+        for _attempt in range(_PIN_ATTEMPTS):
+            super().__init__(Path(where), manifest)
+            try:
+                self.layout = Layout.parse(self.files.read_bytes(LAYOUT_FILE, limit=16 << 20),
+                                           self.path / LAYOUT_FILE, self.manifest.dataset_kind)
+                if self.layout.where != "local":
+                    raise FormatError(self.path / LAYOUT_FILE, f"chroma.json says 'where': "
+                                      f"{self.layout.where!r}, but a dataset directory is "
+                                      "'local' (a dataset on a server is opened by its "
+                                      "chroma:// URL)")
+                self._local = _LocalPin.open(self)
+            except (JasperError, OSError):
+                if _still_pinned(self):
+                    self._release_local()
+                    raise
+                self._release_local()
+                continue  # replaced while being opened: open the new version
+            if _still_pinned(self):
+                return
+            self._release_local()
+        raise DatasetChangedError(self.path, f"the dataset was replaced {_PIN_ATTEMPTS} times "
+                                  "while it was being opened; open it again later")
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_cols"] = {}
+        state.update(_cols={}, _npys={}, _local=None)
         return state
 
     # --- where things are
     @property
-    def where(self) -> str:
-        server = self.layout.server
-        return server.url() if server is not None else str(self.path / CHROMA_DIR)
+    def _prefix(self) -> str:
+        assert self.dataset is not None and self.dataset.generation is not None
+        return f"generations/{self.dataset.generation}/"
 
-    def _location(self) -> Path | ServerLocation:
-        if self.layout.server is not None:
-            return self.layout.server
-        d = self.path / CHROMA_DIR
-        if not (d / "chroma.sqlite3").is_file():
-            raise FormatError(d / "chroma.sqlite3", "missing: the Chroma directory of this "
-                              "dataset has no database")
-        return d
+    @property
+    def where(self) -> str:
+        if self.dataset is not None:
+            return self.dataset.url
+        return str(self.path / CHROMA_DIR)
+
+    def _object(self, key: str) -> bytes:
+        try:
+            return self._objects.get(self._prefix + key)
+        except FileNotFoundError:
+            raise FormatError(f"{self.where}/{self._prefix}{key}", "missing: the generation "
+                              "the pointer names has no such object (changed by hand?)") from None
+
+    def _pin(self) -> _LocalPin:
+        if self._local is None or self._local.pid != os.getpid():
+            check_not_forked()
+            self._local = _LocalPin.open(self)
+        return self._local
 
     def _collection(self, table: str) -> Any:
         # collections are per process: one inherited through fork must never be used
         key = f"{os.getpid()}:{table}"
         col = self._cols.get(key)
         if col is None:
-            client = get_client(self._location())
-            col = get_collection(client, self.layout.tables[table].collection, self.where)
+            name = self.layout.tables[table].collection
+            if self.dataset is not None:
+                client = get_client(self.dataset.server)
+            else:
+                client = self._pin().client
+            col = get_collection(client, name, self.where)
             self._cols[key] = col
         return col
+
+    def collection(self, table: str) -> Any:
+        """The Chroma collection holding ``table`` in this reader's version (this process's
+        handle; e.g. to query it by similarity, or to time Chroma alone against a preload)."""
+        if table not in self.layout.tables:
+            raise KeyError(f"{table!r} is not an embedding table of this dataset "
+                           f"({', '.join(self.layout.tables)})")
+        return self._collection(table)
+
+    def _open_npy(self, name: str) -> np.ndarray:
+        arr = self._npys.get(name)
+        if arr is not None:
+            return arr
+        if self.dataset is not None:
+            key = f"{ARRAYS_DIR}/{name}.npy"
+            where: Any = f"{self.where}/{self._prefix}{key}"
+            try:
+                arr = np.load(io.BytesIO(self._object(key)), allow_pickle=False)
+            except (ValueError, OSError, EOFError, SyntaxError, TypeError, RecursionError,
+                    MemoryError, tokenize.TokenError) as exc:  # numpy's header literal parser
+                raise FormatError(where, f"not a readable .npy object (truncated?): {exc}",
+                                  array=name) from None
+        else:
+            arr = self._pin().npy(name)
+        self._npys[name] = arr
+        return arr
 
     def _npy(self, name: str) -> Path:
         return self.path / ARRAYS_DIR / f"{name}.npy"
 
-    def _open_npy(self, name: str) -> np.ndarray:
-        p = self._npy(name)
-        regular_file(p, f"the file of array {name!r} is not in the dataset")
-        try:
-            return np.load(p, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError, SyntaxError, TypeError, RecursionError,
-                MemoryError, tokenize.TokenError) as exc:  # numpy's header literal parser
-            raise FormatError(p, f"not a readable .npy file (truncated?): {exc}",
-                              array=name) from None
-
     # --- StoreReader
     def array_names(self) -> list[str]:
-        names = list(self.manifest.arrays) or []
-        if not names:
-            names = [p.stem for p in sorted((self.path / ARRAYS_DIR).glob("*.npy"))]
+        names = list(self.manifest.arrays)
         tables = list(self.layout.tables)
         return [*tables, *(n for n in names if n not in tables)]
 
@@ -171,8 +322,7 @@ class ChromaReader(StoreReader):
         if name in self.layout.tables:
             n = info.shape[0]
             if n:
-                fetch_rows(self._collection(name), np.arange(n, dtype=np.int64), out,
-                           self.where, self.progress)
+                fetch_all(self._collection(name), out, self.where, self.progress)
             return out
         arr = self._open_npy(name)
         try:
@@ -202,8 +352,27 @@ class ChromaReader(StoreReader):
         arr = self._open_npy(name)
         return from_storage(np.array(arr[idx]), self._logical(name, arr))
 
-    def close(self) -> None:
+    def _release_local(self) -> None:
         self._cols.clear()
+        self._npys.clear()
+        local, self._local = self._local, None
+        if local is not None:
+            local.close()
+        files = getattr(self, "files", None)
+        if files is not None:
+            files.close()
+
+    def close(self) -> None:
+        if self.dataset is not None:
+            self._cols.clear()
+            self._npys.clear()
+            return
+        self._release_local()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._local is not None and self._local.pid == os.getpid():
+                self._local.close()
 
     def count(self, table: str) -> int:
         """Rows the collection of ``table`` holds now."""
@@ -213,3 +382,125 @@ class ChromaReader(StoreReader):
             raise
         except Exception as exc:
             raise ChromaStoreError(f"{self.where}: counting {table} failed: {exc}") from None
+
+
+#: how many times a local reader re-opens a path whose directory was swapped while it opened it
+_PIN_ATTEMPTS = 50
+
+
+def _still_pinned(reader: ChromaReader) -> bool:
+    """Whether the reader's path still names the directory it pinned (so nothing had started
+    deleting that version while its files were being opened)."""
+    try:
+        st = os.stat(reader.path)
+    except OSError:
+        return False
+    here = os.fstat(reader.files.fd)
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+
+
+class _LocalPin:
+    """What a local reader opened of its pinned directory in one process: the ``.npy`` maps
+    and a PersistentClient on the pinned ``chroma/`` with every table collection loaded."""
+
+    def __init__(self, pid: int, dir_fd: int, client: Any, npys: dict[str, np.ndarray]) -> None:
+        self.pid = pid
+        self.dir_fd = dir_fd  # keeps /proc/self/fd/N naming the pinned directory
+        self.client = client
+        self.npys = npys
+
+    @classmethod
+    def open(cls, reader: ChromaReader) -> _LocalPin:
+        files = reader.files
+        # a descriptor of our own: the client's path stays valid (and unique) while it is open
+        dir_fd = os.dup(files.fd)
+        try:
+            arrays_fd = _open_subdir(dir_fd, ARRAYS_DIR, reader.path)
+            try:
+                npys = {}
+                for entry in sorted(os.listdir(arrays_fd)):
+                    if entry.endswith(".npy"):
+                        npys[entry[:-4]] = _map_npy(arrays_fd, entry, reader.path)
+            finally:
+                os.close(arrays_fd)
+            chroma_fd = _open_subdir(dir_fd, CHROMA_DIR, reader.path)
+            os.close(chroma_fd)
+            try:
+                st = os.stat(f"{CHROMA_DIR}/chroma.sqlite3", dir_fd=dir_fd,
+                             follow_symlinks=False)
+            except FileNotFoundError:
+                raise FormatError(reader.path / CHROMA_DIR / "chroma.sqlite3", "missing: the "
+                                  "Chroma directory of this dataset has no database") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(reader.path / CHROMA_DIR / "chroma.sqlite3", "is not a regular "
+                                  "file; a dataset reads only regular files inside its own "
+                                  "directory")
+            client = open_persistent(Path(f"/proc/self/fd/{dir_fd}/{CHROMA_DIR}"),
+                                     str(reader.path / CHROMA_DIR))
+            pin = cls(os.getpid(), dir_fd, client, npys)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        try:
+            for table, rec in reader.layout.tables.items():
+                if rec.rows:  # load each collection now, while its files are surely there
+                    col = get_collection(client, rec.collection, reader.where)
+                    reader._cols[f"{os.getpid()}:{table}"] = col
+                    fetch_ids(col, ["0"], np.empty((1, rec.cols), np.float32), reader.where,
+                              False)
+        except BaseException:
+            pin.close()
+            raise
+        return pin
+
+    def npy(self, name: str) -> np.ndarray:
+        arr = self.npys.get(name)
+        if arr is None:
+            raise FormatError(f"{ARRAYS_DIR}/{name}.npy", f"missing: the file of array {name!r} "
+                              "is not in the dataset")
+        return arr
+
+    def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # best effort: releases Chroma's system
+                client.close()
+        if self.dir_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def _open_subdir(dir_fd: int, name: str, path: Path) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise FormatError(path / name, "missing: a Chroma-backed dataset has this "
+                          "directory") from None
+    except OSError as exc:
+        raise FormatError(path / name, "is not a directory inside the dataset (a symlink is "
+                          f"refused, never followed): {exc.strerror}") from None
+
+
+def _map_npy(arrays_fd: int, entry: str, path: Path) -> np.ndarray:
+    where = path / ARRAYS_DIR / entry
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     dir_fd=arrays_fd)
+    except OSError as exc:
+        raise FormatError(where, "is a symlink or unreadable; a dataset reads only regular "
+                          f"files inside its own directory ({exc.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(where, "is not a regular file; a dataset reads only regular files "
+                              "inside its own directory")
+        try:
+            # the map keeps the file's pages reachable after the version is deleted
+            return np.load(f"/proc/self/fd/{fd}", mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError, SyntaxError, TypeError, RecursionError,
+                MemoryError, tokenize.TokenError) as exc:  # numpy's header literal parser
+            raise FormatError(where, f"not a readable .npy file (truncated?): {exc}",
+                              array=entry[:-4]) from None
+    finally:
+        os.close(fd)

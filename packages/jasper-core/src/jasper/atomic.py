@@ -94,7 +94,10 @@ def _between_renames() -> None:
     """Called between the two renames of the fallback swap (a crash point tests exercise)."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a process of another user counts as
+    alive). Writers and readers leave their pid in names and records; only a dead one's
+    leftovers may be cleaned."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -117,7 +120,7 @@ def _dead_writers(target: Path, mark: str) -> list[Path]:
     found = []
     for p in sorted(target.parent.glob(f"{prefix}*")):
         pid = _leftover_pid(p, prefix)
-        if pid is None or pid == os.getpid() or _pid_alive(pid):
+        if pid is None or pid == os.getpid() or pid_alive(pid):
             continue
         found.append(p)
     return found
@@ -428,6 +431,7 @@ __all__ = [
     "fsync_tree",
     "is_dataset_dir",
     "leftover_name",
+    "pid_alive",
     "recover_interrupted_commit",
     "storage_error",
 ]

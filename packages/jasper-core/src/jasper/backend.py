@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from jasper.dtypes import to_storage
 from jasper.errors import CapabilityError, FormatError, JasperError, ShapeError
 from jasper.files import DatasetDir
+from jasper.lazy import lazy_torch
 from jasper.rows import (
     as_row_index,
     check_rows,
@@ -39,8 +39,12 @@ from jasper.rows import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from jasper.location import Location, ObjectStore
     from jasper.manifest import Manifest
+else:
+    torch = lazy_torch(globals())
 
 
 @dataclass(frozen=True)
@@ -73,19 +77,43 @@ class Capabilities:
     pinned_reads: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ArrayInfo:
-    """Shape and logical dtype of a stored array, as the store itself reports them."""
+    """Shape and logical dtype of a stored array, as the store itself reports them.
+
+    ``ArrayInfo(shape, dtype)`` takes a torch dtype or a logical dtype name (``"float32"``):
+    a backend that reads shapes from its own metadata passes the name, so describing a dataset
+    (``jasper info``) needs no torch; :attr:`dtype` gives the torch dtype when tensors are made.
+    """
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    #: the logical dtype name, as the manifest records it
+    dtype_name: str
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype | str) -> None:
+        from jasper.dtypes import dtype_name
+
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
+        object.__setattr__(self, "dtype_name", dtype_name(dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        from jasper.dtypes import torch_dtype
+
+        return torch_dtype(self.dtype_name)
+
+    @property
+    def itemsize(self) -> int:
+        from jasper.dtypes import ITEMSIZE
+
+        return ITEMSIZE[self.dtype_name]
 
     @property
     def nbytes(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
-        return n * self.dtype.itemsize
+        return n * self.itemsize
 
 
 class ArraySource(abc.ABC):
@@ -177,6 +205,31 @@ def as_source(array: torch.Tensor | ArraySource) -> ArraySource:
     if isinstance(array, torch.Tensor):
         return TensorSource(array)
     raise TypeError(f"expected a torch.Tensor or ArraySource, got {type(array).__name__}")
+
+
+#: What storage libraries raise on damaged input (h5py, zipfile, numpy's header parser...):
+#: :meth:`StoreReader.typed_errors` turns it into a ``FormatError``.
+LIBRARY_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, KeyError, ValueError,
+                                                   TypeError, EOFError)
+
+
+def check_format_version(found: object, supported: int, file: Path, what: str,
+                         package: str) -> int:
+    """The layout version ``found`` in a backend's file, as an int; a
+    :class:`~jasper.errors.FormatError` naming ``file`` when it is not a number or newer than
+    ``supported`` (the ``package`` to upgrade is named)."""
+    try:
+        number = int(found)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        raise FormatError(file, f"{what} is {found!r}, not a layout version number (rule: "
+                          "integer layout version)") from None
+    if number > supported:
+        from jasper.registry import install_hint
+
+        raise FormatError(file, f"written with layout version {number}, newer than this "
+                          f"{package} reads ({supported}); upgrade: "
+                          + install_hint(package, upgrade=True))
+    return number
 
 
 class StoreReader(abc.ABC):
@@ -411,6 +464,45 @@ class StoreReader(abc.ABC):
     def _missing(self, name: str) -> FormatError:
         return FormatError(self.path, f"array {name!r} is not in this store", array=name)
 
+    def check_info(self, name: str, info: ArrayInfo, file: Path | None = None) -> ArrayInfo:
+        """``info`` if it fits the data model (rank, allowed dtypes) and the manifest's record
+        of ``name``, else a :class:`~jasper.errors.ShapeError` naming ``file`` (default: the
+        dataset) and the array. Backends whose files carry their own shapes call it in
+        :meth:`info`, so a file that disagrees fails before anything is read."""
+        from jasper.schema import ALL_ARRAYS
+
+        where = file or self.path
+        spec = ALL_ARRAYS[name]
+        logical = info.dtype_name
+        if len(info.shape) != spec.rank:
+            raise ShapeError(f"{where}: {name} has shape {info.shape}, expected rank "
+                             f"{spec.rank}", array=name, rule="rank", path=where)
+        if logical not in spec.dtypes:
+            raise ShapeError(f"{where}: {name} has dtype {logical}; allowed: "
+                             f"{', '.join(sorted(spec.dtypes))}", array=name, rule="dtype",
+                             path=where)
+        rec = self.manifest.arrays.get(name)
+        if rec is not None and (tuple(rec.shape) != info.shape or rec.dtype != logical):
+            raise ShapeError(f"{where}: {name} is {info.shape} {logical} in the file but the "
+                             f"manifest records {tuple(rec.shape)} {rec.dtype}", array=name,
+                             rule="manifest shape", path=where)
+        return info
+
+    @contextmanager
+    def typed_errors(self, file: Path, array: str | None = None,
+                     what: str = "read failed (truncated or corrupt file?)",
+                     errors: tuple[type[BaseException], ...] = LIBRARY_ERRORS) -> Iterator[None]:
+        """Turn what a storage library raises on damaged input (``errors``) into a
+        :class:`~jasper.errors.FormatError` naming ``file`` and ``array``; jasper's own errors
+        pass through. Every backend wraps its library calls in it."""
+        try:
+            yield
+        except JasperError:
+            raise
+        except errors as exc:
+            raise FormatError(file, f"{what}: {type(exc).__name__}: {exc}", array=array) \
+                from None
+
 
 def _has_write_rows(get_backend: Any, name: str) -> bool:
     try:
@@ -469,12 +561,15 @@ class BackendEntrypoint(abc.ABC):
         return p.is_dir() and any((p / m).exists() for m in self.marker_files)
 
     @abc.abstractmethod
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> StoreReader:
+    def open(self, path: Path, manifest: Manifest) -> StoreReader:
         """Open the dataset directory ``path`` for reading.
 
-        ``manifest`` is the parsed ``config.json``. ``mmap=True`` says the caller will use
-        :meth:`StoreReader.map`; core has checked the ``mmap`` capability before calling, so
-        backends may ignore it (it remains for callers that open backends directly).
+        ``manifest`` is the parsed ``config.json``. How the reader is used is the caller's
+        choice per call (:meth:`StoreReader.map`, ``read_into``, ``read_rows``): core checks the
+        ``mmap`` capability before it maps, and a reader of a backend that cannot map raises
+        ``CapabilityError`` from ``map``. (Until contract v2 ``open`` took an ``mmap`` flag that
+        no backend acted on; core no longer passes it, so an override that still accepts it
+        keeps working.)
         """
 
     def write_arrays(

@@ -80,7 +80,9 @@ def default_writer() -> str:
                     return name
             except Exception:
                 continue
-    raise BackendNotFoundError("(a writer)", installed, "pip install jasper-pt or jasper-hdf5")
+    from jasper.registry import install_hint
+
+    raise BackendNotFoundError("(a writer)", installed, install_hint("jasper-pt"))
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -114,7 +116,7 @@ def _mib(n: int) -> str:
 
 # --- commands ---------------------------------------------------------------------------------
 def cmd_backends(args: argparse.Namespace) -> int:
-    from jasper.registry import get_backend, installable_backends, list_backends
+    from jasper.registry import get_backend, install_hint, installable_backends, list_backends
 
     installed = []
     # capabilities need each backend's class (and so its libraries, torch included); the plain
@@ -130,13 +132,13 @@ def cmd_backends(args: argparse.Namespace) -> int:
                 entry["error"] = f"{type(exc).__name__}: {exc}"
         installed.append(entry)
     missing = [{"name": k.name, "package": k.package, "description": k.description,
-                "install": f"pip install {k.package}"} for k in installable_backends().values()]
+                "install": install_hint(k.package)} for k in installable_backends().values()]
     if args.json:
         print(json.dumps({"installed": installed, "installable": missing}, indent=2))
         return EXIT_OK
     print("Installed backends:")
     if not installed:
-        print("  (none) - pip install jasper-pt")
+        print(f"  (none) - {install_hint('jasper-pt')}")
     for e in installed:
         caps = ", ".join(k for k, v in (e.get("capabilities") or {}).items() if v)
         origin = f"{e['distribution']} {e['version']}" if e["distribution"] else "run-time"
@@ -148,7 +150,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
     if missing:
         print("Installable:")
         for m in missing:
-            print(f"  {m['name']:<15} {m['install']:<35} {m['description']}")
+            print(f"  {m['name']:<15} {m['package']:<28} {m['description']}")
+            print(f"  {'':<15} install: {m['install']}")
     if not with_caps:
         print("(jasper backends --capabilities also lists what each backend can do)")
     return EXIT_OK
@@ -181,6 +184,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
         n_pairs=args.pairs, embedding_dim=args.dim, n_neg=args.neg, n_clusters=args.clusters,
         dtype=args.dtype, seed=args.seed, dataset_name=args.name or Path(args.path).name,
+        derived_steering=args.derived_steering,
     )
     backend = args.backend or default_writer()
     how = "" if args.backend else " (the default: first installed of " + ", ".join(
@@ -210,7 +214,6 @@ def _require_dir(path: str) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     _require_dir(args.path)
-    from jasper.dtypes import dtype_name
     from jasper.store import dir_size, open_store
 
     with open_store(args.path, args.backend) as reader:
@@ -230,7 +233,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "created_at": m.created_at,
             "splits": {s: int(arrays[f"{s}_idx"].shape[0]) for s in ("train", "val", "test")
                        if f"{s}_idx" in arrays},
-            "arrays": {n: {"shape": list(i.shape), "dtype": dtype_name(i.dtype),
+            "arrays": {n: {"shape": list(i.shape), "dtype": i.dtype_name,
                            "bytes": i.nbytes} for n, i in arrays.items()},
         }
     if args.json:
@@ -303,10 +306,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from jasper.store import convert
 
     report = convert(args.src, args.dst, to=args.to, src_backend=args.src_backend,
-                     overwrite=args.overwrite, progress=_progress(args), **_options(args))
+                     overwrite=args.overwrite, progress=_progress(args),
+                     derive_steering=args.derive_steering, atol=args.atol, rtol=args.rtol,
+                     **_options(args))
     print(f"source: {report.src} ({report.src_backend}) {_mib(report.src_bytes)}")
     print(f"target: {report.dst} ({report.dst_backend}) {_mib(report.dst_bytes)}")
     print(report.options_line())
+    if report.derived is not None:
+        print(report.derived)
     print(f"saving: {report.saving * 100:+.1f}%  ({report.seconds:.1f} s, bit-exact: checksums match)")
     return EXIT_OK
 
@@ -327,8 +334,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.from_chroma:
         from jasper.plugins import plugin_function
+        from jasper.registry import install_hint
 
-        build_from = plugin_function("jasper.build_sources", "chroma", "pip install jasper-chroma")
+        build_from = plugin_function("jasper.build_sources", "chroma",
+                                     install_hint("jasper-chroma"))
         out = build_from(args.from_chroma, args.out, backend=backend, overwrite=args.overwrite,
                          progress=_progress(args), config=cfg, options=_options(args),
                          kind=args.kind)
@@ -426,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the embedding and steering arrays")
     s.add_argument("--seed", type=int, default=0,
                    help="random seed: the same seed writes the same dataset")
+    s.add_argument("--derived-steering", action="store_true",
+                   help="store no steering arrays: each batch computes them (the same values)")
     s.add_argument("--name", help="dataset_name in the manifest (default: directory name)")
     s.add_argument("--backend", default=None,
                    help=f"storage backend to write with (installed: {installed}; default: the "
@@ -478,6 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a target backend write option (repeatable)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset at DST (never other files, never the source)")
+    c.add_argument("--derive-steering", nargs="?", const="jasper-v1", default=None,
+                   metavar="FORMULA",
+                   help="store no steering arrays: each batch computes them with FORMULA "
+                        "(jasper-v1, the default, or original); stored rows the formula does "
+                        "not reproduce within the tolerance are kept as exceptions")
+    c.add_argument("--atol", type=float, default=None,
+                   help="--derive-steering: absolute tolerance per element (default 1e-6)")
+    c.add_argument("--rtol", type=float, default=None,
+                   help="--derive-steering: relative tolerance per element (default 0)")
     c.set_defaults(func=cmd_convert)
 
     bl = sub.add_parser(

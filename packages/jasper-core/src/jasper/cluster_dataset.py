@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from jasper import records
+from jasper.atomic import pid_alive
 from jasper.backend import StoreReader
 from jasper.errors import CapabilityError, FormatError, JasperError, ShapeError
 from jasper.schema import (
@@ -330,7 +331,7 @@ class ClusterLabeledDataset(Dataset[Any]):
             slot = pids.index(pid) if pid in pids else None
             if slot is None:
                 free = [i for i, p in enumerate(pids) if p == 0]
-                dead = [i for i, p in enumerate(pids) if p and not _alive(p)]
+                dead = [i for i, p in enumerate(pids) if p and not pid_alive(p)]
                 # A dead process's row keeps its counts (they are history), and a new process
                 # continues adding to it, so totals stay right when rows run out.
                 slot = (free or dead or [STAT_SLOTS - 1])[0]
@@ -653,16 +654,6 @@ class ClusterLabeledDataset(Dataset[Any]):
                 f"embedding_dim={self.embedding_dim}, n_clusters={self.n_clusters}, "
                 f"label_type={self.label_type!r}, backend={self._reader.backend_name!r}, "
                 f"generation={self.generation!r})")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _unlink_in(owner: int, path: str) -> None:

@@ -21,7 +21,7 @@ from jasper import records
 from jasper.backend import ArraySource, TensorSource, as_source
 from jasper.dtypes import dtype_name
 from jasper.errors import ChecksumError, IntegrityError, ShapeError
-from jasper.manifest import Checksummer, Manifest
+from jasper.manifest import Manifest
 from jasper.schema import (
     CLUSTER_ARRAYS,
     CLUSTER_KIND,
@@ -135,40 +135,28 @@ def validate(reader: StoreReader, *, deep: bool = False, strict: bool = False,
     """Check an open cluster-labeled dataset: every structural rule (records decoded only with
     ``deep``), and with ``deep`` every checksum the manifest records and the backend's own
     checks. Large float arrays are mapped where the backend maps, else streamed in chunks."""
-    from jasper.progress import byte_bar
-    from jasper.registry import get_backend
-    from jasper.validation import ValidationReport, _check_finite
+    from jasper.validation import (
+        ValidationReport,
+        check_manifest_records,
+        load_for_checks,
+        stream_finite_checks,
+        verify_stored,
+    )
 
     t0 = time.perf_counter()
     p = reader.path
     manifest = reader.manifest
     infos = {n: reader.info(n) for n in CLUSTER_ARRAYS if reader.has(n)}
-    _check_manifest_records(infos, manifest, p)
+    check_manifest_records(infos, manifest, p)
     check_layout(infos, manifest, p)
-    mapped = get_backend(reader.backend_name).capabilities.mmap
-    arrays: dict[str, torch.Tensor] = {}
-    streamed: set[str] = set()
-    for n, info in infos.items():
-        spec = CLUSTER_ARRAYS[n]
-        if mapped:
-            arrays[n] = reader.map(n)
-        elif spec.finite and spec.rank == 2:
-            arrays[n] = torch.zeros((), dtype=info.dtype).expand(info.shape)
-            streamed.add(n)
-        else:
-            arrays[n] = reader.read(n)
+    arrays, streamed = load_for_checks(reader, infos, CLUSTER_ARRAYS)
     with reader.reading_rows():
         n_samples = check_values(arrays, manifest, p, decode_records=deep,
                                  skip_finite=frozenset(streamed))
-    for n in sorted(streamed):
-        row = 0
-        for chunk in reader.iter_chunks(n):
-            _check_finite(n, chunk, p, row_offset=row)
-            row += chunk.shape[0]
+    stream_finite_checks(reader, streamed, p)
     del arrays
     report = ValidationReport(p, n_samples, 0.0)
     if deep:
-        wanted = [n for n in manifest.arrays if n in infos]
         if manifest.schema_version is not None:
             unsealed = [n for n in CLUSTER_ARRAYS
                         if n in manifest.arrays and not manifest.arrays[n].checksum]
@@ -177,41 +165,11 @@ def validate(reader: StoreReader, *, deep: bool = False, strict: bool = False,
                 raise ChecksumError(f"{name}: the manifest of this jasper-written dataset records "
                                     "no checksum for it, so its data cannot be verified",
                                     array=name, rule="every array checksummed", path=p)
-        total = sum(infos[n].nbytes for n in wanted)
-        with byte_bar(total, f"verifying {p.name}", progress) as update, reader.reading_rows():
-            for n in wanted:
-                rec = manifest.arrays[n]
-                if not rec.checksum:
-                    continue
-                h = Checksummer()
-                for chunk in reader.iter_chunks(n):
-                    h.update(chunk)
-                    update(chunk.numel() * chunk.element_size())
-                if h.hexdigest() != rec.checksum:
-                    raise ChecksumError(
-                        f"{n}: checksum {h.hexdigest()} does not match the manifest's "
-                        f"{rec.checksum}; the array was changed or corrupted after it was "
-                        "written", array=n, rule="checksum", path=p)
-                report.checksums_verified += 1
-        report.backend_problems = get_backend(reader.backend_name).deep_check(p)
-        if report.backend_problems:
-            raise IntegrityError(f"backend checks failed: {'; '.join(report.backend_problems)}",
-                                 rule="backend deep check", path=p)
+        verify_stored(reader, report, [n for n in manifest.arrays if n in infos], infos,
+                      progress)
     del strict  # the kind has no value-quality rules yet; every rule above is structural
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _check_manifest_records(infos: Mapping[str, Any], manifest: Manifest, p: Path) -> None:
-    for n, rec in manifest.arrays.items():
-        info = infos.get(n)
-        if info is None:
-            raise IntegrityError(f"array {n!r} is recorded in the manifest but missing from the "
-                                 "store", array=n, rule="manifest arrays present", path=p)
-        if tuple(info.shape) != tuple(rec.shape) or dtype_name(info.dtype) != rec.dtype:
-            raise ShapeError(f"{n} is {tuple(info.shape)} {dtype_name(info.dtype)} in the store "
-                             f"but the manifest records {tuple(rec.shape)} {rec.dtype}", array=n,
-                             rule="manifest shape", path=p)
 
 
 def summary(manifest: Manifest, infos: Mapping[str, Any]) -> str:

@@ -7,36 +7,60 @@ numpy, which has no bfloat16; bfloat16 arrays are therefore stored as their raw 
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
-# Logical dtype name -> torch dtype. Names are what the manifest records.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+import numpy as np
+
+from jasper.lazy import lazy_torch
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
+
+#: The logical dtype names, which the manifest records (each is also the torch dtype's name).
+LOGICAL_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64", "int64", "int32",
+                                   "int16", "int8", "uint8", "bool")
 
 # Logical dtype name -> numpy dtype used on disk. bfloat16 travels as its bit pattern.
 STORAGE_NUMPY: dict[str, np.dtype] = {
-    name: np.dtype("uint16") if name == "bfloat16" else np.dtype(name) for name in TORCH_DTYPES
+    name: np.dtype("uint16") if name == "bfloat16" else np.dtype(name) for name in LOGICAL_DTYPES
 }
+
+#: Bytes per element of each logical dtype (no torch needed).
+ITEMSIZE: dict[str, int] = {name: dt.itemsize for name, dt in STORAGE_NUMPY.items()}
+
+_TORCH: dict[str, torch.dtype] = {}
+_NAMES: dict[torch.dtype, str] = {}
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    if not _TORCH:
+        import torch as _t
+
+        _TORCH.update({name: getattr(_t, name) for name in LOGICAL_DTYPES})
+        _NAMES.update({v: k for k, v in _TORCH.items()})
+    return _TORCH
+
+
+def __getattr__(name: str) -> Any:
+    # ``TORCH_DTYPES`` (logical name -> torch dtype) is built on first use: it needs torch
+    if name == "TORCH_DTYPES":
+        return _torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The logical name of a torch dtype, e.g. ``torch.bfloat16 -> "bfloat16"``."""
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The logical name of a torch dtype, e.g. ``torch.bfloat16 -> "bfloat16"`` (a logical
+    name is returned as it is)."""
+    if isinstance(dtype, str) and dtype in ITEMSIZE:
+        return dtype
+    _torch_dtypes()
     try:
-        return _NAMES[dtype]
+        return _NAMES[dtype]  # type: ignore[index]
     except KeyError:
         raise TypeError(f"dtype {dtype} is not supported by jasper") from None
 
@@ -44,11 +68,22 @@ def dtype_name(dtype: torch.dtype) -> str:
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a logical dtype name."""
     try:
-        return TORCH_DTYPES[name]
+        return _torch_dtypes()[name]
     except KeyError:
         raise TypeError(
-            f"unknown dtype name {name!r}; known: {', '.join(sorted(TORCH_DTYPES))}"
+            f"unknown dtype name {name!r}; known: {', '.join(sorted(LOGICAL_DTYPES))}"
         ) from None
+
+
+def storage_logical(storage: np.dtype) -> str:
+    """The logical dtype whose values numpy dtype ``storage`` holds: ``uint16`` is bfloat16's
+    bit pattern (no array of the data model is ``uint16``); a ``TypeError`` for a dtype jasper
+    cannot hold."""
+    storage = np.dtype(storage).newbyteorder("=")
+    for name, stored in STORAGE_NUMPY.items():
+        if stored == storage:
+            return name
+    raise TypeError(f"dtype {storage} is not supported by jasper")
 
 
 def to_storage(tensor: torch.Tensor) -> np.ndarray:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from jasper.atomic import pid_alive
 from jasper.errors import DatasetNotFoundError, FormatError
 
 #: Scheme of a local directory.
@@ -254,8 +255,11 @@ class Pointer:
             raise FormatError(where, "not a jasper dataset pointer (no 'format': "
                               f"{POINTER_FORMAT!r})")
         if int(d.get("version", 0)) > POINTER_VERSION:
+            from jasper.registry import install_hint
+
             raise FormatError(where, f"pointer version {d.get('version')} is newer than this "
-                              f"jasper reads ({POINTER_VERSION}); upgrade jasper-core")
+                              f"jasper reads ({POINTER_VERSION}); upgrade: "
+                              + install_hint("jasper-core", upgrade=True))
         gen = d.get("generation")
         if not isinstance(gen, str) or not _valid_generation(gen):
             raise FormatError(where, f"the pointer names no valid generation ({gen!r})")
@@ -299,16 +303,6 @@ def _new_generation() -> str:
     return f"{stamp}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _generations(store: ObjectStore) -> dict[str, list[str]]:
     """Every generation present, with its keys."""
     out: dict[str, list[str]] = {}
@@ -331,7 +325,7 @@ def _writer_dead(store: ObjectStore, generation: str, keys: list[str], now: floa
         return True
     if now - started > stale_after:
         return True
-    return host == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid)
+    return host == socket.gethostname() and pid != os.getpid() and not pid_alive(pid)
 
 
 def clean_stale_generations(store: ObjectStore, *, stale_after: float = STALE_AFTER_S,

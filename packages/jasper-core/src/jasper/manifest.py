@@ -22,15 +22,20 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xxhash
 
 from jasper.dtypes import to_storage
 from jasper.errors import DatasetNotFoundError, ManifestError, SchemaVersionError
+from jasper.lazy import lazy_torch
 from jasper.location import Location, as_target
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 MANIFEST_NAME = "config.json"
 SCHEMA_VERSION = 1
@@ -53,13 +58,28 @@ _KNOWN_KEYS = (
     "writer",
     "arrays",
     "data_digests",
+    "derived_steering",
 )
 
 #: The manifest keys that describe the stored data (an edit to any of them after writing makes
 #: the manifest disagree with the files it describes).
-DATA_KEYS = ("embedding_dim", "n_neg", "n_clusters", "n_tiers", "kind", "arrays")
+DATA_KEYS = ("embedding_dim", "n_neg", "n_clusters", "n_tiers", "kind", "arrays",
+             "derived_steering")
 
 _NONNEG_INT = {"type": "integer", "minimum": 0}
+_DERIVED_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"],
+    "required": ["formula"],
+    "properties": {
+        "formula": {"type": "string", "minLength": 1},
+        "params": {"type": "object"},
+        "dtype": {"type": "string", "enum": ["bfloat16", "float16", "float32", "float64"]},
+        "exceptions": _NONNEG_INT,
+        "tolerance": {"type": "object", "properties": {"atol": {"type": "number", "minimum": 0},
+                                                       "rtol": {"type": "number", "minimum": 0}}},
+        "checked_rows": {"type": ["integer", "null"], "minimum": 0},
+    },
+}
 _OPT_NONNEG_INT = {"type": ["integer", "null"], "minimum": 0}
 
 #: JSON Schema (draft 2020-12) of ``config.json``. Unknown keys are allowed (and kept on rewrite).
@@ -109,6 +129,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             },
         },
         "data_digests": {"type": "object", "additionalProperties": {"type": "string"}},
+        # steering computed per batch instead of stored (jasper.steering.DERIVED_SCHEMA)
+        "derived_steering": _DERIVED_SCHEMA,
     },
 }
 
@@ -180,6 +202,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: The dataset kind (:data:`jasper.schema.KINDS`); ``None`` (absent) is ``jasper-steering``.
     kind: str | None = None
+    #: Steering computed per batch instead of stored: formula, parameters, served dtype,
+    #: exception count (:class:`jasper.steering.DerivedSpec`); ``None``: stored.
+    derived_steering: dict[str, Any] | None = None
 
     @property
     def dataset_kind(self) -> str:
@@ -216,7 +241,7 @@ class Manifest:
             raise SchemaVersionError(
                 path,
                 f"schema_version {version!r} is newer than this jasper-core understands "
-                f"({SCHEMA_VERSION}); upgrade with `pip install -U jasper-core`",
+                f"({SCHEMA_VERSION}); upgrade: {_upgrade_core()}",
             )
         try:
             problem = _schema_problem(d)
@@ -243,6 +268,7 @@ class Manifest:
             data_digests=d.get("data_digests"),
             extra={k: v for k, v in d.items() if k not in _KNOWN_KEYS},
             kind=kind,
+            derived_steering=d.get("derived_steering"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -328,7 +354,9 @@ class Manifest:
         if not self.data_digests:
             return None
         now = self.compute_data_digests()
-        return [k for k in DATA_KEYS if self.data_digests.get(k) != now[k]]
+        absent = _json_digest(None)
+        # a key added to DATA_KEYS later is unrecorded in older manifests: unchanged while absent
+        return [k for k in DATA_KEYS if self.data_digests.get(k, absent) != now[k]]
 
 
 class Checksummer:
@@ -356,3 +384,9 @@ def checksum(tensor: torch.Tensor) -> str:
     c = Checksummer()
     c.update(tensor)
     return c.hexdigest()
+
+
+def _upgrade_core() -> str:
+    from jasper.registry import install_hint
+
+    return install_hint("jasper-core", upgrade=True)

@@ -16,16 +16,22 @@ foreign file says "corrupt / not a .pt file" rather than torch's guesses ("legac
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 import tarfile
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from jasper.errors import FormatError, UnsafeFileError
 from jasper.files import DatasetDir
+from jasper.lazy import lazy_torch
 from jasper.validation import check_tensor_layout
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 _ZIP_MAGIC = b"PK\x03\x04"
 #: torch's legacy (pre-1.6) serialisation starts with a pickled magic number, protocol 2
@@ -119,4 +125,55 @@ def check_tensor_storage(t: torch.Tensor, where: Any, array: str | None) -> None
                           f"{need} (truncated or corrupt?)", array=array)
 
 
-__all__ = ["check_tensor_storage", "load_pt", "load_pt_tensor"]
+#: torch's storage classes as pickled in a ``.pt`` file -> logical dtype name
+_STORAGE_DTYPES = {"FloatStorage": "float32", "HalfStorage": "float16",
+                   "BFloat16Storage": "bfloat16", "DoubleStorage": "float64",
+                   "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
+                   "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool"}
+#: a tensor's pickle is a few hundred bytes; a larger one is a container (left to torch)
+_MAX_META_PICKLE = 1 << 16
+
+
+class _MetaUnpickler(pickle.Unpickler):
+    """Reads a ``.pt`` tensor's pickle for its shape and dtype only. It resolves no global but
+    the three a plain tensor needs, each to a stand-in of its own, so it builds nothing and
+    runs nothing of the file's (anything else: ``pickle.UnpicklingError``)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, _offset, size, *_rest: (tuple(size), storage)
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            return pid[1]  # the logical dtype name find_class gave the storage class
+        raise pickle.UnpicklingError("unexpected persistent id")
+
+
+def pt_info(files: DatasetDir, member: str) -> tuple[tuple[int, ...], str] | None:
+    """Shape and logical dtype of the one tensor saved in ``member`` (zip format), read from its
+    pickle without torch: describing a dataset (``jasper info``) then imports no torch. ``None``
+    when the file is not a plain tensor in that format; :func:`load_pt_tensor` (which checks
+    everything) then decides."""
+    import zipfile
+
+    with contextlib.suppress(Exception), files.open_file(member) as fh:
+        if fh.read(4) != _ZIP_MAGIC:
+            return None
+        fh.seek(0)
+        with zipfile.ZipFile(fh) as zf:
+            pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")]
+            if len(pkl) != 1 or pkl[0].file_size > _MAX_META_PICKLE:
+                return None
+            got = _MetaUnpickler(io.BytesIO(zf.read(pkl[0]))).load()
+        if (isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], str)
+                and all(isinstance(n, int) and n >= 0 for n in got[0])):
+            return got[0], got[1]
+    return None
+
+
+__all__ = ["check_tensor_storage", "load_pt", "load_pt_tensor", "pt_info"]

@@ -64,15 +64,30 @@ class KnownBackend:
 
 
 #: Backends published by the jasper project (fsspec-style known implementations). Only packages
-#: that exist are listed, so every install hint works.
+#: that exist in the repository's ``packages/`` are listed, so every install hint works.
 KNOWN_BACKENDS: dict[str, KnownBackend] = {
     b.name: b
     for b in (
         KnownBackend("pt", "jasper-pt", "one .pt file per array; reads the original system's datasets"),
         KnownBackend("hdf5", "jasper-hdf5", "one compressed HDF5 file"),
         KnownBackend("memmap-sqlite", "jasper-memmap-sqlite", "memory-mapped .npy arrays + SQLite catalogue"),
+        KnownBackend("zarr", "jasper-zarr", "sharded zarr v3 groups, local or on S3"),
+        KnownBackend("chroma", "jasper-chroma", "tables as ChromaDB collections"),
     )
 }
+
+
+def install_hint(package: str, *, upgrade: bool = False, extra: str | None = None) -> str:
+    """How to install (``upgrade``: update) ``package`` of the jasper project, as every error
+    and listing says it. The packages are not on PyPI, so pip given a bare package name would
+    find nothing (or someone else's package): the hint names the package's folder in a
+    clone of the repository, with the CPU torch constraint, and the wheels ``nox -s build``
+    makes. ``extra`` names an optional dependency set (``jasper-core[build]``)."""
+    flag = "-U " if upgrade else ""
+    spec = f"./packages/{package}" + (f"[{extra}]" if extra else "")
+    spec = f"'{spec}'" if extra else spec
+    return (f"pip install {flag}-c constraints.txt {spec} in a clone of the jasper repository "
+            f"(or, after `nox -s build`, pip install {flag}--find-links dist {package})")
 
 
 @dataclass
@@ -172,7 +187,7 @@ class _Registry:
                 infos = self.all()
                 if name not in infos:
                     known = KNOWN_BACKENDS.get(name)
-                    hint = f"pip install {known.package}" if known else None
+                    hint = install_hint(known.package) if known else None
                     raise BackendNotFoundError(name, infos, hint)
                 self._instances[name] = infos[name].load()()
             return self._instances[name]
@@ -386,7 +401,7 @@ def guess_backend(path: str | Path, preferred: str | None = None) -> str:
     if preferred and preferred not in infos:
         known = KNOWN_BACKENDS.get(preferred)
         hint = f" The dataset was written by backend {preferred!r}" + (
-            f": pip install {known.package}." if known else "."
+            f": {install_hint(known.package)}." if known else "."
         )
     listed = ", ".join(infos) or "none"
     raise NoBackendCanOpenError(

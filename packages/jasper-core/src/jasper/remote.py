@@ -23,7 +23,7 @@ from jasper.location import (
     object_store_size,
 )
 from jasper.manifest import MANIFEST_NAME, Manifest
-from jasper.registry import get_backend, list_backends
+from jasper.registry import get_backend, install_hint, list_backends
 
 
 def backends_for(scheme: str) -> list[str]:
@@ -45,7 +45,7 @@ def require_location_support(impl: BackendEntrypoint, location: Location) -> Non
         return
     able = backends_for(location.scheme)
     hint = (f"backends that can: {', '.join(able)}" if able else
-            "install one that can: pip install jasper-zarr")
+            f"install one that can: {install_hint('jasper-zarr')}")
     raise CapabilityError(
         f"backend {impl.name!r} cannot use {location.scheme}:// locations ({location}); it "
         f"reads and writes local directories only; {hint}")
@@ -56,7 +56,7 @@ def _auto_backend(location: Location) -> BackendEntrypoint:
     if not able:
         raise CapabilityError(
             f"no installed backend reads {location.scheme}:// locations ({location}); "
-            "pip install jasper-zarr")
+            f"{install_hint('jasper-zarr')}")
     return get_backend(able[0])
 
 
@@ -110,7 +110,7 @@ def open_pinned(pinned: PinnedGeneration, *, mmap: bool = False) -> StoreReader:
         raise CapabilityError(f"backend {impl.name!r} cannot memory-map {pinned.location}: "
                               "object stores are preloaded or read by rows; open with "
                               "mmap=False")
-    reader = impl.open(pinned.where, pinned.manifest, mmap=mmap)  # type: ignore[arg-type]
+    reader = impl.open(pinned.where, pinned.manifest)  # type: ignore[arg-type]
     # reader.path names the dataset (what `jasper info` shows and sizes), not one generation
     reader.path = pinned.location  # type: ignore[assignment]
     return reader

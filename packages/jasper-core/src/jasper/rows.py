@@ -11,10 +11,15 @@ does all of that with the functions below and hands a backend only sorted unique
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from jasper.errors import IntegrityError
+from jasper.lazy import lazy_torch
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 #: Merge two runs of rows when the rows between them are at most this many bytes: reading them
 #: costs less than one more read call (about 20 us, i.e. ~64 KiB at page-cache speed).

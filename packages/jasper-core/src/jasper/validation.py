@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-import torch
-
 from jasper.dtypes import dtype_name
 from jasper.errors import (
     ChecksumError,
@@ -30,11 +28,18 @@ from jasper.errors import (
     ManifestError,
     ShapeError,
 )
+from jasper.lazy import lazy_torch
 from jasper.manifest import MANIFEST_NAME, Checksummer, Manifest
-from jasper.schema import ARRAYS, PAIRS, Cols, Role, split_array
+from jasper.schema import ALL_ARRAYS, ARRAYS, PAIRS, Cols, Role, split_array
 
 if TYPE_CHECKING:
+    import torch
+
+    from jasper.backend import ArrayInfo, StoreReader
     from jasper.location import Location
+    from jasper.schema import ArraySpec
+else:
+    torch = lazy_torch(globals())
 
 #: Rows per chunk for the float checks, so mapped arrays are scanned without a full copy.
 _FLOAT_CHUNK_BYTES = 64 << 20
@@ -65,6 +70,8 @@ class ValidationReport:
     findings: list[Finding] = field(default_factory=list)
     checksums_verified: int = 0
     backend_problems: list[str] = field(default_factory=list)
+    #: derived steering: the rows computed and found finite by a deep validation
+    derived_rows_checked: int = 0
 
     @property
     def pairs_per_second(self) -> float:
@@ -491,8 +498,6 @@ def validate(
     findings raise :class:`DataQualityError`.
     """
     from jasper.location import as_target
-    from jasper.progress import byte_bar
-    from jasper.registry import get_backend
     from jasper.store import open_store
 
     # a local Path, or an object-store Location: it stands in for the Path in messages and
@@ -508,66 +513,151 @@ def validate(
                                                   progress=progress)
             return report
         manifest = reader.manifest
-        infos = {n: reader.info(n) for n in ARRAYS if reader.has(n)}
+        from jasper.steering import stored_names
+
+        infos = {n: reader.info(n) for n in stored_names(manifest) if reader.has(n)}
         check_manifest_trust(manifest, infos, p)
-        for n, rec in manifest.arrays.items():
-            info = infos.get(n)
-            if info is None:
-                raise IntegrityError(f"array {n!r} is recorded in the manifest but missing from "
-                                     "the store", array=n, rule="manifest arrays present", path=p)
-            if tuple(info.shape) != tuple(rec.shape) or dtype_name(info.dtype) != rec.dtype:
-                raise ShapeError(
-                    f"{n} is {tuple(info.shape)} {dtype_name(info.dtype)} in the store but the "
-                    f"manifest records {tuple(rec.shape)} {rec.dtype}", array=n,
-                    rule="manifest shape", path=p)
-        # Large float arrays are never copied whole: mapped where the backend maps, otherwise
-        # stood in for by a zero-stride placeholder of the right shape and dtype while their
-        # NaN/Inf check streams chunk by chunk. Validating a dataset larger than RAM works.
-        mapped = get_backend(reader.backend_name).capabilities.mmap
-        streamed: set[str] = set()
-        arrays: dict[str, torch.Tensor] = {}
-        for n, info in infos.items():
-            spec = ARRAYS[n]
-            if mapped:
-                arrays[n] = reader.map(n)
-            elif spec.finite and spec.rank == 2:
-                arrays[n] = torch.zeros((), dtype=info.dtype).expand(info.shape)
-                streamed.add(n)
-            else:
-                arrays[n] = reader.read(n)
+        check_manifest_records(infos, manifest, p)
+        arrays, streamed = load_for_checks(reader, infos, ALL_ARRAYS)
+        derived = _check_derived(arrays, reader, manifest, p)
         findings = check_arrays(arrays, manifest, path=p, strict=strict, warn=False,
-                                skip_finite=frozenset(streamed))
+                                skip_finite=frozenset(streamed) | derived)
         del arrays
-        for n in sorted(streamed):
-            row = 0
-            for chunk in reader.iter_chunks(n):
-                check_tensor_layout(n, chunk, p)
-                _check_finite(n, chunk, p, row_offset=row)
-                row += chunk.shape[0]
+        stream_finite_checks(reader, streamed, p)
         report = ValidationReport(p, int(infos["pair_index"].shape[0]), 0.0, findings)
         if deep:
-            total = sum(infos[n].nbytes for n in manifest.arrays if n in infos)
-            with byte_bar(total, f"verifying {p.name}", progress) as update:
-                for n, rec in manifest.arrays.items():
-                    if not rec.checksum:
-                        continue  # seed-era only: check_manifest_trust refused the others
-                    h = Checksummer()
-                    for chunk in reader.iter_chunks(n):
-                        h.update(chunk)
-                        update(chunk.numel() * chunk.element_size())
-                    if h.hexdigest() != rec.checksum:
-                        raise ChecksumError(
-                            f"{n}: checksum {h.hexdigest()} does not match the manifest's "
-                            f"{rec.checksum}; the array was changed or corrupted after it was "
-                            "written", array=n, rule="checksum", path=p)
-                    report.checksums_verified += 1
-            report.backend_problems = get_backend(reader.backend_name).deep_check(p)
-            if report.backend_problems:
-                raise IntegrityError(
-                    f"backend checks failed: {'; '.join(report.backend_problems)}",
-                    rule="backend deep check", path=p)
+            verify_stored(reader, report, [n for n in manifest.arrays if n in infos], infos,
+                          progress)
+            if derived:
+                from jasper.registry import get_backend
+
+                mapped = get_backend(reader.backend_name).capabilities.mmap
+                report.derived_rows_checked = _check_derived_values(reader, manifest, p,
+                                                                    mapped=mapped)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_derived(arrays: dict[str, torch.Tensor], reader: StoreReader, manifest: Manifest,
+                   path: Path) -> frozenset[str]:
+    """Derived steering: the exception arrays' rules, and shape-only stand-ins for the
+    steering arrays in ``arrays``; returns their names (nothing when steering is stored)."""
+    from jasper.dtypes import torch_dtype
+    from jasper.steering import (
+        EXCEPTION_ROWS,
+        EXCEPTION_VALUES,
+        STEERING,
+        check_exceptions,
+        derived_spec,
+        placeholder,
+    )
+
+    spec = derived_spec(manifest)
+    if spec is None:
+        return frozenset()
+    n_pairs, dim = int(arrays["pair_index"].shape[0]), int(manifest.embedding_dim)
+    dtype = torch_dtype(spec.dtype)
+    check_exceptions(reader.read(EXCEPTION_ROWS), reader.read(EXCEPTION_VALUES),
+                     n_pairs=n_pairs, dim=dim, dtype=dtype, expected=spec.exceptions, path=path)
+    for n in STEERING:
+        arrays[n] = placeholder(n_pairs, dim, dtype)
+    return frozenset(STEERING)
+
+
+def _check_derived_values(reader: StoreReader, manifest: Manifest, path: Path, *,
+                          mapped: bool) -> int:
+    """Compute every derived steering row once (chunk by chunk) and check it is finite, so a
+    deep validation proves what batches will serve. Returns the number of rows computed."""
+    from jasper.dtypes import torch_dtype
+    from jasper.steering import FORMULA_INPUTS, STEERING, derived_chunks, derived_spec, table_args
+
+    spec = derived_spec(manifest)
+    assert spec is not None
+    tables = {n: reader.map(n) if mapped else reader.read(n) for n in FORMULA_INPUTS}
+    rows = 0
+    for v, start, got in derived_chunks(spec.formula, dtype=torch_dtype(spec.dtype),
+                                        **table_args(tables)):
+        _check_finite(f"{STEERING[v - 1]} (derived)", got, path, row_offset=start)
+        rows += int(got.shape[0])
+    return rows
+
+
+def check_manifest_records(infos: Mapping[str, ArrayInfo], manifest: Manifest, p: Path) -> None:
+    """Every array the manifest records is stored, with the recorded shape and dtype."""
+    for n, rec in manifest.arrays.items():
+        info = infos.get(n)
+        if info is None:
+            raise IntegrityError(f"array {n!r} is recorded in the manifest but missing from "
+                                 "the store", array=n, rule="manifest arrays present", path=p)
+        if tuple(info.shape) != tuple(rec.shape) or info.dtype_name != rec.dtype:
+            raise ShapeError(
+                f"{n} is {tuple(info.shape)} {info.dtype_name} in the store but the "
+                f"manifest records {tuple(rec.shape)} {rec.dtype}", array=n,
+                rule="manifest shape", path=p)
+
+
+def load_for_checks(reader: StoreReader, infos: Mapping[str, ArrayInfo],
+                    specs: Mapping[str, ArraySpec]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The arrays the value rules look at, and the names of those whose NaN/Inf check
+    :func:`stream_finite_checks` must stream. Large float arrays are never copied whole: mapped
+    where the backend maps, otherwise stood in for by a zero-stride placeholder of the right
+    shape and dtype. Validating a dataset larger than RAM works."""
+    from jasper.registry import get_backend
+
+    mapped = get_backend(reader.backend_name).capabilities.mmap
+    streamed: set[str] = set()
+    arrays: dict[str, torch.Tensor] = {}
+    for n, info in infos.items():
+        spec = specs[n]
+        if mapped:
+            arrays[n] = reader.map(n)
+        elif spec.finite and spec.rank == 2:
+            arrays[n] = torch.zeros((), dtype=info.dtype).expand(info.shape)
+            streamed.add(n)
+        else:
+            arrays[n] = reader.read(n)
+    return arrays, streamed
+
+
+def stream_finite_checks(reader: StoreReader, names: Iterable[str], p: Path) -> None:
+    """The layout and NaN/Inf checks of arrays ``names``, chunk by chunk."""
+    for n in sorted(names):
+        row = 0
+        for chunk in reader.iter_chunks(n):
+            check_tensor_layout(n, chunk, p)
+            _check_finite(n, chunk, p, row_offset=row)
+            row += chunk.shape[0]
+
+
+def verify_stored(reader: StoreReader, report: ValidationReport, names: list[str],
+                  infos: Mapping[str, ArrayInfo], progress: bool | None) -> None:
+    """``validate --deep``'s part for every kind: the checksum of each of ``names`` recomputed
+    from the store (under :meth:`StoreReader.reading_rows`, so no row change is half seen), then
+    the backend's own checks; counts go into ``report``."""
+    from jasper.progress import byte_bar
+    from jasper.registry import get_backend
+
+    p = report.path if report.path is not None else reader.path  # a Path, or a Location
+    total = sum(infos[n].nbytes for n in names)
+    with byte_bar(total, f"verifying {p.name}", progress) as update, reader.reading_rows():
+        for n in names:
+            rec = reader.manifest.arrays[n]
+            if not rec.checksum:
+                continue  # seed-era only: check_manifest_trust refused the others
+            h = Checksummer()
+            for chunk in reader.iter_chunks(n):
+                h.update(chunk)
+                update(chunk.numel() * chunk.element_size())
+            if h.hexdigest() != rec.checksum:
+                raise ChecksumError(
+                    f"{n}: checksum {h.hexdigest()} does not match the manifest's "
+                    f"{rec.checksum}; the array was changed or corrupted after it was "
+                    "written", array=n, rule="checksum", path=p)
+            report.checksums_verified += 1
+    report.backend_problems = get_backend(reader.backend_name).deep_check(p)
+    if report.backend_problems:
+        raise IntegrityError(f"backend checks failed: {'; '.join(report.backend_problems)}",
+                             rule="backend deep check", path=p)
 
 
 def guard_write_arrays(cls: type) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from jasper.backend import ArraySource, BackendEntrypoint, Capabilities, StoreReader
-from jasper.errors import CapabilityError, DatasetNotFoundError
 from jasper.manifest import Manifest
 from jasper_hdf5.layout import FILE_NAME
 
@@ -48,7 +47,7 @@ class HDF5Backend(BackendEntrypoint):
         "gzip": {"compression": "gzip", "compression_level": 4},
     }
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False,
+    def open(self, path: Path, manifest: Manifest, *,
              allow_external: bool = False) -> StoreReader:
         """Open ``path/dataset.h5``. The file is opened (and closed again only by
         :meth:`~jasper.backend.StoreReader.close`) right away, so that a missing, foreign or
@@ -58,16 +57,7 @@ class HDF5Backend(BackendEntrypoint):
         datasets (refused by default: they read files outside the dataset directory)."""
         from jasper_hdf5.reader import HDF5Reader
 
-        p = Path(path)
-        if mmap:
-            raise CapabilityError(
-                f"backend 'hdf5' cannot memory-map {p}: HDF5 arrays are preloaded (read_into) "
-                "or read by rows (read_rows); convert with `jasper convert SRC DST --to pt` "
-                "for a mapped dataset"
-            )
-        if not p.is_dir():
-            raise DatasetNotFoundError(p)
-        reader = HDF5Reader(p, manifest, allow_external=allow_external)
+        reader = HDF5Reader(Path(path), manifest, allow_external=allow_external)
         reader.check_open()
         return reader
 

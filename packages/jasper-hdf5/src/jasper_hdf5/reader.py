@@ -1,8 +1,8 @@
 """Reading ``dataset.h5``: preload, lazy row access, worker safety, the original's files.
 
-- **Preload.** :meth:`HDF5Reader.read_into` hands the numpy view of the caller's tensor to
-  h5py's ``read_direct``: HDF5 decodes (or, for a contiguous array, ``pread``\\ s) straight into
-  it; :meth:`HDF5Reader.read` allocates once and calls it. No intermediate copy.
+- **Preload.** :meth:`HDF5Reader.read_slice_into` hands the numpy view of the caller's tensor
+  to h5py's ``read_direct``: HDF5 decodes (or, for a contiguous array, ``pread``\\ s) straight
+  into it; core's ``read_into`` calls it once with the whole destination. No intermediate copy.
 - **Lazy rows.** :meth:`HDF5Reader.read_rows` on an uncompressed (contiguous) array is one
   ``index_select`` on a read-only memory map of the dataset's bytes at its file offset
   (``madvise(MADV_RANDOM)``: no read-ahead for random rows; HDF5 is not involved). On a chunked
@@ -26,22 +26,21 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
-from jasper.backend import ArrayInfo, StoreReader
-from jasper.dtypes import STORAGE_NUMPY, TORCH_DTYPES, from_storage, to_storage, torch_dtype
+from jasper.backend import ArrayInfo, StoreReader, check_format_version
+from jasper.dtypes import LOGICAL_DTYPES, STORAGE_NUMPY, from_storage, to_storage
 from jasper.errors import (
     DatasetNotFoundError,
     FormatError,
-    JasperError,
     ShapeError,
 )
 from jasper.files import DatasetDir, OutsideDatasetError, ProcessLocal
+from jasper.lazy import lazy_torch
 from jasper.manifest import Manifest
-from jasper.ptload import check_tensor_storage, load_pt
+from jasper.ptload import load_pt_tensor
 from jasper.rows import merge_gap_rows, plan_spans, span_positions
 from jasper.schema import ALL_ARRAYS
 from jasper_hdf5.layout import (
@@ -53,6 +52,11 @@ from jasper_hdf5.layout import (
     SPLIT_PT_FALLBACK,
     candidate_paths,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 T = TypeVar("T")
 
@@ -97,19 +101,11 @@ def open_h5(files: DatasetDir, name: str = FILE_NAME) -> Any:
 
 
 def load_pt_split(files: DatasetDir, member: str, name: str) -> torch.Tensor:
-    """A split saved by the original system as ``<split>_idx.pt`` beside the HDF5 file (a
-    regular file inside the dataset directory), loaded by core's weights-only loader."""
-    obj = load_pt(files, member, array=name)
-    file = files.member(member)
-    if not isinstance(obj, torch.Tensor):
-        raise FormatError(file, f"expected a tensor of pair ids, found {type(obj).__name__}",
-                          array=name)
-    if obj.dim() != 1 or obj.dtype.is_floating_point or obj.dtype in (torch.bool, torch.complex64):
-        raise ShapeError(f"{file}: {name} is {tuple(obj.shape)} {obj.dtype}, expected a 1-D "
-                         "integer tensor", array=name, rule="split shape", path=file)
-    check_tensor_storage(obj, file, name)
-    return obj.to(torch.int64).contiguous()
-
+    """A split saved by the original system as ``<split>_idx.pt`` beside the HDF5 file, loaded
+    by core's weights-only loader; integer ids are widened to int64 (``info`` checks the rest)."""
+    t = load_pt_tensor(files, member, array=name)
+    integer = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    return t.to(torch.int64).contiguous() if integer else t
 
 def legacy_keyword_csr(file: Path, group: Any, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The original system's ``pair_data/keyword_ids/<row>`` datasets as CSR tensors.
@@ -221,17 +217,8 @@ class HDF5Reader(StoreReader):
         try:
             version = f.attrs.get(ATTR_LAYOUT_VERSION)
             if version is not None:
-                try:
-                    number = int(version)
-                except (TypeError, ValueError, OverflowError):
-                    raise FormatError(self.file, f"file attribute {ATTR_LAYOUT_VERSION} is "
-                                      f"{version!r}, not a layout version number (rule: "
-                                      "integer layout version)") from None
-                if number > LAYOUT_VERSION:
-                    raise FormatError(
-                        self.file, f"written with layout version {number}, newer than this "
-                        f"jasper-hdf5 reads ({LAYOUT_VERSION}); upgrade with `pip install -U "
-                        "jasper-hdf5`")
+                check_format_version(version, LAYOUT_VERSION, self.file,
+                                     f"file attribute {ATTR_LAYOUT_VERSION}", "jasper-hdf5")
         except BaseException:
             f.close()
             raise
@@ -251,15 +238,8 @@ class HDF5Reader(StoreReader):
 
     def _wrap(self, name: str | None, fn: Callable[[], T]) -> T:
         """Run an h5py call; its generic errors become a FormatError naming file and array."""
-        try:
+        with self.typed_errors(self.file, name, "HDF5 read failed (truncated or corrupt file?)"):
             return fn()
-        except JasperError:
-            raise
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
-            raise FormatError(
-                self.file, f"HDF5 read failed (truncated or corrupt file?): "
-                f"{type(exc).__name__}: {exc}", array=name,
-            ) from None
 
     # --- what is where -----------------------------------------------------------------------
     def _entry(self, name: str) -> _Entry | None:
@@ -368,7 +348,7 @@ class HDF5Reader(StoreReader):
         # The original system's files carry no attribute: the stored dtype is the logical one,
         # except that narrower integer ids are widened to the int64 the data model asks for.
         logical = stored.name
-        if logical not in TORCH_DTYPES or stored.kind not in "iufb":
+        if logical not in LOGICAL_DTYPES or stored.kind not in "iufb":
             raise ShapeError(f"{self.file}: {name} ({hpath}) has dtype {stored}, which jasper "
                              "cannot read", array=name, rule="dtype", path=self.file)
         allowed = ALL_ARRAYS[name].dtypes
@@ -451,65 +431,23 @@ class HDF5Reader(StoreReader):
     def info(self, name: str) -> ArrayInfo:
         entry = self._require(name)
         if entry.kind == "dataset":
-            info = ArrayInfo(entry.shape, torch_dtype(entry.logical))
-        else:
+            return self.check_info(name, ArrayInfo(entry.shape, entry.logical),
+                                   self.file)
+        t = self._load(name, entry)
+        return self.check_info(name, ArrayInfo(tuple(t.shape), t.dtype), self.file)
+
+    def read_slice_into(self, name: str, start: int, stop: int, out: torch.Tensor
+                        ) -> torch.Tensor:
+        """Rows ``start:stop`` into ``out``: HDF5 decodes (or ``pread``\\ s) straight into its
+        memory (``read_direct``); a legacy CSR or ``.pt`` split is copied from its decoded form."""
+        entry = self._require(name)
+        if entry.kind != "dataset":
             t = self._load(name, entry)
-            info = ArrayInfo(tuple(t.shape), t.dtype)
-        self._check(name, info)
-        return info
-
-    def _check(self, name: str, info: ArrayInfo) -> None:
-        from jasper.dtypes import dtype_name
-
-        spec = ALL_ARRAYS[name]
-        logical = dtype_name(info.dtype)
-        if len(info.shape) != spec.rank:
-            raise ShapeError(f"{self.file}: {name} has shape {info.shape}, expected rank "
-                             f"{spec.rank}", array=name, rule="rank", path=self.file)
-        if logical not in spec.dtypes:
-            raise ShapeError(f"{self.file}: {name} has dtype {logical}; allowed: "
-                             f"{', '.join(sorted(spec.dtypes))}", array=name, rule="dtype",
-                             path=self.file)
-        rec = self.manifest.arrays.get(name)
-        if rec is not None and (tuple(rec.shape) != info.shape or rec.dtype != logical):
-            raise ShapeError(f"{self.file}: {name} is {info.shape} {logical} in the file but "
-                             f"the manifest records {tuple(rec.shape)} {rec.dtype}", array=name,
-                             rule="manifest shape", path=self.file)
-
-    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        info = self.check_out(name, out)
-        if out.device.type != "cpu":
-            raise ValueError(f"read_into({name!r}): out must be a CPU tensor, got {out.device}")
-        entry = self._require(name)
-        if entry.kind != "dataset":
-            return out.copy_(self._load(name, entry))
-        if out.numel() == 0:
-            return out
-        dset = self._dset(name, entry)
-        target = out if out.is_contiguous() else torch.empty(info.shape, dtype=info.dtype)
-        buf = to_storage(target)  # a view of target's memory: HDF5 writes straight into it
-        self._wrap(name, lambda: dset.read_direct(buf))
-        if target is not out:
-            out.copy_(target)
-        return out
-
-    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
-        info = self.info(name)
-        n = info.shape[0]
-        start, stop, _ = slice(start, stop).indices(n)
-        stop = max(start, stop)
-        entry = self._require(name)
-        if entry.kind != "dataset":
-            return self._load(name, entry)[start:stop].clone()
-        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
-        if stop == start:
-            return out
-        mapped = self._map(name, entry)
-        if mapped is not None:
-            return out.copy_(mapped[start:stop])  # copy_ also widens legacy narrow ints
-        dset = self._dset(name, entry)
-        buf = to_storage(out)
-        self._wrap(name, lambda: dset.read_direct(buf, source_sel=np.s_[start:stop]))
+            return out.copy_(t if t.dim() == 0 else t[start:stop])
+        if out.numel():
+            dset = self._dset(name, entry)
+            sel = np.s_[start:stop] if dset.ndim else None
+            self._wrap(name, lambda: dset.read_direct(to_storage(out), source_sel=sel))
         return out
 
     def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:

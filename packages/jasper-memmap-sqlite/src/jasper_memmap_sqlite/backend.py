@@ -30,10 +30,9 @@ import os
 import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from jasper.backend import (
     ArrayInfo,
@@ -41,10 +40,12 @@ from jasper.backend import (
     BackendEntrypoint,
     Capabilities,
     StoreReader,
+    check_format_version,
     default_rows_per_chunk,
 )
-from jasper.dtypes import STORAGE_NUMPY, dtype_name, to_storage, torch_dtype
+from jasper.dtypes import STORAGE_NUMPY, dtype_name, to_storage
 from jasper.errors import DatasetNotFoundError, FormatError, JasperError, ShapeError
+from jasper.lazy import lazy_torch
 from jasper.manifest import MANIFEST_NAME, Manifest
 from jasper.schema import ARRAYS, dataset_kind
 from jasper_memmap_sqlite.catalogue import (
@@ -75,6 +76,11 @@ from jasper_memmap_sqlite.npy import (
     tensor_chunks,
     write_npy,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 CATALOGUE_NAME = "catalogue.db"
 FORMAT = "jasper-memmap-sqlite"
@@ -120,16 +126,8 @@ class MemmapSqliteReader(StoreReader):
             if meta.get("format") != FORMAT:
                 raise FormatError(db, f"jasper_meta.format is {meta.get('format')!r}, expected "
                                   f"{FORMAT!r} (rule: memmap-sqlite catalogue)")
-            try:
-                version = int(meta.get("format_version", "0"))
-            except (TypeError, ValueError):
-                raise FormatError(db, f"jasper_meta.format_version is "
-                                  f"{meta.get('format_version')!r}, not a number (rule: "
-                                  "memmap-sqlite catalogue)") from None
-            if version > FORMAT_VERSION:
-                raise FormatError(db, f"format_version {version} is newer than this "
-                                  f"jasper-memmap-sqlite reads ({FORMAT_VERSION}); upgrade it "
-                                  "with `pip install -U jasper-memmap-sqlite`")
+            check_format_version(meta.get("format_version", "0"), FORMAT_VERSION, db,
+                                 "jasper_meta.format_version", "jasper-memmap-sqlite")
             entries = load_catalogue(conn, db)
         except sqlite3.DatabaseError as exc:
             raise FormatError(db, f"SQLite cannot read the catalogue (damaged?): {exc}") from None
@@ -169,7 +167,7 @@ class MemmapSqliteReader(StoreReader):
 
     def info(self, name: str) -> ArrayInfo:
         e = self._entry(name)
-        return ArrayInfo(e.shape, torch_dtype(e.dtype))
+        return ArrayInfo(e.shape, e.dtype)
 
     def map(self, name: str) -> torch.Tensor:
         t = self._maps.get(name)
@@ -260,7 +258,7 @@ class MemmapSqliteBackend(BackendEntrypoint):
         "align-64": {"align": 64},
     }
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> MemmapSqliteReader:
+    def open(self, path: Path, manifest: Manifest) -> MemmapSqliteReader:
         p = Path(path)
         if not p.is_dir():
             raise DatasetNotFoundError(p)

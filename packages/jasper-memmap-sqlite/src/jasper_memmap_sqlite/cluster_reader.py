@@ -24,15 +24,15 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from jasper import records
 from jasper.backend import ArrayInfo, StoreReader
 from jasper.dtypes import torch_dtype
 from jasper.errors import CapabilityError, JasperError, ShapeError
+from jasper.lazy import lazy_torch
 from jasper.manifest import Manifest
 from jasper.schema import CLUSTER_ARRAYS, CLUSTER_KIND, CLUSTER_RECORDS, cluster_label_array
 from jasper_memmap_sqlite.catalogue import connect, transaction
@@ -44,6 +44,11 @@ from jasper_memmap_sqlite.cluster_store import (
     remove_temp_on_collect,
 )
 from jasper_memmap_sqlite.npy import map_tensor, open_memmap
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 _META_COLUMNS = "sample_type, text, chroma_id, suggestions, steering_mode"
 

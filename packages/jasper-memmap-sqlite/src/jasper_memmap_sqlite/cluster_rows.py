@@ -36,17 +36,22 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from jasper.dtypes import dtype_name, to_storage
 from jasper.errors import IntegrityError, JasperError, ShapeError
+from jasper.lazy import lazy_torch
 from jasper.manifest import Checksummer, Manifest
 from jasper.schema import ALL_ARRAYS
 from jasper_memmap_sqlite.catalogue import CatalogueEntry, connect, transaction
 from jasper_memmap_sqlite.npy import pread_into
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 
 class RowWriteError(JasperError, OSError):

@@ -32,10 +32,9 @@ import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from jasper.errors import (
     DatasetNotFoundError,
@@ -44,12 +43,18 @@ from jasper.errors import (
     ShapeError,
     UnsafeFileError,
 )
+from jasper.lazy import lazy_torch
 from jasper_memmap_sqlite.catalogue import (
     connect,
     existing_tables,
     require_tables,
 )
 from jasper_memmap_sqlite.npy import NpyHeader, check_size, read_header, write_npy
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 DB_NAME = "dataset.db"
 BASE_FILE = "base_embeddings.npy"

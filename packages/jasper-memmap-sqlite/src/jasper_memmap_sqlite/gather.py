@@ -6,9 +6,15 @@ for the modules that import them from here.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
+from jasper.lazy import lazy_torch
 from jasper.rows import as_row_index, check_rows, gather_rows
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 
 def as_index(rows: object) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Page-aligned ``.npy`` files: streaming writes, header checks, memory maps and direct reads.
+"""Page-aligned ``.npy`` files: streaming writes, memory maps and direct reads.
+
+The reading side (header checks, sizes, ``preadv``) is core's :mod:`jasper.npy`, re-exported here.
 
 The files are ordinary NumPy ``.npy`` files (format 1.0), readable by ``numpy.load``. jasper pads
 the header so that the data starts on a page boundary (4096 bytes by default): a row then spans
@@ -11,21 +13,25 @@ catalogue, so a deep check can name the rows of a damaged block instead of just 
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from jasper.dtypes import STORAGE_NUMPY, from_storage, to_storage
-from jasper.errors import FormatError, ShapeError, UnsafeFileError
+from jasper.errors import ShapeError
+from jasper.lazy import lazy_torch
 from jasper.manifest import Checksummer
+from jasper.npy import NpyHeader, check_size, pread_into, read_header  # noqa: F401
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
 
 MAGIC = b"\x93NUMPY"
 #: Where array data starts (bytes): one page, so rows never straddle a page needlessly.
@@ -33,26 +39,6 @@ DEFAULT_ALIGN = 4096
 #: Bytes hashed per catalogue block: small enough that a label update rehashes ~0.3 ms of data,
 #: large enough that a 100 GB array needs only ~25k catalogue rows.
 BLOCK_BYTES = 4 << 20
-
-
-@dataclass(frozen=True)
-class NpyHeader:
-    """What a ``.npy`` header says: storage dtype, shape and where the data starts."""
-
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def row_bytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape[1:]:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.row_bytes * (self.shape[0] if self.shape else 1)
 
 
 def header_bytes(dtype: np.dtype, shape: tuple[int, ...], align: int = DEFAULT_ALIGN) -> bytes:
@@ -69,80 +55,6 @@ def header_bytes(dtype: np.dtype, shape: tuple[int, ...], align: int = DEFAULT_A
         raise ValueError(f"header of {len(body)} bytes does not fit a format 1.0 .npy header")
     body = body + b" " * (padded - total) + b"\n"
     return MAGIC + bytes([1, 0]) + (padded - 10).to_bytes(2, "little") + body
-
-
-#: Bytes a .npy header (a Python dict literal padded with spaces) may hold.
-_HEADER_TEXT = bytes(range(32, 127)) + b"\n"
-#: numpy refuses longer headers by default too (``max_header_size``).
-_MAX_HEADER = 10_000
-
-
-def _check_header_text(f: IO[bytes], major: int) -> None:
-    """Refuse a header that is not a short line of text before numpy parses it: numpy's
-    literal parser takes seconds on a few KB of damaged bytes (zeroed, flipped), which made a
-    damaged file hang a reader. Leaves ``f`` where it was."""
-    start = f.tell()
-    width = 2 if major == 1 else 4
-    raw_len = f.read(width)
-    length = int.from_bytes(raw_len, "little") if len(raw_len) == width else -1
-    if length < 0 or length > _MAX_HEADER:
-        raise ValueError(f"header length {length} is outside 0..{_MAX_HEADER}")
-    header = f.read(length)
-    if len(header) < length:
-        raise EOFError(f"the header is cut short ({len(header)} of {length} bytes)")
-    if header.translate(None, _HEADER_TEXT):
-        raise ValueError("the header holds bytes that are not text (damaged header)")
-    f.seek(start)
-
-
-def read_header(path: Path, array: str | None = None, *,
-                fileobj: IO[bytes] | None = None) -> NpyHeader:
-    """Parse the header of ``path`` (or of the open ``fileobj``, read from its start; ``path``
-    then only names it); typed errors for anything that is not a plain ``.npy``."""
-    try:
-        with contextlib.nullcontext(fileobj) if fileobj is not None else open(path, "rb") as f:
-            f.seek(0)
-            try:
-                major, _minor = np.lib.format.read_magic(f)
-                _check_header_text(f, major)
-                if major == 1:
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                elif major in (2, 3):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise ValueError(f"unsupported .npy format version {major}")
-            except (ValueError, SyntaxError, EOFError, TypeError, RecursionError,
-                    MemoryError, tokenize.TokenError) as exc:
-                raise FormatError(path, f"not a readable .npy file (rule: .npy header): {exc}",
-                                  array=array) from None
-            offset = f.tell()
-    except FileNotFoundError:
-        raise FormatError(path, "file is missing from the dataset directory", array=array) from None
-    except IsADirectoryError:
-        raise FormatError(path, "is a directory, expected a .npy file", array=array) from None
-    if dtype.hasobject:
-        raise UnsafeFileError(path, "refused: the .npy file holds Python objects, which need "
-                              "unpickling to load (rule: plain numeric dtype)")
-    if fortran and len(shape) > 1:
-        raise FormatError(path, "Fortran-ordered arrays are not supported; rows must be "
-                          "contiguous (rule: C order)", array=array)
-    return NpyHeader(np.dtype(dtype), tuple(int(s) for s in shape), offset)
-
-
-def check_size(path: Path, header: NpyHeader, array: str | None = None, *,
-               size: int | None = None) -> None:
-    """Raise :class:`ShapeError` when the file (``size`` bytes, else stat'ed) holds fewer bytes
-    than its shape needs (a truncated file would otherwise SIGBUS on first touch)."""
-    size = path.stat().st_size if size is None else size
-    need = header.offset + header.nbytes
-    if size < need:
-        row_bytes = max(1, header.row_bytes)
-        complete = max(0, size - header.offset) // row_bytes
-        raise ShapeError(
-            f"{path.name} is {size} bytes but its shape {header.shape} needs {need}: it holds "
-            f"only {complete} complete rows, row {complete} is cut short (truncated write?)",
-            array=array, row=int(complete), rule="file size covers the recorded shape", path=path,
-        )
 
 
 @dataclass
@@ -282,29 +194,6 @@ def madvise(mm: np.ndarray, advice: int) -> None:
 def map_tensor(mm: np.ndarray, logical: str) -> torch.Tensor:
     """A tensor over a mapping, with the logical dtype (no copy)."""
     return from_storage(mm, logical)
-
-
-def pread_into(path: Path, offset: int, out: memoryview, *, array: str | None = None,
-               fd: int | None = None) -> None:
-    """Fill ``out`` from ``path`` (or the open descriptor ``fd``) at ``offset`` with ``preadv``
-    (one copy: page cache -> out)."""
-    own = fd is None
-    if fd is None:
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        total = len(out)
-        while done < total:
-            n = os.preadv(fd, [out[done:]], offset + done)
-            if n == 0:
-                raise ShapeError(
-                    f"{path.name} ended after {offset + done} bytes while reading {total} bytes "
-                    f"at offset {offset} (the file shrank after it was opened?)",
-                    array=array, rule="file size covers the recorded shape", path=path)
-            done += n
-    finally:
-        if own:
-            os.close(fd)
 
 
 def read_rows_direct(path: Path, header: NpyHeader, start: int, stop: int,

@@ -14,10 +14,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from jasper.backend import (
     ArrayInfo,
@@ -28,11 +27,18 @@ from jasper.backend import (
     default_rows_per_chunk,
 )
 from jasper.errors import DatasetNotFoundError, FormatError
+from jasper.lazy import lazy_torch
 from jasper.manifest import Manifest
-from jasper.ptload import load_pt, load_pt_tensor
+from jasper.ptload import load_pt, load_pt_tensor, pt_info
 from jasper.schema import ALL_ARRAYS
 
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_torch(globals())
+
 SUFFIX = ".pt"
+_CSR = ("pair_keyword_ids", "pair_keyword_offsets")
 #: Arrays above this size are assembled in a file-backed scratch tensor while writing, so writing
 #: a dataset larger than RAM needs only page cache, not anonymous memory.
 SCRATCH_THRESHOLD = 256 << 20
@@ -95,7 +101,7 @@ class PTReader(StoreReader):
         t = self._cache.get(name)
         if t is not None:
             return t
-        if name in ("pair_keyword_ids", "pair_keyword_offsets") and self._is_legacy_csr():
+        if name in _CSR and self._is_legacy_csr():
             member = self._member("pair_keyword_ids")
             raw = load_pt(self.files, member, array="pair_keyword_ids")
             offsets, values = _ragged_to_csr(raw, self.files.member(member))
@@ -107,6 +113,10 @@ class PTReader(StoreReader):
         return obj
 
     def info(self, name: str) -> ArrayInfo:
+        if name not in self._cache and not (name in _CSR and self._is_legacy_csr()):
+            meta = pt_info(self.files, self._member(name))  # no torch: the file's pickle
+            if meta is not None:
+                return ArrayInfo(*meta)
         t = self._mapped(name)
         return ArrayInfo(tuple(t.shape), t.dtype)
 
@@ -141,7 +151,7 @@ class PTBackend(BackendEntrypoint):
     )
     marker_files: ClassVar[tuple[str, ...]] = ("pair_index.pt", "sample_ids.pt")  # per kind
 
-    def open(self, path: Path, manifest: Manifest, *, mmap: bool = False) -> PTReader:
+    def open(self, path: Path, manifest: Manifest) -> PTReader:
         if not Path(path).is_dir():
             raise DatasetNotFoundError(path)
         return PTReader(Path(path), manifest)

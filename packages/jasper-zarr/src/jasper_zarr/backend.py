@@ -31,13 +31,12 @@ class ZarrBackend(BackendEntrypoint):
         "zarr v3 sharded arrays (none / zstd / blosc-lz4) on local disk or s3://"
     )
     url: ClassVar[str] = "https://pypi.org/project/jasper-zarr/"
-    # pinned_reads=False: on object stores a reader follows one generation pointer and is
-    # pinned, but a local group is read by zarr's local store by path, so a reader open while a
-    # writer swaps in a new version can mix the two (known gap: open it through the pinned
-    # directory, jasper.files)
+    # pinned_reads: a local group is read through descriptors of all its files opened when the
+    # reader opens (jasper_zarr.pinned, on core's DatasetDir); at a URL the reader resolves the
+    # generation pointer once and reads only that generation's immutable objects
     capabilities: ClassVar[Capabilities] = Capabilities(
         write=True, mmap=False, compression=True, row_access=True, worker_safe=True,
-        locations=("file", "s3"), pinned_reads=False,
+        locations=("file", "s3"), pinned_reads=True,
     )
     marker_files: ClassVar[tuple[str, ...]] = (GROUP_FILE,)
     write_presets: ClassVar[dict[str, dict[str, Any]]] = {k: dict(v) for k, v in PRESETS.items()}
@@ -60,17 +59,12 @@ class ZarrBackend(BackendEntrypoint):
                                   "AWS_ENDPOINT_URL")
         return S3Objects(location)
 
-    def open(self, path: Path | Location, manifest: Manifest, *,  # type: ignore[override]
-             mmap: bool = False) -> StoreReader:
+    def open(self, path: Path | Location,  # type: ignore[override]
+             manifest: Manifest) -> StoreReader:
         """Open the group at ``path`` (a directory, or a generation's location from core).
         The group metadata is read right away, so a missing or foreign group fails here."""
         from jasper_zarr.reader import ZarrReader
 
-        if mmap:
-            raise CapabilityError(
-                f"backend 'zarr' cannot memory-map {path}: zarr arrays are preloaded "
-                "(read_into) or read by rows (read_rows); `jasper convert SRC DST --to pt` "
-                "makes a mapped copy")
         if isinstance(path, Path) and not path.is_dir():
             raise DatasetNotFoundError(path)
         reader = ZarrReader(path, manifest)

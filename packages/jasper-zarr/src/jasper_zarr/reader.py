@@ -4,9 +4,11 @@
   reads the groups concurrently (threads submitting to zarr's event loop; inside a group zarr
   fetches each shard in one request), each decoded straight into its rows of the caller's
   tensor: no second copy of the array. A bytes progress bar follows large arrays.
-- **Lazy rows.** :meth:`ZarrReader.read_rows` sorts and de-duplicates the rows, asks zarr for
-  exactly those rows (zarr reads each shard's index once and only the inner chunks holding a
-  requested row, as ranged requests in flight together), then un-permutes.
+- **Lazy rows.** Core's :meth:`~jasper.backend.StoreReader.read_rows` checks, sorts and
+  de-duplicates the rows and un-permutes the result; :meth:`ZarrReader.read_sorted_rows` reads
+  the sorted rows as core's plan (:mod:`jasper.rows`) says: one slice when they coalesce into
+  one span, else exactly those rows in one zarr selection (zarr reads each shard's index once
+  and only the inner chunks holding a requested row, as ranged requests in flight together).
 - **Missing chunks are errors.** zarr reads a missing chunk as the fill value, silently, on
   every version. The writer stores every chunk; the reader lists each array's objects once
   before its first read and raises :class:`~jasper.errors.FormatError` naming the first
@@ -32,9 +34,11 @@ import torch
 from jasper.backend import ArrayInfo, StoreReader
 from jasper.dtypes import STORAGE_NUMPY, dtype_name, torch_dtype
 from jasper.errors import DatasetNotFoundError, FormatError, JasperError, ShapeError
+from jasper.files import DatasetDir
 from jasper.location import Location
 from jasper.manifest import Manifest
 from jasper.progress import byte_bar
+from jasper.rows import merge_gap_rows, plan_spans, span_positions
 from jasper.schema import ALL_ARRAYS
 from jasper_zarr.layout import (
     ATTR_DTYPE,
@@ -46,6 +50,7 @@ from jasper_zarr.layout import (
     Grid,
     expected_chunk_keys,
 )
+from jasper_zarr.pinned import PinnedGroup, PinnedStore
 from jasper_zarr.stores import zarr_store
 
 T = TypeVar("T")
@@ -62,20 +67,6 @@ def _ndbuffer(array: np.ndarray) -> Any:
     return NDBuffer.from_numpy_array(array)
 
 
-def _refuse_links(root: Path) -> None:
-    """:class:`~jasper.files.OutsideDatasetError` naming the first symbolic link under
-    ``root`` (a dataset reads only regular files inside its own directory)."""
-    from jasper.files import OutsideDatasetError
-
-    for top, dirs, files in os.walk(root, followlinks=False):
-        for name in (*dirs, *files):
-            entry = Path(top) / name
-            if entry.is_symlink():
-                raise OutsideDatasetError(
-                    entry, "is a symbolic link; jasper reads only regular files inside the "
-                    "dataset directory (copy the file in)")
-
-
 class ZarrReader(StoreReader):
     """A read handle on one jasper-zarr group (a directory, or one generation at a URL)."""
 
@@ -89,7 +80,12 @@ class ZarrReader(StoreReader):
 
     def __init__(self, where: Path | Location, manifest: Manifest) -> None:
         self.manifest = manifest
+        if isinstance(where, Location) and where.is_local:
+            where = Path(where.local_path)
         self.where: Path | Location = where if isinstance(where, Location) else Path(where)
+        #: a local group is read through descriptors pinned at open (jasper_zarr.pinned), so
+        #: a commit to the same path while this reader is open never mixes two versions
+        self._pinned = PinnedGroup(self.where) if isinstance(self.where, Path) else None
         # reader.path names the dataset (core sets it to the dataset URL, above a generation)
         self.path = self.where  # type: ignore[assignment]
         self._pid: int | None = None
@@ -98,6 +94,12 @@ class ZarrReader(StoreReader):
         self._checked: set[str] = set()
         self._meta: dict[str, tuple[tuple[int, ...], str, Grid]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def files(self) -> DatasetDir | None:  # type: ignore[override]
+        """The pinned dataset directory of a local group (``None`` at a URL, where the
+        generation pointer pins the version)."""
+        return self._pinned.pin() if self._pinned is not None else None
 
     # --- process-local handles ---------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -119,7 +121,8 @@ class ZarrReader(StoreReader):
             if self._group is not None and self._pid == pid:
                 return self._group
             self._arrays = {}
-            store = zarr_store(self.where, read_only=True)
+            store = (PinnedStore(self._pinned) if self._pinned is not None
+                     else zarr_store(self.where, read_only=True))
             group = self._wrap(None, lambda: zarr.open_group(store=store, mode="r",
                                                              zarr_format=3))
             attrs = dict(group.attrs)
@@ -140,19 +143,40 @@ class ZarrReader(StoreReader):
         return group
 
     def check_open(self) -> None:
-        """Open the group now, so that a missing or foreign dataset fails on open; a local
-        group's files must all be regular files inside it (zarr's local store would follow a
-        symbolic link anywhere)."""
-        if isinstance(self.where, Path):
-            _refuse_links(self.where)
-            if not (self.where / GROUP_FILE).is_file():
+        """Open the group now, so that a missing or foreign dataset fails on open. A local
+        group is pinned here: every file of it opened (regular files inside it only; zarr's
+        own local store would follow a symbolic link anywhere), and the manifest taken from
+        the pinned version, so data and manifest agree even if a commit swapped the directory
+        between core reading the manifest and this open."""
+        if self._pinned is not None:
+            self._pinned.pin()
+            if self._pinned.fd(GROUP_FILE) is None:
                 raise DatasetNotFoundError(self.where / GROUP_FILE, "zarr group",
                                            "a zarr dataset directory holds zarr.json beside "
                                            "config.json")
+            self.manifest = self._pinned_manifest(self.manifest)
         self._open_group()
+
+    def _pinned_manifest(self, manifest: Manifest) -> Manifest:
+        """The pinned version's manifest when it records other arrays than ``manifest``."""
+        import json
+
+        from jasper.manifest import MANIFEST_NAME
+
+        assert self._pinned is not None
+        data = self._pinned.read_bytes(MANIFEST_NAME)
+        if data is None:
+            return manifest
+        try:
+            pinned = Manifest.from_dict(json.loads(data), self.where / MANIFEST_NAME)
+        except (JasperError, ValueError, RecursionError):
+            return manifest  # core already parsed one; its errors are core's to report
+        return manifest if pinned.arrays == manifest.arrays else pinned
 
     def close(self) -> None:
         self._group, self._pid, self._arrays = None, None, {}
+        if self._pinned is not None:
+            self._pinned.close()
 
     def _where_str(self, key: str = "") -> str:
         base = str(self.where)
@@ -289,13 +313,10 @@ class ZarrReader(StoreReader):
             out.copy_(target)
         return out
 
-    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
-        info = self.info(name)
-        n = info.shape[0]
-        start, stop, _ = slice(start, stop).indices(n)
-        stop = max(start, stop)
-        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
-        if stop == start:
+    def read_slice_into(self, name: str, start: int, stop: int, out: torch.Tensor
+                        ) -> torch.Tensor:
+        """Rows ``start:stop`` decoded straight into ``out`` (core checked the bounds)."""
+        if stop <= start:
             return out
         self._check_chunks(name)
         _, logical, _ = self._metadata(name)
@@ -305,39 +326,34 @@ class ZarrReader(StoreReader):
                                                          out=_ndbuffer(buf)))
         return out
 
-    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+    def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Sorted unique ``rows`` (core's :meth:`StoreReader.read_rows` checked, sorted and
+        de-duplicated them and un-permutes the result).
+
+        Core's plan (:func:`jasper.rows.plan_spans`) decides the read: rows that coalesce into
+        one span are one slice read (zarr copies whole runs of rows); otherwise one orthogonal
+        selection of exactly these rows, in which zarr reads each shard's index once and each
+        inner chunk holding a requested row once, all requests in flight together. Reading the
+        coalesced spans instead would decode the gap rows too and, over an object store, make
+        one request series per span (measured slower: random rows 3.6-5.1k rows/s as spans vs
+        7.8k rows/s as one selection, on the same local group).
+        """
         info = self.info(name)
-        rows = torch.as_tensor(rows)
-        if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype.is_complex \
-                or rows.dtype == torch.bool:
-            raise TypeError(f"read_rows({name!r}): rows must be a 1-D integer tensor, got "
-                            f"{tuple(rows.shape)} {rows.dtype}")
-        rows = rows.to(device="cpu", dtype=torch.int64)
-        n = info.shape[0]
-        if rows.numel() == 0:
-            return torch.empty((0, *info.shape[1:]), dtype=info.dtype)
-        lo, hi = torch.aminmax(rows)
-        if int(lo) < 0 or int(hi) >= n:
-            bad = int(torch.nonzero((rows < 0) | (rows >= n))[0])
-            raise IndexError(f"read_rows({name!r}): rows[{bad}] = {int(rows[bad])} is out of "
-                             f"range for {n} rows ({self._where_str(name)})")
         self._check_chunks(name)
-        uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
         _, logical, _ = self._metadata(name)
+        spans = plan_spans(rows, merge_gap_rows(ArrayInfo(info.shape[1:], info.dtype).nbytes))
+        if len(spans) == 1:
+            a, b = spans[0]
+            data = self.read_slice_into(name, a, b, torch.empty((b - a, *info.shape[1:]),
+                                                                dtype=info.dtype))
+            pos = span_positions(spans, rows)
+            return data if pos is None else data.index_select(0, pos)
+        data = torch.empty((int(rows.shape[0]), *info.shape[1:]), dtype=info.dtype)
+        buf = _storage_view(data, logical)
         arr = self._array(name)
-        k = int(uniq.shape[0])
-        first, last = int(uniq[0]), int(uniq[-1])
-        if last - first + 1 == k:  # one run: a slice read
-            data = self.read_slice(name, first, last + 1)
-        else:
-            data = torch.empty((k, *info.shape[1:]), dtype=info.dtype)
-            buf = _storage_view(data, logical)
-            idx = uniq.numpy()
-            self._wrap(name, lambda: arr.get_orthogonal_selection(
-                (idx,), out=_ndbuffer(buf)))
-        if k == rows.shape[0] and bool(torch.equal(uniq, rows)):
-            return data
-        return data.index_select(0, inverse)
+        idx = rows.numpy()
+        self._wrap(name, lambda: arr.get_orthogonal_selection((idx,), out=_ndbuffer(buf)))
+        return data
 
 
 def _storage_view(t: torch.Tensor, logical: str) -> np.ndarray:

@@ -168,7 +168,11 @@ def _seaweedfs_once(workdir: Path | None, *, timeout: float) -> Iterator[S3Serve
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[S3Server]:
-    from moto.server import ThreadedMotoServer
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        raise RuntimeError("the fallback S3 server needs moto: pip install -c constraints.txt "
+                           "'./packages/jasper-zarr[moto]'") from None
 
     base = _free_base(1)
     server = ThreadedMotoServer(ip_address=HOST, port=base, verbose=False)

@@ -5,7 +5,7 @@
 - :func:`make_arrays`: a tiny valid dataset in memory; :func:`write_seed_dataset`: a dataset
   on disk exactly as the original system wrote it (see :mod:`jasper.testing.data`).
 
-pytest is needed only for the kit (``pip install jasper-core[test]``); it is imported when
+pytest is needed only for the kit (the ``test`` extra of jasper-core); it is imported when
 :class:`BackendConformance` is first used, so the test-data functions work without it.
 """
 
