@@ -23,12 +23,6 @@ class Known:
 #: (family, backend) -> why it fails now; keep in step with the last campaign run
 #: (docs/reliability.md lists its findings)
 KNOWN: dict[tuple[str, str], Known] = {
-    ("interrupt", "hdf5"): Known(
-        "issue 9 item 5", "Ctrl-C during an HDF5 write is swallowed ('Exception ignored ... "
-        "KeyboardInterrupt') and the command exits 0", racy=True),
-    ("interrupt", "pt"): Known(
-        "issue 9 item 5", "Ctrl-C during a .pt write is sometimes swallowed and the command "
-        "exits 0", racy=True),
     ("cli", "zarr"): Known(
         "issue 9 item 13", "a zeroed range in a zarr array's zarr.json makes `jasper validate "
         "--deep` print a traceback instead of one line (zarr's metadata parser error is not "

@@ -45,6 +45,7 @@ from jasper.errors import (
     OverwriteRefusedError,
     StorageError,
 )
+from jasper.interrupts import checkpoint
 
 #: Name part of a write's temporary directory: ``.<target>.jasper-tmp-<pid>-<hex>``.
 TMP_MARK = ".jasper-tmp-"
@@ -362,6 +363,7 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False,
         raise storage_error(exc, target) from exc
     try:
         yield tmp
+        checkpoint()  # a Ctrl-C held during the write (jasper.interrupts) stops it uncommitted
         fsync_tree(tmp)
         commit(tmp, target, expected, markers)
     except BaseException as exc:

@@ -38,6 +38,7 @@ from jasper.errors import (
     ShapeError,
     WriteOptionError,
 )
+from jasper.interrupts import checkpoint, holds_interrupts
 from jasper.lazy import lazy_torch
 from jasper.location import Location, as_target
 from jasper.manifest import MANIFEST_NAME, ArrayRecord, Checksummer, Manifest
@@ -192,6 +193,7 @@ class _HashingSource(ArraySource):
             self.hasher.update(chunk)
             self.rows += chunk.shape[0] if chunk.dim() else 1
             self._on_bytes(chunk.numel() * chunk.element_size())
+            checkpoint()  # Ctrl-C held during the write stops it here, between chunks
             yield chunk
 
     def materialize(self) -> torch.Tensor:
@@ -301,6 +303,7 @@ def dir_size(path: str | Path | Location) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+@holds_interrupts
 def write_store(
     path: str | Path | Location,
     arrays: Mapping[str, torch.Tensor | ArraySource],
@@ -491,6 +494,7 @@ def _kind_arrays(manifest: Manifest) -> tuple[str, ...]:
     return tuple(dataset_kind(manifest.dataset_kind).arrays)
 
 
+@holds_interrupts
 def convert(
     src: str | Path | Location,
     dst: str | Path | Location,

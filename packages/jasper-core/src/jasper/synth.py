@@ -38,6 +38,7 @@ from jasper.atomic import allocate_file
 from jasper.backend import ArraySource
 from jasper.build import DEFAULT_STEP_SCHEDULE, BuildConfig, build_arrays
 from jasper.dtypes import FLOAT_DTYPES, torch_dtype
+from jasper.interrupts import holds_interrupts
 from jasper.manifest import Manifest
 from jasper.progress import count_bar
 
@@ -239,6 +240,7 @@ def synthesize(
     return arrays, manifest
 
 
+@holds_interrupts
 def write_synthetic(
     path: str | Path | Location,
     cfg: SynthConfig | None = None,
