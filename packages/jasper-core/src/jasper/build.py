@@ -637,7 +637,16 @@ class _Miner:
                           axis=1)
         top = np.argsort(-sim, axis=1, kind="stable")[:, :n_neg]
         picked = np.take_along_axis(sim, top, axis=1)
-        return np.take_along_axis(cand, top, axis=1), np.where(np.isfinite(picked), picked, -1.0)
+        negs = np.take_along_axis(cand, top, axis=1)
+        # a row whose candidates held fewer than n_neg distinct sources (a small corpus drawn
+        # with repeats) picked a pushed-down repeat: fill it with distinct sources not drawn yet
+        for r in np.flatnonzero(np.isneginf(picked).any(axis=1)):
+            ok = ~np.isneginf(picked[r])
+            pool = np.setdiff1d(np.arange(n_all), np.append(negs[r, ok], s[r]))
+            extra = rng.permutation(pool)[: int((~ok).sum())]
+            negs[r, ~ok] = extra
+            picked[r, ~ok] = _normalize(_rows(self.s, extra[None, :]))[0] @ se[r]
+        return negs, np.where(np.isfinite(picked), picked, -1.0)
 
 
 @dataclass
