@@ -22,9 +22,4 @@ class Known:
 
 #: (family, backend) -> why it fails now; keep in step with the last campaign run
 #: (docs/reliability.md lists its findings)
-KNOWN: dict[tuple[str, str], Known] = {
-    ("cli", "zarr"): Known(
-        "issue 9 item 13", "a zeroed range in a zarr array's zarr.json makes `jasper validate "
-        "--deep` print a traceback instead of one line (zarr's metadata parser error is not "
-        "mapped to a jasper error)", racy=True),
-}
+KNOWN: dict[tuple[str, str], Known] = {}

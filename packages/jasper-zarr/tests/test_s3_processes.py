@@ -200,12 +200,18 @@ def test_killed_writers_leave_previous_or_nothing(s3, s3_url) -> None:
         code, write_s = finish()
         assert code == 0 and write_s is not None
         kills = 0
-        for i in range(20):
+        i = 0
+        # until 20 writers were killed mid-write (a write that wins the race to its end counts
+        # as a completed overwrite, and the next kill comes earlier: the window follows the
+        # fastest write seen, so a loaded machine cannot starve the test of kills)
+        while kills < 20 and i < 60:
             pid = start(101 if i % 2 == 0 else 100)
-            time.sleep(rng.uniform(0.0, 1.1 * write_s))
+            time.sleep(rng.uniform(0.0, 0.9 * write_s))
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            code, _ = finish()
+            code, took = finish()
+            if took is not None:
+                write_s = min(write_s, took)
             kills += code == -signal.SIGKILL
             with jasper.open_store(s3_url) as reader:
                 q = reader.read("question_embs")
@@ -214,7 +220,8 @@ def test_killed_writers_leave_previous_or_nothing(s3, s3_url) -> None:
                     reader.read(name)
             if i % 5 == 4:
                 jasper.validate(s3_url, deep=True)
-        assert kills >= 15, f"only {kills} of 20 writers were killed before finishing"
+            i += 1
+        assert kills >= 20, f"only {kills} of {i} writers were killed before finishing"
         start(100)
         assert finish()[0] == 0
     finally:
