@@ -33,9 +33,4 @@ KNOWN: dict[tuple[str, str], Known] = {
         "issue 9 item 13", "a zeroed range in a zarr array's zarr.json makes `jasper validate "
         "--deep` print a traceback instead of one line (zarr's metadata parser error is not "
         "mapped to a jasper error)", racy=True),
-    ("pickle", "zarr"): Known(
-        "harness", "no malicious-pickle placement is defined for zarr groups yet (zarr unpickles "
-        "nothing; the placements target .pt and HDF5 files)", racy=True),
-    ("pickle", "chroma"): Known(
-        "harness", "no malicious-pickle placement is defined for Chroma stores yet", racy=True),
 }

@@ -204,9 +204,68 @@ def _npy_object(rel: str) -> Callable[[Path, Path], None]:
     return apply
 
 
+def _zarr_pickle(rel: str, how: str) -> Callable[[Path, Path], None]:
+    """A zarr array (directory ``rel``) whose metadata asks for unpickling: numcodecs' pickle
+    codec in its zarr 3 codec chain (``codec``) or inside its shards (``sharded``), or zarr 2
+    metadata (``.zarray``) of an object array with a pickle object codec (``v2-object``); its
+    chunk files hold the payload."""
+    def apply(d: Path, work: Path) -> None:
+        import json
+
+        arr = d / rel
+        meta = json.loads((arr / "zarr.json").read_text())
+        payload = pickle.dumps(_Payload(work / "canary"), protocol=2)
+        chunks = [p for p in arr.rglob("*") if p.is_file() and p.name != "zarr.json"]
+        for c in chunks:
+            c.write_bytes(payload)
+        codec = {"name": "numcodecs.pickle", "configuration": {"protocol": 2}}
+        if how == "codec":
+            meta["codecs"] = [codec]
+        elif how == "sharded":
+            meta["codecs"][0].setdefault("configuration", {})["codecs"] = [codec]
+        else:  # v2-object
+            (arr / "zarr.json").unlink()
+            shape = meta["shape"]
+            (arr / ".zarray").write_text(json.dumps({
+                "zarr_format": 2, "shape": shape, "chunks": shape, "dtype": "|O",
+                "compressor": None, "fill_value": None, "order": "C",
+                "filters": [{"id": "pickle", "protocol": 2}], "dimension_separator": "."}))
+            (arr / ".zattrs").write_text(json.dumps(meta.get("attributes", {})))
+            (arr / ".".join("0" * max(1, len(shape)))).write_bytes(payload)
+            return
+        (arr / "zarr.json").write_text(json.dumps(meta))
+    return apply
+
+
+def _chroma_index_pickle(seg: str) -> Callable[[Path, Path], None]:
+    """Chroma's persistent HNSW segment directory: ``index_metadata.pickle`` is the file older
+    chromadb releases ``pickle.load``ed from every segment."""
+    def apply(d: Path, work: Path) -> None:
+        (d / seg / "index_metadata.pickle").write_bytes(
+            pickle.dumps(_Payload(work / "canary"), protocol=2))
+    return apply
+
+
 def _pickle_places(ref: Reference) -> list[Place]:
     files = _data_files(ref)
     places: list[Place] = []
+    nested = sorted(p.relative_to(ref.ds).as_posix() for p in ref.ds.rglob("*.npy")
+                    if p.parent != ref.ds)
+    for rel in nested:  # side arrays in subdirectories (chroma's arrays/)
+        places.append((f"npy-object:{rel}", _npy_object(rel)))
+    for meta in sorted(ref.ds.rglob("zarr.json")):
+        if meta.parent == ref.ds or '"array"' not in meta.read_text():
+            continue
+        rel = meta.parent.relative_to(ref.ds).as_posix()
+        for how in ("codec", "sharded", "v2-object"):
+            places.append((f"zarr-pickle-{how}:{rel}", _zarr_pickle(rel, how)))
+    for sqlite in sorted(ref.ds.rglob("chroma.sqlite3")):
+        for seg in sorted(p for p in sqlite.parent.iterdir() if p.is_dir()):
+            rel = seg.relative_to(ref.ds).as_posix()
+            places.append((f"chroma-index-metadata-pickle:{rel}", _chroma_index_pickle(rel)))
+        store = sqlite.parent.relative_to(ref.ds).as_posix()
+        places.append((f"chroma-pickle-in-store:{store}/index_metadata.pickle",
+                       _raw_pickle(f"{store}/index_metadata.pickle")))
     for rel in files:
         if rel.endswith(".pt"):
             places.append((f"pt-zip-bare:{rel}", _pt_zip(rel, "bare")))

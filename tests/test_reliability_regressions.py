@@ -143,3 +143,21 @@ def test_hostile_version_fields_are_typed(pristine: Callable[[str], Path], tmp_p
             continue
         # anything but a JasperError propagates and fails the test as a raw error
         assert not refused, f"{what} accepted the hostile field"
+
+
+def test_chroma_side_array_with_a_damaged_npy_header_is_typed(
+        pristine: Callable[[str], Path], tmp_path: Path) -> None:
+    """A zeroed range in the header of a Chroma dataset's side array (``arrays/*.npy``) made
+    numpy's header literal parser raise ``tokenize.TokenError``, which escaped every reader."""
+    d = tmp_path / "ds"
+    shutil.copytree(pristine("chroma"), d)
+    f = d / "arrays" / "val_idx.npy"
+    raw = bytearray(f.read_bytes())
+    quarter = len(raw) // 4
+    raw[quarter:2 * quarter] = bytes(quarter)  # what the campaign's zero-range damage does
+    f.write_bytes(bytes(raw))
+    warnings.simplefilter("ignore")
+    with pytest.raises(JasperError, match="val_idx"):
+        jasper.validate(d, deep=True, progress=False)
+    with pytest.raises(JasperError, match="val_idx"):
+        jasper.JASPERSteeringDataset(d, "train").close()

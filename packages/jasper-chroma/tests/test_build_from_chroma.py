@@ -90,8 +90,10 @@ def test_build_from_a_server_store(chroma_server: str, tmp_path: Path) -> None:
                             config=BuildConfig(n_neg=4, n_clusters=3),
                             question_collection="srv-questions",
                             passage_collection="srv-passages")
+    assert str(out) == f"{url}/built"
     check_built(out)
     assert main(["validate", str(out), "--deep"]) == 0
+    assert not Path("chroma:").exists(), "the URL was taken for a relative directory"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -139,3 +139,41 @@ def test_missing_collection_and_a_server_layout_in_a_directory(dataset: Any, tmp
     (copy / "chroma.json").write_text(json.dumps(layout))
     with pytest.raises(FormatError, match="chroma.json.*local"):
         jasper.open_store(copy)
+
+
+def test_local_reader_keeps_its_version_through_an_overwrite(tmp_path: Path) -> None:
+    """A reader opened before a commit replaces (and deletes) the directory serves the version
+    it opened, tables and .npy arrays alike, without having read anything before the commit."""
+    from jasper.manifest import checksum
+
+    a, manifest_a = make_arrays(32, 8, seed=1)
+    b, manifest_b = make_arrays(32, 8, seed=2)
+    target = tmp_path / "live"
+    jasper.write_store(target, a, manifest_a, backend="chroma", progress=False)
+    with jasper.open_store(target) as old:
+        jasper.write_store(target, b, manifest_b, backend="chroma", overwrite=True,
+                           progress=False)
+        for name, value in a.items():
+            got = old.read(name)
+            assert torch.equal(got, value), f"{name} of the old reader comes from the new version"
+            assert checksum(got) == old.manifest.arrays[name].checksum
+    with jasper.open_store(target) as new:
+        assert torch.equal(new.read("source_embs"), b["source_embs"])
+
+
+@pytest.mark.parametrize(("version", "match"), [("x", "not a positive integer"),
+                                                (10**6, "newer than this jasper-chroma reads"),
+                                                (None, "not a positive integer")])
+def test_hostile_layout_versions_are_format_errors(dataset: Any, tmp_path: Path, version: Any,
+                                                   match: str) -> None:
+    import json
+    import shutil
+
+    path, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    layout = json.loads((copy / "chroma.json").read_text())
+    layout["layout_version"] = version
+    (copy / "chroma.json").write_text(json.dumps(layout))
+    with pytest.raises(FormatError, match=match):
+        jasper.open_store(copy)

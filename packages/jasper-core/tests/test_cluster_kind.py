@@ -12,7 +12,14 @@ import torch
 from jasper.cluster_kind import write_cluster_labeled, write_synthetic_cluster_labeled
 from jasper.errors import ChecksumError, IntegrityError, ManifestError, ShapeError
 from jasper.manifest import Manifest
-from jasper.schema import ALL_ARRAYS, ARRAYS, CLUSTER_ARRAYS, CLUSTER_RECORDS, KINDS
+from jasper.schema import (
+    ALL_ARRAYS,
+    ARRAYS,
+    CLUSTER_ARRAYS,
+    CLUSTER_RECORDS,
+    KINDS,
+    STEERING_EXCEPTION_ARRAYS,
+)
 from jasper.store import DatasetExistsError, convert, open_store
 from jasper.validation import validate
 
@@ -34,7 +41,9 @@ def test_catalogue_has_one_entry_per_kind_and_unique_names() -> None:
     assert set(KINDS) == {"jasper-steering", "cluster-labeled"}
     assert KINDS["jasper-steering"].arrays is ARRAYS
     assert not set(ARRAYS) & set(CLUSTER_ARRAYS)
-    assert len(ALL_ARRAYS) == len(ARRAYS) + len(CLUSTER_ARRAYS)
+    # derived steering's exception arrays are known to every backend too
+    assert not set(STEERING_EXCEPTION_ARRAYS) & (set(ARRAYS) | set(CLUSTER_ARRAYS))
+    assert len(ALL_ARRAYS) == len(ARRAYS) + len(CLUSTER_ARRAYS) + len(STEERING_EXCEPTION_ARRAYS)
     for rec in CLUSTER_RECORDS.values():
         assert rec.offsets_array in CLUSTER_ARRAYS and rec.bytes_array in CLUSTER_ARRAYS
 

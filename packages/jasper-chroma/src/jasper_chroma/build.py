@@ -13,7 +13,7 @@ backend.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 
 from jasper.build import BuildConfig, build_dataset
 from jasper.errors import FormatError
+from jasper.location import is_url
 from jasper_chroma.client import ChromaStoreError, get_client, get_collection
 from jasper_chroma.layout import ServerLocation, is_server
 from jasper_chroma.reader import PAGE, fetch_ids
@@ -35,6 +36,24 @@ def open_store_location(location: str | Path) -> tuple[Any, str]:
     if not (p / "chroma.sqlite3").is_file():
         raise FormatError(p, "not a Chroma PersistentClient directory (no chroma.sqlite3)")
     return get_client(p), str(p)
+
+
+def _build_then_commit(out: str | Path, backend: str | None, overwrite: bool,
+                       progress: bool | None, options: Mapping[str, Any] | None,
+                       build: Callable[[Path], Path]) -> Any:
+    """Build into a local temporary directory, then commit it to the URL ``out`` with
+    :func:`jasper.convert` (checksums verified; the URL's generation commit). The builder
+    keeps its scratch files beside a local target, which a URL has not."""
+    import tempfile
+
+    import jasper
+    from jasper.build import default_writer
+
+    with tempfile.TemporaryDirectory(prefix="jasper-build-") as tmp:
+        local = build(Path(tmp) / "built")
+        report = jasper.convert(local, out, to=backend or default_writer(), overwrite=overwrite,
+                                progress=progress, **dict(options or {}))
+    return report.dst
 
 
 def all_ids(collection: Any, where: str) -> list[str]:
@@ -157,6 +176,13 @@ def build_from_chroma(
 ) -> Path:
     """Build a complete JASPER dataset at ``out`` from the Chroma store at ``location``
     (``kind="cluster-labeled"``: :func:`build_cluster_labeled_from_chroma`)."""
+    if is_url(out):
+        return _build_then_commit(out, backend, overwrite, progress, options, lambda local: (
+            build_from_chroma(location, local, backend=backend, progress=progress,
+                              config=config, options=options,
+                              question_collection=question_collection,
+                              passage_collection=passage_collection,
+                              keyword_collection=keyword_collection, kind=kind)))
     if kind == "cluster-labeled":
         cfg = config or BuildConfig()
         return build_cluster_labeled_from_chroma(
@@ -216,6 +242,14 @@ def build_cluster_labeled_from_chroma(
     combined labels those of the normalised mean of both."""
     from jasper.build import default_writer, kmeans_centroids
     from jasper.cluster_kind import write_cluster_labeled
+
+    if is_url(out):
+        return _build_then_commit(out, backend, overwrite, progress, options, lambda local: (
+            build_cluster_labeled_from_chroma(
+                location, local, n_clusters=n_clusters, seed=seed, temperature=temperature,
+                backend=backend, progress=progress, options=options,
+                question_collection=question_collection,
+                passage_collection=passage_collection)))
 
     corpus = read_corpus(location, question_collection=question_collection,
                          passage_collection=passage_collection, progress=progress)

@@ -234,6 +234,14 @@ class Layout:
         """The layout in ``data`` (the bytes of ``chroma.json``; ``path`` names it in errors)."""
         try:
             d = json.loads(data)
+            version = d.get("layout_version", LAYOUT_VERSION)
+            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                raise FormatError(path, f"chroma.json layout_version is {version!r}, not a "
+                                  "positive integer")
+            if version > LAYOUT_VERSION:
+                raise FormatError(path, f"chroma.json layout_version {version} is newer than "
+                                  f"this jasper-chroma reads ({LAYOUT_VERSION}); upgrade "
+                                  "jasper-chroma")
             server = ServerLocation(**d["server"]) if d.get("server") else None
             tables = {k: TableRecord(v["collection"], int(v["rows"]), int(v["cols"]),
                                      str(v["dtype"])) for k, v in d["tables"].items()}

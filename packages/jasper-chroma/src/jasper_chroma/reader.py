@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import stat
+import tokenize
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -280,7 +281,8 @@ class ChromaReader(StoreReader):
             where: Any = f"{self.where}/{self._prefix}{key}"
             try:
                 arr = np.load(io.BytesIO(self._object(key)), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
+            except (ValueError, OSError, EOFError, SyntaxError, TypeError, RecursionError,
+                    MemoryError, tokenize.TokenError) as exc:  # numpy's header literal parser
                 raise FormatError(where, f"not a readable .npy object (truncated?): {exc}",
                                   array=name) from None
         else:
@@ -496,7 +498,8 @@ def _map_npy(arrays_fd: int, entry: str, path: Path) -> np.ndarray:
         try:
             # the map keeps the file's pages reachable after the version is deleted
             return np.load(f"/proc/self/fd/{fd}", mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
+        except (ValueError, OSError, EOFError, SyntaxError, TypeError, RecursionError,
+                MemoryError, tokenize.TokenError) as exc:  # numpy's header literal parser
             raise FormatError(where, f"not a readable .npy file (truncated?): {exc}",
                               array=entry[:-4]) from None
     finally:

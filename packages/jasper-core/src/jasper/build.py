@@ -52,10 +52,19 @@ import torch
 
 from jasper.atomic import allocate_file
 from jasper.backend import ArraySource, TensorSource
-from jasper.dtypes import FLOAT_DTYPES, from_storage, torch_dtype
+from jasper.dtypes import FLOAT_DTYPES, from_storage, to_storage, torch_dtype
 from jasper.errors import FormatError, IntegrityError, JasperError, ShapeError
 from jasper.manifest import Manifest
 from jasper.progress import count_bar
+from jasper.steering import (
+    EXCEPTION_ROWS,
+    EXCEPTION_VALUES,
+    JASPER_V1,
+    STEERING,
+    DerivedSpec,
+    KeywordRows,
+    steering_rows,
+)
 
 #: Input accepted wherever an array is expected: an array, a tensor or a file path
 #: (``.npy``, ``.pt``, ``.parquet``/``.arrow``/``.feather`` with ``:COLUMN``).
@@ -288,6 +297,9 @@ class BuildConfig:
     #: "auto" (all sources up to 256 per centroid, a seeded sample above), "kmeans", "sampled"
     kmeans: str = "auto"
     memory_limit: int = 1 << 30
+    #: Declare the steering derived (computed per batch by jasper.steering's kernel, the one
+    #: that would have produced the stored arrays) instead of storing the three arrays.
+    derived_steering: bool = False
     steering_probabilities: dict[str, float] = field(
         default_factory=lambda: {"zero": 0.25, "centroid": 0.25, "keyword": 0.25, "residual": 0.25})
 
@@ -356,6 +368,11 @@ def _cast(x: np.ndarray, logical: str) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
         return t.view(torch.int16).numpy().view(np.uint16)
     return x.astype(np.dtype(logical), copy=False)
+
+
+def _stored_rows(table: np.ndarray, idx: np.ndarray, logical: str) -> torch.Tensor:
+    """Rows ``idx`` of a table exactly as the dataset will store them (cast to ``logical``)."""
+    return from_storage(_cast(_rows(table, idx), logical), logical)
 
 
 def _tensor(a: np.ndarray) -> TensorSource:
@@ -517,6 +534,9 @@ class _Miner:
         self.s_members, self.s_offsets = _members(source_cluster, centroids.shape[0])
         self.adjacent = _adjacent(centroids_n)
         self.keywords = keywords
+        # the centroid table as it is stored (the steering kernel reads stored rows)
+        self.centroids_stored = from_storage(_cast(np.asarray(centroids, dtype=np.float32),
+                                                   logical), logical)
         self.kw_offsets, self.kw_values = kw_offsets, kw_values
         self.given_negatives = hard_negatives
         self.neighbours = neighbours
@@ -541,7 +561,6 @@ class _Miner:
                sims: np.ndarray) -> None:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 4, ci])
-        b = stop - start
         pi = np.asarray(self.pairs[start:stop])
         q, s = pi[:, 0], pi[:, 1]
         cluster = np.asarray(self.pair_cluster[start:stop])
@@ -552,26 +571,8 @@ class _Miner:
                                                         0.0, 1.0)
         out["centroid_distances"][start:stop] = np.clip(1.0 - np.einsum("bd,bd->b", qe, ce),
                                                         0.0, 2.0)
-        steer_c = self.centroids[cluster]
-        out["steering_centroid"][start:stop] = _cast(steer_c, self.logical)
-
-        # keywords of the pair, weighted by their similarity to the question
-        lo, hi = int(self.kw_offsets[start]), int(self.kw_offsets[stop])
-        counts = np.diff(self.kw_offsets[start : stop + 1])
-        if hi > lo:
-            owner = np.repeat(np.arange(b), counts)
-            kwe = _normalize(_rows(self.keywords, np.asarray(self.kw_values[lo:hi])))
-            w = np.exp(4.0 * np.einsum("nd,nd->n", kwe, qe[owner])).astype(np.float32)
-            acc = np.zeros((b, qe.shape[1]), dtype=np.float32)
-            np.add.at(acc, owner, kwe * w[:, None])
-            kw_steer = _normalize(acc)
-        else:
-            kw_steer = np.zeros_like(qe)
-        none = counts == 0
-        kw_steer[none] = steer_c[none]  # a pair without keywords steers by its centroid
-        out["steering_keyword_weighted"][start:stop] = _cast(kw_steer, self.logical)
-        resid = se - np.einsum("bd,bd->b", se, ce)[:, None] * ce
-        out["steering_residual"][start:stop] = _cast(_normalize(resid), self.logical)
+        if "steering_centroid" in out:
+            self._steering(start, stop, q, s, cluster, out)
 
         if self.given_negatives is not None:
             neg = np.asarray(self.given_negatives[start:stop])
@@ -579,6 +580,22 @@ class _Miner:
             return
         out["hard_negatives"][start:stop], sims[start:stop] = self._mine(rng, s, se, cluster,
                                                                          out["hard_negatives"].shape[1])
+
+    def _steering(self, start: int, stop: int, q: np.ndarray, s: np.ndarray,
+                  cluster: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """The three steering arrays of pairs ``start:stop`` through the one kernel that also
+        derives them per batch (jasper.steering), from the rows as they are stored."""
+        logical = self.logical
+        lo, hi = int(self.kw_offsets[start]), int(self.kw_offsets[stop])
+        counts = np.diff(self.kw_offsets[start : stop + 1]).astype(np.int64)
+        owner = np.repeat(np.arange(stop - start), counts)
+        kw = KeywordRows(_stored_rows(self.keywords, np.asarray(self.kw_values[lo:hi]), logical),
+                         torch.from_numpy(owner), torch.from_numpy(counts))
+        c = self.centroids_stored.index_select(0, torch.from_numpy(np.asarray(cluster)))
+        qt, st = _stored_rows(self.q, q, logical), _stored_rows(self.s, s, logical)
+        for v, name in enumerate(STEERING, start=1):
+            out[name][start:stop] = to_storage(steering_rows(
+                JASPER_V1, v, centroids=c, questions=qt, sources=st, keywords=kw))
 
     def _mine(self, rng: np.random.Generator, s: np.ndarray, se: np.ndarray,
               cluster: np.ndarray, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
@@ -781,13 +798,12 @@ def build_arrays(
 
     # --- the pair arrays, chunk by chunk
     storage = _storage_dtype(logical)
-    layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {
-        "steering_centroid": ((n, d), storage),
-        "steering_keyword_weighted": ((n, d), storage),
-        "steering_residual": ((n, d), storage),
+    layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {} if cfg.derived_steering else {
+        name: ((n, d), storage) for name in STEERING}
+    layout.update({
         "centroid_distances": ((n,), np.dtype(np.float32)),
         "hard_negatives": ((n, n_neg), np.dtype(np.int64)),
-    }
+    })
     if relevance is None:
         layout["pair_relevance"] = ((n,), np.dtype(np.float32))
     if tiers_given is None:
@@ -816,8 +832,7 @@ def build_arrays(
     report.derived += [x for x in ("pair_relevance", "negative_tiers") if x in layout]
     if given_neg is None:
         report.derived.append("hard_negatives")
-    report.derived += ["steering_centroid", "steering_keyword_weighted", "steering_residual",
-                       "centroid_distances"]
+    report.derived += [*([] if cfg.derived_steering else STEERING), "centroid_distances"]
 
     # --- splits
     if splits is not None:
@@ -851,6 +866,11 @@ def build_arrays(
         arrays[name] = NumpySource(arr, logical if name.startswith("steering_") else str(arr.dtype))
     for name, idx in split_ids.items():
         arrays[name] = _tensor(idx)
+    derived = None
+    if cfg.derived_steering:
+        derived = DerivedSpec(JASPER_V1, logical).to_dict()
+        arrays[EXCEPTION_ROWS] = TensorSource(torch.zeros((0, 2), dtype=torch.int64))
+        arrays[EXCEPTION_VALUES] = TensorSource(torch.zeros((0, d), dtype=torch_dtype(logical)))
 
     n_tiers = 4 if tiers_given is None else int(tiers_given.max()) + 1 if tiers_given.size else 0
     manifest = Manifest(
@@ -864,6 +884,7 @@ def build_arrays(
         random_seed=cfg.seed,
         n_tiers=n_tiers,
         extra={"build": report.to_dict(), **dict(extra or {})},
+        derived_steering=derived,
     )
     return arrays, manifest
 

@@ -184,6 +184,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
         n_pairs=args.pairs, embedding_dim=args.dim, n_neg=args.neg, n_clusters=args.clusters,
         dtype=args.dtype, seed=args.seed, dataset_name=args.name or Path(args.path).name,
+        derived_steering=args.derived_steering,
     )
     backend = args.backend or default_writer()
     how = "" if args.backend else " (the default: first installed of " + ", ".join(
@@ -305,10 +306,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from jasper.store import convert
 
     report = convert(args.src, args.dst, to=args.to, src_backend=args.src_backend,
-                     overwrite=args.overwrite, progress=_progress(args), **_options(args))
+                     overwrite=args.overwrite, progress=_progress(args),
+                     derive_steering=args.derive_steering, atol=args.atol, rtol=args.rtol,
+                     **_options(args))
     print(f"source: {report.src} ({report.src_backend}) {_mib(report.src_bytes)}")
     print(f"target: {report.dst} ({report.dst_backend}) {_mib(report.dst_bytes)}")
     print(report.options_line())
+    if report.derived is not None:
+        print(report.derived)
     print(f"saving: {report.saving * 100:+.1f}%  ({report.seconds:.1f} s, bit-exact: checksums match)")
     return EXIT_OK
 
@@ -430,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the embedding and steering arrays")
     s.add_argument("--seed", type=int, default=0,
                    help="random seed: the same seed writes the same dataset")
+    s.add_argument("--derived-steering", action="store_true",
+                   help="store no steering arrays: each batch computes them (the same values)")
     s.add_argument("--name", help="dataset_name in the manifest (default: directory name)")
     s.add_argument("--backend", default=None,
                    help=f"storage backend to write with (installed: {installed}; default: the "
@@ -482,6 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a target backend write option (repeatable)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset at DST (never other files, never the source)")
+    c.add_argument("--derive-steering", nargs="?", const="jasper-v1", default=None,
+                   metavar="FORMULA",
+                   help="store no steering arrays: each batch computes them with FORMULA "
+                        "(jasper-v1, the default, or original); stored rows the formula does "
+                        "not reproduce within the tolerance are kept as exceptions")
+    c.add_argument("--atol", type=float, default=None,
+                   help="--derive-steering: absolute tolerance per element (default 1e-6)")
+    c.add_argument("--rtol", type=float, default=None,
+                   help="--derive-steering: relative tolerance per element (default 0)")
     c.set_defaults(func=cmd_convert)
 
     bl = sub.add_parser(

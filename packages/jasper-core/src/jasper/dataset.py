@@ -60,6 +60,7 @@ from jasper.errors import (
 from jasper.manifest import Manifest
 from jasper.registry import get_backend
 from jasper.schema import ARRAYS, SPLITS, Role, split_array
+from jasper.steering import stored_names
 from jasper.tables import (
     CENTROID_TABLE,
     QUESTION_TABLE,
@@ -73,7 +74,6 @@ from jasper.tables import (
     TableSet,
     open_tables,
     shared_empty,
-    steering_dtype,
 )
 from jasper.validation import check_replacement
 
@@ -257,13 +257,14 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             available = [s for s in SPLITS if split_array(s) in names]
             if split not in SPLITS or split_array(split) not in names:
                 raise SplitNotFoundError(split, available, self.dataset_dir)
-            missing = [n for n in ARRAYS if n not in names]
+            stored = stored_names(self.manifest)  # derived steering stores no steering arrays
+            missing = [n for n in stored if n not in names]
             if missing:
                 raise IntegrityError(
                     f"array {missing[0]!r} is missing from the dataset (also missing: "
                     f"{', '.join(missing[1:]) or 'none'})", array=missing[0],
                     rule="required array", path=self.dataset_dir)
-            infos = {n: reader.info(n) for n in ARRAYS}
+            infos = {n: reader.info(n) for n in stored}
             mode = self._choose_mode(use_mmap, backend.capabilities, infos, backend_name)
             if TABLE_SETS[mode].maps:
                 reader.close()
@@ -518,7 +519,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         shapes = {
             "question_emb": ((b, d), emb),
             "target_source_emb": ((b, d), src),
-            "steering": ((b, d), steering_dtype(self._infos)),
+            "steering": ((b, d), self.tables.steering_dtype),
             "negative_embs": ((b, k, d), src),
             "cluster_id": ((b,), torch.int64),
             "relevance": ((b,), torch.float32),
@@ -567,12 +568,17 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         batch = JasperBatch()
         batch["question_emb"] = t.gather(QUESTION_TABLE, q, o.get("question_emb"))
         batch["target_source_emb"] = t.gather(SOURCE_TABLE, s, o.get("target_source_emb"))
-        batch["steering"] = t.gather_steering(pids, variant, o.get("steering"))
+        cluster = t.gather("pair_cluster_id", pids, o.get("cluster_id"), torch.int64)
+        # derived steering reuses the rows just gathered (question, source, cluster)
+        batch["steering"] = t.gather_steering(pids, variant, o.get("steering"),
+                                              questions=batch["question_emb"],
+                                              sources=batch["target_source_emb"],
+                                              clusters=cluster)
         neg_out = o.get("negative_embs")
         negs = t.gather(SOURCE_TABLE, neg_ids,
                         None if neg_out is None else neg_out.view(b * k, d))
         batch["negative_embs"] = neg_out if neg_out is not None else negs.view(b, k, d)
-        batch["cluster_id"] = t.gather("pair_cluster_id", pids, o.get("cluster_id"), torch.int64)
+        batch["cluster_id"] = cluster
         batch["relevance"] = t.gather("pair_relevance", pids, o.get("relevance"), torch.float32)
         batch["centroid_distance"] = t.gather("centroid_distances", pids,
                                               o.get("centroid_distance"), torch.float32)

@@ -185,9 +185,17 @@ class GPULoader:
         if epoch is not None:
             dataset.set_epoch(epoch)
         on_cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        # derived steering computes each variant for its own rows (data-dependent shapes), which
+        # a CUDA graph cannot capture: such datasets gather eagerly
+        derived = dataset.tables.derived is not None
+        if cuda_graph and derived:
+            from jasper.errors import CapabilityError
+
+            raise CapabilityError("cuda_graph=True cannot capture the gather of a dataset with "
+                                  "derived steering (jasper.steering); pass cuda_graph=None")
         if cuda_graph is None:
             cuda_graph = on_cuda and not self.staged and self.reuse_buffers and (
-                dataset.tables.resident)
+                dataset.tables.resident) and not derived
         self.cuda_graph = bool(cuda_graph) and on_cuda
         self._out: JasperBatch | None = None
         self._graph: Any = None

@@ -58,13 +58,28 @@ _KNOWN_KEYS = (
     "writer",
     "arrays",
     "data_digests",
+    "derived_steering",
 )
 
 #: The manifest keys that describe the stored data (an edit to any of them after writing makes
 #: the manifest disagree with the files it describes).
-DATA_KEYS = ("embedding_dim", "n_neg", "n_clusters", "n_tiers", "kind", "arrays")
+DATA_KEYS = ("embedding_dim", "n_neg", "n_clusters", "n_tiers", "kind", "arrays",
+             "derived_steering")
 
 _NONNEG_INT = {"type": "integer", "minimum": 0}
+_DERIVED_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"],
+    "required": ["formula"],
+    "properties": {
+        "formula": {"type": "string", "minLength": 1},
+        "params": {"type": "object"},
+        "dtype": {"type": "string", "enum": ["bfloat16", "float16", "float32", "float64"]},
+        "exceptions": _NONNEG_INT,
+        "tolerance": {"type": "object", "properties": {"atol": {"type": "number", "minimum": 0},
+                                                       "rtol": {"type": "number", "minimum": 0}}},
+        "checked_rows": {"type": ["integer", "null"], "minimum": 0},
+    },
+}
 _OPT_NONNEG_INT = {"type": ["integer", "null"], "minimum": 0}
 
 #: JSON Schema (draft 2020-12) of ``config.json``. Unknown keys are allowed (and kept on rewrite).
@@ -114,6 +129,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             },
         },
         "data_digests": {"type": "object", "additionalProperties": {"type": "string"}},
+        # steering computed per batch instead of stored (jasper.steering.DERIVED_SCHEMA)
+        "derived_steering": _DERIVED_SCHEMA,
     },
 }
 
@@ -185,6 +202,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: The dataset kind (:data:`jasper.schema.KINDS`); ``None`` (absent) is ``jasper-steering``.
     kind: str | None = None
+    #: Steering computed per batch instead of stored: formula, parameters, served dtype,
+    #: exception count (:class:`jasper.steering.DerivedSpec`); ``None``: stored.
+    derived_steering: dict[str, Any] | None = None
 
     @property
     def dataset_kind(self) -> str:
@@ -248,6 +268,7 @@ class Manifest:
             data_digests=d.get("data_digests"),
             extra={k: v for k, v in d.items() if k not in _KNOWN_KEYS},
             kind=kind,
+            derived_steering=d.get("derived_steering"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -333,7 +354,9 @@ class Manifest:
         if not self.data_digests:
             return None
         now = self.compute_data_digests()
-        return [k for k in DATA_KEYS if self.data_digests.get(k) != now[k]]
+        absent = _json_digest(None)
+        # a key added to DATA_KEYS later is unrecorded in older manifests: unchanged while absent
+        return [k for k in DATA_KEYS if self.data_digests.get(k, absent) != now[k]]
 
 
 class Checksummer:

@@ -36,6 +36,7 @@ class Role(enum.Enum):
     SAMPLE = "sample"  # one row per sample of a cluster-labeled dataset
     RECORD_OFFSETS = "record_offsets"  # [N + 1] byte offsets of a record's rows
     RECORD_BYTES = "record_bytes"  # the UTF-8 bytes of a record's rows
+    EXCEPTION = "exception"  # a stored exception to derived steering (jasper.steering)
 
 
 class Cols(enum.Enum):
@@ -248,8 +249,24 @@ KINDS: dict[str, DatasetKind] = {
                               ("embedding_dim", "n_clusters")),
 }
 
+#: The arrays a steering dataset with derived steering stores instead of the three steering
+#: arrays (docs/derived-steering.md): the (variant 1-3, pair id) rows whose stored value the
+#: formula does not reproduce, and those values.
+STEERING_EXCEPTION_ARRAYS: dict[str, ArraySpec] = {
+    spec.name: spec
+    for spec in (
+        ArraySpec("steering_exception_rows", Role.EXCEPTION, 2, INT_INDEX,
+                  "(variant 1-3, pair id) of each stored steering exception, sorted",
+                  cols=Cols.TWO),
+        ArraySpec("steering_exception_values", Role.EXCEPTION, 2, FLOAT_DTYPES,
+                  "the stored steering row of each exception", cols=Cols.EMBEDDING_DIM,
+                  finite=True),
+    )
+}
+
 #: Every array of every kind, by name (names are unique across kinds).
 ALL_ARRAYS: dict[str, ArraySpec] = {n: s for k in KINDS.values() for n, s in k.arrays.items()}
+ALL_ARRAYS.update(STEERING_EXCEPTION_ARRAYS)
 
 
 def dataset_kind(name: str | None) -> DatasetKind:

@@ -208,18 +208,34 @@ def check_layout(arrays: Mapping[str, ArraySource], manifest: Manifest) -> None:
 
 
 def check_steering_layout(arrays: Mapping[str, ArraySource], manifest: Manifest) -> None:
-    """:func:`check_layout` of the ``jasper-steering`` kind."""
-    missing = [n for n in ARRAYS if n not in arrays]
+    """:func:`check_layout` of the ``jasper-steering`` kind (derived steering: the steering
+    arrays are not stored and the exception arrays are, :mod:`jasper.steering`)."""
+    from jasper.steering import STEERING, check_exception_layout, derived_spec, stored_names
+
+    derived = derived_spec(manifest)
+    expected = stored_names(manifest)
+    if derived is not None:
+        given = [n for n in STEERING if n in arrays]
+        if given:
+            raise ShapeError(f"the manifest declares derived steering, so {', '.join(given)} "
+                             "must not be written (each batch computes them)", array=given[0],
+                             rule="derived steering not stored")
+    missing = [n for n in expected if n not in arrays]
     if missing:
         from jasper.build import missing_report
 
         raise ShapeError(missing_report([], missing), array=missing[0], rule="required array")
-    unknown = [n for n in arrays if n not in ARRAYS]
+    unknown = [n for n in arrays if n not in expected]
     if unknown:
         raise ShapeError(f"unknown arrays {', '.join(unknown)}; the data model has: "
-                         f"{', '.join(ARRAYS)}", array=unknown[0], rule="known array")
+                         f"{', '.join(expected)}", array=unknown[0], rule="known array")
+    if derived is not None:
+        check_exception_layout({n: arrays[n] for n in expected if n not in ARRAYS}, derived,
+                               manifest.embedding_dim)
     n_pairs = arrays["pair_index"].shape[0]
     for name, spec in ARRAYS.items():
+        if name not in arrays:
+            continue  # derived steering
         src = arrays[name]
         shape = tuple(src.shape)
         if len(shape) != spec.rank:
@@ -410,6 +426,8 @@ class ConvertReport:
     options: dict[str, Any] = field(default_factory=dict)
     carried: dict[str, Any] = field(default_factory=dict)
     not_carried: dict[str, str] = field(default_factory=dict)
+    #: ``--derive-steering``: what checking the stored steering found (exceptions kept)
+    derived: Any = None
 
     @property
     def saving(self) -> float:
@@ -432,6 +450,7 @@ class ConvertReport:
             f"converted {self.src} ({self.src_backend}, {self.src_bytes / mb:.1f} MiB) -> "
             f"{self.dst} ({self.dst_backend}, {self.dst_bytes / mb:.1f} MiB): "
             f"{self.saving * 100:+.1f}% saved, {self.seconds:.1f} s; {self.options_line()}"
+            + (f"; {self.derived}" if self.derived is not None else "")
         )
 
 
@@ -463,6 +482,15 @@ def _carry_options(source: Manifest, src_backend: str, to: str,
     return carried, dropped
 
 
+def _kind_arrays(manifest: Manifest) -> tuple[str, ...]:
+    """The arrays a dataset with this manifest stores (its kind's; derived steering's)."""
+    if manifest.dataset_kind == dataset_kind(None).name:
+        from jasper.steering import stored_names
+
+        return stored_names(manifest)
+    return tuple(dataset_kind(manifest.dataset_kind).arrays)
+
+
 def convert(
     src: str | Path | Location,
     dst: str | Path | Location,
@@ -471,9 +499,18 @@ def convert(
     src_backend: str = "auto",
     overwrite: bool = False,
     progress: bool | None = None,
+    derive_steering: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
     **options: Any,
 ) -> ConvertReport:
     """Convert the dataset at ``src`` into backend ``to`` at ``dst``, streaming array by array.
+
+    ``derive_steering`` (a formula of :data:`jasper.steering.FORMULAS`, e.g. ``"jasper-v1"``)
+    writes the target with derived steering: every stored steering row (checksum verified) is
+    checked against the formula and the rows it does not reproduce within ``atol`` + ``rtol``
+    * ``|stored|`` (defaults :data:`~jasper.steering.DEFAULT_ATOL`, ``DEFAULT_RTOL``) are kept
+    as stored exceptions, so the batches served do not change; the report counts them.
 
     Bit-exact and verified: a jasper-written source must record a checksum for every array and
     an unedited manifest (:func:`jasper.validation.check_manifest_trust`), and every array's
@@ -485,10 +522,14 @@ def convert(
     src_at = as_target(src)
     src_bytes = dir_size(src_at) if isinstance(src_at, Location) or src_at.is_dir() else 0
     with open_store(src, src_backend) as reader:
-        names = [n for n in dataset_kind(reader.manifest.dataset_kind).arrays if reader.has(n)]
+        names = [n for n in _kind_arrays(reader.manifest) if reader.has(n)]
         check_manifest_trust(reader.manifest, names, reader.path)
-        sources = {n: reader.source(n) for n in names}
+        sources: dict[str, Any] = {n: reader.source(n) for n in names}
         manifest = copy.deepcopy(reader.manifest)
+        derived = None
+        if derive_steering is not None:
+            sources, manifest, derived = _derive_sources(reader, sources, manifest,
+                                                         derive_steering, atol, rtol)
         expected = {n: rec.checksum for n, rec in manifest.arrays.items()
                     if rec.checksum and n in sources}
         carried, dropped = _carry_options(manifest, reader.backend_name, to, options)
@@ -498,7 +539,57 @@ def convert(
                           **opts)
         src_name = reader.backend_name
     return ConvertReport(src_at, out, src_name, to, src_bytes, dir_size(out),
-                         time.perf_counter() - t0, opts, carried, dropped)
+                         time.perf_counter() - t0, opts, carried, dropped, derived)
+
+
+class _RowSlices:
+    """``x[start:stop]`` of a stored array through the reader (no whole copy)."""
+
+    def __init__(self, reader: StoreReader, name: str) -> None:
+        self.reader, self.name = reader, name
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.reader.read_slice(self.name, rows.start, rows.stop)
+
+
+def _derive_sources(reader: StoreReader, sources: dict[str, Any], manifest: Manifest,
+                    formula_name: str, atol: float | None,
+                    rtol: float | None) -> tuple[dict[str, Any], Manifest, Any]:
+    """The sources and manifest of a conversion to derived steering (see :func:`convert`)."""
+    from jasper import steering
+
+    if steering.derived_spec(manifest) is not None:
+        raise WriteOptionError(f"{reader.path}: its steering is derived already")
+    try:
+        f = steering.formula(formula_name)
+    except ValueError as exc:
+        raise WriteOptionError(str(exc)) from None
+    # the steering arrays are read, not copied: verify their bytes as a copy would be
+    for n in steering.STEERING:
+        rec = manifest.arrays.get(n)
+        if rec is not None and rec.checksum:
+            h = Checksummer()
+            for chunk in reader.iter_chunks(n):
+                h.update(chunk)
+            if h.hexdigest() != rec.checksum:
+                raise ChecksumError(
+                    f"{n}: the bytes read have checksum {h.hexdigest()} but the manifest "
+                    f"records {rec.checksum}; nothing was written", array=n, rule="checksum",
+                    path=str(reader.path))
+    mapped = get_backend(reader.backend_name).capabilities.mmap
+    tables = {n: reader.map(n) if mapped else reader.read(n) for n in steering.FORMULA_INPUTS}
+    stored = {n: reader.map(n) if mapped else _RowSlices(reader, n) for n in steering.STEERING}
+    dtype = reader.info(steering.STEERING[0]).dtype
+    for n in steering.STEERING[1:]:
+        dtype = torch.promote_types(dtype, reader.info(n).dtype)
+    out, m, report = steering.derive_arrays(
+        {**tables, **stored}, manifest, f, dtype=dtype,
+        atol=steering.DEFAULT_ATOL if atol is None else atol,
+        rtol=steering.DEFAULT_RTOL if rtol is None else rtol)
+    kept = {n: s for n, s in sources.items() if n not in steering.STEERING}
+    for n in steering.EXCEPTION_ARRAYS:
+        kept[n] = out[n]
+    return kept, m, report
 
 
 __all__ = [

@@ -64,6 +64,8 @@ class SynthConfig:
     noise: float = 0.6
     seed: int = 0
     dataset_name: str = "synthetic"
+    #: Declare the steering derived instead of storing it (jasper.steering).
+    derived_steering: bool = False
 
     def __post_init__(self) -> None:
         if self.n_pairs < 1 or self.embedding_dim < 1 or self.n_neg < 1 or self.n_clusters < 1:
@@ -90,7 +92,8 @@ class SynthConfig:
 
     def pair_bytes(self) -> int:
         d = self.embedding_dim
-        return self.n_pairs * (3 * d * torch_dtype(self.dtype).itemsize + 16 * self.n_neg + 40)
+        steering = 0 if self.derived_steering else 3 * d * torch_dtype(self.dtype).itemsize
+        return self.n_pairs * (steering + 16 * self.n_neg + 40)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -222,7 +225,7 @@ def synthesize(
     raw.fill(out, progress)
     build_cfg = BuildConfig(n_neg=cfg.n_neg, split_ratios=cfg.split_ratios, dtype=cfg.dtype,
                             seed=cfg.seed, dataset_name=cfg.dataset_name,
-                            memory_limit=memory_limit)
+                            memory_limit=memory_limit, derived_steering=cfg.derived_steering)
     arrays, manifest = build_arrays(
         tables.questions, tables.sources, out["pair_index"],
         cluster_ids=out["pair_cluster_id"], centroids=tables.centroids,

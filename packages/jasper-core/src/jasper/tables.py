@@ -36,6 +36,15 @@ from jasper.backend import ArrayInfo, StoreReader
 from jasper.manifest import Manifest
 from jasper.registry import get_backend
 from jasper.schema import ARRAYS, STEERING_ARRAYS, STEERING_VARIANTS, Cols
+from jasper.steering import (
+    EXCEPTION_ROWS,
+    EXCEPTION_VALUES,
+    DerivedSteering,
+    check_exceptions,
+    derived_spec,
+    placeholder,
+    stored_names,
+)
 from jasper.validation import check_arrays, check_finite_chunks
 
 #: The steering arrays in variant order (variant ``v >= 1`` reads ``STEERING[v - 1]``).
@@ -186,6 +195,27 @@ class TableSet(abc.ABC):
         self._q_col: torch.Tensor | None = None
         self._s_col: torch.Tensor | None = None
         self._attached = False
+        #: the arrays in storage (derived steering: not the steering arrays, but its exceptions)
+        self.names: tuple[str, ...] = stored_names(location.manifest)
+        self.derived_spec = derived_spec(location.manifest)
+        #: the per-batch steering of a derived dataset (None: steering is stored)
+        self.derived: DerivedSteering | None = None
+        #: arrays that exist only as shape and dtype (meta tensors): derived steering
+        self.virtual: frozenset[str] = frozenset(
+            STEERING if self.derived_spec is not None else ())
+
+    @property
+    def steering_dtype(self) -> torch.dtype:
+        """The dtype of served steering rows."""
+        if self.derived_spec is not None:
+            from jasper.dtypes import torch_dtype
+
+            return torch_dtype(self.derived_spec.dtype)
+        return steering_dtype(self.infos)
+
+    def _virtual_arrays(self) -> dict[str, torch.Tensor]:
+        return {n: placeholder(self.n_pairs, self.embedding_dim, self.steering_dtype)
+                for n in sorted(self.virtual)}
 
     # --- opening ------------------------------------------------------------------------------
     def attach(self, reader: StoreReader | None = None, *, check: bool = False) -> None:
@@ -195,9 +225,21 @@ class TableSet(abc.ABC):
             reader = self.location.open()
         try:
             arrays = self._load(reader)
+            virtual = self._virtual_arrays()
             if check:
-                self._check(arrays, reader)
-            self.arrays = self._place(arrays)
+                self._check({**arrays, **virtual}, reader)
+                if self.derived_spec is not None:
+                    check_exceptions(arrays[EXCEPTION_ROWS], arrays[EXCEPTION_VALUES],
+                                     n_pairs=self.n_pairs, dim=self.embedding_dim,
+                                     dtype=self.steering_dtype,
+                                     expected=self.derived_spec.exceptions,
+                                     path=self.location.path)
+            self.arrays = {**self._place(arrays), **virtual}
+            if self.derived_spec is not None:
+                self.derived = DerivedSteering(
+                    self.derived_spec, self.n_pairs, self.embedding_dim,
+                    self.arrays[EXCEPTION_ROWS], self.arrays[EXCEPTION_VALUES])
+                self.derived.prepare(self.arrays["keyword_embs"])
         except BaseException:
             reader.close()
             raise
@@ -232,7 +274,8 @@ class TableSet(abc.ABC):
         return arrays
 
     def _check(self, arrays: Mapping[str, torch.Tensor], reader: StoreReader) -> None:
-        check_arrays(arrays, self.location.manifest, path=self.location.path)
+        check_arrays(arrays, self.location.manifest, path=self.location.path,
+                     skip_finite=self.virtual)
 
     def _columns(self) -> None:
         pair = self.arrays[PAIR_INDEX]
@@ -251,8 +294,16 @@ class TableSet(abc.ABC):
         return take(self.arrays[name], rows, out, dtype)
 
     def gather_steering(self, pair_ids: torch.Tensor, variant: torch.Tensor,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
-        """Each pair's steering row of its variant (0: zeros), written into ``out`` if given."""
+                        out: torch.Tensor | None = None, *,
+                        questions: torch.Tensor | None = None,
+                        sources: torch.Tensor | None = None,
+                        clusters: torch.Tensor | None = None) -> torch.Tensor:
+        """Each pair's steering row of its variant (0: zeros), written into ``out`` if given.
+
+        Derived steering is computed from the batch's ``questions``, ``sources`` and
+        ``clusters`` rows when the caller has gathered them already (else gathered here)."""
+        if self.derived is not None:
+            return self._derive(pair_ids, variant, out, questions, sources, clusters)
         # separate arrays cannot be stacked without a copy: gather each variant from its array
         dtype = steering_dtype(self.infos)
         res = out if out is not None else torch.empty(
@@ -265,6 +316,15 @@ class TableSet(abc.ABC):
             rows = self.gather(name, pair_ids.index_select(0, where))
             res.index_copy_(0, where, rows.to(dtype))
         return res
+
+    def _derive(self, pair_ids: torch.Tensor, variant: torch.Tensor, out: torch.Tensor | None,
+                questions: torch.Tensor | None, sources: torch.Tensor | None,
+                clusters: torch.Tensor | None) -> torch.Tensor:
+        assert self.derived is not None
+        return self.derived.gather(
+            pair_ids, variant, table=lambda name, rows: self.gather(name, rows),
+            csr=(self.arrays["pair_keyword_offsets"], self.arrays["pair_keyword_ids"]),
+            questions=questions, sources=sources, clusters=clusters, out=out)
 
     # --- reloads ------------------------------------------------------------------------------
     def read_fresh(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -312,7 +372,9 @@ class TableSet(abc.ABC):
         return total
 
     def _owned(self) -> list[torch.Tensor]:
-        return list(self.arrays.values())
+        extra = [] if self.derived is None or self.derived.keyword_units is None else [
+            self.derived.keyword_units]
+        return [*self.arrays.values(), *extra]
 
     def _release_reader(self) -> None:
         if self._reader is not None:
@@ -325,12 +387,14 @@ class TableSet(abc.ABC):
         self.arrays = {}
         self._q_col = self._s_col = None
         self._attached = False
+        self.derived = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         # maps and lazily read arrays are re-attached from the files in the receiving process;
         # pickling them would copy the data into the message
-        state.update(arrays={}, _reader=None, _q_col=None, _s_col=None, _attached=False)
+        state.update(arrays={}, _reader=None, _q_col=None, _s_col=None, _attached=False,
+                     derived=None)
         return state
 
     def __repr__(self) -> str:
@@ -352,21 +416,23 @@ class PreloadedTables(TableSet):
 
     def _load(self, reader: StoreReader) -> dict[str, torch.Tensor]:
         infos = self.infos
-        n_pairs, d = self.n_pairs, self.embedding_dim
-        st_dtype = steering_dtype(infos)
-        # One buffer for the three steering arrays plus a zero row: one gather serves any variant.
-        table = torch.empty((1 + len(STEERING) * n_pairs, d), dtype=st_dtype)
-        table[0].zero_()
         arrays: dict[str, torch.Tensor] = {}
-        for i, name in enumerate(STEERING):
-            view = table[1 + i * n_pairs : 1 + (i + 1) * n_pairs]
-            if infos[name].dtype == st_dtype:
-                reader.read_into(name, view)
-            else:
-                view.copy_(reader.read(name))
-            arrays[name] = view
-        self.steering_table = table
-        for name in ARRAYS:
+        if self.derived_spec is None:
+            n_pairs, d = self.n_pairs, self.embedding_dim
+            st_dtype = steering_dtype(infos)
+            # One buffer for the three steering arrays plus a zero row: one gather serves any
+            # variant.
+            table = torch.empty((1 + len(STEERING) * n_pairs, d), dtype=st_dtype)
+            table[0].zero_()
+            for i, name in enumerate(STEERING):
+                view = table[1 + i * n_pairs : 1 + (i + 1) * n_pairs]
+                if infos[name].dtype == st_dtype:
+                    reader.read_into(name, view)
+                else:
+                    view.copy_(reader.read(name))
+                arrays[name] = view
+            self.steering_table = table
+        for name in self.names:
             if name in arrays:
                 continue
             info = infos[name]
@@ -381,13 +447,13 @@ class PreloadedTables(TableSet):
     def _place(self, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
             return arrays
-        assert self.steering_table is not None
         out: dict[str, torch.Tensor] = {}
-        table = self.steering_table.to(self.device)
-        n_pairs = self.n_pairs
-        for i, name in enumerate(STEERING):
-            out[name] = table[1 + i * n_pairs : 1 + (i + 1) * n_pairs]
-        self.steering_table = table
+        if self.steering_table is not None:
+            table = self.steering_table.to(self.device)
+            n_pairs = self.n_pairs
+            for i, name in enumerate(STEERING):
+                out[name] = table[1 + i * n_pairs : 1 + (i + 1) * n_pairs]
+            self.steering_table = table
         # the CSR keyword arrays are never gathered per batch: they stay on the CPU
         keep_on_cpu = ("pair_keyword_offsets", "pair_keyword_ids")
         for name, t in arrays.items():
@@ -397,7 +463,12 @@ class PreloadedTables(TableSet):
         return out
 
     def gather_steering(self, pair_ids: torch.Tensor, variant: torch.Tensor,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, *,
+                        questions: torch.Tensor | None = None,
+                        sources: torch.Tensor | None = None,
+                        clusters: torch.Tensor | None = None) -> torch.Tensor:
+        if self.derived is not None:
+            return self._derive(pair_ids, variant, out, questions, sources, clusters)
         assert self.steering_table is not None
         rows = torch.where(variant > 0, 1 + (variant - 1) * self.n_pairs + pair_ids,
                            torch.zeros_like(pair_ids))
@@ -425,7 +496,7 @@ class PreloadedTables(TableSet):
 
     def _owned(self) -> list[torch.Tensor]:
         extra = [self.steering_table] if self.steering_table is not None else []
-        return [*self.arrays.values(), *extra]
+        return [*super()._owned(), *extra]
 
     def close(self) -> None:
         super().close()
@@ -445,7 +516,7 @@ class MappedTables(TableSet):
     maps = True
 
     def _load(self, reader: StoreReader) -> dict[str, torch.Tensor]:
-        return {n: reader.map(n) for n in ARRAYS}
+        return {n: reader.map(n) for n in self.names}
 
     def _check(self, arrays: Mapping[str, torch.Tensor], reader: StoreReader) -> None:
         # The check reads every page of every array once, sequentially, through maps that
@@ -458,7 +529,8 @@ class MappedTables(TableSet):
         check_arrays(arrays, self.location.manifest, path=path,
                      skip_finite=frozenset(FINITE_ARRAYS))
         for name in FINITE_ARRAYS:
-            check_finite_chunks(name, read_ahead_chunks(arrays[name]), path)
+            if name not in self.virtual:
+                check_finite_chunks(name, read_ahead_chunks(arrays[name]), path)
 
     def _columns(self) -> None:
         # copying the columns out of a map would read (and hold) the whole pair index
@@ -481,7 +553,7 @@ class RowTables(TableSet):
 
     def _load(self, reader: StoreReader) -> dict[str, torch.Tensor]:
         arrays: dict[str, torch.Tensor] = {}
-        for name in ARRAYS:
+        for name in self.names:
             info = self.infos[name]
             if name in LAZY_ARRAYS:
                 arrays[name] = torch.empty(info.shape, dtype=info.dtype, device="meta")
@@ -495,7 +567,8 @@ class RowTables(TableSet):
                      skip_finite=frozenset(LAZY_ARRAYS))
         # one streamed pass over the float arrays that stay in storage
         for name in LAZY_ARRAYS:
-            check_finite_chunks(name, reader.iter_chunks(name), path)
+            if name not in self.virtual:
+                check_finite_chunks(name, reader.iter_chunks(name), path)
 
     def gather(self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None,
                dtype: torch.dtype | None = None) -> torch.Tensor:

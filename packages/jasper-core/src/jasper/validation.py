@@ -30,7 +30,7 @@ from jasper.errors import (
 )
 from jasper.lazy import lazy_torch
 from jasper.manifest import MANIFEST_NAME, Checksummer, Manifest
-from jasper.schema import ARRAYS, PAIRS, Cols, Role, split_array
+from jasper.schema import ALL_ARRAYS, ARRAYS, PAIRS, Cols, Role, split_array
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +70,8 @@ class ValidationReport:
     findings: list[Finding] = field(default_factory=list)
     checksums_verified: int = 0
     backend_problems: list[str] = field(default_factory=list)
+    #: derived steering: the rows computed and found finite by a deep validation
+    derived_rows_checked: int = 0
 
     @property
     def pairs_per_second(self) -> float:
@@ -511,20 +513,73 @@ def validate(
                                                   progress=progress)
             return report
         manifest = reader.manifest
-        infos = {n: reader.info(n) for n in ARRAYS if reader.has(n)}
+        from jasper.steering import stored_names
+
+        infos = {n: reader.info(n) for n in stored_names(manifest) if reader.has(n)}
         check_manifest_trust(manifest, infos, p)
         check_manifest_records(infos, manifest, p)
-        arrays, streamed = load_for_checks(reader, infos, ARRAYS)
+        arrays, streamed = load_for_checks(reader, infos, ALL_ARRAYS)
+        derived = _check_derived(arrays, reader, manifest, p)
         findings = check_arrays(arrays, manifest, path=p, strict=strict, warn=False,
-                                skip_finite=frozenset(streamed))
+                                skip_finite=frozenset(streamed) | derived)
         del arrays
         stream_finite_checks(reader, streamed, p)
         report = ValidationReport(p, int(infos["pair_index"].shape[0]), 0.0, findings)
         if deep:
             verify_stored(reader, report, [n for n in manifest.arrays if n in infos], infos,
                           progress)
+            if derived:
+                from jasper.registry import get_backend
+
+                mapped = get_backend(reader.backend_name).capabilities.mmap
+                report.derived_rows_checked = _check_derived_values(reader, manifest, p,
+                                                                    mapped=mapped)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_derived(arrays: dict[str, torch.Tensor], reader: StoreReader, manifest: Manifest,
+                   path: Path) -> frozenset[str]:
+    """Derived steering: the exception arrays' rules, and shape-only stand-ins for the
+    steering arrays in ``arrays``; returns their names (nothing when steering is stored)."""
+    from jasper.dtypes import torch_dtype
+    from jasper.steering import (
+        EXCEPTION_ROWS,
+        EXCEPTION_VALUES,
+        STEERING,
+        check_exceptions,
+        derived_spec,
+        placeholder,
+    )
+
+    spec = derived_spec(manifest)
+    if spec is None:
+        return frozenset()
+    n_pairs, dim = int(arrays["pair_index"].shape[0]), int(manifest.embedding_dim)
+    dtype = torch_dtype(spec.dtype)
+    check_exceptions(reader.read(EXCEPTION_ROWS), reader.read(EXCEPTION_VALUES),
+                     n_pairs=n_pairs, dim=dim, dtype=dtype, expected=spec.exceptions, path=path)
+    for n in STEERING:
+        arrays[n] = placeholder(n_pairs, dim, dtype)
+    return frozenset(STEERING)
+
+
+def _check_derived_values(reader: StoreReader, manifest: Manifest, path: Path, *,
+                          mapped: bool) -> int:
+    """Compute every derived steering row once (chunk by chunk) and check it is finite, so a
+    deep validation proves what batches will serve. Returns the number of rows computed."""
+    from jasper.dtypes import torch_dtype
+    from jasper.steering import FORMULA_INPUTS, STEERING, derived_chunks, derived_spec, table_args
+
+    spec = derived_spec(manifest)
+    assert spec is not None
+    tables = {n: reader.map(n) if mapped else reader.read(n) for n in FORMULA_INPUTS}
+    rows = 0
+    for v, start, got in derived_chunks(spec.formula, dtype=torch_dtype(spec.dtype),
+                                        **table_args(tables)):
+        _check_finite(f"{STEERING[v - 1]} (derived)", got, path, row_offset=start)
+        rows += int(got.shape[0])
+    return rows
 
 
 def check_manifest_records(infos: Mapping[str, ArrayInfo], manifest: Manifest, p: Path) -> None:

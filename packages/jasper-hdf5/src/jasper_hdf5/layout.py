@@ -51,6 +51,9 @@ PATHS: dict[str, str] = {
     "steering_keyword_weighted": "steering/keyword_weighted",
     "steering_residual": "steering/residual",
     "centroid_distances": "steering/distances",
+    # derived steering's stored exceptions (jasper.steering)
+    "steering_exception_rows": "steering/exception_rows",
+    "steering_exception_values": "steering/exception_values",
     "train_idx": "splits/train",
     "val_idx": "splits/val",
     "test_idx": "splits/test",

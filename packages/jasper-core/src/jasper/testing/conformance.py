@@ -45,6 +45,7 @@ from jasper.store import TMP_MARK, TRASH_MARK, clean_leftovers
 from jasper.testing import _workers
 from jasper.testing.data import make_arrays
 from jasper.testing.datasets import DatasetConformance
+from jasper.testing.derived import DerivedSteeringConformance
 
 #: Modules no backend listing may import (a listing that does costs every user seconds).
 DEFAULT_HEAVY_MODULES: tuple[str, ...] = (
@@ -154,7 +155,7 @@ DTYPE_CASES: list[tuple[str, str]] = [
 ]
 
 
-class BackendConformance(DatasetConformance):
+class BackendConformance(DatasetConformance, DerivedSteeringConformance):
     """Subclass this with one fixture, ``backend``, returning the backend instance.
 
     Besides the store-level tests below, it runs the dataset-level tests of

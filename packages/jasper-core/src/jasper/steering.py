@@ -1,0 +1,633 @@
+"""Steering vectors computed from the tables: one vectorised kernel for building and serving.
+
+The three steering variants of a pair are functions of rows the dataset stores anyway (the
+question, the source, the pair's centroid and its keywords). At D=384 the three stored arrays are
+4.6 KB of the ~4.8 KB of pair-level data, so a dataset may declare its steering **derived**:
+the manifest records the formula (``derived_steering``), the arrays are not stored, and each
+batch computes the variant of each of its rows (:class:`DerivedSteering`).
+
+One kernel, :func:`steering_rows`, computes every variant everywhere: jasper's builder calls it
+to produce the stored arrays and the batch gather calls it to derive them, on the same inputs
+(the tables in their stored dtype, computed in float32, cast to the steering dtype), so stored
+and derived values are bit-identical by construction. Every operation works row by row (row
+norms, row dot products, a segment sum of each pair's keywords in order), so a row's value does
+not depend on which other rows share its batch or build chunk.
+
+Formulas (:data:`FORMULAS`), with ``unit(x) = x / max(|x|, 1e-12)``:
+
+``jasper-v1`` (what ``jasper build`` and ``jasper synth`` write)
+    - centroid: the pair's centroid row ``C``;
+    - keyword: ``unit(sum_k w_k * unit(K_k))`` with ``w_k = exp(sharpness * unit(K_k) . unit(Q))``
+      over the pair's keywords (``sharpness`` 4.0); a pair without keywords steers by ``C``;
+    - residual: ``unit(unit(S) - (unit(S) . unit(C)) unit(C))``, the part of the source the
+      centroid does not explain.
+
+``original`` (the original system's ``contrastive/build_steering.py``, default options)
+    - centroid: ``unit(C - Q)`` (zeros where ``|C - Q| <= 1e-8``);
+    - keyword: ``unit(mean_k K_k)``; a pair without keywords (or whose mean is ~0) falls back to
+      the centroid steering (``fallback="centroid"``) or zeros (``"zero"``); its ``"random"``
+      fallback cannot be derived, such rows become stored exceptions;
+    - residual: ``Q - C``, normalised when ``normalize_residual``.
+
+A dataset converted to derived steering (``jasper convert --derive-steering``) keeps the rows
+whose stored value the formula does not reproduce within the tolerance as **exceptions**:
+``steering_exception_rows`` ``[E, 2]`` (variant 1-3, pair id; sorted) and
+``steering_exception_values`` ``[E, D]``, served instead of the formula, so what a batch holds
+never changes silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from jasper.dtypes import FLOAT_DTYPES, torch_dtype
+from jasper.errors import IntegrityError, ManifestError, ShapeError
+from jasper.schema import ARRAYS, STEERING_ARRAYS, STEERING_VARIANTS
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from jasper.manifest import Manifest
+
+#: The manifest key declaring derived steering.
+MANIFEST_KEY = "derived_steering"
+#: The stored exceptions of a derived dataset: (variant 1-3, pair id) rows, sorted, and values.
+EXCEPTION_ROWS = "steering_exception_rows"
+EXCEPTION_VALUES = "steering_exception_values"
+EXCEPTION_ARRAYS: tuple[str, str] = (EXCEPTION_ROWS, EXCEPTION_VALUES)
+#: The steering arrays in variant order: variant ``v`` (1-3) is ``STEERING[v - 1]``.
+STEERING: tuple[str, ...] = tuple(
+    a for a in (STEERING_ARRAYS[v] for v in STEERING_VARIANTS) if a is not None)
+#: Default tolerance of ``convert --derive-steering``: a stored row is reproduced when every
+#: element is within ``atol + rtol * |stored|`` of the formula's value.
+DEFAULT_ATOL = 1e-6
+DEFAULT_RTOL = 0.0
+
+#: A derived dataset normalises its keyword table once when it is at most this big (float32).
+UNIT_TABLE_MAX_BYTES = 256 << 20
+
+_EPS = 1e-12  # unit(): the floor of a row norm (jasper-v1)
+_ORIGINAL_EPS = 1e-8  # the original's "is this vector zero" threshold
+
+
+def unit(x: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
+    """Each row divided by its norm (floored at ``eps``)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+
+
+def _unit_or_zero(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(unit rows, mask of rows whose norm exceeds 1e-8)``; rows at or below are zeros."""
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    ok = n > _ORIGINAL_EPS
+    return torch.where(ok, x / n.clamp_min(_ORIGINAL_EPS), torch.zeros_like(x)), ok.squeeze(-1)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class KeywordRows:
+    """The keywords of a batch of pairs, flattened: ``rows[i]`` belongs to pair ``owner[i]``
+    (owners non-decreasing, each pair's keywords in stored order); ``counts[p]`` per pair.
+    ``unit_rows``: the rows are already ``unit()`` of the stored rows, in float32 (a table
+    normalised once; row-wise, so the bits equal normalising per batch)."""
+
+    rows: torch.Tensor
+    owner: torch.Tensor
+    counts: torch.Tensor
+    unit_rows: bool = False
+
+
+def keyword_rows_of(offsets: torch.Tensor, values: torch.Tensor, pair_ids: torch.Tensor,
+                    table_rows: Callable[[torch.Tensor], torch.Tensor]) -> KeywordRows:
+    """The keyword rows of ``pair_ids`` from the CSR (``offsets``, ``values``), vectorised:
+    ``table_rows(ids)`` reads rows of the keyword table."""
+    pair_ids = pair_ids.to(offsets.device)
+    lo = offsets.index_select(0, pair_ids).to(torch.int64)
+    counts = offsets.index_select(0, pair_ids + 1).to(torch.int64) - lo
+    b = pair_ids.shape[0]
+    owner = torch.repeat_interleave(torch.arange(b, device=offsets.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(owner.shape[0], device=offsets.device) - starts.index_select(0, owner) \
+        + lo.index_select(0, owner)
+    ids = values.index_select(0, pos).to(torch.int64)
+    return KeywordRows(table_rows(ids), owner, counts)
+
+
+#: Elements per row of :func:`_exp`'s working buffer: a multiple of every CPU vector width.
+_EXP_LANES = 64
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` of a 1-D tensor whose every element takes the same code path whatever its
+    position: CPU kernels evaluate a tensor's tail (``numel % vector width``) with the scalar
+    libm ``exp``, which may differ by an ulp from the vectorised one, so each element is
+    evaluated in a row of ``_EXP_LANES`` copies (always whole vectors) and read back."""
+    wide = x.unsqueeze(-1).expand(-1, _EXP_LANES).contiguous()
+    return torch.exp(wide)[:, 0].contiguous()
+
+
+def _segment_sum(x: torch.Tensor, owner: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.zeros((b, x.shape[-1]), dtype=x.dtype, device=x.device).index_add_(0, owner, x)
+
+
+# --- the formulas -----------------------------------------------------------------------------
+#: What each variant of each formula reads: "q" question, "s" source, "c" centroid, "k" keywords.
+_NEEDS: dict[str, dict[int, frozenset[str]]] = {
+    "jasper-v1": {1: frozenset("c"), 2: frozenset("qck"), 3: frozenset("sc")},
+    "original": {1: frozenset("qc"), 2: frozenset("qck"), 3: frozenset("qc")},
+}
+
+
+def _jasper_v1(variant: int, q: torch.Tensor | None, s: torch.Tensor | None, c: torch.Tensor,
+               kw: KeywordRows | None, params: Mapping[str, Any]) -> torch.Tensor:
+    if variant == 1:
+        return c
+    if variant == 2:
+        assert q is not None and kw is not None
+        b = c.shape[0]
+        kwe = kw.rows if kw.unit_rows else unit(kw.rows)
+        w = _exp(float(params.get("keyword_sharpness", 4.0))
+                 * _dot(kwe, unit(q).index_select(0, kw.owner)))
+        out = unit(_segment_sum(kwe * w.unsqueeze(-1), kw.owner, b))
+        return torch.where((kw.counts == 0).unsqueeze(-1), c, out)
+    assert s is not None
+    se, ce = unit(s), unit(c)
+    return unit(se - _dot(se, ce).unsqueeze(-1) * ce)
+
+
+def _original(variant: int, q: torch.Tensor | None, s: torch.Tensor | None, c: torch.Tensor,
+              kw: KeywordRows | None, params: Mapping[str, Any]) -> torch.Tensor:
+    assert q is not None
+    if variant == 1:
+        return _unit_or_zero(c - q)[0]
+    if variant == 3:
+        r = q - c
+        return _unit_or_zero(r)[0] if params.get("normalize_residual", False) else r
+    assert kw is not None
+    b = c.shape[0]
+    mean = _segment_sum(kw.rows, kw.owner, b) / kw.counts.clamp_min(1).to(c.dtype).unsqueeze(-1)
+    out, ok = _unit_or_zero(mean)
+    fallback = params.get("fallback", "centroid")
+    alt = _unit_or_zero(c - q)[0] if fallback == "centroid" else torch.zeros_like(c)
+    return torch.where(((kw.counts > 0) & ok).unsqueeze(-1), out, alt)
+
+
+_KERNELS: dict[str, Callable[..., torch.Tensor]] = {"jasper-v1": _jasper_v1, "original": _original}
+
+
+@dataclass(frozen=True)
+class Formula:
+    """A steering formula and its parameters, as the manifest records them."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def needs(self, variant: int) -> frozenset[str]:
+        """Which inputs variant ``variant`` (1-3) reads: ``q``, ``s``, ``c``, ``k``."""
+        return _NEEDS[self.name][variant]
+
+
+#: The formulas and the default parameters of each.
+FORMULAS: dict[str, dict[str, Any]] = {
+    "jasper-v1": {"keyword_sharpness": 4.0},
+    "original": {"normalize_residual": False, "fallback": "centroid"},
+}
+
+
+def formula(name: str, params: Mapping[str, Any] | None = None) -> Formula:
+    """The formula ``name`` with its default parameters updated by ``params``."""
+    if name not in FORMULAS:
+        raise ValueError(f"unknown steering formula {name!r}; known: {', '.join(FORMULAS)}")
+    merged = {**FORMULAS[name], **dict(params or {})}
+    unknown = sorted(set(merged) - set(FORMULAS[name]))
+    if unknown:
+        raise ValueError(f"steering formula {name!r} has no parameter(s) {', '.join(unknown)}; "
+                         f"its parameters: {', '.join(FORMULAS[name])}")
+    if name == "original" and merged["fallback"] not in ("centroid", "zero"):
+        raise ValueError("the original formula derives fallback 'centroid' or 'zero'; rows of "
+                         "its 'random' fallback are kept as stored exceptions")
+    return Formula(name, merged)
+
+
+JASPER_V1 = formula("jasper-v1")
+
+
+def steering_rows(f: Formula, variant: int, *, centroids: torch.Tensor,
+                  questions: torch.Tensor | None = None, sources: torch.Tensor | None = None,
+                  keywords: KeywordRows | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """THE kernel: variant ``variant`` (1 centroid, 2 keyword, 3 residual) of ``f`` for a batch
+    of pairs, from their centroid, question and source rows ``[B, D]`` and keyword rows, as
+    they are stored. Computed in float32 (float64 stays float64) and returned as ``dtype``
+    (default: the centroid rows' dtype). Only the inputs ``f.needs(variant)`` are required."""
+    if variant not in (1, 2, 3):
+        raise ValueError(f"steering variant must be 1, 2 or 3, got {variant}")
+    work = torch.float64 if centroids.dtype == torch.float64 else torch.float32
+
+    def up(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(work)
+
+    if keywords is not None and keywords.unit_rows and (
+            f.name != "jasper-v1" or keywords.rows.dtype != work):
+        raise ValueError("normalised keyword rows are jasper-v1's, in its working dtype")
+    kw = None if keywords is None else KeywordRows(keywords.rows.to(work), keywords.owner,
+                                                   keywords.counts, keywords.unit_rows)
+    out = _KERNELS[f.name](variant, up(questions), up(sources), up(centroids), kw, f.params)
+    return out.to(dtype or centroids.dtype)
+
+
+# --- the manifest record ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class DerivedSpec:
+    """A dataset's ``derived_steering`` record: formula, parameters, served dtype, the
+    tolerance its stored values were checked with (conversions) and the exception count."""
+
+    formula: Formula
+    dtype: str
+    exceptions: int = 0
+    atol: float | None = None
+    rtol: float | None = None
+    checked_rows: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"formula": self.formula.name, "params": dict(self.formula.params),
+                             "dtype": self.dtype, "exceptions": self.exceptions}
+        if self.atol is not None:
+            d["tolerance"] = {"atol": self.atol, "rtol": self.rtol or 0.0}
+        if self.checked_rows is not None:
+            d["checked_rows"] = self.checked_rows
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], path: str | Path = "config.json") -> DerivedSpec:
+        try:
+            f = formula(str(d["formula"]), d.get("params") or {})
+        except (KeyError, ValueError) as exc:
+            raise ManifestError(path, f"{MANIFEST_KEY}: {exc}") from None
+        dtype = str(d.get("dtype", "float32"))
+        if dtype not in FLOAT_DTYPES:
+            raise ManifestError(path, f"{MANIFEST_KEY}.dtype is {dtype!r}; allowed: "
+                                f"{', '.join(sorted(FLOAT_DTYPES))}")
+        tol = d.get("tolerance") or {}
+        return cls(f, dtype, int(d.get("exceptions", 0)),
+                   None if not tol else float(tol.get("atol", 0.0)),
+                   None if not tol else float(tol.get("rtol", 0.0)),
+                   d.get("checked_rows"))
+
+
+def derived_spec(manifest: Manifest) -> DerivedSpec | None:
+    """The manifest's derived-steering record, or ``None`` when steering is stored."""
+    d = getattr(manifest, "derived_steering", None)
+    if not d:
+        return None
+    return DerivedSpec.from_dict(d)
+
+
+def stored_names(manifest: Manifest) -> tuple[str, ...]:
+    """The arrays a steering dataset with this manifest stores: the data model's, without the
+    steering arrays and with the exception arrays when its steering is derived."""
+    if derived_spec(manifest) is None:
+        return tuple(ARRAYS)
+    return (*(n for n in ARRAYS if n not in STEERING), *EXCEPTION_ARRAYS)
+
+
+def placeholder(n_pairs: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """A stand-in for a derived steering array in structural checks: right shape and dtype,
+    no data (a meta tensor)."""
+    return torch.empty((n_pairs, dim), dtype=dtype, device="meta")
+
+
+def check_exception_layout(arrays: Mapping[str, Any], spec: DerivedSpec, dim: int) -> None:
+    """Shape-level rules of the exception arrays before a write (``arrays``: name -> anything
+    with ``shape`` and ``dtype``)."""
+    rows, values = arrays[EXCEPTION_ROWS], arrays[EXCEPTION_VALUES]
+    e = int(rows.shape[0]) if len(rows.shape) else -1
+    if tuple(rows.shape) != (e, 2) or rows.dtype != torch.int64:
+        raise ShapeError(f"{EXCEPTION_ROWS} must be int64 [E, 2], got {rows.dtype} "
+                         f"{tuple(rows.shape)}", array=EXCEPTION_ROWS, rule="shape")
+    want = torch_dtype(spec.dtype)
+    if tuple(values.shape) != (e, dim) or values.dtype != want:
+        raise ShapeError(f"{EXCEPTION_VALUES} must be {want} [{e}, {dim}] (one row per "
+                         f"exception), got {values.dtype} {tuple(values.shape)}",
+                         array=EXCEPTION_VALUES, rule="shape")
+    if e != spec.exceptions:
+        raise ShapeError(f"{EXCEPTION_ROWS} has {e} rows but the manifest's {MANIFEST_KEY} "
+                         f"records {spec.exceptions} exceptions", array=EXCEPTION_ROWS,
+                         rule="exception count")
+
+
+def check_exceptions(rows: torch.Tensor, values: torch.Tensor, *, n_pairs: int, dim: int,
+                     dtype: torch.dtype, expected: int | None = None,
+                     path: Path | None = None) -> None:
+    """The rules of the exception arrays: ``rows`` int64 ``[E, 2]`` with variant 1-3 and pair
+    id < N_p, strictly increasing (variant, pair) order; ``values`` ``[E, D]`` finite, in the
+    served dtype; ``E`` as the manifest records."""
+    if rows.dim() != 2 or rows.shape[1] != 2 or rows.dtype != torch.int64:
+        raise ShapeError(f"{EXCEPTION_ROWS} must be int64 [E, 2], got {rows.dtype} "
+                         f"{tuple(rows.shape)}", array=EXCEPTION_ROWS, rule="shape", path=path)
+    e = int(rows.shape[0])
+    if tuple(values.shape) != (e, dim) or values.dtype != dtype:
+        raise ShapeError(f"{EXCEPTION_VALUES} must be {dtype} [{e}, {dim}], got {values.dtype} "
+                         f"{tuple(values.shape)}", array=EXCEPTION_VALUES, rule="shape",
+                         path=path)
+    if expected is not None and e != expected:
+        raise IntegrityError(f"{EXCEPTION_ROWS} has {e} rows but the manifest's {MANIFEST_KEY} "
+                             f"records {expected} exceptions", array=EXCEPTION_ROWS,
+                             rule="exception count", path=path)
+    if e == 0:
+        return
+    v, p = rows[:, 0], rows[:, 1]
+    bad = (v < 1) | (v > 3)
+    if bool(bad.any()):
+        r = int(torch.nonzero(bad)[0])
+        raise IntegrityError(f"{EXCEPTION_ROWS}[{r}, 0] = {int(v[r])} is not a steering "
+                             "variant (1-3)", array=EXCEPTION_ROWS, row=r, rule="variant 1-3",
+                             path=path)
+    bad = (p < 0) | (p >= n_pairs)
+    if bool(bad.any()):
+        r = int(torch.nonzero(bad)[0])
+        raise IntegrityError(f"{EXCEPTION_ROWS}[{r}, 1] = {int(p[r])} but the dataset has "
+                             f"{n_pairs} pairs", array=EXCEPTION_ROWS, row=r,
+                             rule="index < pairs (N_p)", path=path)
+    key = v * n_pairs + p
+    if e > 1 and bool((key[1:] <= key[:-1]).any()):
+        r = int(torch.nonzero(key[1:] <= key[:-1])[0]) + 1
+        raise IntegrityError(f"{EXCEPTION_ROWS}[{r}] is not after row {r - 1}: exceptions are "
+                             "sorted by (variant, pair) without repeats", array=EXCEPTION_ROWS,
+                             row=r, rule="sorted exceptions", path=path)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        r = int(torch.nonzero(~finite.all(dim=1))[0])
+        raise IntegrityError(f"{EXCEPTION_VALUES}[{r}] is not finite", array=EXCEPTION_VALUES,
+                             row=r, rule="finite values", path=path)
+
+
+# --- serving ----------------------------------------------------------------------------------
+class DerivedSteering:
+    """The steering of a derived dataset, computed per batch from the tables it gathers.
+
+    ``gather`` computes, for each variant present in the batch, only that variant and only for
+    its rows (one vectorised kernel call each), then serves the stored exceptions. ``arrays``
+    reads tables by name (the table set's ``gather``)."""
+
+    def __init__(self, spec: DerivedSpec, n_pairs: int, dim: int,
+                 exception_rows: torch.Tensor, exception_values: torch.Tensor) -> None:
+        self.spec = spec
+        self.formula = spec.formula
+        self.dtype = torch_dtype(spec.dtype)
+        self.n_pairs = n_pairs
+        self.dim = dim
+        rows = exception_rows.to(torch.int64)
+        self.exception_keys = (rows[:, 0] * n_pairs + rows[:, 1]).contiguous()
+        self.exception_values = exception_values
+        #: jasper-v1 reads every keyword row normalised: done once for the whole table when
+        #: it is in memory and small (:meth:`prepare`), else per batch (the same bits)
+        self.keyword_units: torch.Tensor | None = None
+
+    def prepare(self, keyword_table: torch.Tensor) -> None:
+        """Normalise the keyword table once (jasper-v1, in-memory tables up to
+        :data:`UNIT_TABLE_MAX_BYTES` in float32)."""
+        if self.formula.name != "jasper-v1" or keyword_table.device.type == "meta":
+            return
+        if keyword_table.numel() * 4 > UNIT_TABLE_MAX_BYTES:
+            return
+        work = torch.float64 if keyword_table.dtype == torch.float64 else torch.float32
+        self.keyword_units = unit(keyword_table.to(work))
+
+    @property
+    def n_exceptions(self) -> int:
+        return int(self.exception_keys.shape[0])
+
+    def gather(self, pair_ids: torch.Tensor, variant: torch.Tensor, *,
+               table: Callable[[str, torch.Tensor], torch.Tensor],
+               csr: tuple[torch.Tensor, torch.Tensor],
+               questions: torch.Tensor | None = None, sources: torch.Tensor | None = None,
+               clusters: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Each pair's steering row of its variant (0: zeros), into ``out`` when given.
+
+        ``table(name, rows)`` gathers rows of a stored table; ``csr`` is (keyword offsets,
+        keyword ids); ``questions``/``sources``/``clusters`` are the batch's already gathered
+        question rows, source rows and cluster ids (gathered here when not given)."""
+        b = pair_ids.shape[0]
+        res = out if out is not None else torch.empty((b, self.dim), dtype=self.dtype,
+                                                      device=pair_ids.device)
+        if clusters is None:
+            clusters = table("pair_cluster_id", pair_ids).to(torch.int64)
+        zero = torch.nonzero(variant == 0).reshape(-1)
+        if zero.numel():
+            res.index_fill_(0, zero, 0)
+        for v in (1, 2, 3):
+            where = torch.nonzero(variant == v).reshape(-1)
+            if where.numel() == 0:
+                continue
+            pids = pair_ids.index_select(0, where)
+            needs = self.formula.needs(v)
+            c = table("centroid_embs", clusters.index_select(0, where))
+            q = questions.index_select(0, where) if "q" in needs and questions is not None \
+                else None
+            if "q" in needs and q is None:
+                q = table("question_embs", table("pair_index", pids)[:, 0].to(torch.int64))
+            s = sources.index_select(0, where) if "s" in needs and sources is not None else None
+            if "s" in needs and s is None:
+                s = table("source_embs", table("pair_index", pids)[:, 1].to(torch.int64))
+            kw = None
+            if "k" in needs:
+                units = self.keyword_units
+
+                def rows_of(ids: torch.Tensor, units: torch.Tensor | None = units) -> torch.Tensor:
+                    ids = ids.to(res.device)
+                    return units.index_select(0, ids) if units is not None else table(
+                        "keyword_embs", ids)
+
+                kw = keyword_rows_of(csr[0], csr[1], pids, rows_of)
+                kw = KeywordRows(kw.rows, kw.owner.to(res.device), kw.counts.to(res.device),
+                                 unit_rows=units is not None)
+            vals = steering_rows(self.formula, v, centroids=c, questions=q, sources=s,
+                                 keywords=kw, dtype=res.dtype)
+            res.index_copy_(0, where, vals)
+        if self.n_exceptions:
+            self._serve_exceptions(res, pair_ids, variant)
+        return res
+
+    def _serve_exceptions(self, res: torch.Tensor, pair_ids: torch.Tensor,
+                          variant: torch.Tensor) -> None:
+        keys = self.exception_keys.to(pair_ids.device)
+        key = variant.to(torch.int64) * self.n_pairs + pair_ids
+        pos = torch.searchsorted(keys, key).clamp_max(keys.shape[0] - 1)
+        hit = torch.nonzero((keys.index_select(0, pos) == key) & (variant > 0)).reshape(-1)
+        if hit.numel():
+            vals = self.exception_values.index_select(0, pos.index_select(0, hit).to(
+                self.exception_values.device))
+            res.index_copy_(0, hit, vals.to(device=res.device, dtype=res.dtype))
+
+
+# --- deriving a stored dataset ----------------------------------------------------------------
+@dataclass
+class DeriveReport:
+    """What checking stored steering against a formula found."""
+
+    formula: Formula
+    n_pairs: int
+    atol: float
+    rtol: float
+    #: exceptions per variant name
+    exceptions: dict[str, int] = field(default_factory=dict)
+    #: largest element difference among the rows reproduced within the tolerance
+    max_abs_diff: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.exceptions.values())
+
+    def __str__(self) -> str:
+        per = ", ".join(f"{k} {v}" for k, v in self.exceptions.items())
+        return (f"derived steering ({self.formula.name}): {self.total} of "
+                f"{3 * self.n_pairs} stored rows kept as exceptions ({per}); tolerance "
+                f"atol={self.atol:g} rtol={self.rtol:g}; largest difference within it "
+                f"{self.max_abs_diff:.3g}")
+
+
+def derived_chunks(
+    f: Formula, *, questions: torch.Tensor, sources: torch.Tensor, centroids: torch.Tensor,
+    keyword_embs: torch.Tensor, pair_index: torch.Tensor, pair_cluster_id: torch.Tensor,
+    keyword_offsets: torch.Tensor, keyword_ids: torch.Tensor, dtype: torch.dtype,
+    chunk: int = 1 << 14,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Every derived steering row of a dataset, as ``(variant, first pair, rows)`` chunks
+    (tables may be tensors or maps; bounded memory)."""
+    n = int(pair_index.shape[0])
+    for v in (1, 2, 3):
+        needs = f.needs(v)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            pids = torch.arange(start, stop, dtype=torch.int64)
+            pi = pair_index[start:stop].to(torch.int64)
+            c = centroids.index_select(0, pair_cluster_id[start:stop].to(torch.int64))
+            q = questions.index_select(0, pi[:, 0]) if "q" in needs else None
+            s = sources.index_select(0, pi[:, 1]) if "s" in needs else None
+            kw = keyword_rows_of(keyword_offsets, keyword_ids, pids,
+                                 lambda ids: keyword_embs.index_select(0, ids)) \
+                if "k" in needs else None
+            yield v, start, steering_rows(f, v, centroids=c, questions=q, sources=s,
+                                          keywords=kw, dtype=dtype)
+
+
+def find_exceptions(
+    f: Formula, stored: Sequence[Any], tables: Mapping[str, torch.Tensor], *,
+    dtype: torch.dtype, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+    chunk: int = 1 << 14,
+) -> tuple[torch.Tensor, torch.Tensor, DeriveReport]:
+    """Check every stored steering row (``stored``: the three arrays in variant order, tensors
+    or maps) against ``f`` computed from ``tables`` (the dataset's arrays by name); returns the
+    exception rows ``[E, 2]``, their stored values ``[E, D]`` (in ``dtype``) and the report.
+    A row is reproduced when every element is within ``atol + rtol * |stored|``."""
+    n = int(tables["pair_index"].shape[0])
+    d = int(tables["centroid_embs"].shape[1])
+    report = DeriveReport(f, n, atol, rtol, {v: 0 for v in STEERING_VARIANTS[1:]})
+    rows: list[torch.Tensor] = []
+    vals: list[torch.Tensor] = []
+    for v, start, got in derived_chunks(f, dtype=dtype, chunk=chunk, **table_args(tables)):
+        want = stored[v - 1][start : start + got.shape[0]].to(dtype)
+        diff = (got.to(torch.float64) - want.to(torch.float64)).abs()
+        bound = atol + rtol * want.to(torch.float64).abs()
+        off = ~(diff <= bound).all(dim=1)  # NaN differences are exceptions too
+        if bool(off.any()):
+            where = torch.nonzero(off).reshape(-1)
+            rows.append(torch.stack([torch.full_like(where, v), where + start], dim=1))
+            vals.append(want.index_select(0, where))
+            report.exceptions[STEERING_VARIANTS[v]] += int(where.numel())
+        ok = ~off
+        if bool(ok.any()):
+            report.max_abs_diff = max(report.max_abs_diff, float(diff[ok].max()))
+    e_rows = torch.cat(rows) if rows else torch.zeros((0, 2), dtype=torch.int64)
+    e_vals = torch.cat(vals) if vals else torch.zeros((0, d), dtype=dtype)
+    return e_rows, e_vals, report
+
+
+def table_args(arrays: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The keyword arguments of :func:`derived_chunks` from a dataset's arrays by name."""
+    return {"questions": arrays["question_embs"], "sources": arrays["source_embs"],
+            "centroids": arrays["centroid_embs"], "keyword_embs": arrays["keyword_embs"],
+            "pair_index": arrays["pair_index"], "pair_cluster_id": arrays["pair_cluster_id"],
+            "keyword_offsets": arrays["pair_keyword_offsets"],
+            "keyword_ids": arrays["pair_keyword_ids"]}
+
+
+#: The tables derived steering reads (what :func:`table_args` takes).
+FORMULA_INPUTS: tuple[str, ...] = ("question_embs", "source_embs", "centroid_embs",
+                                   "keyword_embs", "pair_index", "pair_cluster_id",
+                                   "pair_keyword_offsets", "pair_keyword_ids")
+
+
+def derive_arrays(
+    arrays: Mapping[str, Any], manifest: Manifest, f: Formula = JASPER_V1, *,
+    atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, chunk: int = 1 << 14,
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], Manifest, DeriveReport]:
+    """A stored-steering dataset's arrays and manifest turned into a derived one: the three
+    steering arrays are dropped, every one of their rows is checked against ``f`` and the
+    rows it does not reproduce within (``atol``, ``rtol``) become the stored exceptions, so
+    the batches served stay what they were (up to the tolerance). ``arrays`` may hold maps or
+    anything sliceable by rows for the steering arrays (then pass their ``dtype``)."""
+    import copy
+
+    if derived_spec(manifest) is not None:
+        raise ValueError("the dataset's steering is derived already")
+    if dtype is None:
+        dtype = arrays[STEERING[0]].dtype
+        for n in STEERING[1:]:
+            dtype = torch.promote_types(dtype, arrays[n].dtype)
+    rows, vals, report = find_exceptions(f, [arrays[n] for n in STEERING], arrays,
+                                         dtype=dtype, atol=atol, rtol=rtol, chunk=chunk)
+    out = {n: t for n, t in arrays.items() if n not in STEERING}
+    out[EXCEPTION_ROWS], out[EXCEPTION_VALUES] = rows, vals
+    m = copy.deepcopy(manifest)
+    from jasper.dtypes import dtype_name
+
+    m.derived_steering = DerivedSpec(f, dtype_name(dtype), int(rows.shape[0]), atol, rtol,
+                                     3 * int(arrays["pair_index"].shape[0])).to_dict()
+    m.arrays = {}
+    return out, m, report
+
+
+def stored_bytes_per_pair(dim: int, itemsize: int = 4) -> int:
+    """Bytes of stored steering per pair (three ``[D]`` rows)."""
+    return 3 * dim * itemsize
+
+
+__all__ = [
+    "DEFAULT_ATOL",
+    "DEFAULT_RTOL",
+    "EXCEPTION_ARRAYS",
+    "EXCEPTION_ROWS",
+    "EXCEPTION_VALUES",
+    "FORMULAS",
+    "FORMULA_INPUTS",
+    "JASPER_V1",
+    "MANIFEST_KEY",
+    "STEERING",
+    "DeriveReport",
+    "DerivedSpec",
+    "DerivedSteering",
+    "Formula",
+    "KeywordRows",
+    "check_exception_layout",
+    "check_exceptions",
+    "derive_arrays",
+    "derived_chunks",
+    "derived_spec",
+    "find_exceptions",
+    "formula",
+    "keyword_rows_of",
+    "steering_rows",
+    "stored_names",
+    "table_args",
+    "unit",
+]

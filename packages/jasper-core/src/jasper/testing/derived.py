@@ -1,0 +1,134 @@
+"""Conformance for derived steering (:mod:`jasper.steering`): a dataset that stores no steering
+arrays (and one that keeps stored exceptions) written through the backend serves batches
+bit-identical to the same dataset with stored steering, in every mode the backend offers.
+:class:`~jasper.testing.conformance.BackendConformance` includes these tests; they use its
+hooks (``write_dataset``, ``caps``, ``require_write``, ``write_options``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from jasper.backend import BackendEntrypoint, Capabilities
+from jasper.manifest import Manifest
+
+#: Steering rows the kit alters before deriving (variant 1-3, pair id): they must come back
+#: as stored exceptions.
+ALTERED: tuple[tuple[int, int], ...] = ((1, 3), (2, 0), (2, 17), (3, 5), (3, 39))
+
+
+class DerivedSteeringConformance:
+    """Mixin of the derived-steering tests (see the module docstring)."""
+
+    write_options: ClassVar[dict[str, Any]] = {}
+    derived_pairs: ClassVar[int] = 64
+
+    # provided by BackendConformance
+    def write_dataset(self, backend: BackendEntrypoint, path: Path, arrays: dict[str, Any],
+                      manifest: Manifest, **options: Any) -> Path:
+        raise NotImplementedError
+
+    def caps(self, backend: BackendEntrypoint) -> Capabilities:
+        raise NotImplementedError
+
+    def require_write(self, backend: BackendEntrypoint) -> None:
+        raise NotImplementedError
+
+    def _synth(self, derived: bool) -> tuple[dict[str, torch.Tensor], Manifest]:
+        from jasper.synth import SynthConfig, synthesize
+
+        cfg = SynthConfig(n_pairs=self.derived_pairs, embedding_dim=getattr(
+            self, "embedding_dim", 8), n_clusters=4, n_keywords=12, n_neg=3, seed=11,
+            derived_steering=derived)
+        sources, manifest = synthesize(cfg)
+        return {n: s.materialize().clone() for n, s in sources.items()}, manifest
+
+    def _modes(self, backend: BackendEntrypoint) -> list[bool]:
+        caps = self.caps(backend)
+        return [False, True] if (caps.mmap or caps.row_access) else [False]
+
+    def test_derived_steering_serves_the_stored_values(self, backend: BackendEntrypoint,
+                                                       tmp_path: Path) -> None:
+        """A dataset written with derived steering (no steering arrays handed to the writer,
+        plus two empty exception arrays) validates deeply and serves, preloaded and mapped or
+        by rows, batches bit-identical to the same dataset with stored steering.
+
+        Fix: store every array of :data:`jasper.schema.ALL_ARRAYS` by name, including the
+        exception arrays ``steering_exception_rows`` (int64 ``[E, 2]``) and
+        ``steering_exception_values`` (``[E, D]``), also when ``E`` is 0; never require the
+        three steering arrays to be present.
+        """
+        import jasper
+        from jasper.steering import STEERING, stored_names
+
+        self.require_write(backend)
+        stored, m_stored = self._synth(False)
+        derived, m_derived = self._synth(True)
+        assert not set(STEERING) & set(derived)
+        a = self.write_dataset(backend, tmp_path / "stored", stored, m_stored)
+        b = self.write_dataset(backend, tmp_path / "derived", derived, m_derived)
+        report = jasper.validate(b, deep=True, backend=backend.name)
+        assert report.checksums_verified == len(stored_names(Manifest.load(b)))
+        assert report.derived_rows_checked == 3 * self.derived_pairs
+        self._assert_same_batches(backend, a, b)
+
+    def test_derived_steering_keeps_altered_rows_as_exceptions(
+            self, backend: BackendEntrypoint, tmp_path: Path) -> None:
+        """Rows of stored steering that the formula does not reproduce (here: deliberately
+        altered) are kept as stored exceptions when the dataset is derived, so the derived
+        dataset serves exactly the altered values; a conversion to and from this backend keeps
+        them.
+
+        Fix: as above; ``steering_exception_values`` must round-trip bit-exactly.
+        """
+        import jasper
+        from jasper.steering import derive_arrays
+
+        self.require_write(backend)
+        stored, manifest = self._synth(False)
+        g = torch.Generator().manual_seed(5)
+        names = ("steering_centroid", "steering_keyword_weighted", "steering_residual")
+        for v, p in ALTERED:
+            stored[names[v - 1]][p] = torch.randn(stored[names[v - 1]].shape[1], generator=g)
+        out, m, report = derive_arrays(stored, manifest)
+        assert report.total == len(ALTERED), str(report)
+        assert [tuple(r) for r in out["steering_exception_rows"].tolist()] == sorted(ALTERED)
+        a = self.write_dataset(backend, tmp_path / "stored", stored, manifest)
+        b = self.write_dataset(backend, tmp_path / "derived", out, m)
+        assert jasper.validate(b, deep=True, backend=backend.name).ok
+        self._assert_same_batches(backend, a, b)
+        copy = jasper.convert(b, tmp_path / "copy", to=backend.name, src_backend=backend.name,
+                              progress=False, **self.write_options)
+        self._assert_same_batches(backend, a, Path(str(copy.dst)))
+
+    def _assert_same_batches(self, backend: BackendEntrypoint, a: Path, b: Path) -> None:
+        import jasper
+        from jasper.testing.conformance import assert_bit_equal
+
+        for mmap in self._modes(backend):
+            for split in ("train", "val", "test"):
+                with jasper.JASPERSteeringDataset(a, split, storage_format=backend.name,
+                                                  use_mmap=mmap) as s, \
+                        jasper.JASPERSteeringDataset(b, split, storage_format=backend.name,
+                                                     use_mmap=mmap) as d:
+                    n = len(s)
+                    if n == 0:
+                        continue
+                    idx = [n - 1, 0, *range(0, n, 2), 0, n - 1]
+                    for variant in (None, "zero", "centroid", "keyword", "residual"):
+                        s.force_steering(variant)
+                        d.force_steering(variant)
+                        s.set_epoch(35)
+                        d.set_epoch(35)
+                        want, got = s.__getitems__(idx), d.__getitems__(idx)
+                        assert list(got) == list(want)
+                        for key in want:
+                            assert_bit_equal(got[key], want[key],
+                                             f"{split} {key} (variant {variant}, "
+                                             f"use_mmap={mmap}, mode {d.mode})")
+
+
+__all__ = ["ALTERED", "DerivedSteeringConformance"]
