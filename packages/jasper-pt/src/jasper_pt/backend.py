@@ -12,6 +12,7 @@ needs, from the page cache into the caller's tensor.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -113,8 +114,11 @@ class PTReader(StoreReader):
         return obj
 
     def info(self, name: str) -> ArrayInfo:
-        if name not in self._cache and not (name in _CSR and self._is_legacy_csr()):
-            meta = pt_info(self.files, self._member(name))  # no torch: the file's pickle
+        # without torch loaded, describe from the file's pickle (jasper info stays torch-free);
+        # with it, map the tensor once: the read that follows uses the cached map
+        if ("torch" not in sys.modules and name not in self._cache
+                and not (name in _CSR and self._is_legacy_csr())):
+            meta = pt_info(self.files, self._member(name))
             if meta is not None:
                 return ArrayInfo(*meta)
         t = self._mapped(name)
