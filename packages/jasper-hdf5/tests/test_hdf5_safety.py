@@ -201,3 +201,28 @@ def test_reader_pins_the_generation_it_opened(tmp_path: Path, small_dataset: Pat
         os.rename(d, tmp_path / "old")
         os.rename(new, d)
         assert torch.equal(r.read_rows("steering_residual", torch.tensor([0, 3])), before[[0, 3]])
+
+
+def test_full_disk_is_a_typed_error_before_hdf5_starts(tmp_path: Path) -> None:
+    """A write into too little space is refused with a StorageError naming the file and the
+    bytes needed, before h5py runs: h5py's close after a write that ran out of space crashed
+    the process (SIGSEGV) in some runs. Needs a real small file system: a tmpfs (root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        for i in range(3):  # the crash showed in about one run of six
+            r = subprocess.run([sys.executable, "-m", "jasper", "synth", str(mnt / f"ds{i}"),
+                                "--backend", "hdf5", "--pairs", "2000", "--dim", "32",
+                                "--no-progress"], capture_output=True, text=True, timeout=300)
+            assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+            # refused up front, with the numbers, not after HDF5 failed half-way
+            assert "no space left on the device" in lines[0] and "are free" in lines[0], lines[0]
+            assert not any(mnt.iterdir()), list(mnt.iterdir())  # nothing left behind
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -248,6 +248,20 @@ def allocate_file(path: Path) -> None:
         os.close(fd)
 
 
+def require_free_space(path: Path, need: int, what: str) -> None:
+    """Raise :class:`StorageError` (ENOSPC) naming ``path`` when the file system that will hold
+    it has fewer than ``need`` bytes free: for writers whose library fails badly half-way
+    through a full disk, checked before the write starts."""
+    if not hasattr(os, "statvfs"):  # pragma: no cover - not POSIX
+        return
+    st = os.statvfs(path.parent)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise StorageError(path, f"no space left on the device: writing {what} needs about "
+                           f"{need:,} bytes and {free:,} are free; free space there or write "
+                           "elsewhere", errno.ENOSPC)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -433,5 +447,6 @@ __all__ = [
     "leftover_name",
     "pid_alive",
     "recover_interrupted_commit",
+    "require_free_space",
     "storage_error",
 ]

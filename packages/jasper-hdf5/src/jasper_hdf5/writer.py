@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from jasper.atomic import require_free_space
 from jasper.backend import ArraySource
 from jasper.dtypes import FLOAT_DTYPES, STORAGE_NUMPY, dtype_name, to_storage
 from jasper.errors import ShapeError, WriteOptionError
@@ -168,6 +169,10 @@ def write_file(directory: Path, arrays: Mapping[str, ArraySource], opts: WriteOp
             f"{', '.join(PATHS)}", array=unknown[0], rule="known array",
         )
     path = Path(directory) / FILE_NAME
+    if opts.compression == "none":  # h5py's close after running out of space can crash (SIGSEGV):
+        # refuse a write that cannot fit first; 64 KiB + 4 KiB per array bound HDF5's metadata
+        need = sum(int(a.nbytes) for a in arrays.values()) + (64 << 10) + (4 << 10) * len(arrays)
+        require_free_space(path, need, f"{len(arrays)} arrays")
     # libver "earliest" (h5py's default) keeps the files readable by old h5py/HDF5 installs,
     # like the original system's.
     # Ctrl-C is held while h5py runs (it would be swallowed inside h5py's callbacks and the
