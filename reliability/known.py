@@ -22,10 +22,4 @@ class Known:
 
 #: (family, backend) -> why it fails now; keep in step with the last campaign run
 #: (docs/reliability.md lists its findings)
-KNOWN: dict[tuple[str, str], Known] = {
-    ("disk-full", "hdf5"): Known(
-        "issue 9 item 13", "a full disk during an HDF5 synth, overwrite or convert crashes the "
-        "process with SIGSEGV in h5py's ObjectID.__dealloc__ ('Can't decrement id ref count') "
-        "in the full campaign (16 of the 32 hdf5 disk-full cases of the 03:45 run); the quick "
-        "sample's fill level does not hit it, so the mark is non-strict", racy=True),
-}
+KNOWN: dict[tuple[str, str], Known] = {}
