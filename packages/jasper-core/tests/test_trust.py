@@ -116,6 +116,7 @@ def test_check_tensor_layout() -> None:
     check_tensor_layout("x", torch.zeros(4, 3).t())  # transposed: no aliasing
     check_tensor_layout("x", torch.zeros(6, 4)[::2])  # strided rows: no aliasing
     check_tensor_layout("x", torch.zeros(1, 3).expand(1, 3))
+    check_tensor_layout("x", torch.zeros(()).expand(0, 8))  # empty: nothing to alias
     with pytest.raises(ShapeError, match="alias"):
         check_tensor_layout("x", torch.zeros(1, 3).expand(4, 3))
     with pytest.raises(ShapeError, match="alias"):

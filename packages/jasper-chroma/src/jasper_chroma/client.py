@@ -91,9 +91,9 @@ def get_client(location: Path | ServerLocation) -> Any:
                 if not Path(location).is_dir():
                     raise FormatError(location, "the Chroma directory does not exist")
                 client = chromadb.PersistentClient(path=str(location), settings=settings())
-        except JasperError:
+        except (JasperError, KeyboardInterrupt, SystemExit):
             raise
-        except Exception as exc:
+        except BaseException as exc:  # chromadb's Rust panics are BaseExceptions (pyo3)
             where = location.url() if isinstance(location, ServerLocation) else str(location)
             raise ChromaStoreError(f"{where}: cannot connect to Chroma: "
                                    f"{type(exc).__name__}: {str(exc)[:300]}") from None
@@ -112,7 +112,10 @@ def open_persistent(path: Path, where: str) -> Any:
     with _LOCK:
         try:
             client = chromadb.PersistentClient(path=str(path), settings=settings())
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # chromadb's Rust panics are BaseExceptions (pyo3): e.g.
+            # SQLite cannot open the database of a version a commit is deleting
             raise ChromaStoreError(f"{where}: cannot open the Chroma directory: "
                                    f"{type(exc).__name__}: {str(exc)[:300]}") from None
         _USED_BY = os.getpid()
