@@ -278,7 +278,12 @@ class StoreReader(abc.ABC):
         from jasper.manifest import Manifest as _Manifest
 
         try:
-            data = json.loads(self.files.read_bytes(MANIFEST_NAME, limit=64 << 20))
+            # the bytes read when the directory was pinned: a commit may since have deleted the
+            # pinned version's manifest by name, and core's copy may be of another version
+            raw = self.files.manifest_at_pin
+            if raw is None:
+                return manifest  # no manifest when pinned: core's is all there is
+            data = json.loads(raw)
             arrays = data.get("arrays") if isinstance(data, dict) else None
             if arrays == {n: r.to_dict() for n, r in manifest.arrays.items()}:
                 return manifest  # the same version: no second schema check (~10 ms an open)

@@ -137,6 +137,7 @@ class DatasetDir:
         #: a writer's commit moves this version aside and deletes it, and only an open file
         #: survives that, so members are opened with the directory, not on first read
         self._members: dict[str, int] = {}
+        self._manifest_at_pin: bytes | None = None
         self._lock = threading.Lock()
 
     # --- the directory descriptor ------------------------------------------------------------
@@ -161,7 +162,7 @@ class DatasetDir:
         # back to the path, so if it is still there, nothing had started deleting it while its
         # members were being opened. Otherwise open the path again (the new version).
         for _attempt in range(_PIN_ATTEMPTS):
-            fd, gen, members = self._open_dir_once()
+            fd, gen, members, manifest = self._open_dir_once()
             if _still_at(self.path, fd):
                 break
             self._close_fds([*members.values(), fd])
@@ -175,7 +176,7 @@ class DatasetDir:
                 self.path, "the dataset was replaced by a new version after it was opened (a "
                 "writer committed to this path); open it again to read the new version")
         self._fd, self._pid, self._generation = fd, os.getpid(), gen
-        self._members = members
+        self._members, self._manifest_at_pin = members, manifest
 
     @staticmethod
     def _close_fds(fds: list[int]) -> None:
@@ -183,7 +184,7 @@ class DatasetDir:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _open_dir_once(self) -> tuple[int, Generation, dict[str, int]]:
+    def _open_dir_once(self) -> tuple[int, Generation, dict[str, int], bytes | None]:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECTORY", 0))
         except FileNotFoundError:
@@ -195,12 +196,12 @@ class DatasetDir:
             raise FormatError(self.path, f"cannot open the dataset directory: {exc.strerror}") \
                 from None
         try:
-            gen = self._identity(fd)
+            gen, manifest = self._identity(fd)
             members = self._open_members(fd)
         except BaseException:
             os.close(fd)
             raise
-        return fd, gen, members
+        return fd, gen, members, manifest
 
     def _open_members(self, dir_fd: int) -> dict[str, int]:
         members: dict[str, int] = {}
@@ -220,15 +221,23 @@ class DatasetDir:
                 continue  # vanished or unreadable: opening it by name reports why
         return members
 
-    def _identity(self, fd: int) -> Generation:
+    def _identity(self, fd: int) -> tuple[Generation, bytes | None]:
         st = os.fstat(fd)
-        digest = ""
+        digest, data = "", None
         try:
             data = self._read_member_at(fd, MANIFEST_FILE, limit=64 << 20)
             digest = hashlib.blake2b(_version_part(data), digest_size=16).hexdigest()
         except (DatasetNotFoundError, FormatError):
             pass  # no manifest (yet): the directory identity alone
-        return Generation(st.st_dev, st.st_ino, digest)
+        return Generation(st.st_dev, st.st_ino, digest), data
+
+    @property
+    def manifest_at_pin(self) -> bytes | None:
+        """The bytes of the manifest as the pinned directory held it when it was pinned (None
+        without one): it describes the pinned members even after a commit has deleted the
+        pinned version's files by name."""
+        self.pin()
+        return self._manifest_at_pin
 
     def pin(self) -> Generation:
         """Open the directory now (the generation this object reads from then on)."""
