@@ -16,7 +16,7 @@ import torch
 from jasper.backend import ArrayInfo, StoreReader
 from jasper.dtypes import from_storage, torch_dtype
 from jasper.errors import FormatError, JasperError
-from jasper.files import DatasetChangedError
+from jasper.files import PIN_ATTEMPTS, DatasetChangedError, names_directory
 from jasper.location import Location
 from jasper.progress import count_bar
 from jasper_chroma.client import (
@@ -197,7 +197,7 @@ class ChromaReader(StoreReader):
             self.layout = Layout.parse(data, f"{self.dataset.url}/{self._prefix}{LAYOUT_FILE}",
                                        manifest.dataset_kind)
             return
-        for _attempt in range(_PIN_ATTEMPTS):
+        for _attempt in range(PIN_ATTEMPTS):
             super().__init__(Path(where), manifest)
             try:
                 self.layout = Layout.parse(self.files.read_bytes(LAYOUT_FILE, limit=16 << 20),
@@ -209,15 +209,15 @@ class ChromaReader(StoreReader):
                                       "chroma:// URL)")
                 self._local = _LocalPin.open(self)
             except (JasperError, OSError):
-                if _still_pinned(self):
+                if names_directory(self.path, self.files.fd):
                     self._release_local()
                     raise
                 self._release_local()
                 continue  # replaced while being opened: open the new version
-            if _still_pinned(self):
+            if names_directory(self.path, self.files.fd):
                 return
             self._release_local()
-        raise DatasetChangedError(self.path, f"the dataset was replaced {_PIN_ATTEMPTS} times "
+        raise DatasetChangedError(self.path, f"the dataset was replaced {PIN_ATTEMPTS} times "
                                   "while it was being opened; open it again later")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -384,19 +384,6 @@ class ChromaReader(StoreReader):
             raise ChromaStoreError(f"{self.where}: counting {table} failed: {exc}") from None
 
 
-#: how many times a local reader re-opens a path whose directory was swapped while it opened it
-_PIN_ATTEMPTS = 50
-
-
-def _still_pinned(reader: ChromaReader) -> bool:
-    """Whether the reader's path still names the directory it pinned (so nothing had started
-    deleting that version while its files were being opened)."""
-    try:
-        st = os.stat(reader.path)
-    except OSError:
-        return False
-    here = os.fstat(reader.files.fd)
-    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
 class _LocalPin:

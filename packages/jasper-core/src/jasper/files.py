@@ -45,11 +45,12 @@ _PROC_FD = Path("/proc/self/fd")
 
 
 #: how many times a reader re-opens a path whose directory was swapped while it was pinning it
-_PIN_ATTEMPTS = 50
+PIN_ATTEMPTS = 50
 
 
-def _still_at(path: Path, fd: int) -> bool:
-    """Whether ``path`` (followed) still names the directory open as ``fd``."""
+def names_directory(path: Path, fd: int) -> bool:
+    """Whether ``path`` (followed) still names the directory open as ``fd``: a reader that
+    pinned a directory checks it afterwards, since a commit may have swapped it meanwhile."""
     try:
         st = os.stat(path)
     except OSError:
@@ -161,14 +162,14 @@ class DatasetDir:
         # the path still names the directory that was opened: a replaced directory never comes
         # back to the path, so if it is still there, nothing had started deleting it while its
         # members were being opened. Otherwise open the path again (the new version).
-        for _attempt in range(_PIN_ATTEMPTS):
+        for _attempt in range(PIN_ATTEMPTS):
             fd, gen, members, manifest = self._open_dir_once()
-            if _still_at(self.path, fd):
+            if names_directory(self.path, fd):
                 break
             self._close_fds([*members.values(), fd])
         else:
             raise DatasetChangedError(
-                self.path, f"the dataset was replaced {_PIN_ATTEMPTS} times while it was being "
+                self.path, f"the dataset was replaced {PIN_ATTEMPTS} times while it was being "
                 "opened (a writer commits to this path in a loop); open it again later")
         if self._generation is not None and gen != self._generation:
             self._close_fds([*members.values(), fd])
@@ -461,10 +462,12 @@ class ProcessLocal(Generic[T]):
 
 
 __all__ = [
+    "PIN_ATTEMPTS",
     "DatasetChangedError",
     "DatasetDir",
     "Generation",
     "OutsideDatasetError",
     "ProcessLocal",
     "check_member_name",
+    "names_directory",
 ]

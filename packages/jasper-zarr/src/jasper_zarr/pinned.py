@@ -48,25 +48,19 @@ from zarr.abc.store import (
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from jasper.errors import StorageError
-from jasper.files import DatasetChangedError, DatasetDir, Generation, OutsideDatasetError
-
-#: How many times a pin re-opens a path that a commit swapped while the tree was being opened.
-PIN_ATTEMPTS = 50
+from jasper.files import (
+    PIN_ATTEMPTS,
+    DatasetChangedError,
+    DatasetDir,
+    Generation,
+    OutsideDatasetError,
+    names_directory,
+)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECTORY", 0) | getattr(
     os, "O_NOFOLLOW", 0)
 # O_NONBLOCK: a FIFO planted in the tree must not block the open (it is refused after fstat)
 _FILE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
-
-
-def _same_directory(path: Path, fd: int) -> bool:
-    """Whether ``path`` still names the directory open as ``fd``."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    here = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _raise_fd_limit() -> bool:
@@ -141,7 +135,7 @@ class PinnedGroup:
                 raise
             # a replaced directory never comes back to the path: if the path still names it,
             # nothing had started deleting it while its files were being opened
-            if _same_directory(self.path, files.fd):
+            if names_directory(self.path, files.fd):
                 self.files, self._fds, self._expected = files, fds, generation
                 return
             self._close_all(fds)
