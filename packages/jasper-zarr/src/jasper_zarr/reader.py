@@ -49,8 +49,10 @@ from jasper_zarr.layout import (
     LAYOUT_VERSION,
     Grid,
     expected_chunk_keys,
+    shard_key,
 )
-from jasper_zarr.pinned import PinnedGroup, PinnedStore
+from jasper_zarr.pinned import PinnedGroup, PinnedStore, read_range
+from jasper_zarr.shardread import ShardLayout, decode_shard, read_local_shard
 from jasper_zarr.stores import zarr_store
 
 T = TypeVar("T")
@@ -354,25 +356,92 @@ class ZarrReader(StoreReader):
         target = out if out.is_contiguous() else torch.empty(info.shape, dtype=info.dtype)
         buf = _storage_view(target, logical)
         arr = self._array(name)
-        n = shape[0]
-        shards = [(a, min(n, a + grid.shard_rows)) for a in range(0, n, grid.shard_rows)]
-        row_bytes = info.nbytes // max(1, n)
+        layout = self._shard_layout(name)
         with byte_bar(info.nbytes if info.nbytes >= PROGRESS_MIN_BYTES else 0,
                       f"reading {name}", None) as update:
-            def one(span: tuple[int, int]) -> None:
-                a, b = span
-                self._wrap(name, lambda: arr.get_basic_selection(
-                    np.s_[a:b], out=_ndbuffer(buf[a:b])))
-                update((b - a) * row_bytes)
-
-            if len(shards) == 1:
-                one(shards[0])
+            if layout is not None:
+                self._preload_shards(name, arr, layout, buf, update)
             else:
-                with ThreadPoolExecutor(min(PRELOAD_THREADS, len(shards))) as pool:
-                    list(pool.map(one, shards))
+                self._preload_via_zarr(name, arr, grid, buf, update)
         if target is not out:
             out.copy_(target)
         return out
+
+    def _shard_layout(self, name: str) -> ShardLayout | None:
+        """The writer's layout of array ``name`` when the fast preload can read it, else
+        ``None`` (a zarr array of other software: read through zarr)."""
+        arr = self._array(name)
+        return self._wrap(name, lambda: ShardLayout.of(arr.metadata.to_dict(),
+                                                       np.dtype(str(arr.dtype)),
+                                                       arr.metadata.fill_value))
+
+    def _preload_shards(self, name: str, arr: Any, layout: ShardLayout, buf: np.ndarray,
+                        update: Callable[[int], Any]) -> None:
+        """Every shard of ``name`` read whole and decoded into its rows of ``buf``, shards in
+        parallel threads (:mod:`jasper_zarr.shardread`; the I/O and the decoders release the
+        GIL)."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        flat = buf.reshape(-1).view(np.uint8)
+        rb = layout.row_bytes
+        ndim = len(layout.shape)
+        store = arr.store
+        prototype = default_buffer_prototype()
+        pinned = self._pinned
+
+        def one(shard: int) -> None:
+            key = shard_key(name, shard, ndim)
+            self._wrap(name, lambda: read_shard(shard, key), key=key)
+            a, b = layout.shard_span(shard)
+            update((b - a) * rb)
+
+        def read_shard(shard: int, key: str) -> None:
+            a, b = layout.shard_span(shard)
+            where = self._where_str(key)
+            rows = flat[a * rb : b * rb]
+            if pinned is not None:
+                fd = pinned.fd(key)
+                if fd is None:
+                    raise FormatError(where, f"chunk object {key!r} of array {name!r} is "
+                                      "missing", array=name)
+                if layout.compressor == "none":
+                    read_local_shard(layout, shard, fd, rows, where, name)
+                else:
+                    decode_shard(layout, shard, read_range(fd, 0, None), rows, where, name)
+            else:
+                got = sync(store.get(key, prototype))
+                if got is None:  # deleted after the listing: an error, never zeros
+                    raise FormatError(where, f"chunk object {key!r} of array {name!r} "
+                                      "vanished after the listing", array=name)
+                decode_shard(layout, shard, got.as_numpy_array(), rows, where, name)
+
+        shards = range(layout.n_shards)
+        if len(shards) == 1:
+            one(0)
+        else:
+            with ThreadPoolExecutor(min(PRELOAD_THREADS, len(shards))) as pool:
+                list(pool.map(one, shards))
+
+    def _preload_via_zarr(self, name: str, arr: Any, grid: Grid, buf: np.ndarray,
+                          update: Callable[[int], Any]) -> None:
+        """Groups of whole shards read through zarr's codec pipeline, concurrently (the path
+        for arrays whose layout :mod:`jasper_zarr.shardread` does not read)."""
+        n = int(buf.shape[0])
+        shards = [(a, min(n, a + grid.shard_rows)) for a in range(0, n, grid.shard_rows)]
+        row_bytes = buf.nbytes // max(1, n)
+
+        def one(span: tuple[int, int]) -> None:
+            a, b = span
+            self._wrap(name, lambda: arr.get_basic_selection(
+                np.s_[a:b], out=_ndbuffer(buf[a:b])))
+            update((b - a) * row_bytes)
+
+        if len(shards) == 1:
+            one(shards[0])
+        else:
+            with ThreadPoolExecutor(min(PRELOAD_THREADS, len(shards))) as pool:
+                list(pool.map(one, shards))
 
     def read_slice_into(self, name: str, start: int, stop: int, out: torch.Tensor
                         ) -> torch.Tensor:
