@@ -52,13 +52,25 @@ from jasper_zarr.layout import (
     shard_key,
 )
 from jasper_zarr.pinned import PinnedGroup, PinnedStore, read_range
-from jasper_zarr.shardread import ShardLayout, decode_shard, read_local_shard
+from jasper_zarr.shardread import (
+    Piece,
+    ShardLayout,
+    decode_piece,
+    fill_chunks,
+    parse_index,
+    plan_pieces,
+    read_index_local,
+    read_piece_local,
+)
 from jasper_zarr.stores import zarr_store
 
 T = TypeVar("T")
 
 #: Concurrent shard groups in a preload (each is one zarr call; zarr adds its own concurrency).
 PRELOAD_THREADS = 8
+#: Bytes of one ranged read of the fast preload: several per shard, so that one shard is read
+#: by several threads; over an object store, a range of 8 MiB is served at full bandwidth.
+PRELOAD_PIECE_BYTES = 8 << 20
 #: Arrays at least this large get a progress bar during a preload.
 PROGRESS_MIN_BYTES = 64 << 20
 
@@ -352,7 +364,7 @@ class ZarrReader(StoreReader):
         if out.numel() == 0:
             return out
         self._check_chunks(name)
-        shape, logical, grid = self._metadata(name)
+        _, logical, grid = self._metadata(name)
         target = out if out.is_contiguous() else torch.empty(info.shape, dtype=info.dtype)
         buf = _storage_view(target, logical)
         arr = self._array(name)
@@ -377,9 +389,11 @@ class ZarrReader(StoreReader):
 
     def _preload_shards(self, name: str, arr: Any, layout: ShardLayout, buf: np.ndarray,
                         update: Callable[[int], Any]) -> None:
-        """Every shard of ``name`` read whole and decoded into its rows of ``buf``, shards in
-        parallel threads (:mod:`jasper_zarr.shardread`; the I/O and the decoders release the
-        GIL)."""
+        """Every shard of ``name`` read and decoded into its rows of ``buf`` without zarr's
+        codec pipeline (:mod:`jasper_zarr.shardread`): first every shard's index, then the
+        shards' data as ranged reads of about :data:`PRELOAD_PIECE_BYTES`, all in parallel
+        threads (the reads, the checksums and the decoders release the GIL)."""
+        from zarr.abc.store import RangeByteRequest, SuffixByteRequest
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
@@ -389,39 +403,68 @@ class ZarrReader(StoreReader):
         store = arr.store
         prototype = default_buffer_prototype()
         pinned = self._pinned
+        keys = [shard_key(name, i, ndim) for i in range(layout.n_shards)]
 
-        def one(shard: int) -> None:
-            key = shard_key(name, shard, ndim)
-            self._wrap(name, lambda: read_shard(shard, key), key=key)
+        def rows_of(shard: int) -> np.ndarray:
             a, b = layout.shard_span(shard)
-            update((b - a) * rb)
+            return flat[a * rb : b * rb]
 
-        def read_shard(shard: int, key: str) -> None:
-            a, b = layout.shard_span(shard)
-            where = self._where_str(key)
-            rows = flat[a * rb : b * rb]
+        def fd_of(shard: int) -> int:
+            assert pinned is not None
+            fd = pinned.fd(keys[shard])
+            if fd is None:
+                raise FormatError(self._where_str(keys[shard]), f"chunk object "
+                                  f"{keys[shard]!r} of array {name!r} is missing", array=name)
+            return fd
+
+        def fetch(shard: int, request: Any) -> np.ndarray:
+            got = sync(store.get(keys[shard], prototype, request))
+            if got is None:  # deleted after the listing: an error, never zeros
+                raise FormatError(self._where_str(keys[shard]), f"chunk object "
+                                  f"{keys[shard]!r} of array {name!r} vanished after the "
+                                  "listing", array=name)
+            return np.asarray(got.as_numpy_array()).reshape(-1).view(np.uint8)
+
+        def index_of(shard: int) -> list[Piece]:
+            where = self._where_str(keys[shard])
             if pinned is not None:
-                fd = pinned.fd(key)
-                if fd is None:
-                    raise FormatError(where, f"chunk object {key!r} of array {name!r} is "
-                                      "missing", array=name)
-                if layout.compressor == "none":
-                    read_local_shard(layout, shard, fd, rows, where, name)
-                else:
-                    decode_shard(layout, shard, read_range(fd, 0, None), rows, where, name)
+                index = read_index_local(layout, fd_of(shard), where, name)
             else:
-                got = sync(store.get(key, prototype))
-                if got is None:  # deleted after the listing: an error, never zeros
-                    raise FormatError(where, f"chunk object {key!r} of array {name!r} "
-                                      "vanished after the listing", array=name)
-                decode_shard(layout, shard, got.as_numpy_array(), rows, where, name)
+                tail = fetch(shard, SuffixByteRequest(layout.index_bytes))
+                index = parse_index(layout, tail, None, where, name)
+            pieces, empty = plan_pieces(layout, shard, index, PRELOAD_PIECE_BYTES)
+            if empty:
+                fill_chunks(layout, shard, empty, rows_of(shard))
+                update(sum(min(layout.chunk_rows, layout.shard_span(shard)[1]
+                               - layout.shard_span(shard)[0] - j * layout.chunk_rows)
+                           for j in empty) * rb)
+            return pieces
 
-        shards = range(layout.n_shards)
-        if len(shards) == 1:
-            one(0)
-        else:
-            with ThreadPoolExecutor(min(PRELOAD_THREADS, len(shards))) as pool:
-                list(pool.map(one, shards))
+        def read_piece(piece: Piece) -> None:
+            where = self._where_str(keys[piece.shard])
+            rows = rows_of(piece.shard)
+            if pinned is not None and layout.compressor == "none":
+                read_piece_local(layout, piece, fd_of(piece.shard), rows, where, name)
+            elif pinned is not None:
+                data = read_range(fd_of(piece.shard), piece.start, piece.stop)
+                decode_piece(layout, piece, data, rows, where, name)
+            else:
+                data = fetch(piece.shard, RangeByteRequest(piece.start, piece.stop))
+                decode_piece(layout, piece, data, rows, where, name)
+            update(piece.row_bytes(layout))
+
+        def run(fn: Callable[[Any], T], items: list[Any], key_of: Callable[[Any], int]
+                ) -> list[T]:
+            def one(item: Any) -> T:
+                return self._wrap(name, lambda: fn(item), key=keys[key_of(item)])
+
+            if len(items) <= 1:
+                return [one(i) for i in items]
+            return list(_preload_pool().map(one, items))
+
+        shards = list(range(layout.n_shards))
+        pieces = [p for ps in run(index_of, shards, lambda s: s) for p in ps]
+        run(read_piece, pieces, lambda p: p.shard)
 
     def _preload_via_zarr(self, name: str, arr: Any, grid: Grid, buf: np.ndarray,
                           update: Callable[[int], Any]) -> None:
@@ -487,6 +530,27 @@ class ZarrReader(StoreReader):
         idx = rows.numpy()
         self._wrap(name, lambda: arr.get_orthogonal_selection((idx,), out=_ndbuffer(buf)))
         return data
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _preload_pool() -> ThreadPoolExecutor:
+    """This process's preload threads, started once (starting threads for every array cost
+    more than reading a small one on a loaded machine); a forked child makes its own."""
+    pid = os.getpid()
+    pool = _pools.get(pid)
+    if pool is None:
+        with _pool_lock:
+            pool = _pools.get(pid)
+            if pool is None:
+                _pools.clear()
+                pool = _pools[pid] = ThreadPoolExecutor(PRELOAD_THREADS,
+                                                        thread_name_prefix="jasper-zarr-read")
+    return pool
+
+
+_pool_lock = threading.Lock()
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
