@@ -67,10 +67,10 @@ from jasper_zarr.stores import zarr_store
 T = TypeVar("T")
 
 #: Concurrent shard groups in a preload (each is one zarr call; zarr adds its own concurrency).
-PRELOAD_THREADS = 8
+PRELOAD_THREADS = 16
 #: Bytes of one ranged read of the fast preload: several per shard, so that one shard is read
 #: by several threads; over an object store, a range of 8 MiB is served at full bandwidth.
-PRELOAD_PIECE_BYTES = 8 << 20
+PRELOAD_PIECE_BYTES = 2 << 20
 #: Arrays at least this large get a progress bar during a preload.
 PROGRESS_MIN_BYTES = 64 << 20
 
