@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -106,6 +107,7 @@ class ZarrReader(StoreReader):
         self._group: Any = None
         self._arrays: dict[str, Any] = {}
         self._checked: set[str] = set()
+        self._listing: tuple[int, set[str]] | None = None
         self._meta: dict[str, tuple[tuple[int, ...], str, Grid]] = {}
         self._names: list[str] | None = None
         #: arrays opened on the chunk-caching store, for lazy row reads (jasper_zarr.cache)
@@ -122,7 +124,7 @@ class ZarrReader(StoreReader):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.update(_pid=None, _group=None, _arrays={}, _names=None, _row_arrays={},
-                     _lock=None)
+                     _lock=None, _listing=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -196,6 +198,7 @@ class ZarrReader(StoreReader):
 
     def close(self) -> None:
         self._group, self._pid, self._arrays, self._names = None, None, {}, None
+        self._listing = None
         if self._pinned is not None:
             self._pinned.close()
 
@@ -311,7 +314,15 @@ class ZarrReader(StoreReader):
 
         present = self._wrap(None, lambda: sync(children()))
         names = self._names = [n for n in ALL_ARRAYS if n in present]
+        if isinstance(self.where, Location) and len(names) > 1:
+            # one round trip per member's zarr.json: open them all at once, not one by one
+            # as they are used (a damaged one raises again, naming itself, when it is used)
+            list(_preload_pool().map(self._try_array, names))
         return names
+
+    def _try_array(self, name: str) -> None:
+        with contextlib.suppress(JasperError):
+            self._array(name)
 
     def info(self, name: str) -> ArrayInfo:
         shape, logical, _ = self._metadata(name)
@@ -329,17 +340,27 @@ class ZarrReader(StoreReader):
 
     def missing_chunks(self, name: str) -> list[str]:
         """Shard keys the array's shape implies that are not in the store (empty when sound)."""
+        shape, _, grid = self._metadata(name)
+        present = self._chunk_listing(name)
+        return [k for k in expected_chunk_keys(name, shape, grid) if k not in present]
+
+    def _chunk_listing(self, name: str) -> set[str]:
+        """Every object key of the group, from one listing per reader and process (an object
+        store answers a listing in pages of 1,000 keys: one request instead of one per
+        array)."""
         from zarr.core.sync import sync
 
-        shape, _, grid = self._metadata(name)
-        arr = self._array(name)
-        store = arr.store
+        listing = self._listing
+        if listing is not None and listing[0] == os.getpid():
+            return listing[1]
+        store = self._array(name).store
 
-        async def listing() -> set[str]:
-            return {k async for k in store.list_prefix(f"{name}/c/")}
+        async def every_key() -> set[str]:
+            return {k async for k in store.list()}
 
-        present = self._wrap(name, lambda: sync(listing()))
-        return [k for k in expected_chunk_keys(name, shape, grid) if k not in present]
+        keys = self._wrap(name, lambda: sync(every_key()))
+        self._listing = (os.getpid(), keys)
+        return keys
 
     def _check_chunks(self, name: str) -> None:
         if name in self._checked:
@@ -426,19 +447,37 @@ class ZarrReader(StoreReader):
             return np.asarray(got.as_numpy_array()).reshape(-1).view(np.uint8)
 
         def index_of(shard: int) -> list[Piece]:
+            """The shard's index and its pieces still to read; a shard no larger than a
+            piece is read whole with its index in one request, and decoded here."""
             where = self._where_str(keys[shard])
-            if pinned is not None:
+            a, b = layout.shard_span(shard)
+            whole: np.ndarray | None = None
+            if pinned is not None and layout.compressor == "none":
                 index = read_index_local(layout, fd_of(shard), where, name)
             else:
-                tail = fetch(shard, SuffixByteRequest(layout.index_bytes))
-                index = parse_index(layout, tail, None, where, name)
-            pieces, empty = plan_pieces(layout, shard, index, PRELOAD_PIECE_BYTES)
+                if (b - a) * rb <= PRELOAD_PIECE_BYTES:
+                    whole = read_range(fd_of(shard), 0, None) if pinned is not None \
+                        else fetch(shard, None)
+                    tail, size = whole[-layout.index_bytes:], int(whole.size)
+                elif pinned is not None:
+                    index = read_index_local(layout, fd_of(shard), where, name)
+                else:
+                    tail, size = fetch(shard, SuffixByteRequest(layout.index_bytes)), None
+                if whole is not None or pinned is None:
+                    index = parse_index(layout, tail, size, where, name)
+            pieces, empty = plan_pieces(layout, shard, index,
+                                        PRELOAD_PIECE_BYTES if whole is None else 1 << 62)
             if empty:
                 fill_chunks(layout, shard, empty, rows_of(shard))
-                update(sum(min(layout.chunk_rows, layout.shard_span(shard)[1]
-                               - layout.shard_span(shard)[0] - j * layout.chunk_rows)
+                update(sum(min(layout.chunk_rows, b - a - j * layout.chunk_rows)
                            for j in empty) * rb)
-            return pieces
+            if whole is None:
+                return pieces
+            for piece in pieces:
+                decode_piece(layout, piece, whole[piece.start : piece.stop], rows_of(shard),
+                             where, name)
+                update(piece.row_bytes(layout))
+            return []
 
         def read_piece(piece: Piece) -> None:
             where = self._where_str(keys[piece.shard])
