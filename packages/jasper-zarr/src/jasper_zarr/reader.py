@@ -41,6 +41,7 @@ from jasper.progress import byte_bar
 from jasper.rows import merge_gap_rows, plan_spans, span_positions
 from jasper.schema import ALL_ARRAYS
 from jasper_zarr.cache import CachingStore, ChunkCache
+from jasper_zarr.hugepages import advise_huge_pages
 from jasper_zarr.layout import (
     ATTR_DTYPE,
     ATTR_FORMAT,
@@ -393,6 +394,8 @@ class ZarrReader(StoreReader):
         with byte_bar(info.nbytes if info.nbytes >= PROGRESS_MIN_BYTES else 0,
                       f"reading {name}", None) as update:
             if layout is not None:
+                # every byte is about to be written: one page fault per 2 MiB, not per 4 KiB
+                advise_huge_pages(buf.ctypes.data, buf.nbytes)
                 self._preload_shards(name, arr, layout, buf, update)
             else:
                 self._preload_via_zarr(name, arr, grid, buf, update)
