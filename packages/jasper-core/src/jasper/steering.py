@@ -42,16 +42,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from jasper.dtypes import FLOAT_DTYPES, torch_dtype
 from jasper.errors import IntegrityError, ManifestError, ShapeError
+from jasper.lazy import lazy_torch
 from jasper.schema import ARRAYS, STEERING_ARRAYS, STEERING_VARIANTS
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import torch
+
     from jasper.manifest import Manifest
+else:
+    torch = lazy_torch(globals())  # reading a manifest's steering declaration needs no torch
 
 #: The manifest key declaring derived steering.
 MANIFEST_KEY = "derived_steering"

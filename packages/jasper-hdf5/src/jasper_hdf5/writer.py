@@ -17,6 +17,7 @@ each block with ``write_direct``; a whole array is never held in memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,43 +76,34 @@ class WriteOptions:
         """Validate option values; a bad one raises :class:`WriteOptionError` saying what fits."""
         comp = "none" if compression is None else compression
         if not isinstance(comp, str) or comp.lower() not in COMPRESSIONS:
-            raise WriteOptionError(
-                f"hdf5: compression={compression!r} is not supported; choose one of "
-                f"{', '.join(COMPRESSIONS)}"
-            )
+            raise WriteOptionError(f"hdf5: compression={compression!r} is not supported; "
+                                   f"choose one of {', '.join(COMPRESSIONS)}")
         comp = comp.lower()
         if compression_level is not None:
             if comp != "gzip":
-                raise WriteOptionError(
-                    f"hdf5: compression_level applies to gzip only, not to compression={comp!r}"
-                )
+                raise WriteOptionError(f"hdf5: compression_level applies to gzip only, not to "
+                                       f"compression={comp!r}")
             if (
                 isinstance(compression_level, bool)
                 or not isinstance(compression_level, (int, np.integer))
                 or not 0 <= int(compression_level) <= 9
             ):
-                raise WriteOptionError(
-                    f"hdf5: compression_level={compression_level!r} must be an integer 0..9"
-                )
+                raise WriteOptionError(f"hdf5: compression_level={compression_level!r} must be "
+                                       "an integer 0..9")
             compression_level = int(compression_level)
         if shuffle is not None and not isinstance(shuffle, (bool, np.bool_)):
             raise WriteOptionError(f"hdf5: shuffle={shuffle!r} must be True, False or None (auto)")
         if shuffle and comp == "none":
-            raise WriteOptionError(
-                "hdf5: shuffle=True only helps a compressor; pass compression='lzf' or 'gzip'"
-            )
+            raise WriteOptionError("hdf5: shuffle=True only helps a compressor; pass "
+                                   "compression='lzf' or 'gzip'")
         if chunk_rows is not None and (
             isinstance(chunk_rows, bool)
             or not isinstance(chunk_rows, (int, np.integer))
             or int(chunk_rows) < 1
         ):
             raise WriteOptionError(f"hdf5: chunk_rows={chunk_rows!r} must be a positive integer")
-        return cls(
-            comp,
-            compression_level,
-            None if shuffle is None else bool(shuffle),
-            None if chunk_rows is None else int(chunk_rows),
-        )
+        return cls(comp, compression_level, None if shuffle is None else bool(shuffle),
+                   None if chunk_rows is None else int(chunk_rows))
 
     def use_shuffle(self, logical_dtype: str) -> bool:
         """The shuffle filter for an array of ``logical_dtype`` (``shuffle=None``: automatic).
@@ -129,9 +121,7 @@ class WriteOptions:
 
 def chunk_rows_for(shape: tuple[int, ...], itemsize: int, target_bytes: int = CHUNK_BYTES) -> int:
     """Rows of whole-row chunks of about ``target_bytes`` (at least 1, at most the rows)."""
-    row = itemsize
-    for s in shape[1:]:
-        row *= s
+    row = itemsize * math.prod(shape[1:])
     return max(1, min(shape[0], target_bytes // max(1, row)))
 
 
