@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jasper.atomic import require_free_space
+from jasper.atomic import FreeSpaceGuard, require_free_space
 from jasper.backend import ArraySource
 from jasper.dtypes import FLOAT_DTYPES, STORAGE_NUMPY, dtype_name, to_storage
 from jasper.errors import ShapeError, WriteOptionError
@@ -159,10 +159,14 @@ def write_file(directory: Path, arrays: Mapping[str, ArraySource], opts: WriteOp
             f"{', '.join(PATHS)}", array=unknown[0], rule="known array",
         )
     path = Path(directory) / FILE_NAME
-    if opts.compression == "none":  # h5py's close after running out of space can crash (SIGSEGV):
-        # refuse a write that cannot fit first; 64 KiB + 4 KiB per array bound HDF5's metadata
-        need = sum(int(a.nbytes) for a in arrays.values()) + (64 << 10) + (4 << 10) * len(arrays)
+    # h5py's close after running out of space can crash (SIGSEGV), so no write may fill the disk
+    # (64 KiB + 4 KiB per array bound HDF5's metadata): an uncompressed write is refused before
+    # it starts; a compressed one, whose size shows only as it goes, before each block
+    meta = (64 << 10) + (4 << 10) * len(arrays)
+    if opts.compression == "none":
+        need = sum(int(a.nbytes) for a in arrays.values()) + meta
         require_free_space(path, need, f"{len(arrays)} arrays")
+    guard = None if opts.compression == "none" else FreeSpaceGuard(path, meta, WRITE_CACHE_BYTES)
     # libver "earliest" (h5py's default) keeps the files readable by old h5py/HDF5 installs,
     # like the original system's.
     # Ctrl-C is held while h5py runs (it would be swallowed inside h5py's callbacks and the
@@ -172,13 +176,13 @@ def write_file(directory: Path, arrays: Mapping[str, ArraySource], opts: WriteOp
         f.attrs[ATTR_FORMAT] = FORMAT_NAME
         f.attrs[ATTR_LAYOUT_VERSION] = LAYOUT_VERSION
         for name, source in arrays.items():
-            _write_array(f, path, name, source, opts, gate)
+            _write_array(f, path, name, source, opts, gate, guard)
             gate.check()
     return path
 
 
 def _write_array(f: Any, path: Path, name: str, source: ArraySource, opts: WriteOptions,
-                 gate: InterruptGate) -> None:
+                 gate: InterruptGate, guard: FreeSpaceGuard | None) -> None:
     logical = dtype_name(source.dtype)
     shape = tuple(int(s) for s in source.shape)
     stored = STORAGE_NUMPY[logical]
@@ -207,5 +211,7 @@ def _write_array(f: Any, path: Path, name: str, source: ArraySource, opts: Write
                 f"the array is {shape}", array=name, row=row, rule="block fits the array",
             )
         gate.check()
+        if guard is not None:  # the block's raw bytes bound what it adds (the cache: slack)
+            guard.require(arr.nbytes, f"rows {row}..{row + n} of {name} (compressed)")
         dset.write_direct(arr, dest_sel=np.s_[row : row + n])
         row += n
