@@ -140,3 +140,26 @@ def test_a_missing_checksum_record_fails_without_torch(
     got = _validate_in_child(path)
     assert got["torch"] is False
     assert got["error"] in {"ChecksumError", "ManifestError"}, got
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_tables_are_checked_from_their_bit_patterns(backend: str, tmp_path: Path) -> None:
+    """numpy has no bfloat16: the torch-free path checks the stored uint16 bit patterns and
+    names the same row and value as the tensor path."""
+    from jasper.synth import SynthConfig, write_synthetic
+
+    src = write_synthetic(tmp_path / "src", SynthConfig(n_pairs=300, embedding_dim=16, n_neg=4,
+                                                        n_clusters=4, seed=3, dtype="bfloat16"),
+                          backend="pt")
+    with open_store(src) as r:
+        arrays, manifest = {n: r.read(n) for n in r.array_names()}, r.manifest
+    assert arrays["source_embs"].dtype == torch.bfloat16
+    arrays["source_embs"][17, 3] = float("-inf")
+    path = write_store(tmp_path / "ds", arrays, manifest, backend=backend)
+    got = _validate_in_child(path)
+    assert got.pop("torch") is False
+    with pytest.raises(JasperError) as e:
+        check_arrays(arrays, manifest, path=path, warn=False)
+    assert "source_embs[17, 3] = -inf is not finite" in str(e.value)
+    assert got == {"error": type(e.value).__name__, "array": e.value.array, "row": e.value.row,
+                   "rule": e.value.rule, "message": str(e.value)}
