@@ -34,6 +34,11 @@ whose stored value the formula does not reproduce within the tolerance as **exce
 ``steering_exception_rows`` ``[E, 2]`` (variant 1-3, pair id; sorted) and
 ``steering_exception_values`` ``[E, D]``, served instead of the formula, so what a batch holds
 never changes silently.
+
+Serving (:class:`DerivedSteering`) computes once per table row what depends on one table row
+(the centroid variant per cluster; jasper-v1's residual per source, the original's centroid and
+residual per question) and serves it with one row gather; only the keyword variant is computed
+per batch, slot-major (:class:`KeywordSlots`), with the bits of the pair-major form.
 """
 
 from __future__ import annotations
@@ -374,7 +379,12 @@ def steering_rows(f: Formula, variant: int, *, centroids: torch.Tensor,
     """THE kernel: variant ``variant`` (1 centroid, 2 keyword, 3 residual) of ``f`` for a batch
     of pairs, from their centroid, question and source rows ``[B, D]`` and keyword rows, as
     they are stored. Computed in float32 (float64 stays float64) and returned as ``dtype``
-    (default: the centroid rows' dtype). Only the inputs ``f.needs(variant)`` are required."""
+    (default: the centroid rows' dtype). Only the inputs ``f.needs(variant)`` are required.
+
+    With :class:`KeywordSlots` (jasper-v1's keyword variant, how the gather calls it) the rows
+    are those of the pairs in the slots' count order, and ``centroids`` may hold only the rows
+    of the trailing pairs without keywords. ``workspace`` lends reusable buffers; the rows
+    returned may then live in it until its next use."""
     if variant not in (1, 2, 3):
         raise ValueError(f"steering variant must be 1, 2 or 3, got {variant}")
     work = torch.float64 if centroids.dtype == torch.float64 else torch.float32
@@ -907,6 +917,7 @@ def stored_bytes_per_pair(dim: int, itemsize: int = 4) -> int:
 
 
 __all__ = [
+    "CACHE_MAX_BYTES",
     "DEFAULT_ATOL",
     "DEFAULT_RTOL",
     "EXCEPTION_ARRAYS",
@@ -922,14 +933,19 @@ __all__ = [
     "DerivedSteering",
     "Formula",
     "KeywordRows",
+    "KeywordSlots",
+    "RowCache",
+    "Workspace",
     "check_exception_layout",
     "check_exceptions",
+    "count_order",
     "derive_arrays",
     "derived_chunks",
     "derived_spec",
     "find_exceptions",
     "formula",
     "keyword_rows_of",
+    "keyword_slots_of",
     "steering_rows",
     "stored_names",
     "table_args",
