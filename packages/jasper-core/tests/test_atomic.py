@@ -311,3 +311,25 @@ def test_clean_leftovers_keeps_a_live_writers_directories(tmp_path: Path) -> Non
     assert atomic.clean_leftovers(target) == [theirs]
     os.rmdir(mine)
     time.sleep(0)
+
+
+def test_free_space_guard_counts_each_part_and_what_the_writer_may_still_hold(
+        tmp_path: Path) -> None:
+    """FreeSpaceGuard (compressed HDF5 writes): a part is refused with the typed ENOSPC error
+    when its raw bytes, plus what earlier parts may still sit in the writer's cache, plus the
+    slack, exceed the free space; the cache term is at most what was handed on so far."""
+    import errno
+
+    from jasper.errors import StorageError
+
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    target = tmp_path / "dataset.h5"
+    atomic.FreeSpaceGuard(target, slack=0).require(1, "one byte")
+    with pytest.raises(StorageError, match="no space left on the device: writing a block") as e:
+        atomic.FreeSpaceGuard(target, slack=free + (1 << 30)).require(1, "a block")
+    assert e.value.errno == errno.ENOSPC and str(target) in str(e.value)
+    guard = atomic.FreeSpaceGuard(target, slack=0, buffered=4 * free)
+    guard.require(free // 2, "the first half")  # nothing held yet: about half the space
+    with pytest.raises(StorageError):  # the first half may still be in the cache
+        guard.require(free // 2 + free // 8, "the second part")

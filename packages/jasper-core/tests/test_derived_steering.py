@@ -71,9 +71,13 @@ def test_a_derived_dataset_stores_no_steering_and_serves_the_same(pair: tuple[Pa
     _same_batches(stored, derived, use_mmap=True, split="val")
     with jasper.JASPERSteeringDataset(stored, "train", use_mmap=False) as s, \
             jasper.JASPERSteeringDataset(derived, "train", use_mmap=False) as d:
-        # the stacked steering table [1 + 3 N_p, D] is gone; the keyword table normalised
-        # once (20 rows) is held instead
-        assert s.memory_bytes() - d.memory_bytes() == (1 + 3 * N) * D * 4 - 20 * D * 4
+        # the stacked steering table [1 + 3 N_p, D] is gone; held instead: the keyword table
+        # normalised once (20 rows) and the cache table [1 + N_c + N_s, D] (a zero row, the
+        # centroid variant per cluster, the residual variant per source)
+        n_c, n_s = (int(d.tables.arrays[n].shape[0]) for n in ("centroid_embs", "source_embs"))
+        assert d.tables.derived is not None and sorted(d.tables.derived.caches) == [1, 3]
+        assert s.memory_bytes() - d.memory_bytes() == (1 + 3 * N) * D * 4 - 20 * D * 4 - (
+            1 + n_c + n_s) * D * 4
         assert d.steering_table is None and d.steering_centroid.device.type == "meta"
         assert d[3].keys() == s[3].keys()
 

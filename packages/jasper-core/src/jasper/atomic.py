@@ -262,6 +262,33 @@ def require_free_space(path: Path, need: int, what: str) -> None:
                            "elsewhere", errno.ENOSPC)
 
 
+class FreeSpaceGuard:
+    """Free-space checks as a write goes, for writes whose size is known only then (compressed
+    output) through a library that fails badly when the disk fills half-way (h5py's close can
+    crash). Before each part is written, :meth:`require` raises the :class:`StorageError` of
+    :func:`require_free_space` unless the file system holding ``path`` has room for the part:
+    its uncompressed bytes (a compressor's output is no bigger, but for ``growth``: what a
+    filter adds to incompressible data, and the index entries of the part's chunks), plus
+    ``slack`` (the writer's metadata), plus what the writer may hold unwritten from earlier
+    parts: at most ``buffered`` bytes (its cache) and at most what was handed to it so far.
+    So the disk never fills under the library: the write stops with a typed error first."""
+
+    def __init__(self, path: Path, slack: int, buffered: int = 0, growth: float = 1 / 64) -> None:
+        self.path = path
+        self.slack = slack
+        self.buffered = buffered
+        self.growth = growth
+        self.submitted = 0  # uncompressed bytes of the parts already required
+
+    def require(self, nbytes: int, what: str) -> None:
+        """Raise :class:`StorageError` (ENOSPC) unless writing ``nbytes`` more uncompressed
+        bytes (``what``, for the message) cannot fill the disk; then count them as handed on."""
+        held = min(self.buffered, self.submitted)
+        need = int((nbytes + held) * (1 + self.growth)) + self.slack
+        require_free_space(self.path, need, what)
+        self.submitted += nbytes
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -437,6 +464,7 @@ __all__ = [
     "SCRATCH_MARK",
     "TMP_MARK",
     "TRASH_MARK",
+    "FreeSpaceGuard",
     "allocate_file",
     "atomic_directory",
     "check_target",

@@ -192,7 +192,7 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 def default_rows_per_chunk(source: ArraySource | ArrayInfo, target_bytes: int = 64 << 20) -> int:
     """Rows in a chunk of about ``target_bytes`` (64 MiB): big enough to stream at disk speed,
     small enough that writing a 100 GB array needs little RAM."""
-    row = source.dtype.itemsize
+    row = source.itemsize if isinstance(source, ArrayInfo) else source.dtype.itemsize
     for s in source.shape[1:]:
         row *= s
     return max(1, target_bytes // max(1, row))
@@ -340,6 +340,21 @@ class StoreReader(abc.ABC):
             "open without mmap to preload, or convert to a backend that maps "
             "(e.g. `jasper convert SRC DST --to pt`)"
         )
+
+    def map_numpy(self, name: str) -> np.ndarray | None:
+        """A zero-copy, read-only numpy view of the whole array in its storage dtype (bfloat16
+        as its ``uint16`` bit pattern, :mod:`jasper.dtypes`), made without torch, or ``None``
+        where the backend has none (the default). Checks that make no tensors (``jasper
+        validate``) use it before :meth:`map`, so they import no torch."""
+        return None
+
+    def read_numpy(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` (default: all) of ``name`` as a numpy array in its storage dtype,
+        for checks that make no tensors. The default goes through :meth:`read_slice` (and so
+        imports torch); backends whose storage library reads into numpy override it."""
+        info = self.info(name)
+        stop = (info.shape[0] if info.shape else 1) if stop is None else stop
+        return to_storage(self.read_slice(name, start, stop))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Fill ``out`` (a preallocated CPU tensor of the array's shape and dtype, possibly a

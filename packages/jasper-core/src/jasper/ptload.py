@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import pickle
+import struct
 import tarfile
-from typing import TYPE_CHECKING, Any
+import zipfile
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
+
+from jasper.dtypes import STORAGE_NUMPY
 from jasper.errors import FormatError, UnsafeFileError
 from jasper.files import DatasetDir
 from jasper.lazy import lazy_torch
@@ -134,14 +140,25 @@ _STORAGE_DTYPES = {"FloatStorage": "float32", "HalfStorage": "float16",
 _MAX_META_PICKLE = 1 << 16
 
 
+class _TensorMeta(NamedTuple):
+    """What a ``.pt`` file's pickle says of its one tensor (elements, not bytes)."""
+
+    shape: tuple[int, ...]
+    dtype: str  # logical dtype name
+    key: str  # the storage's member: ``<archive>/data/<key>``
+    offset: int
+    stride: tuple[int, ...]
+
+
 class _MetaUnpickler(pickle.Unpickler):
-    """Reads a ``.pt`` tensor's pickle for its shape and dtype only. It resolves no global but
-    the three a plain tensor needs, each to a stand-in of its own, so it builds nothing and
-    runs nothing of the file's (anything else: ``pickle.UnpicklingError``)."""
+    """Reads a ``.pt`` tensor's pickle for its layout only. It resolves no global but the three
+    a plain tensor needs, each to a stand-in of its own, so it builds nothing and runs nothing
+    of the file's (anything else: ``pickle.UnpicklingError``)."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, _offset, size, *_rest: (tuple(size), storage)
+            return lambda storage, offset, size, stride, *_rest: _TensorMeta(
+                tuple(size), storage[0], str(storage[1]), int(offset), tuple(stride))
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
         if (module, name) == ("collections", "OrderedDict"):
@@ -150,7 +167,7 @@ class _MetaUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
-            return pid[1]  # the logical dtype name find_class gave the storage class
+            return pid[1], pid[2]  # the dtype name find_class gave the storage class, key
         raise pickle.UnpicklingError("unexpected persistent id")
 
 
@@ -159,21 +176,65 @@ def pt_info(files: DatasetDir, member: str) -> tuple[tuple[int, ...], str] | Non
     pickle without torch: describing a dataset (``jasper info``) then imports no torch. ``None``
     when the file is not a plain tensor in that format; :func:`load_pt_tensor` (which checks
     everything) then decides."""
-    import zipfile
-
     with contextlib.suppress(Exception), files.open_file(member) as fh:
-        if fh.read(4) != _ZIP_MAGIC:
-            return None
-        fh.seek(0)
-        with zipfile.ZipFile(fh) as zf:
-            pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")]
-            if len(pkl) != 1 or pkl[0].file_size > _MAX_META_PICKLE:
-                return None
-            got = _MetaUnpickler(io.BytesIO(zf.read(pkl[0]))).load()
-        if (isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], str)
-                and all(isinstance(n, int) and n >= 0 for n in got[0])):
-            return got[0], got[1]
+        got = _tensor_meta(fh)
+        if got is not None:
+            return got[0].shape, got[0].dtype
     return None
 
 
-__all__ = ["check_tensor_storage", "load_pt", "load_pt_tensor", "pt_info"]
+def _tensor_meta(fh: Any) -> tuple[_TensorMeta, int, int] | None:
+    """The layout of the one tensor in the zip-format ``.pt`` file open as ``fh``, the byte
+    offset of its storage's data in the file and that storage's size in bytes; ``None`` when
+    the file is anything else (another format, a container, a compressed or big-endian
+    storage)."""
+    if fh.read(4) != _ZIP_MAGIC:
+        return None
+    fh.seek(0)
+    with zipfile.ZipFile(fh) as zf:
+        members = {i.filename: i for i in zf.infolist()}
+        pkl = [i for i in members.values() if i.filename.endswith("/data.pkl")]
+        if len(pkl) != 1 or pkl[0].file_size > _MAX_META_PICKLE:
+            return None
+        prefix = pkl[0].filename.removesuffix("data.pkl")
+        meta = _MetaUnpickler(io.BytesIO(zf.read(pkl[0]))).load()
+        order = members.get(f"{prefix}byteorder")
+        if (not isinstance(meta, _TensorMeta) or meta.dtype not in STORAGE_NUMPY
+                or not all(isinstance(n, int) and n >= 0 for n in meta.shape)
+                or (order is not None and zf.read(order) != b"little")):
+            return None
+        data = members.get(f"{prefix}data/{meta.key}")
+        if data is None or data.compress_type != zipfile.ZIP_STORED:
+            return None
+    fh.seek(data.header_offset)
+    local = fh.read(30)  # the member's local header: its name and extra field precede the data
+    if len(local) < 30 or not local.startswith(_ZIP_MAGIC):
+        return None
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return meta, data.header_offset + 30 + name_len + extra_len, data.file_size
+
+
+def map_pt_numpy(files: DatasetDir, member: str) -> np.ndarray | None:
+    """A read-only numpy map (storage dtype, bfloat16 as ``uint16``) of the one tensor saved in
+    ``member``, found from the file's pickle without torch, when that tensor is contiguous and
+    its storage holds it; ``None`` otherwise, and :func:`load_pt_tensor` (which checks
+    everything and types every failure) decides. ``jasper validate`` maps ``.pt`` files so."""
+    with contextlib.suppress(Exception), files.open_file(member) as fh:
+        got = _tensor_meta(fh)
+        if got is None:
+            return None
+        meta, start, stored = got
+        dtype = STORAGE_NUMPY[meta.dtype]
+        contiguous = tuple(math.prod(meta.shape[i + 1:]) for i in range(len(meta.shape)))
+        numel = math.prod(meta.shape)
+        if numel and (meta.stride != contiguous or stored < (meta.offset + numel) * dtype.itemsize
+                      or start + stored > os.fstat(fh.fileno()).st_size):
+            return None  # not a plain contiguous tensor its file holds: torch's load decides
+        if numel == 0:
+            return np.empty(meta.shape, dtype)
+        return np.memmap(fh, dtype=dtype, mode="r", offset=start + meta.offset * dtype.itemsize,
+                         shape=meta.shape)
+    return None
+
+
+__all__ = ["check_tensor_storage", "load_pt", "load_pt_tensor", "map_pt_numpy", "pt_info"]

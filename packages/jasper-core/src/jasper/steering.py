@@ -34,24 +34,33 @@ whose stored value the formula does not reproduce within the tolerance as **exce
 ``steering_exception_rows`` ``[E, 2]`` (variant 1-3, pair id; sorted) and
 ``steering_exception_values`` ``[E, D]``, served instead of the formula, so what a batch holds
 never changes silently.
+
+Serving (:class:`DerivedSteering`) computes once per table row what depends on one table row
+(the centroid variant per cluster; jasper-v1's residual per source, the original's centroid and
+residual per question) and serves it with one row gather; only the keyword variant is computed
+per batch, slot-major (:class:`KeywordSlots`), with the bits of the pair-major form.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from jasper.dtypes import FLOAT_DTYPES, torch_dtype
 from jasper.errors import IntegrityError, ManifestError, ShapeError
+from jasper.lazy import lazy_torch
 from jasper.schema import ARRAYS, STEERING_ARRAYS, STEERING_VARIANTS
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import torch
+
     from jasper.manifest import Manifest
+else:
+    torch = lazy_torch(globals())  # reading a manifest's steering declaration needs no torch
 
 #: The manifest key declaring derived steering.
 MANIFEST_KEY = "derived_steering"
@@ -69,6 +78,9 @@ DEFAULT_RTOL = 0.0
 
 #: A derived dataset normalises its keyword table once when it is at most this big (float32).
 UNIT_TABLE_MAX_BYTES = 256 << 20
+#: ... and computes a variant's rows once per question or source row (:class:`RowCache`) when
+#: the tables are in memory and the cache is at most this big.
+CACHE_MAX_BYTES = 256 << 20
 
 _EPS = 1e-12  # unit(): the floor of a row norm (jasper-v1)
 _ORIGINAL_EPS = 1e-8  # the original's "is this vector zero" threshold
@@ -77,6 +89,12 @@ _ORIGINAL_EPS = 1e-8  # the original's "is this vector zero" threshold
 def unit(x: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
     """Each row divided by its norm (floored at ``eps``)."""
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+
+
+def _unit_into(x: torch.Tensor, out: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
+    """:func:`unit` written into ``out`` (the same operations, so the same bits)."""
+    return torch.div(x, torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps),
+                     out=out)
 
 
 def _unit_or_zero(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +137,86 @@ def keyword_rows_of(offsets: torch.Tensor, values: torch.Tensor, pair_ids: torch
     return KeywordRows(table_rows(ids), owner, counts)
 
 
+@dataclass(frozen=True)
+class KeywordSlots:
+    """The keywords of a batch of pairs in **slot-major** order, the pairs sorted by keyword
+    count (descending): ``rows[starts[j] : starts[j] + sizes[j]]`` is keyword ``j`` of the first
+    ``sizes[j]`` pairs (``sizes`` non-increasing; the pairs after ``sizes[0]`` have none).
+
+    Keyword ``j`` of every pair then lines up with a prefix of the pairs' rows, so the kernel
+    multiplies and accumulates contiguous blocks instead of expanding the question rows to one
+    copy per keyword (the same products and the same per-pair order of additions as the
+    pair-major :class:`KeywordRows`, so the same bits). ``unit_rows`` as in
+    :class:`KeywordRows`."""
+
+    rows: torch.Tensor
+    sizes: tuple[int, ...]
+    n_pairs: int
+    unit_rows: bool = False
+
+    @property
+    def with_keywords(self) -> int:
+        """How many of the pairs (a prefix) have at least one keyword."""
+        return self.sizes[0] if self.sizes else 0
+
+
+def _slot_sizes(sorted_counts: torch.Tensor) -> tuple[int, ...]:
+    """``sizes[j]`` = how many counts exceed ``j``, for counts sorted in descending order."""
+    if sorted_counts.numel() == 0:
+        return ()
+    kmax = int(sorted_counts[0])
+    if kmax == 0:
+        return ()
+    hist = torch.bincount(sorted_counts.cpu(), minlength=kmax + 1)
+    return tuple(int(n) for n in hist.flip(0).cumsum(0).flip(0)[1:].tolist())
+
+
+def count_order(offsets: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
+    """The permutation of ``pair_ids`` that sorts them by keyword count, most first (stable):
+    the order :func:`keyword_slots_of` wants its pairs in."""
+    pair_ids = pair_ids.to(offsets.device)
+    counts = offsets.index_select(0, pair_ids + 1) - offsets.index_select(0, pair_ids)
+    return torch.argsort(counts, descending=True, stable=True)
+
+
+def keyword_slots_of(offsets: torch.Tensor, values: torch.Tensor, pair_ids: torch.Tensor,
+                     table_rows: Callable[[torch.Tensor], torch.Tensor],
+                     unit_rows: bool = False) -> KeywordSlots:
+    """The keyword rows of ``pair_ids`` (sorted by :func:`count_order`) from the CSR
+    (``offsets``, ``values``), slot-major, with one read of the keyword table
+    (``table_rows(ids)``); vectorised."""
+    pair_ids = pair_ids.to(offsets.device)
+    lo = offsets.index_select(0, pair_ids).to(torch.int64)
+    counts = offsets.index_select(0, pair_ids + 1).to(torch.int64) - lo
+    if counts.numel() > 1 and bool((counts[1:] > counts[:-1]).any()):
+        raise ValueError("keyword_slots_of wants its pairs sorted by keyword count, most "
+                         "first (count_order)")
+    sizes = _slot_sizes(counts)
+    sizes_t = torch.tensor(sizes, dtype=torch.int64, device=offsets.device)
+    slot = torch.repeat_interleave(torch.arange(len(sizes), device=offsets.device), sizes_t)
+    starts = torch.cumsum(sizes_t, 0) - sizes_t
+    rank = torch.arange(slot.shape[0], device=offsets.device) - starts.index_select(0, slot)
+    ids = values.index_select(0, lo.index_select(0, rank) + slot).to(torch.int64)
+    return KeywordSlots(table_rows(ids), sizes, int(pair_ids.shape[0]), unit_rows)
+
+
+def _slots_from_rows(kw: KeywordRows) -> tuple[KeywordSlots, torch.Tensor]:
+    """Pair-major keyword rows rearranged slot-major: ``(slots, order)`` where the slots
+    describe the pairs ``order`` (by count, most first)."""
+    counts = kw.counts.to(torch.int64)
+    b = int(counts.shape[0])
+    order = torch.argsort(counts, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(b, device=order.device)
+    owner = kw.owner.to(torch.int64)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(owner.shape[0], device=owner.device) - first.index_select(0, owner)
+    key = slot * max(b, 1) + rank.index_select(0, owner)
+    rows = kw.rows.index_select(0, torch.argsort(key))
+    return KeywordSlots(rows, _slot_sizes(counts.index_select(0, order)), b,
+                        kw.unit_rows), order
+
+
 #: Elements per row of :func:`_exp`'s working buffer: a multiple of every CPU vector width.
 _EXP_LANES = 64
 
@@ -144,26 +242,84 @@ _NEEDS: dict[str, dict[int, frozenset[str]]] = {
 }
 
 
+class Workspace:
+    """Buffers a caller reuses across kernel calls (one per thread): a fresh multi-megabyte
+    tensor per batch costs page faults and cache misses that the arithmetic itself does not.
+    Rows a kernel returns may live in it until the next call with the same workspace."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def rows(self, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
+        """A ``[n, like.shape[-1]]`` buffer of ``like``'s dtype and device (contents
+        undefined)."""
+        d = like.shape[-1]
+        t = self._bufs.get(name)
+        if t is None or t.shape[0] < n or t.shape[1] != d or t.dtype != like.dtype \
+                or t.device != like.device:
+            t = torch.empty((max(n, 1024), d), dtype=like.dtype, device=like.device)
+            self._bufs[name] = t
+        return t[:n]
+
+
+def _v1_keyword(q: torch.Tensor, c: torch.Tensor, kw: KeywordSlots, sharpness: float,
+                ws: Workspace | None = None) -> torch.Tensor:
+    """jasper-v1's keyword variant of the pairs ``kw`` describes (in its count order): ``q``
+    their question rows (at least the first ``kw.with_keywords``), ``c`` their centroid rows,
+    all of them or only those of the trailing pairs without keywords.
+
+    Per pair: ``unit(0 + x_0 + x_1 + ...)`` with ``x_k = w_k unit(K_k)``, summed in keyword
+    order, ``w_k = exp(sharpness * (unit(K_k) * unit(Q)).sum())``: products, row sums and
+    additions are the ones of a pair-major segment sum (``index_add_`` adds each pair's rows
+    to zeros in index order), so the bits are jasper-v1's as first written. One keyword slot
+    at a time, so the temporaries (``[with_keywords, D]``) stay in cache."""
+    ws = ws or Workspace()
+    b, has = kw.n_pairs, kw.with_keywords
+    out = ws.rows("out", b, q)
+    if has < b:
+        out[has:] = c[has:] if c.shape[0] == b else c
+    if has == 0:
+        return out
+    kwe = kw.rows if kw.unit_rows else unit(kw.rows)
+    uq = _unit_into(q[:has], ws.rows("uq", has, q))
+    acc = ws.rows("acc", has, q).zero_()
+    tmp = ws.rows("tmp", has, q)
+    start = 0
+    for n in kw.sizes:  # keyword j of the first n pairs lines up with their question rows
+        k, t = kwe[start : start + n], tmp[:n]
+        torch.mul(k, uq[:n], out=t)
+        w = _exp(sharpness * t.sum(dim=-1))
+        torch.mul(k, w.unsqueeze(-1), out=t)
+        acc[:n].add_(t)
+        start += n
+    _unit_into(acc, out[:has])
+    return out
+
+
 def _jasper_v1(variant: int, q: torch.Tensor | None, s: torch.Tensor | None, c: torch.Tensor,
-               kw: KeywordRows | None, params: Mapping[str, Any]) -> torch.Tensor:
+               kw: KeywordRows | KeywordSlots | None, params: Mapping[str, Any],
+               ws: Workspace | None = None) -> torch.Tensor:
     if variant == 1:
         return c
     if variant == 2:
         assert q is not None and kw is not None
-        b = c.shape[0]
-        kwe = kw.rows if kw.unit_rows else unit(kw.rows)
-        w = _exp(float(params.get("keyword_sharpness", 4.0))
-                 * _dot(kwe, unit(q).index_select(0, kw.owner)))
-        out = unit(_segment_sum(kwe * w.unsqueeze(-1), kw.owner, b))
-        return torch.where((kw.counts == 0).unsqueeze(-1), c, out)
+        sharpness = float(params.get("keyword_sharpness", 4.0))
+        if isinstance(kw, KeywordSlots):
+            return _v1_keyword(q, c, kw, sharpness, ws)
+        slots, order = _slots_from_rows(kw)
+        got = _v1_keyword(q.index_select(0, order), c.index_select(0, order), slots, sharpness)
+        return torch.empty_like(got).index_copy_(0, order, got)
     assert s is not None
     se, ce = unit(s), unit(c)
     return unit(se - _dot(se, ce).unsqueeze(-1) * ce)
 
 
 def _original(variant: int, q: torch.Tensor | None, s: torch.Tensor | None, c: torch.Tensor,
-              kw: KeywordRows | None, params: Mapping[str, Any]) -> torch.Tensor:
+              kw: KeywordRows | KeywordSlots | None, params: Mapping[str, Any],
+              ws: Workspace | None = None) -> torch.Tensor:
     assert q is not None
+    if isinstance(kw, KeywordSlots):
+        raise ValueError("the original formula reads pair-major KeywordRows")
     if variant == 1:
         return _unit_or_zero(c - q)[0]
     if variant == 3:
@@ -220,12 +376,18 @@ JASPER_V1 = formula("jasper-v1")
 
 def steering_rows(f: Formula, variant: int, *, centroids: torch.Tensor,
                   questions: torch.Tensor | None = None, sources: torch.Tensor | None = None,
-                  keywords: KeywordRows | None = None,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+                  keywords: KeywordRows | KeywordSlots | None = None,
+                  dtype: torch.dtype | None = None,
+                  workspace: Workspace | None = None) -> torch.Tensor:
     """THE kernel: variant ``variant`` (1 centroid, 2 keyword, 3 residual) of ``f`` for a batch
     of pairs, from their centroid, question and source rows ``[B, D]`` and keyword rows, as
     they are stored. Computed in float32 (float64 stays float64) and returned as ``dtype``
-    (default: the centroid rows' dtype). Only the inputs ``f.needs(variant)`` are required."""
+    (default: the centroid rows' dtype). Only the inputs ``f.needs(variant)`` are required.
+
+    With :class:`KeywordSlots` (jasper-v1's keyword variant, how the gather calls it) the rows
+    are those of the pairs in the slots' count order, and ``centroids`` may hold only the rows
+    of the trailing pairs without keywords. ``workspace`` lends reusable buffers; the rows
+    returned may then live in it until its next use."""
     if variant not in (1, 2, 3):
         raise ValueError(f"steering variant must be 1, 2 or 3, got {variant}")
     work = torch.float64 if centroids.dtype == torch.float64 else torch.float32
@@ -236,9 +398,17 @@ def steering_rows(f: Formula, variant: int, *, centroids: torch.Tensor,
     if keywords is not None and keywords.unit_rows and (
             f.name != "jasper-v1" or keywords.rows.dtype != work):
         raise ValueError("normalised keyword rows are jasper-v1's, in its working dtype")
-    kw = None if keywords is None else KeywordRows(keywords.rows.to(work), keywords.owner,
-                                                   keywords.counts, keywords.unit_rows)
-    out = _KERNELS[f.name](variant, up(questions), up(sources), up(centroids), kw, f.params)
+    kw: KeywordRows | KeywordSlots | None
+    if keywords is None:
+        kw = None
+    elif isinstance(keywords, KeywordSlots):
+        kw = KeywordSlots(keywords.rows.to(work), keywords.sizes, keywords.n_pairs,
+                          keywords.unit_rows)
+    else:
+        kw = KeywordRows(keywords.rows.to(work), keywords.owner, keywords.counts,
+                         keywords.unit_rows)
+    out = _KERNELS[f.name](variant, up(questions), up(sources), up(centroids), kw, f.params,
+                           workspace)
     return out.to(dtype or centroids.dtype)
 
 
@@ -369,12 +539,30 @@ def check_exceptions(rows: torch.Tensor, values: torch.Tensor, *, n_pairs: int, 
 
 
 # --- serving ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RowCache:
+    """One variant's derived rows computed once per row of a table (what :meth:`DerivedSteering.
+    prepare` builds): row ``first + r`` of the cache table is the variant for table row ``r``
+    with cluster ``cluster[r]``. ``key`` names the table: ``"c"`` the centroids (every pair's
+    value is its cluster's row), ``"q"`` the questions or ``"s"`` the sources (a pair whose
+    cluster is ``cluster[its row]`` is served that row; the kernel is row-wise, so these are
+    the bits it computes per batch; any other pair is computed per batch)."""
+
+    key: str
+    first: int
+    rows: int
+    cluster: torch.Tensor | None = None
+
+
 class DerivedSteering:
     """The steering of a derived dataset, computed per batch from the tables it gathers.
 
-    ``gather`` computes, for each variant present in the batch, only that variant and only for
-    its rows (one vectorised kernel call each), then serves the stored exceptions. ``arrays``
-    reads tables by name (the table set's ``gather``)."""
+    A variant that reads nothing per pair but its centroid and one question or source row is
+    computed once per table row when the dataset opens (:meth:`prepare`, a :class:`RowCache`);
+    a batch then serves the zero, cached and stored-exception rows like stored steering (one
+    gather of a table) and computes the rest, each variant only for its rows (one vectorised
+    kernel call each, jasper-v1's keyword variant slot-major). ``table`` reads tables by name
+    (the table set's ``gather``)."""
 
     def __init__(self, spec: DerivedSpec, n_pairs: int, dim: int,
                  exception_rows: torch.Tensor, exception_values: torch.Tensor) -> None:
@@ -389,16 +577,95 @@ class DerivedSteering:
         #: jasper-v1 reads every keyword row normalised: done once for the whole table when
         #: it is in memory and small (:meth:`prepare`), else per batch (the same bits)
         self.keyword_units: torch.Tensor | None = None
+        #: per variant, its rows computed once per table row (:meth:`prepare`), all in
+        #: ``cache_table`` after a zero row
+        self.caches: dict[int, RowCache] = {}
+        self.cache_table: torch.Tensor | None = None
+        self._local = threading.local()  # a Workspace per serving thread
 
-    def prepare(self, keyword_table: torch.Tensor) -> None:
-        """Normalise the keyword table once (jasper-v1, in-memory tables up to
-        :data:`UNIT_TABLE_MAX_BYTES` in float32)."""
-        if self.formula.name != "jasper-v1" or keyword_table.device.type == "meta":
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_local"]  # per-thread scratch buffers do not travel
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _workspace(self) -> Workspace:
+        ws = getattr(self._local, "ws", None)
+        if ws is None:
+            ws = self._local.ws = Workspace()
+        return ws
+
+    def prepare(self, arrays: Mapping[str, torch.Tensor], *, resident: bool = True) -> None:
+        """Compute once what the tables allow: the keyword table normalised (jasper-v1), and a
+        :class:`RowCache` per variant that reads only the centroid (always: ``N_c`` rows) or
+        the centroid and the question or source row (when the tables are ``resident``, read
+        into memory, and the cache is at most :data:`CACHE_MAX_BYTES`: ``N_q`` or ``N_s``
+        rows of the steering dtype). A table row's cluster is the one its pairs name (a scan
+        of the pair columns); pairs naming another are computed per batch."""
+        keywords = arrays["keyword_embs"]
+        if self.formula.name == "jasper-v1" and keywords.device.type != "meta" \
+                and keywords.numel() * 4 <= UNIT_TABLE_MAX_BYTES:
+            work = torch.float64 if keywords.dtype == torch.float64 else torch.float32
+            self.keyword_units = unit(keywords.to(work))
+        centroids = arrays["centroid_embs"]
+        if centroids.device.type == "meta":
             return
-        if keyword_table.numel() * 4 > UNIT_TABLE_MAX_BYTES:
+        plan: list[tuple[int, str, torch.Tensor, torch.Tensor | None]] = []
+        for v in (1, 2, 3):
+            needs = self.formula.needs(v)
+            if needs == frozenset("c"):
+                plan.append((v, "c", centroids, None))
+            elif resident and needs in (frozenset("qc"), frozenset("sc")):
+                key = "q" if "q" in needs else "s"
+                table = arrays["question_embs" if key == "q" else "source_embs"]
+                n = int(table.shape[0])
+                if table.device.type != "meta" \
+                        and n * self.dim * self.dtype.itemsize <= CACHE_MAX_BYTES:
+                    plan.append((v, key, table, self._row_clusters(key, n, arrays, table)))
+        if not plan:
             return
-        work = torch.float64 if keyword_table.dtype == torch.float64 else torch.float32
-        self.keyword_units = unit(keyword_table.to(work))
+        total = 1 + sum(int(t.shape[0]) for _, _, t, _ in plan)
+        cache = torch.empty((total, self.dim), dtype=self.dtype, device=centroids.device)
+        cache[0].zero_()
+        first = 1
+        for v, key, table, cl in plan:
+            n = int(table.shape[0])
+            self._fill(cache[first : first + n], v, key, table, cl, centroids)
+            self.caches[v] = RowCache(key, first, n, cl)
+            first += n
+        self.cache_table = cache
+
+    @staticmethod
+    def _row_clusters(key: str, n: int, arrays: Mapping[str, torch.Tensor],
+                      table: torch.Tensor) -> torch.Tensor:
+        """Each question or source row's cluster as its pairs name it (the largest, when they
+        disagree: the others are computed per batch); 0 for a row no pair names."""
+        rows = arrays["pair_index"][:, 0 if key == "q" else 1].to(torch.int64)
+        clusters = arrays["pair_cluster_id"].to(torch.int64)
+        return torch.full((n,), -1, dtype=torch.int64, device=table.device).scatter_reduce_(
+            0, rows.to(table.device), clusters.to(table.device), "amax").clamp_min_(0)
+
+    def _fill(self, out: torch.Tensor, v: int, key: str, table: torch.Tensor,
+              cl: torch.Tensor | None, centroids: torch.Tensor, chunk: int = 1 << 14) -> None:
+        for start in range(0, int(table.shape[0]), chunk):
+            stop = min(int(table.shape[0]), start + chunk)
+            if key == "c":
+                out[start:stop] = steering_rows(self.formula, v, centroids=table[start:stop],
+                                                dtype=self.dtype)
+                continue
+            assert cl is not None
+            rows = table[start:stop]
+            out[start:stop] = steering_rows(
+                self.formula, v, centroids=centroids.index_select(0, cl[start:stop]),
+                questions=rows if key == "q" else None, sources=rows if key == "s" else None,
+                dtype=self.dtype)
+
+    def owned(self) -> list[torch.Tensor]:
+        """The tensors :meth:`prepare` computed (for memory accounting)."""
+        return [t for t in (self.keyword_units, self.cache_table) if t is not None]
 
     @property
     def n_exceptions(self) -> int:
@@ -420,15 +687,16 @@ class DerivedSteering:
                                                       device=pair_ids.device)
         if clusters is None:
             clusters = table("pair_cluster_id", pair_ids).to(torch.int64)
-        zero = torch.nonzero(variant == 0).reshape(-1)
-        if zero.numel():
-            res.index_fill_(0, zero, 0)
+        todo = self._serve_cached(res, pair_ids, variant, clusters, table)
         for v in (1, 2, 3):
-            where = torch.nonzero(variant == v).reshape(-1)
+            where = torch.nonzero(todo == v).reshape(-1)
             if where.numel() == 0:
                 continue
             pids = pair_ids.index_select(0, where)
             needs = self.formula.needs(v)
+            if "k" in needs and self.formula.name == "jasper-v1":
+                self._keyword(res, where, pids, table, csr, questions, clusters)
+                continue
             c = table("centroid_embs", clusters.index_select(0, where))
             q = questions.index_select(0, where) if "q" in needs and questions is not None \
                 else None
@@ -439,22 +707,71 @@ class DerivedSteering:
                 s = table("source_embs", table("pair_index", pids)[:, 1].to(torch.int64))
             kw = None
             if "k" in needs:
-                units = self.keyword_units
-
-                def rows_of(ids: torch.Tensor, units: torch.Tensor | None = units) -> torch.Tensor:
-                    ids = ids.to(res.device)
-                    return units.index_select(0, ids) if units is not None else table(
-                        "keyword_embs", ids)
-
-                kw = keyword_rows_of(csr[0], csr[1], pids, rows_of)
-                kw = KeywordRows(kw.rows, kw.owner.to(res.device), kw.counts.to(res.device),
-                                 unit_rows=units is not None)
+                kw = keyword_rows_of(csr[0], csr[1], pids,
+                                     lambda ids: table("keyword_embs", ids.to(res.device)))
+                kw = KeywordRows(kw.rows, kw.owner.to(res.device), kw.counts.to(res.device))
             vals = steering_rows(self.formula, v, centroids=c, questions=q, sources=s,
                                  keywords=kw, dtype=res.dtype)
             res.index_copy_(0, where, vals)
         if self.n_exceptions:
             self._serve_exceptions(res, pair_ids, variant)
         return res
+
+    def _serve_cached(self, res: torch.Tensor, pair_ids: torch.Tensor, variant: torch.Tensor,
+                      clusters: torch.Tensor,
+                      table: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Fill ``res`` with the zero rows and the rows the caches hold (one gather of the
+        cache table); returns each row's variant still to compute (0: done)."""
+        if self.cache_table is None:
+            zero = torch.nonzero(variant == 0).reshape(-1)
+            if zero.numel():
+                res.index_fill_(0, zero, 0)
+            return variant
+        rows = torch.zeros_like(pair_ids)
+        todo = variant.clone()
+        pair_rows: torch.Tensor | None = None
+        for v, cache in self.caches.items():
+            mine = variant == v
+            if cache.key == "c":
+                rows = torch.where(mine, cache.first + clusters, rows)
+                todo = torch.where(mine, 0, todo)
+                continue
+            assert cache.cluster is not None
+            if pair_rows is None:
+                pair_rows = table("pair_index", pair_ids).to(torch.int64)
+            r = pair_rows[:, 0 if cache.key == "q" else 1]
+            hit = mine & (cache.cluster.index_select(0, r) == clusters)
+            rows = torch.where(hit, cache.first + r, rows)
+            todo = torch.where(hit, 0, todo)
+        torch.index_select(self.cache_table, 0, rows, out=res)
+        return todo
+
+    def _keyword(self, res: torch.Tensor, where: torch.Tensor, pids: torch.Tensor,
+                 table: Callable[[str, torch.Tensor], torch.Tensor],
+                 csr: tuple[torch.Tensor, torch.Tensor], questions: torch.Tensor | None,
+                 clusters: torch.Tensor) -> None:
+        """jasper-v1's keyword rows ``where``: the pairs in keyword-count order, their keyword
+        rows slot-major in one read (of the normalised table when there is one)."""
+        order = count_order(csr[0], pids).to(where.device)
+        where, pids = where.index_select(0, order), pids.index_select(0, order)
+        units = self.keyword_units
+        ws = self._workspace()
+
+        def rows_of(ids: torch.Tensor) -> torch.Tensor:
+            ids = ids.to(res.device)
+            if units is None:
+                return table("keyword_embs", ids)
+            return torch.index_select(units, 0, ids, out=ws.rows("keywords", ids.shape[0], units))
+
+        slots = keyword_slots_of(csr[0], csr[1], pids, rows_of, unit_rows=units is not None)
+        if questions is not None:
+            q = questions.index_select(0, where)
+        else:
+            q = table("question_embs", table("pair_index", pids)[:, 0].to(torch.int64))
+        # only the pairs without keywords (the last ones in count order) read their centroid
+        c = table("centroid_embs", clusters.index_select(0, where[slots.with_keywords:]))
+        res.index_copy_(0, where, steering_rows(self.formula, 2, centroids=c, questions=q,
+                                                keywords=slots, dtype=res.dtype, workspace=ws))
 
     def _serve_exceptions(self, res: torch.Tensor, pair_ids: torch.Tensor,
                           variant: torch.Tensor) -> None:
@@ -603,6 +920,7 @@ def stored_bytes_per_pair(dim: int, itemsize: int = 4) -> int:
 
 
 __all__ = [
+    "CACHE_MAX_BYTES",
     "DEFAULT_ATOL",
     "DEFAULT_RTOL",
     "EXCEPTION_ARRAYS",
@@ -618,14 +936,19 @@ __all__ = [
     "DerivedSteering",
     "Formula",
     "KeywordRows",
+    "KeywordSlots",
+    "RowCache",
+    "Workspace",
     "check_exception_layout",
     "check_exceptions",
+    "count_order",
     "derive_arrays",
     "derived_chunks",
     "derived_spec",
     "find_exceptions",
     "formula",
     "keyword_rows_of",
+    "keyword_slots_of",
     "steering_rows",
     "stored_names",
     "table_args",

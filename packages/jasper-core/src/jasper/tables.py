@@ -239,7 +239,7 @@ class TableSet(abc.ABC):
                 self.derived = DerivedSteering(
                     self.derived_spec, self.n_pairs, self.embedding_dim,
                     self.arrays[EXCEPTION_ROWS], self.arrays[EXCEPTION_VALUES])
-                self.derived.prepare(self.arrays["keyword_embs"])
+                self.derived.prepare(self.arrays, resident=self.resident)
         except BaseException:
             reader.close()
             raise
@@ -372,8 +372,7 @@ class TableSet(abc.ABC):
         return total
 
     def _owned(self) -> list[torch.Tensor]:
-        extra = [] if self.derived is None or self.derived.keyword_units is None else [
-            self.derived.keyword_units]
+        extra = [] if self.derived is None else self.derived.owned()
         return [*self.arrays.values(), *extra]
 
     def _release_reader(self) -> None:

@@ -2,7 +2,9 @@
 
 Every check is vectorised (a few reductions per array; the exact first bad row is located only
 after a reduction has failed), so checking 10^7 pairs takes well under a second for the index
-arrays. Structural failures raise :class:`~jasper.errors.IntegrityError` naming the array, the
+arrays. The rules are written once, for numpy: a torch tensor is viewed as a numpy array (no
+copy on the CPU) where a rule meets it (:func:`as_numpy`), so ``jasper validate`` of a backend
+that reads into numpy (:meth:`~jasper.backend.StoreReader.read_numpy`) imports no torch. Structural failures raise :class:`~jasper.errors.IntegrityError` naming the array, the
 first bad row and the rule, e.g. ``hard_negatives[1532, 3] = 90211 but source_embs has 90000
 rows``. Value rules (docs/data-model.md#what-is-checked-and-when) are data-quality findings: a
 :class:`DataQualityWarning` on open, a :class:`~jasper.errors.DataQualityError` under ``strict``.
@@ -17,9 +19,11 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
-from jasper.dtypes import dtype_name
+import numpy as np
+
+from jasper.dtypes import STORAGE_NUMPY, dtype_name, storage_logical
 from jasper.errors import (
     ChecksumError,
     DataQualityError,
@@ -40,6 +44,10 @@ if TYPE_CHECKING:
     from jasper.schema import ArraySpec
 else:
     torch = lazy_torch(globals())
+
+#: What a rule checks: a numpy array in the storage dtype (bfloat16 as its ``uint16`` bit
+#: pattern, :mod:`jasper.dtypes`) or a torch tensor.
+Checkable: TypeAlias = "np.ndarray | torch.Tensor"
 
 #: Rows per chunk for the float checks, so mapped arrays are scanned without a full copy.
 _FLOAT_CHUNK_BYTES = 64 << 20
@@ -90,10 +98,38 @@ def _cols_expected(spec_cols: Cols | None, manifest: Manifest) -> int | None:
     ]
 
 
-def _first_true(mask: torch.Tensor) -> tuple[int, ...]:
+def as_numpy(t: Checkable) -> np.ndarray:
+    """``t`` as the rules see it: a numpy array passes as it is; a tensor becomes a numpy view
+    of its bytes in the storage dtype (no copy for a CPU tensor, strides kept; bfloat16 as its
+    ``uint16`` bit pattern)."""
+    if isinstance(t, np.ndarray):
+        return t
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _logical_dtype(t: Checkable) -> str:
+    """The logical dtype name of ``t`` (numpy ``uint16`` is bfloat16's bit pattern); a dtype
+    jasper cannot hold is named as it is, for the dtype rule to report."""
+    try:
+        return storage_logical(t.dtype) if isinstance(t, np.ndarray) else dtype_name(t.dtype)
+    except TypeError:
+        return str(t.dtype)
+
+
+def _bf16_values(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bit patterns (exact: bfloat16 is float32's top half)."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def _first_true(mask: np.ndarray) -> tuple[int, ...]:
     """Position of the first True element (row-major), as an index tuple."""
-    flat = int(torch.argmax(mask.reshape(-1).to(torch.uint8)))
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), mask.shape))
+    flat = int(np.argmax(mask.reshape(-1)))
+    return tuple(int(i) for i in np.unravel_index(flat, mask.shape))
 
 
 def _fmt_pos(name: str, pos: tuple[int, ...]) -> str:
@@ -122,20 +158,24 @@ def check_array_names(names: Iterable[str], *, catalogue: Iterable[str] | None =
                 array=str(name), rule="catalogue array name", path=path)
 
 
-def check_tensor_layout(name: str, t: torch.Tensor, path: str | Path | None = None) -> None:
+def check_tensor_layout(name: str, t: Checkable, path: str | Path | None = None) -> None:
     """Refuse a tensor whose strides make rows or elements share memory (stride 0 from
     ``expand``, overlapping ``as_strided``): one stored row would stand for many, which no
     writer produces and a checksum of the logical bytes would not reveal. Backends call it on
     every tensor they load."""
-    if t.numel() == 0:
+    if isinstance(t, np.ndarray):  # numpy counts strides in bytes, torch in elements
+        numel, strides = t.size, tuple(st // max(t.itemsize, 1) for st in t.strides)
+    else:
+        numel, strides = t.numel(), tuple(t.stride())
+    if numel == 0:
         return  # no elements, nothing to alias (libraries give empty arrays any strides)
-    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1)
+    dims = sorted((abs(st), sz) for st, sz in zip(strides, t.shape, strict=True) if sz > 1)
     extent = 1  # elements spanned by the dimensions checked so far
     for st, sz in dims:
         if st < extent:
             what = "stride 0" if st == 0 else "overlapping strides"
             raise ShapeError(
-                f"{name} has {what} (strides {tuple(t.stride())} for shape {tuple(t.shape)}): its rows "
+                f"{name} has {what} (strides {strides} for shape {tuple(t.shape)}): its rows "
                 "alias one another (a stride-0 or overlapping view was stored); rewrite the "
                 "array from a contiguous tensor", array=name, rule="rows do not alias",
                 path=path)
@@ -194,7 +234,7 @@ def check_manifest_trust(manifest: Manifest, stored: Iterable[str], path: Path) 
                 rule="checksum recorded", path=path)
 
 
-def check_shapes(arrays: Mapping[str, torch.Tensor], manifest: Manifest, path: Path | None = None,
+def check_shapes(arrays: Mapping[str, Checkable], manifest: Manifest, path: Path | None = None,
                  placeholders: Iterable[str] = ()) -> int:
     """Ranks, dtypes, columns, row counts and non-aliasing strides (except for
     ``placeholders``: stand-ins whose data the caller checks itself). Returns N_p."""
@@ -209,11 +249,11 @@ def check_shapes(arrays: Mapping[str, torch.Tensor], manifest: Manifest, path: P
     n_pairs = int(arrays["pair_index"].shape[0])
     for name, spec in ARRAYS.items():
         t = arrays[name]
-        if t.dim() != spec.rank:
+        if t.ndim != spec.rank:
             raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected rank {spec.rank}",
                              array=name, rule="rank", path=path)
-        if dtype_name(t.dtype) not in spec.dtypes:
-            raise ShapeError(f"{name} has dtype {dtype_name(t.dtype)}; allowed: "
+        if _logical_dtype(t) not in spec.dtypes:
+            raise ShapeError(f"{name} has dtype {_logical_dtype(t)}; allowed: "
                              f"{', '.join(sorted(spec.dtypes))}", array=name, rule="dtype", path=path)
         want = _cols_expected(spec.cols, manifest)
         if want is not None and t.shape[1] != want:
@@ -229,15 +269,15 @@ def check_shapes(arrays: Mapping[str, torch.Tensor], manifest: Manifest, path: P
     return n_pairs
 
 
-def _check_range(name: str, t: torch.Tensor, bound: int, bound_name: str,
+def _check_range(name: str, t: Checkable, bound: int, bound_name: str,
                  path: Path | None) -> None:
-    if t.numel() == 0:
+    a = as_numpy(t)
+    if a.size == 0:
         return
-    lo, hi = torch.aminmax(t)
-    if int(lo) >= 0 and int(hi) < bound:
+    if int(a.min()) >= 0 and int(a.max()) < bound:
         return
-    pos = _first_true((t < 0) | (t >= bound))
-    value = int(t[pos])
+    pos = _first_true((a < 0) | (a >= bound))
+    value = int(a[pos])
     if value < 0:
         msg, rule = f"{_fmt_pos(name, pos)} = {value} is negative", "non-negative index"
     else:
@@ -246,33 +286,40 @@ def _check_range(name: str, t: torch.Tensor, bound: int, bound_name: str,
     raise IntegrityError(msg, array=name, row=pos[0], rule=rule, path=path)
 
 
-def _float_chunks(t: torch.Tensor) -> int:
-    row = max(1, t[0].numel() * t.element_size()) if t.shape[0] else 1
+def _float_chunks(a: np.ndarray) -> int:
+    row = max(1, a[0].size * a.itemsize) if a.shape[0] else 1
     return max(1, _FLOAT_CHUNK_BYTES // row)
 
 
-def _check_finite(name: str, t: torch.Tensor, path: Path | None, row_offset: int = 0) -> None:
-    if t.numel() == 0:
+def _check_finite(name: str, t: Checkable, path: Path | None, row_offset: int = 0) -> None:
+    a = as_numpy(t)
+    if a.size == 0:
         return
-    step = _float_chunks(t)
-    for start in range(0, t.shape[0], step):
-        chunk = t[start : start + step]
-        # A sum is non-finite whenever any element is NaN/Inf, so one reduction clears the chunk;
-        # only a non-finite sum (also possible from overflow) pays for the exact scan.
-        acc = torch.float32 if chunk.element_size() < 4 else chunk.dtype
-        if torch.isfinite(chunk.sum(dtype=acc)):
-            continue
-        bad = ~torch.isfinite(chunk)
+    step = _float_chunks(a)
+    bfloat16 = a.dtype == np.uint16  # bit patterns: NaN/Inf have every exponent bit set
+    for start in range(0, a.shape[0], step):
+        chunk = a[start : start + step]
+        if bfloat16:
+            bad = (chunk & 0x7F80) == 0x7F80
+        else:
+            # A sum is non-finite whenever any element is NaN/Inf, so one reduction clears the
+            # chunk; only a non-finite sum (also possible from overflow) pays for the exact scan.
+            acc = np.float32 if chunk.itemsize < 4 else chunk.dtype
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found below
+                total = chunk.sum(dtype=acc)
+            if np.isfinite(total):
+                continue
+            bad = ~np.isfinite(chunk)
         if bad.any():
             pos = _first_true(bad)
-            value = float(chunk[pos])
+            value = float(_bf16_values(chunk[pos]) if bfloat16 else chunk[pos])
             pos = (pos[0] + start + row_offset, *pos[1:])
             raise IntegrityError(f"{_fmt_pos(name, pos)} = {value} is not finite", array=name,
                                  row=pos[0], rule="finite values", path=path)
 
 
 def check_arrays(
-    arrays: Mapping[str, torch.Tensor],
+    arrays: Mapping[str, Checkable],
     manifest: Manifest,
     *,
     path: Path | None = None,
@@ -281,7 +328,8 @@ def check_arrays(
     skip_finite: frozenset[str] = frozenset(),
     warn: bool = True,
 ) -> list[Finding]:
-    """Check every rule of the data model on in-memory (or mapped) tensors.
+    """Check every rule of the data model on in-memory (or mapped) tensors or numpy arrays
+    (storage dtype, see :func:`as_numpy`).
 
     ``skip_finite`` names float arrays whose NaN/Inf check the caller does itself (streamed).
     Raises :class:`IntegrityError` on the first structural failure. Returns the value-rule
@@ -301,10 +349,8 @@ def check_arrays(
             else:
                 ref = spec.references[0]
                 _check_range(name, t, rows[ref], "pairs (N_p)" if ref == PAIRS else ref, path)
-        if spec.non_negative and t.numel() and int(t.min()) < 0:
-            pos = _first_true(t < 0)
-            raise IntegrityError(f"{_fmt_pos(name, pos)} = {int(t[pos])} is negative", array=name,
-                                 row=pos[0], rule="non-negative", path=path)
+        if spec.non_negative:
+            _check_non_negative(name, t, path)
         if check_finite and spec.finite and name not in skip_finite:
             _check_finite(name, t, path)
 
@@ -320,15 +366,22 @@ def check_arrays(
     return findings
 
 
-def _check_range_col(name: str, t: torch.Tensor, col: int, bound: int, ref: str,
+def _check_non_negative(name: str, t: Checkable, path: Path | None) -> None:
+    a = as_numpy(t)
+    if a.size and int(a.min()) < 0:
+        pos = _first_true(a < 0)
+        raise IntegrityError(f"{_fmt_pos(name, pos)} = {int(a[pos])} is negative", array=name,
+                             row=pos[0], rule="non-negative", path=path)
+
+
+def _check_range_col(name: str, t: Checkable, col: int, bound: int, ref: str,
                      path: Path | None) -> None:
-    c = t[:, col]
-    if c.numel() == 0:
+    c = as_numpy(t)[:, col]
+    if c.size == 0:
         return
-    lo, hi = torch.aminmax(c)
-    if int(lo) >= 0 and int(hi) < bound:
+    if int(c.min()) >= 0 and int(c.max()) < bound:
         return
-    row = int(torch.nonzero((c < 0) | (c >= bound))[0])
+    row = int(np.flatnonzero((c < 0) | (c >= bound))[0])
     value = int(c[row])
     if value < 0:
         msg, rule = f"{name}[{row}, {col}] = {value} is negative", "non-negative index"
@@ -340,18 +393,19 @@ def _check_range_col(name: str, t: torch.Tensor, col: int, bound: int, ref: str,
     raise IntegrityError(msg, array=name, row=row, rule=rule, path=path)
 
 
-def _check_csr(offsets: torch.Tensor, values: torch.Tensor, path: Path | None) -> None:
+def _check_csr(offsets_in: Checkable, values: Checkable, path: Path | None) -> None:
     name = "pair_keyword_offsets"
-    if offsets.numel() == 0:
+    offsets = as_numpy(offsets_in)
+    if offsets.size == 0:
         raise IntegrityError(f"{name} is empty; it must hold N_p + 1 offsets", array=name, row=0,
                              rule="csr offsets", path=path)
     if int(offsets[0]) != 0:
         raise IntegrityError(f"{name}[0] = {int(offsets[0])} but CSR offsets start at 0",
                              array=name, row=0, rule="csr offsets start at 0", path=path)
-    if offsets.numel() > 1:
-        step = offsets[1:] - offsets[:-1]
+    if offsets.size > 1:
+        step = np.diff(offsets)
         if int(step.min()) < 0:
-            row = int(torch.nonzero(step < 0)[0]) + 1
+            row = int(np.flatnonzero(step < 0)[0]) + 1
             raise IntegrityError(
                 f"{name}[{row}] = {int(offsets[row])} is smaller than {name}[{row - 1}] = "
                 f"{int(offsets[row - 1])}; offsets must not decrease", array=name, row=row,
@@ -362,18 +416,18 @@ def _check_csr(offsets: torch.Tensor, values: torch.Tensor, path: Path | None) -
             array=name, row=int(offsets.shape[0]) - 1, rule="csr offsets end at nnz", path=path)
 
 
-def _check_disjoint_splits(arrays: Mapping[str, torch.Tensor], n_pairs: int,
+def _check_disjoint_splits(arrays: Mapping[str, Checkable], n_pairs: int,
                            path: Path | None) -> None:
-    owner = torch.full((n_pairs,), -1, dtype=torch.int8)
+    owner = np.full((n_pairs,), -1, dtype=np.int8)
     for i, split in enumerate(("train", "val", "test")):
         name = split_array(split)
-        idx = arrays[name]
-        if idx.numel() == 0:
+        idx = as_numpy(arrays[name])
+        if idx.size == 0:
             continue
         prev = owner[idx]
         taken = prev >= 0
         if bool(taken.any()):
-            row = int(torch.nonzero(taken)[0])
+            row = int(np.flatnonzero(taken)[0])
             other = ("train", "val", "test")[int(prev[row])]
             which = "twice in the same split" if other == split else f"also in the {other} split"
             raise IntegrityError(
@@ -381,16 +435,17 @@ def _check_disjoint_splits(arrays: Mapping[str, torch.Tensor], n_pairs: int,
                 array=name, row=row, rule="disjoint splits", path=path)
         owner[idx] = i
         # a repeat inside one split is invisible to the owner check above; catch it here
-        if idx.numel() > 1 and int(torch.unique(idx).numel()) != idx.numel():
-            s, order = torch.sort(idx)
-            dup = int(torch.nonzero(s[1:] == s[:-1])[0])
+        if idx.size > 1 and int(np.unique(idx).size) != idx.size:
+            order = np.argsort(idx, kind="stable")
+            s = idx[order]
+            dup = int(np.flatnonzero(s[1:] == s[:-1])[0])
             row = int(order[dup + 1])
             raise IntegrityError(
                 f"{name}[{row}] = pair {int(idx[row])} appears twice in the {split} split",
                 array=name, row=row, rule="disjoint splits", path=path)
 
 
-def check_finite_chunks(name: str, chunks: Iterable[torch.Tensor], path: Path | None = None) -> None:
+def check_finite_chunks(name: str, chunks: Iterable[Checkable], path: Path | None = None) -> None:
     """The NaN/Inf rule of a float array streamed in row chunks (one pass, bounded memory):
     how arrays that stay in storage are checked without a whole copy."""
     row = 0
@@ -400,8 +455,8 @@ def check_finite_chunks(name: str, chunks: Iterable[torch.Tensor], path: Path | 
 
 
 def check_replacement(
-    new: Mapping[str, torch.Tensor],
-    current: Mapping[str, torch.Tensor],
+    new: Mapping[str, Checkable],
+    current: Mapping[str, Checkable],
     manifest: Manifest,
     *,
     path: Path | None = None,
@@ -419,11 +474,11 @@ def check_replacement(
     rows[PAIRS] = n_pairs
     for name, t in new.items():
         spec = ARRAYS[name]
-        if t.dim() != spec.rank:
+        if t.ndim != spec.rank:
             raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected rank {spec.rank}",
                              array=name, rule="rank", path=path)
-        if dtype_name(t.dtype) not in spec.dtypes:
-            raise ShapeError(f"{name} has dtype {dtype_name(t.dtype)}; allowed: "
+        if _logical_dtype(t) not in spec.dtypes:
+            raise ShapeError(f"{name} has dtype {_logical_dtype(t)}; allowed: "
                              f"{', '.join(sorted(spec.dtypes))}", array=name, rule="dtype", path=path)
         want = _cols_expected(spec.cols, manifest)
         if want is not None and t.shape[1] != want:
@@ -441,10 +496,8 @@ def check_replacement(
         elif spec.references:
             ref = spec.references[0]
             _check_range(name, t, rows[ref], "pairs (N_p)" if ref == PAIRS else ref, path)
-        if spec.non_negative and t.numel() and int(t.min()) < 0:
-            pos = _first_true(t < 0)
-            raise IntegrityError(f"{_fmt_pos(name, pos)} = {int(t[pos])} is negative", array=name,
-                                 row=pos[0], rule="non-negative", path=path)
+        if spec.non_negative:
+            _check_non_negative(name, t, path)
     findings = _quality_findings({**current, **new}, only=frozenset(new))
     if warn:
         for f in findings:
@@ -452,12 +505,12 @@ def check_replacement(
     return findings
 
 
-def _quality_findings(arrays: Mapping[str, torch.Tensor],
+def _quality_findings(arrays: Mapping[str, Checkable],
                       only: frozenset[str] | None = None) -> list[Finding]:
     findings: list[Finding] = []
-    neg = arrays["hard_negatives"]
-    if neg.numel() and (only is None or "hard_negatives" in only):
-        own = arrays["pair_index"][:, 1:2].to(neg.device)
+    neg = as_numpy(arrays["hard_negatives"]) if only is None or "hard_negatives" in only else None
+    if neg is not None and neg.size:
+        own = as_numpy(arrays["pair_index"])[:, 1:2]
         same = neg == own
         count = int(same.sum())
         if count:
@@ -469,14 +522,16 @@ def _quality_findings(arrays: Mapping[str, torch.Tensor],
     for name, spec in ARRAYS.items():
         if spec.quality_range is None or (only is not None and name not in only):
             continue
-        t = arrays[name]
-        if t.numel() == 0:
+        t = as_numpy(arrays[name])
+        if t.size == 0:
             continue
+        if t.dtype == np.uint16:
+            t = _bf16_values(t)
         lo, hi = spec.quality_range
         bad = (t < lo) | (t > hi)
         count = int(bad.sum())
         if count:
-            row = int(torch.nonzero(bad)[0])
+            row = int(np.flatnonzero(bad)[0])
             findings.append(Finding(
                 name, f"value in [{lo:g}, {hi:g}]", count, row,
                 f"{name}: {count} value(s) outside [{lo:g}, {hi:g}], first {name}[{row}] = "
@@ -520,12 +575,12 @@ def validate(
         infos = {n: reader.info(n) for n in stored_names(manifest) if reader.has(n)}
         check_manifest_trust(manifest, infos, p)
         check_manifest_records(infos, manifest, p)
-        arrays, streamed = load_for_checks(reader, infos, ALL_ARRAYS)
+        arrays, streamed = load_for_checks(reader, infos, ALL_ARRAYS, numpy=True)
         derived = _check_derived(arrays, reader, manifest, p)
         findings = check_arrays(arrays, manifest, path=p, strict=strict, warn=False,
                                 skip_finite=frozenset(streamed) | derived)
         del arrays
-        stream_finite_checks(reader, streamed, p)
+        stream_finite_checks(reader, streamed, p, numpy=True)
         report = ValidationReport(p, int(infos["pair_index"].shape[0]), 0.0, findings)
         if deep:
             verify_stored(reader, report, [n for n in manifest.arrays if n in infos], infos,
@@ -540,7 +595,7 @@ def validate(
     return report
 
 
-def _check_derived(arrays: dict[str, torch.Tensor], reader: StoreReader, manifest: Manifest,
+def _check_derived(arrays: dict[str, Checkable], reader: StoreReader, manifest: Manifest,
                    path: Path) -> frozenset[str]:
     """Derived steering: the exception arrays' rules, and shape-only stand-ins for the
     steering arrays in ``arrays``; returns their names (nothing when steering is stored)."""
@@ -599,33 +654,52 @@ def check_manifest_records(infos: Mapping[str, ArrayInfo], manifest: Manifest, p
 
 
 def load_for_checks(reader: StoreReader, infos: Mapping[str, ArrayInfo],
-                    specs: Mapping[str, ArraySpec]) -> tuple[dict[str, torch.Tensor], set[str]]:
+                    specs: Mapping[str, ArraySpec], *, numpy: bool = False
+                    ) -> tuple[dict[str, Any], set[str]]:
     """The arrays the value rules look at, and the names of those whose NaN/Inf check
     :func:`stream_finite_checks` must stream. Large float arrays are never copied whole: mapped
     where the backend maps, otherwise stood in for by a zero-stride placeholder of the right
-    shape and dtype. Validating a dataset larger than RAM works."""
+    shape and dtype. Validating a dataset larger than RAM works.
+
+    ``numpy``: numpy arrays in the storage dtype (:meth:`StoreReader.map_numpy`,
+    :meth:`StoreReader.read_numpy`), so a backend that reads into numpy needs no torch; else
+    tensors."""
     from jasper.registry import get_backend
 
     mapped = get_backend(reader.backend_name).capabilities.mmap
     streamed: set[str] = set()
-    arrays: dict[str, torch.Tensor] = {}
+    arrays: dict[str, Any] = {}
     for n, info in infos.items():
         spec = specs[n]
         if mapped:
-            arrays[n] = reader.map(n)
+            view = reader.map_numpy(n) if numpy else None
+            arrays[n] = view if view is not None else reader.map(n)
         elif spec.finite and spec.rank == 2:
-            arrays[n] = torch.zeros((), dtype=info.dtype).expand(info.shape)
+            arrays[n] = (np.broadcast_to(np.zeros((), STORAGE_NUMPY[info.dtype_name]), info.shape)
+                         if numpy else torch.zeros((), dtype=info.dtype).expand(info.shape))
             streamed.add(n)
         else:
-            arrays[n] = reader.read(n)
+            arrays[n] = reader.read_numpy(n) if numpy else reader.read(n)
     return arrays, streamed
 
 
-def stream_finite_checks(reader: StoreReader, names: Iterable[str], p: Path) -> None:
-    """The layout and NaN/Inf checks of arrays ``names``, chunk by chunk."""
+def stream_finite_checks(reader: StoreReader, names: Iterable[str], p: Path, *,
+                         numpy: bool = False) -> None:
+    """The layout and NaN/Inf checks of arrays ``names``, chunk by chunk (numpy chunks from
+    :meth:`StoreReader.read_numpy` with ``numpy``, else tensors)."""
+    from jasper.backend import default_rows_per_chunk
+
     for n in sorted(names):
         row = 0
-        for chunk in reader.iter_chunks(n):
+        if numpy:
+            info = reader.info(n)
+            step = default_rows_per_chunk(info)
+            chunks: Iterable[Checkable] = (
+                reader.read_numpy(n, start, min(info.shape[0], start + step))
+                for start in range(0, info.shape[0], step))
+        else:
+            chunks = reader.iter_chunks(n)
+        for chunk in chunks:
             check_tensor_layout(n, chunk, p)
             _check_finite(n, chunk, p, row_offset=row)
             row += chunk.shape[0]
@@ -680,3 +754,23 @@ def guard_write_arrays(cls: type) -> None:
 
     write_arrays._jasper_names_checked = True  # type: ignore[attr-defined]
     cls.write_arrays = write_arrays  # type: ignore[attr-defined]
+
+
+def check_info_columns(infos: Mapping[str, ArrayInfo], manifest: Manifest,
+                       path: Path | None = None) -> None:
+    """The rank and column count of every stored array against the manifest's
+    ``embedding_dim`` and ``n_neg``, from shapes alone: run before anything is allocated from
+    the manifest's sizes, so a manifest claiming ``embedding_dim`` 10^15 over 16-column files is
+    a :class:`~jasper.errors.ShapeError`, not an allocation."""
+    for name, info in infos.items():
+        spec = ALL_ARRAYS.get(name)
+        if spec is None:
+            continue
+        if len(info.shape) != spec.rank:
+            raise ShapeError(f"{name} has shape {tuple(info.shape)}, expected rank {spec.rank}",
+                             array=name, rule="rank", path=path)
+        want = _cols_expected(spec.cols, manifest)
+        if want is not None and info.shape[1] != want:
+            raise ShapeError(
+                f"{name} has {info.shape[1]} columns but {spec.cols.value if spec.cols else ''} "
+                f"is {want} in the manifest", array=name, rule="columns", path=path)

@@ -32,11 +32,7 @@ import numpy as np
 
 from jasper.backend import ArrayInfo, StoreReader, check_format_version
 from jasper.dtypes import LOGICAL_DTYPES, STORAGE_NUMPY, from_storage, to_storage
-from jasper.errors import (
-    DatasetNotFoundError,
-    FormatError,
-    ShapeError,
-)
+from jasper.errors import DatasetNotFoundError, FormatError, ShapeError
 from jasper.files import DatasetDir, OutsideDatasetError, ProcessLocal
 from jasper.lazy import lazy_torch
 from jasper.manifest import Manifest
@@ -449,6 +445,14 @@ class HDF5Reader(StoreReader):
             sel = np.s_[start:stop] if dset.ndim else None
             self._wrap(name, lambda: dset.read_direct(to_storage(out), source_sel=sel))
         return out
+
+    def read_numpy(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        entry = self._require(name)  # h5py decodes into numpy: validation needs no torch
+        if entry.kind != "dataset":
+            return super().read_numpy(name, start, stop)
+        dset = self._dset(name, entry)
+        got = self._wrap(name, lambda: dset[np.s_[start:stop] if dset.ndim else ()])
+        return np.asarray(got).astype(STORAGE_NUMPY[entry.logical], copy=False)
 
     def read_sorted_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Sorted unique in-range rows (core checked, sorted and de-duplicated them): one

@@ -17,6 +17,7 @@ each block with ``write_direct``; a whole array is never held in memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jasper.atomic import require_free_space
+from jasper.atomic import FreeSpaceGuard, require_free_space
 from jasper.backend import ArraySource
 from jasper.dtypes import FLOAT_DTYPES, STORAGE_NUMPY, dtype_name, to_storage
 from jasper.errors import ShapeError, WriteOptionError
@@ -75,43 +76,34 @@ class WriteOptions:
         """Validate option values; a bad one raises :class:`WriteOptionError` saying what fits."""
         comp = "none" if compression is None else compression
         if not isinstance(comp, str) or comp.lower() not in COMPRESSIONS:
-            raise WriteOptionError(
-                f"hdf5: compression={compression!r} is not supported; choose one of "
-                f"{', '.join(COMPRESSIONS)}"
-            )
+            raise WriteOptionError(f"hdf5: compression={compression!r} is not supported; "
+                                   f"choose one of {', '.join(COMPRESSIONS)}")
         comp = comp.lower()
         if compression_level is not None:
             if comp != "gzip":
-                raise WriteOptionError(
-                    f"hdf5: compression_level applies to gzip only, not to compression={comp!r}"
-                )
+                raise WriteOptionError(f"hdf5: compression_level applies to gzip only, not to "
+                                       f"compression={comp!r}")
             if (
                 isinstance(compression_level, bool)
                 or not isinstance(compression_level, (int, np.integer))
                 or not 0 <= int(compression_level) <= 9
             ):
-                raise WriteOptionError(
-                    f"hdf5: compression_level={compression_level!r} must be an integer 0..9"
-                )
+                raise WriteOptionError(f"hdf5: compression_level={compression_level!r} must be "
+                                       "an integer 0..9")
             compression_level = int(compression_level)
         if shuffle is not None and not isinstance(shuffle, (bool, np.bool_)):
             raise WriteOptionError(f"hdf5: shuffle={shuffle!r} must be True, False or None (auto)")
         if shuffle and comp == "none":
-            raise WriteOptionError(
-                "hdf5: shuffle=True only helps a compressor; pass compression='lzf' or 'gzip'"
-            )
+            raise WriteOptionError("hdf5: shuffle=True only helps a compressor; pass "
+                                   "compression='lzf' or 'gzip'")
         if chunk_rows is not None and (
             isinstance(chunk_rows, bool)
             or not isinstance(chunk_rows, (int, np.integer))
             or int(chunk_rows) < 1
         ):
             raise WriteOptionError(f"hdf5: chunk_rows={chunk_rows!r} must be a positive integer")
-        return cls(
-            comp,
-            compression_level,
-            None if shuffle is None else bool(shuffle),
-            None if chunk_rows is None else int(chunk_rows),
-        )
+        return cls(comp, compression_level, None if shuffle is None else bool(shuffle),
+                   None if chunk_rows is None else int(chunk_rows))
 
     def use_shuffle(self, logical_dtype: str) -> bool:
         """The shuffle filter for an array of ``logical_dtype`` (``shuffle=None``: automatic).
@@ -129,9 +121,7 @@ class WriteOptions:
 
 def chunk_rows_for(shape: tuple[int, ...], itemsize: int, target_bytes: int = CHUNK_BYTES) -> int:
     """Rows of whole-row chunks of about ``target_bytes`` (at least 1, at most the rows)."""
-    row = itemsize
-    for s in shape[1:]:
-        row *= s
+    row = itemsize * math.prod(shape[1:])
     return max(1, min(shape[0], target_bytes // max(1, row)))
 
 
@@ -169,10 +159,14 @@ def write_file(directory: Path, arrays: Mapping[str, ArraySource], opts: WriteOp
             f"{', '.join(PATHS)}", array=unknown[0], rule="known array",
         )
     path = Path(directory) / FILE_NAME
-    if opts.compression == "none":  # h5py's close after running out of space can crash (SIGSEGV):
-        # refuse a write that cannot fit first; 64 KiB + 4 KiB per array bound HDF5's metadata
-        need = sum(int(a.nbytes) for a in arrays.values()) + (64 << 10) + (4 << 10) * len(arrays)
+    # h5py's close after running out of space can crash (SIGSEGV), so no write may fill the disk
+    # (64 KiB + 4 KiB per array bound HDF5's metadata): an uncompressed write is refused before
+    # it starts; a compressed one, whose size shows only as it goes, before each block
+    meta = (64 << 10) + (4 << 10) * len(arrays)
+    if opts.compression == "none":
+        need = sum(int(a.nbytes) for a in arrays.values()) + meta
         require_free_space(path, need, f"{len(arrays)} arrays")
+    guard = None if opts.compression == "none" else FreeSpaceGuard(path, meta, WRITE_CACHE_BYTES)
     # libver "earliest" (h5py's default) keeps the files readable by old h5py/HDF5 installs,
     # like the original system's.
     # Ctrl-C is held while h5py runs (it would be swallowed inside h5py's callbacks and the
@@ -182,13 +176,13 @@ def write_file(directory: Path, arrays: Mapping[str, ArraySource], opts: WriteOp
         f.attrs[ATTR_FORMAT] = FORMAT_NAME
         f.attrs[ATTR_LAYOUT_VERSION] = LAYOUT_VERSION
         for name, source in arrays.items():
-            _write_array(f, path, name, source, opts, gate)
+            _write_array(f, path, name, source, opts, gate, guard)
             gate.check()
     return path
 
 
 def _write_array(f: Any, path: Path, name: str, source: ArraySource, opts: WriteOptions,
-                 gate: InterruptGate) -> None:
+                 gate: InterruptGate, guard: FreeSpaceGuard | None) -> None:
     logical = dtype_name(source.dtype)
     shape = tuple(int(s) for s in source.shape)
     stored = STORAGE_NUMPY[logical]
@@ -217,5 +211,7 @@ def _write_array(f: Any, path: Path, name: str, source: ArraySource, opts: Write
                 f"the array is {shape}", array=name, row=row, rule="block fits the array",
             )
         gate.check()
+        if guard is not None:  # the block's raw bytes bound what it adds (the cache: slack)
+            guard.require(arr.nbytes, f"rows {row}..{row + n} of {name} (compressed)")
         dset.write_direct(arr, dest_sel=np.s_[row : row + n])
         row += n

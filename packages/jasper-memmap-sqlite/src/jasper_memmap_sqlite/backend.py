@@ -169,16 +169,20 @@ class MemmapSqliteReader(StoreReader):
         e = self._entry(name)
         return ArrayInfo(e.shape, e.dtype)
 
-    def map(self, name: str) -> torch.Tensor:
-        t = self._maps.get(name)
-        if t is None:
+    def map_numpy(self, name: str) -> np.ndarray:
+        mm = self._mms.get(name)
+        if mm is None:
             e = self._entry(name)
             with self.files.open_file(e.file) as fh:
                 mm = open_memmap(self.path / e.file, e.header(), mode="r",
                                  advice=_mmap.MADV_RANDOM, fileobj=fh)
-            t = map_tensor(mm, e.dtype)
-            self._maps[name] = t
             self._mms[name] = mm
+        return mm
+
+    def map(self, name: str) -> torch.Tensor:
+        t = self._maps.get(name)
+        if t is None:
+            t = self._maps[name] = map_tensor(self.map_numpy(name), self._entry(name).dtype)
         return t
 
     def advise(self, name: str, advice: int) -> None:

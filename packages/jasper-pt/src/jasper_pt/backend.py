@@ -30,7 +30,7 @@ from jasper.backend import (
 from jasper.errors import DatasetNotFoundError, FormatError
 from jasper.lazy import lazy_torch
 from jasper.manifest import Manifest
-from jasper.ptload import load_pt, load_pt_tensor, pt_info
+from jasper.ptload import load_pt, load_pt_tensor, map_pt_numpy, pt_info
 from jasper.schema import ALL_ARRAYS
 
 if TYPE_CHECKING:
@@ -126,6 +126,13 @@ class PTReader(StoreReader):
 
     def map(self, name: str) -> torch.Tensor:
         return self._mapped(name)
+
+    def map_numpy(self, name: str) -> np.ndarray | None:
+        # the file's bytes mapped as its pickle describes them (no torch); None leaves anything
+        # but a plain contiguous tensor to torch's weights-only load and its checks
+        if name in self._cache or (name in _CSR and self._is_legacy_csr()):
+            return None
+        return map_pt_numpy(self.files, self._member(name))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         self.check_out(name, out)
