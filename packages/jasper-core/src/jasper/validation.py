@@ -226,7 +226,22 @@ def check_shapes(arrays: Mapping[str, torch.Tensor], manifest: Manifest, path: P
         if spec.role is Role.CSR_OFFSETS and t.shape[0] != n_pairs + 1:
             raise ShapeError(f"{name} has {t.shape[0]} rows, expected N_p + 1 = {n_pairs + 1}",
                              array=name, rule="csr offsets rows", path=path)
+    check_compact_indices(arrays, manifest, path)
     return n_pairs
+
+
+def check_compact_indices(arrays: Mapping[str, torch.Tensor], manifest: Manifest,
+                          path: Path | None = None,
+                          rows: Mapping[str, torch.Tensor] | None = None) -> None:
+    """The dtype-capacity rule of compact index arrays (:mod:`jasper.index_dtypes`) on the
+    arrays' dtypes and the row counts of ``rows`` (default: ``arrays``): shapes only."""
+    from jasper.index_dtypes import check_index_capacity
+
+    tables = arrays if rows is None else {**rows, **arrays}
+    counts = {n: int(t.shape[0]) for n, t in tables.items() if t.dim()}
+    counts[PAIRS] = counts.get("pair_index", 0)
+    check_index_capacity({n: dtype_name(t.dtype) for n, t in arrays.items()}, counts,
+                         n_tiers=manifest.n_tiers, path=path)
 
 
 def _check_range(name: str, t: torch.Tensor, bound: int, bound_name: str,
@@ -445,6 +460,7 @@ def check_replacement(
             pos = _first_true(t < 0)
             raise IntegrityError(f"{_fmt_pos(name, pos)} = {int(t[pos])} is negative", array=name,
                                  row=pos[0], rule="non-negative", path=path)
+    check_compact_indices(new, manifest, path, rows=current)
     findings = _quality_findings({**current, **new}, only=frozenset(new))
     if warn:
         for f in findings:
