@@ -196,3 +196,17 @@ def test_compact_synth_keeps_int64_for_arrays_without_references() -> None:
     assert manifest.n_tiers == 4
     assert arrays["negative_tiers"].dtype == torch.int8
     assert arrays["pair_relevance"].dtype == torch.float32
+
+
+def test_cli_synth_writes_compact_unless_int64_is_asked_for(tmp_path: Path) -> None:
+    from jasper.cli import main
+    from jasper.manifest import Manifest
+
+    for flag, want in (([], "int32"), (["--int64-indices"], "int64")):
+        out = tmp_path / f"ds{len(flag)}"
+        assert main(["synth", str(out), "--pairs", "60", "--dim", "8", "--backend", "pt",
+                     *flag]) == 0
+        arrays = Manifest.load(out).arrays
+        assert arrays["hard_negatives"].dtype == want
+        assert arrays["negative_tiers"].dtype == ("int8" if not flag else "int64")
+        assert main(["validate", str(out)]) == 0
