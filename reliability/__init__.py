@@ -13,7 +13,7 @@ Outcomes (:class:`reliability.runner.Outcome`):
 - ``typed``: it failed with a :class:`jasper.errors.JasperError` (the wanted outcome for bad input);
 - ``untyped``: it failed with any other exception;
 - ``crash``: the process died from a signal or exited nonzero without a Python traceback;
-- ``hang``: it ran past its timeout;
+- ``hang``: it ran past its timeout (stretched by the load: ``runner.load_factor``);
 - ``silent-wrong``: it succeeded but served data differing from the reference where a checksum or
   a structural rule of the data model could have caught it;
 - ``undetected``: it succeeded with data differing from the reference in a way no rule the mode

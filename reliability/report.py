@@ -30,7 +30,7 @@ Outcomes:
 | typed | failed with a `jasper.errors.JasperError` subclass (the wanted end for bad input) |
 | untyped | failed with any other exception |
 | crash | died from a signal, or exited without a Python traceback |
-| hang | ran past its timeout |
+| hang | ran past its timeout (stretched by the load per CPU when it started, so waiting for a CPU is not a hang) |
 | silent-wrong | succeeded but served data differing from the reference where a structural rule (any mode), the manifest's checksums (deep validation, convert) or the dataset's own directory (foreign data) could have caught it |
 | undetected | succeeded with different data that no rule of the mode can see (preload and mmap do not verify checksums); reported, not a goal failure |
 | lost | after a kill, a full disk or a race, neither the previous nor the new dataset is intact, or a source was damaged |

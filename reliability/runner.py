@@ -156,7 +156,25 @@ class _Running:
     pid: int
     rfd: int
     t0: float
+    #: the case's timeout stretched by the machine's load when it started (:func:`load_factor`)
+    allowed: float = 0.0
     data: bytes = b""
+
+    @property
+    def deadline(self) -> float:
+        return self.t0 + self.allowed
+
+
+def load_factor() -> float:
+    """How much slower than on an idle machine a case may run: the 1-minute load average per
+    CPU, at least 1. A case on a machine busy with other work gets as much CPU in its stretched
+    timeout as it would in its plain one idle, so "hang" means a case that stopped making
+    progress, not one that waited for a CPU."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not every platform reports a load average
+        return 1.0
+    return max(1.0, load / (os.cpu_count() or 1))
 
 
 def _start(case: Case, workdir: Path) -> _Running:
@@ -170,7 +188,7 @@ def _start(case: Case, workdir: Path) -> _Running:
     os.close(wfd)
     with contextlib.suppress(OSError):  # the child already did (or already exited)
         os.setpgid(pid, pid)
-    return _Running(case, workdir, pid, rfd, t0)
+    return _Running(case, workdir, pid, rfd, t0, allowed=case.timeout * load_factor())
 
 
 def _finish(run: _Running, timed_out: bool) -> Result:
@@ -184,7 +202,8 @@ def _finish(run: _Running, timed_out: bool) -> Result:
                  seconds=round(time.monotonic() - run.t0, 3))
     if timed_out:
         res.outcome = Outcome.HANG
-        res.message = f"no result within {case.timeout:.0f} s; last log: {_log_tail(workdir)}"
+        res.message = (f"no result within {run.allowed:.0f} s ({case.timeout:.0f} s stretched "
+                       f"by the load); last log: {_log_tail(workdir)}")
         return res
     line = run.data.decode(errors="replace").strip().splitlines()
     if not line:
@@ -216,7 +235,7 @@ def run_cases(cases: list[tuple[Case, Path]], jobs: int = 1,
             run = _start(case, workdir)
             running[run.rfd] = (i, run)
         now = time.monotonic()
-        wait = min(r.t0 + r.case.timeout for _, r in running.values()) - now
+        wait = min(r.deadline for _, r in running.values()) - now
         ready, _, _ = select.select(list(running), [], [], max(0.0, wait))
         done: list[tuple[int, _Running, bool]] = []
         for fd in ready:
@@ -228,7 +247,7 @@ def run_cases(cases: list[tuple[Case, Path]], jobs: int = 1,
                 done.append((i, run, False))
         now = time.monotonic()
         for i, run in list(running.values()):
-            if now >= run.t0 + run.case.timeout and all(d[1] is not run for d in done):
+            if now >= run.deadline and all(d[1] is not run for d in done):
                 done.append((i, run, True))
         for i, run, timed_out in done:
             del running[run.rfd]

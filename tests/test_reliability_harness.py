@@ -69,7 +69,9 @@ def test_exit_without_result_is_crash(tmp_path: Path) -> None:
     assert res.exception == "exit 7"
 
 
-def test_timeout_is_hang_and_kills_grandchildren(tmp_path: Path) -> None:
+def test_timeout_is_hang_and_kills_grandchildren(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "load_factor", lambda: 1.0)  # the plain timeout, whatever the load
     marker = tmp_path / "grandchild-alive"
 
     def sleeps(_w: Path) -> None:
@@ -83,6 +85,21 @@ def test_timeout_is_hang_and_kills_grandchildren(tmp_path: Path) -> None:
     assert res.outcome is Outcome.HANG
     time.sleep(3.5)
     assert not marker.exists()
+
+
+def test_timeout_stretches_with_the_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A case that waits for a CPU on a busy machine is not a hang: at 4x the load per CPU, a
+    1 s timeout allows 4 s."""
+    assert runner.load_factor() >= 1.0
+
+    def slow(_w: Path) -> None:
+        time.sleep(2.0)
+
+    monkeypatch.setattr(runner, "load_factor", lambda: 4.0)
+    assert _run(slow, tmp_path / "busy", timeout=1.0).outcome is Outcome.OK
+    monkeypatch.setattr(runner, "load_factor", lambda: 1.0)
+    res = _run(slow, tmp_path / "idle", timeout=1.0)
+    assert res.outcome is Outcome.HANG and "no result within 1 s" in res.message
 
 
 def test_memory_cap_turns_a_huge_allocation_into_an_error(tmp_path: Path) -> None:

@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any, ClassVar
 
 import pytest
 
 import jasper
-from jasper.backend import BackendEntrypoint, Capabilities
+from jasper.backend import BackendEntrypoint
 from jasper.errors import CapabilityError
-from jasper.manifest import Manifest
-from jasper.testing import BackendConformance
-from jasper.testing.conformance import DTYPE_CASES, KitDataset
-from jasper.testing.data import make_arrays
-from jasper.testing.datasets import DatasetConformance, KitClusterDataset, make_cluster
+from jasper.testing import BackendConformance, RemoteDatasetConformance
+from jasper.testing.conformance import DTYPE_CASES
 
 # Chroma stores float32: float64 tables are refused (test_float64_tables_are_refused), every
 # other dtype round-trips bit-exactly through the kit
@@ -50,46 +46,15 @@ class TestChromaLocalConformance(_ChromaKit):
     optional_files = ("chroma/*/*.bin", "chroma/*/*.pickle")
 
 
-class TestChromaDatasetsOnTheServer(DatasetConformance):
-    """The kit's dataset-level tests (open, serve the reference, label updates or the capability
-    error, fork and spawn DataLoader workers, the cluster-labeled kind) on datasets written to
-    ``chroma://`` locations on the session's server instead of a local directory."""
-
-    worker_timeout: ClassVar[float] = 120.0
+class TestChromaDatasetsOnTheServer(RemoteDatasetConformance):
+    """The kit's dataset-level tests on datasets written to ``chroma://`` locations on the
+    session's server instead of a local directory."""
 
     @pytest.fixture
     def backend(self, chroma_server: str) -> BackendEntrypoint:
         return jasper.get_backend("chroma")
 
-    @pytest.fixture(autouse=True)
-    def _server(self, chroma_server: str) -> None:
-        self._server_url = chroma_server
-        # one server serves the whole session: each test's datasets get names of their own
-        self._test_tag = uuid.uuid4().hex[:10]
-
-    def caps(self, backend: BackendEntrypoint) -> Capabilities:
-        return backend.capabilities
-
-    def require_write(self, backend: BackendEntrypoint) -> None:
-        pass
-
-    def write_dataset(self, backend: BackendEntrypoint, path: Path, arrays: dict[str, Any],
-                      manifest: Manifest, **options: Any) -> Any:
-        """Write to ``chroma://HOST:PORT/<tag>-<name>``; the kit passes a local path, whose
-        name keeps datasets of one test apart."""
-        url = f"{self._server_url}/t{self._test_tag}-{Path(path).name}"
-        return str(jasper.write_store(url, arrays, manifest, backend=backend.name,
-                                      progress=False, **options))
-
-    def write(self, backend: BackendEntrypoint, path: Path, **kwargs: Any) -> KitDataset:
-        arrays, manifest = make_arrays(48, 8, **kwargs)
-        return KitDataset(self.write_dataset(backend, path, arrays, manifest), arrays,
-                          manifest)
-
     @pytest.fixture
-    def cluster_dataset(self, backend: BackendEntrypoint, tmp_path: Path) -> KitClusterDataset:
-        """The kit's cluster-labeled dataset, at its URL (the kit's fixture makes a Path of
-        what was written, which a URL is not)."""
-        arrays, meta, manifest = make_cluster(self.cluster_samples)
-        url = self.write_dataset(backend, tmp_path / "kit-cluster", arrays, manifest)
-        return KitClusterDataset(url, arrays, meta)
+    def remote_prefix(self, chroma_server: str) -> str:
+        # one server serves the whole session: each test's datasets get names of their own
+        return f"{chroma_server}/t{uuid.uuid4().hex[:10]}-"

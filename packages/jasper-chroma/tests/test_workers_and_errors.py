@@ -177,3 +177,26 @@ def test_hostile_layout_versions_are_format_errors(dataset: Any, tmp_path: Path,
     (copy / "chroma.json").write_text(json.dumps(layout))
     with pytest.raises(FormatError, match=match):
         jasper.open_store(copy)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [("dtype", "float3r", "has dtype 'float3r'"),
+                                                       ("dtype", 7, "has dtype '7'"),
+                                                       ("rows", -5, "not a shape")])
+def test_damaged_table_records_are_format_errors(dataset: Any, tmp_path: Path, field: str,
+                                                 value: Any, match: str) -> None:
+    """A table record of chroma.json with an unknown dtype (one flipped bit: float32 ->
+    float3r) or a negative size fails opening with a FormatError naming the file and the table,
+    not the TypeError of the dtype lookup (found by the reliability corpus)."""
+    import json
+    import shutil
+
+    path, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    layout = json.loads((copy / "chroma.json").read_text())
+    name = sorted(layout["tables"])[0]
+    layout["tables"][name][field] = value
+    (copy / "chroma.json").write_text(json.dumps(layout))
+    with pytest.raises(FormatError, match=match) as err:
+        jasper.open_store(copy)
+    assert err.value.array == name and "chroma.json" in str(err.value)

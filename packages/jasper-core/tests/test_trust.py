@@ -163,6 +163,21 @@ def test_manifest_claiming_huge_arrays_is_refused_before_open(
         open_store(ds)
 
 
+@pytest.mark.parametrize("use_mmap", [False, True])
+@pytest.mark.parametrize("key", ["embedding_dim", "n_neg"])
+def test_manifest_size_key_disagreeing_with_the_files_is_refused_before_allocating(
+    small_dataset: Path, copy_dataset: Callable[[Path], Path], key: str, use_mmap: bool
+) -> None:
+    """A manifest whose embedding_dim or n_neg alone is huge (every array record intact) is a
+    ShapeError naming an array and the column rule, before a table of that width is allocated
+    (found by the reliability corpus: a 2.4e18-byte allocation error on HDF5)."""
+    ds = copy_dataset(small_dataset)
+    edit_manifest(ds, lambda d: d.update({key: 10**15}))
+    with pytest.raises(ShapeError, match="columns") as err:
+        jasper.JASPERSteeringDataset(ds, split="train", use_mmap=use_mmap)
+    assert err.value.rule == "columns" and err.value.array
+
+
 # --- item 13: typed manifest errors through open ------------------------------------------------
 def test_writer_given_as_a_string_is_a_manifest_error(small_dataset: Path,
                                                       copy_dataset: Callable[[Path], Path]) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from jasper.dtypes import LOGICAL_DTYPES
 from jasper.errors import FormatError
 from jasper.schema import Role, dataset_kind
 
@@ -246,17 +247,18 @@ class Layout:
             tables = {k: TableRecord(v["collection"], int(v["rows"]), int(v["cols"]),
                                      str(v["dtype"])) for k, v in d["tables"].items()}
             where = str(d["where"])
-            version = d.get("layout_version", LAYOUT_VERSION)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError,
                 AttributeError) as exc:
             raise FormatError(path, f"not a valid chroma.json: {exc}") from None
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise FormatError(path, f"chroma.json layout_version is {version!r}, not a layout "
-                              "version number (rule: integer layout version)")
-        if version > LAYOUT_VERSION:
-            raise FormatError(path, f"chroma.json has layout version {version}, newer than this "
-                              f"jasper-chroma reads ({LAYOUT_VERSION}); upgrade with "
-                              "`pip install -U jasper-chroma`")
+        for name, t in tables.items():
+            # the reader makes tensors of these: a damaged record is this file's error, not a
+            # TypeError or an allocation of a negative size later
+            if t.dtype not in LOGICAL_DTYPES:
+                raise FormatError(path, f"chroma.json table {name!r} has dtype {t.dtype!r}; "
+                                  f"known: {', '.join(sorted(LOGICAL_DTYPES))}", array=name)
+            if t.rows < 0 or t.cols < 0:
+                raise FormatError(path, f"chroma.json table {name!r} has shape "
+                                  f"({t.rows}, {t.cols}), not a shape", array=name)
         missing = [t for t in table_names(kind) if t not in tables]
         if missing:
             raise FormatError(path, f"chroma.json lists no collection for {', '.join(missing)}")

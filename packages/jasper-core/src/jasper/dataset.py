@@ -75,7 +75,7 @@ from jasper.tables import (
     open_tables,
     shared_empty,
 )
-from jasper.validation import check_replacement
+from jasper.validation import check_info_columns, check_replacement
 
 LOGGER = logging.getLogger(__name__)
 
@@ -265,6 +265,8 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
                     f"{', '.join(missing[1:]) or 'none'})", array=missing[0],
                     rule="required array", path=self.dataset_dir)
             infos = {n: reader.info(n) for n in stored}
+            # before the table set allocates anything from the manifest's sizes
+            check_info_columns(infos, self.manifest, self.dataset_dir)
             mode = self._choose_mode(use_mmap, backend.capabilities, infos, backend_name)
             if TABLE_SETS[mode].maps:
                 reader.close()

@@ -696,3 +696,23 @@ def guard_write_arrays(cls: type) -> None:
 
     write_arrays._jasper_names_checked = True  # type: ignore[attr-defined]
     cls.write_arrays = write_arrays  # type: ignore[attr-defined]
+
+
+def check_info_columns(infos: Mapping[str, ArrayInfo], manifest: Manifest,
+                       path: Path | None = None) -> None:
+    """The rank and column count of every stored array against the manifest's
+    ``embedding_dim`` and ``n_neg``, from shapes alone: run before anything is allocated from
+    the manifest's sizes, so a manifest claiming ``embedding_dim`` 10^15 over 16-column files is
+    a :class:`~jasper.errors.ShapeError`, not an allocation."""
+    for name, info in infos.items():
+        spec = ALL_ARRAYS.get(name)
+        if spec is None:
+            continue
+        if len(info.shape) != spec.rank:
+            raise ShapeError(f"{name} has shape {tuple(info.shape)}, expected rank {spec.rank}",
+                             array=name, rule="rank", path=path)
+        want = _cols_expected(spec.cols, manifest)
+        if want is not None and info.shape[1] != want:
+            raise ShapeError(
+                f"{name} has {info.shape[1]} columns but {spec.cols.value if spec.cols else ''} "
+                f"is {want} in the manifest", array=name, rule="columns", path=path)

@@ -2,6 +2,8 @@
 
 - :class:`BackendConformance`: the conformance kit, a pytest base class that a backend package
   subclasses with one fixture, ``backend`` (see :mod:`jasper.testing.conformance`).
+- :class:`RemoteDatasetConformance`: the kit's dataset-level tests against datasets at a URL
+  (an object store, a database server), with one more fixture, ``remote_prefix``.
 - :func:`make_arrays`: a tiny valid dataset in memory; :func:`write_seed_dataset`: a dataset
   on disk exactly as the original system wrote it (see :mod:`jasper.testing.data`).
 
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 _LAZY: dict[str, str] = {
     "BackendConformance": "jasper.testing.conformance",
+    "RemoteDatasetConformance": "jasper.testing.remote",
     "KitDataset": "jasper.testing.conformance",
     "assert_bit_equal": "jasper.testing.conformance",
     "make_arrays": "jasper.testing.data",
@@ -28,6 +31,7 @@ __all__ = [
     "SEED_CONFIG_KEYS",
     "BackendConformance",
     "KitDataset",
+    "RemoteDatasetConformance",
     "assert_bit_equal",
     "csr_to_lists",
     "make_arrays",
@@ -51,3 +55,4 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from jasper.testing.conformance import BackendConformance, KitDataset, assert_bit_equal
     from jasper.testing.data import SEED_CONFIG_KEYS, csr_to_lists, make_arrays, write_seed_dataset
+    from jasper.testing.remote import RemoteDatasetConformance

@@ -23,9 +23,10 @@ from jasper.schema import CLUSTER_ARRAYS, CLUSTER_LABEL_TYPES, CLUSTER_RECORDS, 
 
 @dataclass
 class KitClusterDataset:
-    """A cluster-labeled dataset the kit wrote: where, its arrays and its metadata columns."""
+    """A cluster-labeled dataset the kit wrote: where (a directory, or a URL for a remote
+    store), its arrays and its metadata columns."""
 
-    path: Path
+    path: Path | str
     arrays: dict[str, torch.Tensor]
     meta: dict[str, list[Any]]
 
