@@ -42,7 +42,7 @@ ORIGINAL_PATHS = {
 
 
 def write_original(path: Path, arrays: dict[str, torch.Tensor], *, negatives_path: str =
-                   "negatives/hardnegatives", narrow_ints: bool = False,
+                   "negatives/hardnegatives", narrow_ints: str | None = None,
                    keyword_rows: list[int] | None = None) -> Path:
     """A dataset directory as the original system left it after converting PT to HDF5."""
     path.mkdir(parents=True)
@@ -55,7 +55,7 @@ def write_original(path: Path, arrays: dict[str, torch.Tensor], *, negatives_pat
             if name == "hard_negatives":
                 hpath = negatives_path
             if narrow_ints and name in ("pair_cluster_id", "negative_tiers"):
-                data = data.astype(np.int32)
+                data = data.astype(narrow_ints)
             f.create_dataset(hpath, data=data, compression="gzip")
         group = f.create_group("pair_data/keyword_ids")
         for row in keyword_rows if keyword_rows is not None else range(n_pairs):
@@ -77,8 +77,9 @@ def write_original(path: Path, arrays: dict[str, torch.Tensor], *, negatives_pat
 
 @pytest.fixture(scope="module")
 def original_arrays() -> dict[str, torch.Tensor]:
+    # the original system's ids are int64 (torch.long) throughout
     arrays, _ = synth_tensors(SynthConfig(n_pairs=300, embedding_dim=16, n_neg=3, n_clusters=4,
-                                          seed=11))
+                                          seed=11, compact_indices=False))
     # pairs without keywords: the original saved them as empty float64 datasets
     offsets = arrays["pair_keyword_offsets"].clone()
     values = arrays["pair_keyword_ids"]
@@ -114,16 +115,31 @@ def test_original_file_opens_with_every_array(tmp_path: Path, original_arrays: d
     assert report.n_pairs == 300
 
 
-def test_original_narrow_ints_are_widened_to_int64(tmp_path: Path, original_arrays: dict) -> None:
-    path = write_original(tmp_path / "orig", original_arrays, narrow_ints=True)
+@pytest.mark.parametrize(("narrow", "served"), [("int32", torch.int32), ("int16", torch.int64)])
+def test_original_narrow_ints_are_served_as_int64(tmp_path: Path, original_arrays: dict,
+                                                  narrow: str, served: torch.dtype) -> None:
+    """The original's files with narrow cluster ids and tiers are served correctly: int32 ids
+    are legal compact ids and stay int32 in the store (never widened whole at open); a dtype
+    the data model does not allow for ids (int16) is widened to int64; either way batches
+    carry int64 and equal those of the int64 file."""
+    path = write_original(tmp_path / "orig", original_arrays, narrow_ints=narrow)
+    wide = write_original(tmp_path / "wide", original_arrays)
     with jasper.open_store(path) as reader:
-        assert reader.info("pair_cluster_id").dtype == torch.int64
-        assert_same(reader.read("pair_cluster_id"), original_arrays["pair_cluster_id"], "ids")
+        assert reader.info("pair_cluster_id").dtype == served
+        ids = original_arrays["pair_cluster_id"]
+        assert_same(reader.read("pair_cluster_id"), ids.to(served), "ids")
         rows = torch.tensor([3, 1, 3])
-        assert_same(reader.read_rows("pair_cluster_id", rows),
-                    original_arrays["pair_cluster_id"][rows], "rows")
-        # int32 is allowed for tiers, so it stays what the file holds
-        assert reader.info("negative_tiers").dtype == torch.int32
+        assert_same(reader.read_rows("pair_cluster_id", rows), ids[rows].to(served), "rows")
+        # tiers allow every integer dtype, so they stay what the file holds
+        assert reader.info("negative_tiers").dtype == getattr(torch, narrow)
+    assert jasper.validate(path).n_pairs == 300
+    with jasper.JASPERSteeringDataset(path, "train", use_mmap=False) as ds, \
+            jasper.JASPERSteeringDataset(wide, "train", use_mmap=False) as twin:
+        positions = list(range(len(ds)))[::-7]
+        got, expected = ds.__getitems__(positions), twin.__getitems__(positions)
+        for key in ("cluster_id", "negative_tiers"):
+            assert got[key].dtype == torch.int64, key
+            assert_same(got[key], expected[key], key)
 
 
 def test_convert_original_to_jasper_layout_is_bit_exact(tmp_path: Path,

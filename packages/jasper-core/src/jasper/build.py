@@ -54,8 +54,10 @@ from jasper.atomic import allocate_file
 from jasper.backend import ArraySource, TensorSource
 from jasper.dtypes import FLOAT_DTYPES, from_storage, to_storage, torch_dtype
 from jasper.errors import FormatError, IntegrityError, JasperError, ShapeError
+from jasper.index_dtypes import INDEX_ARRAYS, cast_index, compact_dtypes
 from jasper.manifest import Manifest
 from jasper.progress import count_bar
+from jasper.schema import PAIRS
 from jasper.steering import (
     EXCEPTION_ROWS,
     EXCEPTION_VALUES,
@@ -300,6 +302,9 @@ class BuildConfig:
     #: Declare the steering derived (computed per batch by jasper.steering's kernel, the one
     #: that would have produced the stored arrays) instead of storing the three arrays.
     derived_steering: bool = False
+    #: Store each index array in the narrowest integer dtype that holds it (int32 ids while the
+    #: table has at most 2^31 rows, int8 tiers; jasper.index_dtypes); False keeps int64.
+    compact_indices: bool = True
     steering_probabilities: dict[str, float] = field(
         default_factory=lambda: {"zero": 0.25, "centroid": 0.25, "keyword": 0.25, "residual": 0.25})
 
@@ -805,18 +810,29 @@ def build_arrays(
                              rule="shape")
         report.given.append("negative_tiers")
 
+    # --- index dtypes: the narrowest that holds each array (or int64 throughout)
+    n_tiers = 4 if tiers_given is None else int(tiers_given.max()) + 1 if tiers_given.size else 0
+    index_rows = {"question_embs": q.shape[0], "source_embs": s.shape[0],
+                  "keyword_embs": kw.shape[0], "centroid_embs": n_c, PAIRS: n,
+                  "pair_keyword_ids": kw_val.shape[0]}
+    index_dt = compact_dtypes(index_rows, n_tiers) if cfg.compact_indices else {
+        name: "int64" for name in INDEX_ARRAYS}
+
+    def index_source(arr: np.ndarray, name: str) -> TensorSource:
+        return _tensor(cast_index(arr, index_dt[name], name))
+
     # --- the pair arrays, chunk by chunk
     storage = _storage_dtype(logical)
     layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {} if cfg.derived_steering else {
         name: ((n, d), storage) for name in STEERING}
     layout.update({
         "centroid_distances": ((n,), np.dtype(np.float32)),
-        "hard_negatives": ((n, n_neg), np.dtype(np.int64)),
+        "hard_negatives": ((n, n_neg), np.dtype(index_dt["hard_negatives"])),
     })
     if relevance is None:
         layout["pair_relevance"] = ((n,), np.dtype(np.float32))
     if tiers_given is None:
-        layout["negative_tiers"] = ((n, n_neg), np.dtype(np.int64))
+        layout["negative_tiers"] = ((n, n_neg), np.dtype(index_dt["negative_tiers"]))
     out: dict[str, np.ndarray] = {}
     pair_bytes = sum(int(np.prod(shape)) * dt.itemsize for shape, dt in layout.values())
     if pair_bytes > cfg.memory_limit:
@@ -857,31 +873,30 @@ def build_arrays(
         "source_embs": CastSource(s, logical),
         "keyword_embs": CastSource(kw, logical),
         "centroid_embs": CastSource(cent, logical),
-        "pair_index": _tensor(pi),
-        "pair_cluster_id": _tensor(pair_cluster),
-        "pair_keyword_offsets": _tensor(kw_off),
-        "pair_keyword_ids": _tensor(kw_val),
+        "pair_index": index_source(pi, "pair_index"),
+        "pair_cluster_id": index_source(pair_cluster, "pair_cluster_id"),
+        "pair_keyword_offsets": index_source(kw_off, "pair_keyword_offsets"),
+        "pair_keyword_ids": index_source(kw_val, "pair_keyword_ids"),
     }
     if relevance is not None:
         rel = np.asarray(pair_vector(relevance, "pair_relevance"), dtype=np.float32)
         arrays["pair_relevance"] = _tensor(rel)
         report.given.append("pair_relevance")
     if tiers_given is not None:
-        arrays["negative_tiers"] = _tensor(tiers_given)
+        arrays["negative_tiers"] = index_source(tiers_given, "negative_tiers")
     for name, arr in out.items():
         if name == "hard_negatives" and given_neg is not None:
-            arrays[name] = _tensor(arr)
+            arrays[name] = index_source(arr, name)
             continue
         arrays[name] = NumpySource(arr, logical if name.startswith("steering_") else str(arr.dtype))
     for name, idx in split_ids.items():
-        arrays[name] = _tensor(idx)
+        arrays[name] = index_source(idx, name)
     derived = None
     if cfg.derived_steering:
         derived = DerivedSpec(JASPER_V1, logical).to_dict()
         arrays[EXCEPTION_ROWS] = TensorSource(torch.zeros((0, 2), dtype=torch.int64))
         arrays[EXCEPTION_VALUES] = TensorSource(torch.zeros((0, d), dtype=torch_dtype(logical)))
 
-    n_tiers = 4 if tiers_given is None else int(tiers_given.max()) + 1 if tiers_given.size else 0
     manifest = Manifest(
         embedding_dim=d,
         n_neg=n_neg,

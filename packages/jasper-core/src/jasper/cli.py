@@ -184,7 +184,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
         n_pairs=args.pairs, embedding_dim=args.dim, n_neg=args.neg, n_clusters=args.clusters,
         dtype=args.dtype, seed=args.seed, dataset_name=args.name or Path(args.path).name,
-        derived_steering=args.derived_steering,
+        derived_steering=args.derived_steering, compact_indices=not args.int64_indices,
     )
     backend = args.backend or default_writer()
     how = "" if args.backend else " (the default: first installed of " + ", ".join(
@@ -330,7 +330,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise SystemExit("jasper build: error: --split takes three ratios, e.g. 0.8,0.1,0.1")
     cfg = BuildConfig(n_neg=args.neg, n_clusters=args.clusters, dtype=args.dtype, seed=args.seed,
                       dataset_name=args.name or Path(args.out).name,
-                      split_ratios=(ratios[0], ratios[1], ratios[2]))
+                      split_ratios=(ratios[0], ratios[1], ratios[2]),
+                      compact_indices=not args.int64_indices)
     t0 = time.perf_counter()
     if args.from_chroma:
         from jasper.plugins import plugin_function
@@ -437,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random seed: the same seed writes the same dataset")
     s.add_argument("--derived-steering", action="store_true",
                    help="store no steering arrays: each batch computes them (the same values)")
+    s.add_argument("--int64-indices", action="store_true",
+                   help="store index arrays as int64 (default: the narrowest that holds them, "
+                   "int32 ids and int8 tiers; batches carry int64 either way)")
     s.add_argument("--name", help="dataset_name in the manifest (default: directory name)")
     s.add_argument("--backend", default=None,
                    help=f"storage backend to write with (installed: {installed}; default: the "
@@ -534,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--split", default="0.8,0.1,0.1",
                     help="train,val,test pair ratios; splits are by question (0.8,0.1,0.1)")
     bl.add_argument("--seed", type=int, default=0, help="seed of k-means, mining, splits (0)")
+    bl.add_argument("--int64-indices", action="store_true",
+                    help="store index arrays as int64 (default: the narrowest that holds them)")
     bl.add_argument("--name", help="dataset_name in the manifest (default: directory name)")
     bl.add_argument("--backend", help="storage backend to write with (default: pt if "
                     "installed, else the first installed writer)")

@@ -49,6 +49,9 @@ class Cols(enum.Enum):
 
 
 INT_INDEX = frozenset({"int64"})
+#: Index arrays of the steering kind may be stored compact: int32 while the table they reference
+#: fits (the rule is :func:`jasper.index_dtypes.check_index_capacity`); batches carry int64.
+INT_COMPACT_INDEX = frozenset({"int64", "int32"})
 INT_LABEL = frozenset({"int64", "int32", "int16", "int8", "uint8"})
 
 
@@ -95,11 +98,12 @@ ARRAYS: dict[str, ArraySpec] = {
         _emb("keyword_embs", "keyword embeddings [N_k, D]"),
         _emb("centroid_embs", "cluster centroid embeddings [N_c, D]"),
         ArraySpec(
-            "pair_index", Role.PAIR, 2, INT_INDEX, "(question row, source row) of each pair",
+            "pair_index", Role.PAIR, 2, INT_COMPACT_INDEX,
+            "(question row, source row) of each pair",
             cols=Cols.TWO, references=("question_embs", "source_embs"),
         ),
         ArraySpec(
-            "pair_cluster_id", Role.PAIR, 1, INT_INDEX, "cluster of each pair",
+            "pair_cluster_id", Role.PAIR, 1, INT_COMPACT_INDEX, "cluster of each pair",
             references=("centroid_embs",),
         ),
         ArraySpec(
@@ -107,15 +111,17 @@ ARRAYS: dict[str, ArraySpec] = {
             finite=True, quality_range=(0.0, 1.0),
         ),
         ArraySpec(
-            "pair_keyword_offsets", Role.CSR_OFFSETS, 1, INT_INDEX,
+            "pair_keyword_offsets", Role.CSR_OFFSETS, 1, INT_COMPACT_INDEX,
             "CSR offsets of each pair's keyword ids [N_p + 1]",
         ),
         ArraySpec(
-            "pair_keyword_ids", Role.CSR_VALUES, 1, INT_INDEX, "CSR values: keyword rows",
+            "pair_keyword_ids", Role.CSR_VALUES, 1, INT_COMPACT_INDEX,
+            "CSR values: keyword rows",
             references=("keyword_embs",),
         ),
         ArraySpec(
-            "hard_negatives", Role.PAIR, 2, INT_INDEX, "hard-negative source rows of each pair",
+            "hard_negatives", Role.PAIR, 2, INT_COMPACT_INDEX,
+            "hard-negative source rows of each pair",
             cols=Cols.N_NEG, references=("source_embs",),
         ),
         ArraySpec(
@@ -130,11 +136,14 @@ ARRAYS: dict[str, ArraySpec] = {
             "cosine distance of each pair to its centroid, 0..2",
             finite=True, quality_range=(0.0, 2.0),
         ),
-        ArraySpec("train_idx", Role.SPLIT, 1, INT_INDEX, "pair ids of the train split",
+        ArraySpec("train_idx", Role.SPLIT, 1, INT_COMPACT_INDEX,
+                  "pair ids of the train split",
                   references=(PAIRS,)),
-        ArraySpec("val_idx", Role.SPLIT, 1, INT_INDEX, "pair ids of the validation split",
+        ArraySpec("val_idx", Role.SPLIT, 1, INT_COMPACT_INDEX,
+                  "pair ids of the validation split",
                   references=(PAIRS,)),
-        ArraySpec("test_idx", Role.SPLIT, 1, INT_INDEX, "pair ids of the test split",
+        ArraySpec("test_idx", Role.SPLIT, 1, INT_COMPACT_INDEX,
+                  "pair ids of the test split",
                   references=(PAIRS,)),
     )
 }

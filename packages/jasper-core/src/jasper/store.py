@@ -44,7 +44,7 @@ from jasper.location import Location, as_target
 from jasper.manifest import MANIFEST_NAME, ArrayRecord, Checksummer, Manifest
 from jasper.progress import byte_bar
 from jasper.registry import get_backend, guess_backend, list_backends
-from jasper.schema import ARRAYS, Cols, Role, dataset_kind
+from jasper.schema import ARRAYS, PAIRS, Cols, Role, dataset_kind
 from jasper.validation import check_array_names, check_claimed_sizes, check_manifest_trust
 
 if TYPE_CHECKING:
@@ -257,6 +257,12 @@ def check_steering_layout(arrays: Mapping[str, ArraySource], manifest: Manifest)
         if spec.role is Role.CSR_OFFSETS and shape[0] != n_pairs + 1:
             raise ShapeError(f"{name} has {shape[0]} rows, expected N_p + 1 = {n_pairs + 1}",
                              array=name, rule="csr offsets rows")
+    # compact index arrays: a narrow dtype must hold every row of the table it references
+    from jasper.index_dtypes import check_index_capacity
+
+    rows = {n: int(src.shape[0]) for n, src in arrays.items() if len(tuple(src.shape))}
+    check_index_capacity({n: dtype_name(src.dtype) for n, src in arrays.items()},
+                         {**rows, PAIRS: n_pairs}, n_tiers=manifest.n_tiers)
 
 
 def _report_all_missing(arrays: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:

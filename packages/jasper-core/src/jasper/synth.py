@@ -67,6 +67,8 @@ class SynthConfig:
     dataset_name: str = "synthetic"
     #: Declare the steering derived instead of storing it (jasper.steering).
     derived_steering: bool = False
+    #: Store index arrays in the narrowest integer dtype (jasper.index_dtypes); False: int64.
+    compact_indices: bool = True
 
     def __post_init__(self) -> None:
         if self.n_pairs < 1 or self.embedding_dim < 1 or self.n_neg < 1 or self.n_clusters < 1:
@@ -226,7 +228,8 @@ def synthesize(
     raw.fill(out, progress)
     build_cfg = BuildConfig(n_neg=cfg.n_neg, split_ratios=cfg.split_ratios, dtype=cfg.dtype,
                             seed=cfg.seed, dataset_name=cfg.dataset_name,
-                            memory_limit=memory_limit, derived_steering=cfg.derived_steering)
+                            memory_limit=memory_limit, derived_steering=cfg.derived_steering,
+                            compact_indices=cfg.compact_indices)
     arrays, manifest = build_arrays(
         tables.questions, tables.sources, out["pair_index"],
         cluster_ids=out["pair_cluster_id"], centroids=tables.centroids,

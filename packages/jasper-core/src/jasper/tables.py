@@ -284,9 +284,11 @@ class TableSet(abc.ABC):
 
     # --- gathers ------------------------------------------------------------------------------
     def pair_columns(self, pair_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The question rows and source rows of ``pair_ids`` (two contiguous int64 tensors)."""
+        """The question rows and source rows of ``pair_ids`` (two contiguous int64 tensors,
+        widened from a compact int32 ``pair_index`` after the select)."""
         assert self._q_col is not None and self._s_col is not None
-        return self._q_col.index_select(0, pair_ids), self._s_col.index_select(0, pair_ids)
+        return (self._q_col.index_select(0, pair_ids).to(torch.int64),
+                self._s_col.index_select(0, pair_ids).to(torch.int64))
 
     def gather(self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None,
                dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -539,7 +541,7 @@ class MappedTables(TableSet):
         return 0  # maps are file pages the kernel may drop, not memory this set holds
 
     def pair_columns(self, pair_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pair = self.arrays[PAIR_INDEX].index_select(0, pair_ids)
+        pair = self.arrays[PAIR_INDEX].index_select(0, pair_ids).to(torch.int64)
         return pair[:, 0].contiguous(), pair[:, 1].contiguous()
 
 

@@ -266,7 +266,22 @@ def check_shapes(arrays: Mapping[str, Checkable], manifest: Manifest, path: Path
         if spec.role is Role.CSR_OFFSETS and t.shape[0] != n_pairs + 1:
             raise ShapeError(f"{name} has {t.shape[0]} rows, expected N_p + 1 = {n_pairs + 1}",
                              array=name, rule="csr offsets rows", path=path)
+    check_compact_indices(arrays, manifest, path)
     return n_pairs
+
+
+def check_compact_indices(arrays: Mapping[str, Checkable], manifest: Manifest,
+                          path: Path | None = None,
+                          rows: Mapping[str, Checkable] | None = None) -> None:
+    """The dtype-capacity rule of compact index arrays (:mod:`jasper.index_dtypes`) on the
+    arrays' dtypes and the row counts of ``rows`` (default: ``arrays``): shapes only."""
+    from jasper.index_dtypes import check_index_capacity
+
+    tables = arrays if rows is None else {**rows, **arrays}
+    counts = {n: int(t.shape[0]) for n, t in tables.items() if t.ndim}
+    counts[PAIRS] = counts.get("pair_index", 0)
+    check_index_capacity({n: _logical_dtype(t) for n, t in arrays.items()}, counts,
+                         n_tiers=manifest.n_tiers, path=path)
 
 
 def _check_range(name: str, t: Checkable, bound: int, bound_name: str,
@@ -498,6 +513,7 @@ def check_replacement(
             _check_range(name, t, rows[ref], "pairs (N_p)" if ref == PAIRS else ref, path)
         if spec.non_negative:
             _check_non_negative(name, t, path)
+    check_compact_indices(new, manifest, path, rows=current)
     findings = _quality_findings({**current, **new}, only=frozenset(new))
     if warn:
         for f in findings:

@@ -98,10 +98,14 @@ def open_h5(files: DatasetDir, name: str = FILE_NAME) -> Any:
 
 def load_pt_split(files: DatasetDir, member: str, name: str) -> torch.Tensor:
     """A split saved by the original system as ``<split>_idx.pt`` beside the HDF5 file, loaded
-    by core's weights-only loader; integer ids are widened to int64 (``info`` checks the rest)."""
+    by core's weights-only loader; integer ids in a dtype the data model does not allow for
+    them (e.g. int16) are widened to int64, compact int32 ids stay as saved (``info`` checks
+    the rest)."""
     t = load_pt_tensor(files, member, array=name)
     integer = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-    return t.to(torch.int64).contiguous() if integer else t
+    if not integer or str(t.dtype).removeprefix("torch.") in ALL_ARRAYS[name].dtypes:
+        return t
+    return t.to(torch.int64).contiguous()
 
 def legacy_keyword_csr(file: Path, group: Any, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The original system's ``pair_data/keyword_ids/<row>`` datasets as CSR tensors.
@@ -342,7 +346,9 @@ class HDF5Reader(StoreReader):
                     f"attribute says {logical!r}", array=name, rule="dtype", path=self.file)
             return logical
         # The original system's files carry no attribute: the stored dtype is the logical one,
-        # except that narrower integer ids are widened to the int64 the data model asks for.
+        # except that integer ids in a dtype the data model does not allow for them (int16,
+        # unsigned) are widened to int64; int32 ids are legal compact ids and stay int32 (the
+        # batch gather widens the rows it selects).
         logical = stored.name
         if logical not in LOGICAL_DTYPES or stored.kind not in "iufb":
             raise ShapeError(f"{self.file}: {name} ({hpath}) has dtype {stored}, which jasper "

@@ -43,6 +43,7 @@ from jasper.manifest import MANIFEST_NAME, Manifest
 from jasper.schema import ARRAYS
 from jasper.store import TMP_MARK, TRASH_MARK, clean_leftovers
 from jasper.testing import _workers
+from jasper.testing.compact import CompactIndicesConformance
 from jasper.testing.data import make_arrays
 from jasper.testing.datasets import DatasetConformance
 from jasper.testing.derived import DerivedSteeringConformance
@@ -155,7 +156,8 @@ DTYPE_CASES: list[tuple[str, str]] = [
 ]
 
 
-class BackendConformance(DatasetConformance, DerivedSteeringConformance):
+class BackendConformance(DatasetConformance, DerivedSteeringConformance,
+                         CompactIndicesConformance):
     """Subclass this with one fixture, ``backend``, returning the backend instance.
 
     Besides the store-level tests below, it runs the dataset-level tests of
