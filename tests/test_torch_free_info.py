@@ -35,11 +35,12 @@ def test_info_of_a_real_dataset_does_not_import_torch(backend: str, tmp_path: Pa
         assert "pair_index" in proc.stdout
 
 
-def test_validate_makes_tensors_and_so_imports_torch(tmp_path: Path) -> None:
-    """The counterpart, so that the check above can fail: validate checks every value rule on
-    tensors, and the child process does report torch when it was imported."""
+def test_deep_validate_makes_tensors_and_so_imports_torch(tmp_path: Path) -> None:
+    """The counterpart, so that the check above can fail: a deep validation checksums and
+    checks every value on tensors, and the child process does report torch when it was imported
+    (plain validate is torch-free: tests of jasper-core's test_validate_without_torch.py)."""
     target = tmp_path / "ds"
     write_synthetic(target, SynthConfig(n_pairs=300, embedding_dim=8),
                            backend="hdf5")
-    proc = _run("validate", str(target))
+    proc = _run("validate", "--deep", str(target))
     assert proc.stderr.strip().splitlines()[-1] == "rc 0 TORCH", proc.stderr[-2000:]
