@@ -9,12 +9,13 @@ hooks (``write_dataset``, ``caps``, ``require_write``, ``write_options``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from jasper.backend import BackendEntrypoint, Capabilities
+from jasper.backend import BackendEntrypoint
 from jasper.manifest import Manifest
+from jasper.testing.hooks import KitHooks
 
 #: The dtype a compact build stores each index array in, at the kit's sizes.
 COMPACT: dict[str, torch.dtype] = {
@@ -30,31 +31,13 @@ COMPACT: dict[str, torch.dtype] = {
 }
 
 
-class CompactIndicesConformance:
+class CompactIndicesConformance(KitHooks):
     """Mixin of the compact-index tests (see the module docstring)."""
 
-    write_options: ClassVar[dict[str, Any]] = {}
     compact_pairs: ClassVar[int] = 48
 
-    # provided by BackendConformance
-    def write_dataset(self, backend: BackendEntrypoint, path: Path, arrays: dict[str, Any],
-                      manifest: Manifest, **options: Any) -> Path:
-        raise NotImplementedError
-
-    def caps(self, backend: BackendEntrypoint) -> Capabilities:
-        raise NotImplementedError
-
-    def require_write(self, backend: BackendEntrypoint) -> None:
-        raise NotImplementedError
-
     def _synth_indices(self, compact: bool) -> tuple[dict[str, torch.Tensor], Manifest]:
-        from jasper.synth import SynthConfig, synthesize
-
-        cfg = SynthConfig(n_pairs=self.compact_pairs, embedding_dim=getattr(
-            self, "embedding_dim", 8), n_clusters=4, n_keywords=12, n_neg=3, seed=13,
-            compact_indices=compact)
-        sources, manifest = synthesize(cfg)
-        return {n: s.materialize().clone() for n, s in sources.items()}, manifest
+        return self.synth_twin(self.compact_pairs, 13, compact_indices=compact)
 
     def test_compact_indices_round_trip_and_serve_int64(self, backend: BackendEntrypoint,
                                                         tmp_path: Path) -> None:

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from jasper import records
-from jasper.backend import BackendEntrypoint, Capabilities
+from jasper.backend import BackendEntrypoint
 from jasper.manifest import Manifest
 from jasper.schema import CLUSTER_ARRAYS, CLUSTER_LABEL_TYPES, CLUSTER_RECORDS, SAMPLE_TYPES
+from jasper.testing.hooks import KitHooks
 
 
 @dataclass
@@ -61,23 +62,13 @@ def make_cluster(n_samples: int = 40, n_rows: int = 30, dim: int = 8, n_clusters
     return arrays, meta, cluster_manifest(dim, n_clusters, {"dataset_name": "kit-cluster"})
 
 
-class DatasetConformance:
+class DatasetConformance(KitHooks):
     """The dataset-level tests of the conformance kit (mixed into ``BackendConformance``)."""
 
     cluster_samples: ClassVar[int] = 40
 
     # provided by BackendConformance
     worker_timeout: ClassVar[float]
-
-    def caps(self, backend: BackendEntrypoint) -> Capabilities:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def require_write(self, backend: BackendEntrypoint) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def write_dataset(self, backend: BackendEntrypoint, path: Path, arrays: dict[str, Any],
-                      manifest: Manifest, **options: Any) -> Path:  # pragma: no cover
-        raise NotImplementedError
 
     def write(self, backend: BackendEntrypoint, path: Path, **kwargs: Any) -> Any:  # pragma: no cover
         raise NotImplementedError

@@ -8,43 +8,26 @@ hooks (``write_dataset``, ``caps``, ``require_write``, ``write_options``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from jasper.backend import BackendEntrypoint, Capabilities
+from jasper.backend import BackendEntrypoint
 from jasper.manifest import Manifest
+from jasper.testing.hooks import KitHooks
 
 #: Steering rows the kit alters before deriving (variant 1-3, pair id): they must come back
 #: as stored exceptions.
 ALTERED: tuple[tuple[int, int], ...] = ((1, 3), (2, 0), (2, 17), (3, 5), (3, 39))
 
 
-class DerivedSteeringConformance:
+class DerivedSteeringConformance(KitHooks):
     """Mixin of the derived-steering tests (see the module docstring)."""
 
-    write_options: ClassVar[dict[str, Any]] = {}
     derived_pairs: ClassVar[int] = 64
 
-    # provided by BackendConformance
-    def write_dataset(self, backend: BackendEntrypoint, path: Path, arrays: dict[str, Any],
-                      manifest: Manifest, **options: Any) -> Path:
-        raise NotImplementedError
-
-    def caps(self, backend: BackendEntrypoint) -> Capabilities:
-        raise NotImplementedError
-
-    def require_write(self, backend: BackendEntrypoint) -> None:
-        raise NotImplementedError
-
     def _synth(self, derived: bool) -> tuple[dict[str, torch.Tensor], Manifest]:
-        from jasper.synth import SynthConfig, synthesize
-
-        cfg = SynthConfig(n_pairs=self.derived_pairs, embedding_dim=getattr(
-            self, "embedding_dim", 8), n_clusters=4, n_keywords=12, n_neg=3, seed=11,
-            derived_steering=derived)
-        sources, manifest = synthesize(cfg)
-        return {n: s.materialize().clone() for n, s in sources.items()}, manifest
+        return self.synth_twin(self.derived_pairs, 11, derived_steering=derived)
 
     def _modes(self, backend: BackendEntrypoint) -> list[bool]:
         caps = self.caps(backend)
