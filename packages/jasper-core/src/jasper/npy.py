@@ -10,6 +10,7 @@ a :class:`~jasper.errors.ShapeError` naming the first incomplete row.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tokenize
 from dataclasses import dataclass
@@ -31,10 +32,7 @@ class NpyHeader:
 
     @property
     def row_bytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape[1:]:
-            n *= s
-        return n
+        return self.dtype.itemsize * math.prod(self.shape[1:])
 
     @property
     def nbytes(self) -> int:

@@ -35,6 +35,7 @@ is a :class:`~jasper.errors.FormatError` naming the shard object and the array.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -80,10 +81,7 @@ class ShardLayout:
 
     @property
     def row_bytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape[1:]:
-            n *= s
-        return n
+        return self.dtype.itemsize * math.prod(self.shape[1:])
 
     @property
     def chunks_per_shard(self) -> int:
