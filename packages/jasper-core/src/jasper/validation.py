@@ -126,6 +126,18 @@ def _bf16_values(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
+def _check_columns(name: str, shape: tuple[int, ...], manifest: Manifest,
+                   path: Path | None) -> None:
+    """The column count of a rank-2 array whose width the manifest fixes (``embedding_dim``,
+    ``n_neg``, 2), from its shape alone."""
+    spec = ALL_ARRAYS[name]
+    want = _cols_expected(spec.cols, manifest)
+    if want is not None and shape[1] != want:
+        raise ShapeError(
+            f"{name} has {shape[1]} columns but {spec.cols.value if spec.cols else ''} is "
+            f"{want} in the manifest", array=name, rule="columns", path=path)
+
+
 def _first_true(mask: np.ndarray) -> tuple[int, ...]:
     """Position of the first True element (row-major), as an index tuple."""
     flat = int(np.argmax(mask.reshape(-1)))
@@ -255,11 +267,7 @@ def check_shapes(arrays: Mapping[str, Checkable], manifest: Manifest, path: Path
         if _logical_dtype(t) not in spec.dtypes:
             raise ShapeError(f"{name} has dtype {_logical_dtype(t)}; allowed: "
                              f"{', '.join(sorted(spec.dtypes))}", array=name, rule="dtype", path=path)
-        want = _cols_expected(spec.cols, manifest)
-        if want is not None and t.shape[1] != want:
-            raise ShapeError(
-                f"{name} has {t.shape[1]} columns but {spec.cols.value if spec.cols else ''} is "
-                f"{want}", array=name, rule="columns", path=path)
+        _check_columns(name, tuple(t.shape), manifest, path)
         if spec.role is Role.PAIR and t.shape[0] != n_pairs:
             raise ShapeError(f"{name} has {t.shape[0]} rows but pair_index has {n_pairs} (N_p)",
                              array=name, row=min(n_pairs, int(t.shape[0])), rule="pair rows", path=path)
@@ -785,8 +793,4 @@ def check_info_columns(infos: Mapping[str, ArrayInfo], manifest: Manifest,
         if len(info.shape) != spec.rank:
             raise ShapeError(f"{name} has shape {tuple(info.shape)}, expected rank {spec.rank}",
                              array=name, rule="rank", path=path)
-        want = _cols_expected(spec.cols, manifest)
-        if want is not None and info.shape[1] != want:
-            raise ShapeError(
-                f"{name} has {info.shape[1]} columns but {spec.cols.value if spec.cols else ''} "
-                f"is {want} in the manifest", array=name, rule="columns", path=path)
+        _check_columns(name, tuple(info.shape), manifest, path)
