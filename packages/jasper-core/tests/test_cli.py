@@ -202,13 +202,13 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(tmp_path: Path) -> No
     import signal
     import time
 
-    from jasper.testing.conformance import child_env
+    from jasper.testing.conformance import child_env, sigint_as_from_a_terminal
 
     target = tmp_path / "ds"
     proc = subprocess.Popen(
         [sys.executable, "-m", "jasper", "synth", str(target), "--pairs", "400000", "--dim", "64",
          "--no-progress"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        text=True, preexec_fn=sigint_as_from_a_terminal)
     deadline = time.monotonic() + 120
     while not any(".jasper-" in p.name for p in tmp_path.iterdir()):
         assert proc.poll() is None, proc.communicate()

@@ -20,6 +20,7 @@ import torch
 import jasper
 from jasper.errors import FormatError, IntegrityError, JasperError
 from jasper.files import OutsideDatasetError
+from jasper.testing.conformance import sigint_as_from_a_terminal
 from jasper_hdf5.layout import FILE_NAME, PATHS
 
 WRITER = textwrap.dedent("""
@@ -41,7 +42,8 @@ def test_ctrl_c_during_an_hdf5_write_stops_it_and_leaves_nothing(tmp_path: Path,
     print "Exception ignored ... KeyboardInterrupt" and exit 0 in 3 of 5 tries)."""
     target = tmp_path / "ds"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_from_a_terminal)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until h5py is writing the file

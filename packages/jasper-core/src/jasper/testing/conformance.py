@@ -110,6 +110,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def sigint_as_from_a_terminal() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: Ctrl-C's default action,
+    as in a terminal. A shell starts background jobs with SIGINT ignored and children inherit
+    that, so a test suite launched with ``&`` would otherwise send its signal into the void."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def class_path(backend: BackendEntrypoint) -> str:
     """``"module:Class"`` of a backend instance (for children that must register it)."""
     return f"{type(backend).__module__}:{type(backend).__qualname__}"
