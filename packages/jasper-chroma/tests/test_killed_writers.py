@@ -80,6 +80,21 @@ def _kill_at_random_points(target: str, seconds: float, rng: random.Random,
     return killed
 
 
+def _kill_once_it_left(target: str, left: Callable[[], bool], seed: int = 200) -> None:
+    """Start a writer and SIGKILL it as soon as ``left()`` sees something of it: the random
+    kills alone cannot promise that the last one died after creating anything (one killed early
+    has only removed the leftovers of the one before it), and the cleaning is what is tested."""
+    proc = _start(target, seed)
+    deadline = time.monotonic() + 600
+    while not left():
+        assert proc.poll() is None, "the writer ended before it created anything"
+        assert time.monotonic() < deadline, "the writer created nothing in 600 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    assert "done" not in out, "the writer finished before it was killed"
+
+
 def _expected(seed: int) -> dict[str, torch.Tensor]:
     return make_arrays(N_PAIRS, DIM, seed=seed)[0]
 
@@ -108,11 +123,16 @@ def test_killed_server_writers_are_cleaned_by_the_next(chroma_server: str) -> No
     assert len(killed) >= 2, f"too few writers died mid-write ({killed}); raise N_PAIRS"
     pointer = read_pointer(store)
     assert pointer is not None
+
+    def dead() -> set[str]:
+        return {g for g, _ in store.table_collections()} - {pointer.generation, pointer.previous}
+
+    _kill_once_it_left(url, lambda: bool(dead()))
+    assert read_pointer(store) == pointer, "a writer killed mid-write moved the pointer"
     if pointer.generation == committed.generation:
         _assert_serves(url, _expected(1))  # the killed writers committed nothing
     assert jasper.validate(url, deep=True).ok
-    dead = {g for g, _ in store.table_collections()} - {pointer.generation, pointer.previous}
-    assert dead, f"expected leftovers of the writers killed at {killed}"
+    assert dead(), f"expected leftovers of the writers killed at {killed} and of the last one"
 
     arrays, manifest = make_arrays(N_PAIRS, DIM, seed=7)
     jasper.write_store(url, arrays, manifest, backend="chroma", overwrite=True, progress=False)
