@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = Outcomes()
     selection = ["-m", "gpu"] if args.gpu_only else []
     # storage first: its cold reads need pages no earlier benchmark still maps
-    modules = [str(BENCH_DIR / f"bench_{m}.py") for m in ("storage", "memory", "serving", "gpu", "zarr")]
+    modules = [str(BENCH_DIR / f"bench_{m}.py") for m in ("storage", "memory", "serving", "derived", "gpu", "zarr")]
     code = pytest.main([
         *modules, "--rootdir", str(ROOT), "-o", "python_files=bench_*.py",
         "-p", "no:cacheprovider", "-q", "-rs", *selection, *plugin_args, *pytest_args,

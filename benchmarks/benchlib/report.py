@@ -522,6 +522,7 @@ def _skipped(outcomes: list[dict[str, Any]]) -> str:
 
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` (and the charts, when matplotlib is installed) into ``run_dir``."""
+    from benchlib import report_sections  # it imports this module's helpers
     run_dir = Path(run_dir)
     text = (run_dir / "benchmark.json").read_text()
     # pytest-benchmark leaves the file empty when nothing ran (e.g. --gpu-only without CUDA)
@@ -564,6 +565,7 @@ def write_report(run_dir: Path) -> Path:
         "## 4. Ceilings\n", _q4(r),
         "## 5. Peers (same data, same index stream)\n", _q5(r),
         "## 6. Size on disk\n", _q6(r),
+        *report_sections.sections(r),
         "## Skipped and failed\n", _skipped(outcomes),
     ]
     if charts:
