@@ -602,9 +602,11 @@ def chart_figures(r: Results, run: dict[str, Any] | None = None) -> Iterator[tup
         return
     run = run or {}
     cfg = run.get("config", {})
+    from benchlib.report_sections import chart_targets
+
     for name, draw in (("serving", _chart_serving), ("peers", _chart_peers),
                        ("open_preload", _chart_open), ("memory", _chart_memory),
-                       ("size_on_disk", _chart_size)):
+                       ("size_on_disk", _chart_size), ("derived_and_zarr", chart_targets)):
         fig = draw(r, plt, cfg)
         if fig is None:
             continue

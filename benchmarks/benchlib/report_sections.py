@@ -5,6 +5,7 @@ local disk and on an S3-compatible server. Every ratio divides two measurements 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from benchlib.report import (
     Results,
@@ -147,3 +148,30 @@ def sections(r: Results) -> list[str]:
             "## 7. Derived steering against stored\n", derived(r),
             "## 8. zarr, local and on an S3-compatible server\n", zarr(r)]
 
+
+
+def chart_targets(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
+    """Every ratio of the performance issue's targets as a bar, its target as a tick."""
+    bars: list[tuple[str, float, float]] = []
+    grid = r.grids()[0][0] if r.grids() else None
+    for e in r.find(grid=grid, kind="derived_serving"):
+        i = e["extra_info"]
+        bars.append((f"{i['layout']}: {i['variant']}", i["ratio"], TARGET_DERIVED))
+    for e in r.find(grid=grid, kind="zarr_local_preload"):
+        bars.append((f"zarr preload, local {e['extra_info']['preset']}", e["extra_info"]["ratio"],
+                     TARGET_ZARR_PRELOAD))
+    for e in r.find(grid=grid, kind="s3_preload"):
+        bars.append(("zarr preload, S3 server", e["extra_info"]["ratio"], TARGET_ZARR_PRELOAD))
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.5))
+    for y, (_, value, goal) in enumerate(bars):
+        ax.barh(y, value, color="#1f77b4" if value >= goal else "#d62728")
+        ax.plot([goal, goal], [y - 0.45, y + 0.45], color="black", linewidth=2)
+        ax.text(value, y, f" {value:.2f}x (target {goal})", va="center", fontsize=8)
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.margins(x=0.3)
+    ax.set_xlabel("ratio to the baseline of the same run (derived / stored; preload / raw)")
+    ax.set_title(f"Derived steering and zarr preload ({r.grids()[0][1]}); black: target, red: missed")
+    return fig
