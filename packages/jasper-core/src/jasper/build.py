@@ -62,9 +62,11 @@ from jasper.steering import (
     EXCEPTION_ROWS,
     EXCEPTION_VALUES,
     JASPER_V1,
+    KEEPABLE,
     STEERING,
     DerivedSpec,
     KeywordRows,
+    kept_variants,
     steering_rows,
 )
 
@@ -302,6 +304,11 @@ class BuildConfig:
     #: Declare the steering derived (computed per batch by jasper.steering's kernel, the one
     #: that would have produced the stored arrays) instead of storing the three arrays.
     derived_steering: bool = False
+    #: With ``derived_steering``: the variants (``centroid``, ``keyword``, ``residual``; at
+    #: most two) whose arrays are still stored, computed by the same kernel; the others are
+    #: derived. Keeping ``keyword`` (the one variant computed per batch from every keyword of
+    #: the pair) serves at the speed of stored steering for 4 D bytes per pair.
+    keep_steering: tuple[str, ...] = ()
     #: Store each index array in the narrowest integer dtype that holds it (int32 ids while the
     #: table has at most 2^31 rows, int8 tiers; jasper.index_dtypes); False keeps int64.
     compact_indices: bool = True
@@ -319,6 +326,22 @@ class BuildConfig:
             raise BuildError(f"split_ratios must be non-negative and sum to 1: {self.split_ratios}")
         if self.kmeans not in {"auto", "kmeans", "sampled"}:
             raise BuildError(f"kmeans must be auto, kmeans or sampled, got {self.kmeans!r}")
+        if self.keep_steering:
+            if not self.derived_steering:
+                raise BuildError("keep_steering names the steering variants a derived dataset "
+                                 "keeps stored: it needs derived_steering=True")
+            try:
+                kept_variants(self.keep_steering)
+            except ValueError as exc:
+                raise BuildError(f"keep_steering: {exc}") from None
+
+    @property
+    def stored_steering(self) -> tuple[str, ...]:
+        """The steering arrays this build stores: all three, none, or the kept ones."""
+        if not self.derived_steering:
+            return STEERING
+        kept = kept_variants(self.keep_steering)
+        return tuple(a for v, a in zip(KEEPABLE, STEERING, strict=True) if v in kept)
 
 
 # --- numerics ---------------------------------------------------------------------------------
@@ -576,7 +599,7 @@ class _Miner:
                                                         0.0, 1.0)
         out["centroid_distances"][start:stop] = np.clip(1.0 - np.einsum("bd,bd->b", qe, ce),
                                                         0.0, 2.0)
-        if "steering_centroid" in out:
+        if any(name in out for name in STEERING):
             self._steering(start, stop, q, s, cluster, out)
 
         if self.given_negatives is not None:
@@ -588,8 +611,9 @@ class _Miner:
 
     def _steering(self, start: int, stop: int, q: np.ndarray, s: np.ndarray,
                   cluster: np.ndarray, out: dict[str, np.ndarray]) -> None:
-        """The three steering arrays of pairs ``start:stop`` through the one kernel that also
-        derives them per batch (jasper.steering), from the rows as they are stored."""
+        """The stored steering arrays (all three, or those a derived dataset keeps) of pairs
+        ``start:stop`` through the one kernel that also derives them per batch
+        (jasper.steering), from the rows as they are stored."""
         logical = self.logical
         lo, hi = int(self.kw_offsets[start]), int(self.kw_offsets[stop])
         counts = np.diff(self.kw_offsets[start : stop + 1]).astype(np.int64)
@@ -599,6 +623,8 @@ class _Miner:
         c = self.centroids_stored.index_select(0, torch.from_numpy(np.asarray(cluster)))
         qt, st = _stored_rows(self.q, q, logical), _stored_rows(self.s, s, logical)
         for v, name in enumerate(STEERING, start=1):
+            if name not in out:
+                continue
             out[name][start:stop] = to_storage(steering_rows(
                 JASPER_V1, v, centroids=c, questions=qt, sources=st, keywords=kw))
 
@@ -823,8 +849,8 @@ def build_arrays(
 
     # --- the pair arrays, chunk by chunk
     storage = _storage_dtype(logical)
-    layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {} if cfg.derived_steering else {
-        name: ((n, d), storage) for name in STEERING}
+    layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+        name: ((n, d), storage) for name in cfg.stored_steering}
     layout.update({
         "centroid_distances": ((n,), np.dtype(np.float32)),
         "hard_negatives": ((n, n_neg), np.dtype(index_dt["hard_negatives"])),
@@ -857,7 +883,7 @@ def build_arrays(
     report.derived += [x for x in ("pair_relevance", "negative_tiers") if x in layout]
     if given_neg is None:
         report.derived.append("hard_negatives")
-    report.derived += [*([] if cfg.derived_steering else STEERING), "centroid_distances"]
+    report.derived += [*cfg.stored_steering, "centroid_distances"]
 
     # --- splits
     if splits is not None:
@@ -893,7 +919,8 @@ def build_arrays(
         arrays[name] = index_source(idx, name)
     derived = None
     if cfg.derived_steering:
-        derived = DerivedSpec(JASPER_V1, logical).to_dict()
+        derived = DerivedSpec(JASPER_V1, logical,
+                              stored_variants=kept_variants(cfg.keep_steering)).to_dict()
         arrays[EXCEPTION_ROWS] = TensorSource(torch.zeros((0, 2), dtype=torch.int64))
         arrays[EXCEPTION_VALUES] = TensorSource(torch.zeros((0, d), dtype=torch_dtype(logical)))
 

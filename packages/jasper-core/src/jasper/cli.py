@@ -56,6 +56,37 @@ def _count(minimum: int) -> Any:
     return parse
 
 
+def _steering_variants(text: str) -> list[str]:
+    """An argparse type: a comma list of steering variants a derived dataset may keep."""
+    from jasper.steering import KEEPABLE
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if name not in KEEPABLE:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a steering variant; choose from "
+                                             f"{', '.join(KEEPABLE)}")
+    if not names:
+        raise argparse.ArgumentTypeError(f"name a variant: {', '.join(KEEPABLE)}")
+    return names
+
+
+def _kept(args: argparse.Namespace, derived: bool, needs: str) -> tuple[str, ...]:
+    """``--keep-steering``'s variants (all occurrences), checked: a one-line error when they
+    break a rule or come without ``needs`` (the flag that makes the steering derived)."""
+    from jasper.steering import kept_variants
+
+    given = [n for group in (args.keep_steering or []) for n in group]
+    if not given:
+        return ()
+    if not derived:
+        raise SystemExit(f"jasper {args.command}: error: --keep-steering names the variants a "
+                         f"derived dataset keeps stored: it needs {needs}")
+    try:
+        return kept_variants(given)
+    except ValueError as exc:
+        raise SystemExit(f"jasper {args.command}: error: --keep-steering: {exc}") from None
+
+
 def _installed_names() -> list[str]:
     """Installed backend names from metadata (no backend module is imported)."""
     from jasper.registry import list_backends
@@ -185,6 +216,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         n_pairs=args.pairs, embedding_dim=args.dim, n_neg=args.neg, n_clusters=args.clusters,
         dtype=args.dtype, seed=args.seed, dataset_name=args.name or Path(args.path).name,
         derived_steering=args.derived_steering, compact_indices=not args.int64_indices,
+        keep_steering=_kept(args, args.derived_steering, "--derived-steering"),
     )
     backend = args.backend or default_writer()
     how = "" if args.backend else " (the default: first installed of " + ", ".join(
@@ -308,6 +340,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     report = convert(args.src, args.dst, to=args.to, src_backend=args.src_backend,
                      overwrite=args.overwrite, progress=_progress(args),
                      derive_steering=args.derive_steering, atol=args.atol, rtol=args.rtol,
+                     keep_steering=_kept(args, args.derive_steering is not None,
+                                         "--derive-steering"),
                      **_options(args))
     print(f"source: {report.src} ({report.src_backend}) {_mib(report.src_bytes)}")
     print(f"target: {report.dst} ({report.dst_backend}) {_mib(report.dst_bytes)}")
@@ -438,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random seed: the same seed writes the same dataset")
     s.add_argument("--derived-steering", action="store_true",
                    help="store no steering arrays: each batch computes them (the same values)")
+    s.add_argument("--keep-steering", action="append", type=_steering_variants,
+                   metavar="VARIANT[,VARIANT]",
+                   help="with --derived-steering: keep these variants stored (centroid, "
+                        "keyword, residual; at most two; repeatable or a comma list). "
+                        "'keyword' serves at the speed of stored steering for 4*D bytes "
+                        "per pair (float32)")
     s.add_argument("--int64-indices", action="store_true",
                    help="store index arrays as int64 (default: the narrowest that holds them, "
                    "int32 ids and int8 tiers; batches carry int64 either way)")
@@ -498,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store no steering arrays: each batch computes them with FORMULA "
                         "(jasper-v1, the default, or original); stored rows the formula does "
                         "not reproduce within the tolerance are kept as exceptions")
+    c.add_argument("--keep-steering", action="append", type=_steering_variants,
+                   metavar="VARIANT[,VARIANT]",
+                   help="with --derive-steering: keep these variants' arrays stored, copied "
+                        "as they are (centroid, keyword, residual; at most two; repeatable or "
+                        "a comma list); only the others are derived")
     c.add_argument("--atol", type=float, default=None,
                    help="--derive-steering: absolute tolerance per element (default 1e-6)")
     c.add_argument("--rtol", type=float, default=None,

@@ -78,6 +78,9 @@ _DERIVED_SCHEMA: dict[str, Any] = {
         "tolerance": {"type": "object", "properties": {"atol": {"type": "number", "minimum": 0},
                                                        "rtol": {"type": "number", "minimum": 0}}},
         "checked_rows": {"type": ["integer", "null"], "minimum": 0},
+        # variants whose arrays are kept stored (absent: all three derived)
+        "stored_variants": {"type": "array", "maxItems": 2, "uniqueItems": True,
+                            "items": {"enum": ["centroid", "keyword", "residual"]}},
     },
 }
 _OPT_NONNEG_INT = {"type": ["integer", "null"], "minimum": 0}

@@ -413,10 +413,39 @@ def steering_rows(f: Formula, variant: int, *, centroids: torch.Tensor,
 
 
 # --- the manifest record ----------------------------------------------------------------------
+#: The variants a derived dataset may keep stored (``stored_variants``), in variant order.
+KEEPABLE: tuple[str, ...] = STEERING_VARIANTS[1:]
+
+
+def kept_variants(names: Sequence[str] | str | None) -> tuple[str, ...]:
+    """``names`` (variant names ``centroid``, ``keyword``, ``residual``; a comma list or a
+    sequence) as a derived dataset's ``stored_variants``: in variant order, each once, at
+    most two of the three (a dataset keeping all three stores its steering). ``ValueError``
+    names the offending value and the rule."""
+    if names is None:
+        return ()
+    items = names.split(",") if isinstance(names, str) else list(names)
+    got: list[str] = []
+    for raw in items:
+        name = str(raw).strip()
+        if name not in KEEPABLE:
+            raise ValueError(f"{name!r} is not a steering variant that can be kept stored; "
+                             f"choose from {', '.join(KEEPABLE)}")
+        if name in got:
+            raise ValueError(f"steering variant {name!r} is named twice")
+        got.append(name)
+    if len(got) == len(KEEPABLE):
+        raise ValueError("keeping all three steering variants stored is stored steering, not "
+                         "derived: drop the derived declaration instead")
+    return tuple(n for n in KEEPABLE if n in got)
+
+
 @dataclass(frozen=True)
 class DerivedSpec:
     """A dataset's ``derived_steering`` record: formula, parameters, served dtype, the
-    tolerance its stored values were checked with (conversions) and the exception count."""
+    tolerance its stored values were checked with (conversions), the exception count, and
+    the variants kept stored (``stored_variants``: variant names, in variant order; their
+    arrays are stored and served like stored steering, the others are derived)."""
 
     formula: Formula
     dtype: str
@@ -424,6 +453,27 @@ class DerivedSpec:
     atol: float | None = None
     rtol: float | None = None
     checked_rows: int | None = None
+    stored_variants: tuple[str, ...] = ()
+
+    @property
+    def stored_ids(self) -> tuple[int, ...]:
+        """The kept variants as ids 1-3."""
+        return tuple(STEERING_VARIANTS.index(n) for n in self.stored_variants)
+
+    @property
+    def derived_ids(self) -> tuple[int, ...]:
+        """The variants computed per batch, as ids 1-3."""
+        return tuple(v for v in (1, 2, 3) if v not in self.stored_ids)
+
+    @property
+    def stored_arrays(self) -> tuple[str, ...]:
+        """The steering arrays this dataset stores (those of the kept variants)."""
+        return tuple(STEERING[v - 1] for v in self.stored_ids)
+
+    @property
+    def derived_arrays(self) -> tuple[str, ...]:
+        """The steering arrays this dataset does not store (computed per batch)."""
+        return tuple(STEERING[v - 1] for v in self.derived_ids)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"formula": self.formula.name, "params": dict(self.formula.params),
@@ -432,6 +482,8 @@ class DerivedSpec:
             d["tolerance"] = {"atol": self.atol, "rtol": self.rtol or 0.0}
         if self.checked_rows is not None:
             d["checked_rows"] = self.checked_rows
+        if self.stored_variants:  # absent: everything derived (what readers before it assume)
+            d["stored_variants"] = list(self.stored_variants)
         return d
 
     @classmethod
@@ -444,11 +496,22 @@ class DerivedSpec:
         if dtype not in FLOAT_DTYPES:
             raise ManifestError(path, f"{MANIFEST_KEY}.dtype is {dtype!r}; allowed: "
                                 f"{', '.join(sorted(FLOAT_DTYPES))}")
+        kept = d.get("stored_variants") or []
+        if not isinstance(kept, (list, tuple)):
+            raise ManifestError(path, f"{MANIFEST_KEY}.stored_variants must be a list of "
+                                f"variant names ({', '.join(KEEPABLE)}), got {kept!r}")
+        try:
+            stored = kept_variants([str(k) for k in kept])
+        except ValueError as exc:
+            raise ManifestError(path, f"{MANIFEST_KEY}.stored_variants: {exc}") from None
+        if [str(k) for k in kept] != list(stored):
+            raise ManifestError(path, f"{MANIFEST_KEY}.stored_variants must list the variants "
+                                f"in variant order ({', '.join(stored)}), got {list(kept)}")
         tol = d.get("tolerance") or {}
         return cls(f, dtype, int(d.get("exceptions", 0)),
                    None if not tol else float(tol.get("atol", 0.0)),
                    None if not tol else float(tol.get("rtol", 0.0)),
-                   d.get("checked_rows"))
+                   d.get("checked_rows"), stored)
 
 
 def derived_spec(manifest: Manifest) -> DerivedSpec | None:
@@ -461,10 +524,12 @@ def derived_spec(manifest: Manifest) -> DerivedSpec | None:
 
 def stored_names(manifest: Manifest) -> tuple[str, ...]:
     """The arrays a steering dataset with this manifest stores: the data model's, without the
-    steering arrays and with the exception arrays when its steering is derived."""
-    if derived_spec(manifest) is None:
+    derived steering arrays (all three, or those not kept stored) and with the exception
+    arrays when its steering is derived."""
+    spec = derived_spec(manifest)
+    if spec is None:
         return tuple(ARRAYS)
-    return (*(n for n in ARRAYS if n not in STEERING), *EXCEPTION_ARRAYS)
+    return (*(n for n in ARRAYS if n not in spec.derived_arrays), *EXCEPTION_ARRAYS)
 
 
 def placeholder(n_pairs: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -474,14 +539,21 @@ def placeholder(n_pairs: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def check_exception_layout(arrays: Mapping[str, Any], spec: DerivedSpec, dim: int) -> None:
-    """Shape-level rules of the exception arrays before a write (``arrays``: name -> anything
-    with ``shape`` and ``dtype``)."""
+    """Shape-level rules of the exception arrays and of the kept steering arrays' dtype
+    before a write (``arrays``: name -> anything with ``shape`` and ``dtype``)."""
+    want = torch_dtype(spec.dtype)
+    for name in spec.stored_arrays:
+        kept = arrays.get(name)
+        if kept is not None and kept.dtype != want:
+            raise ShapeError(f"{name} is kept stored by a derived dataset served as {want}, "
+                             f"but is {kept.dtype}: a kept steering array has the served "
+                             f"dtype ({MANIFEST_KEY}.dtype)", array=name,
+                             rule="kept steering dtype")
     rows, values = arrays[EXCEPTION_ROWS], arrays[EXCEPTION_VALUES]
     e = int(rows.shape[0]) if len(rows.shape) else -1
     if tuple(rows.shape) != (e, 2) or rows.dtype != torch.int64:
         raise ShapeError(f"{EXCEPTION_ROWS} must be int64 [E, 2], got {rows.dtype} "
                          f"{tuple(rows.shape)}", array=EXCEPTION_ROWS, rule="shape")
-    want = torch_dtype(spec.dtype)
     if tuple(values.shape) != (e, dim) or values.dtype != want:
         raise ShapeError(f"{EXCEPTION_VALUES} must be {want} [{e}, {dim}] (one row per "
                          f"exception), got {values.dtype} {tuple(values.shape)}",
@@ -494,10 +566,11 @@ def check_exception_layout(arrays: Mapping[str, Any], spec: DerivedSpec, dim: in
 
 def check_exceptions(rows: torch.Tensor, values: torch.Tensor, *, n_pairs: int, dim: int,
                      dtype: torch.dtype, expected: int | None = None,
-                     path: Path | None = None) -> None:
+                     path: Path | None = None, stored_ids: Sequence[int] = ()) -> None:
     """The rules of the exception arrays: ``rows`` int64 ``[E, 2]`` with variant 1-3 and pair
     id < N_p, strictly increasing (variant, pair) order; ``values`` ``[E, D]`` finite, in the
-    served dtype; ``E`` as the manifest records."""
+    served dtype; ``E`` as the manifest records; no row of a variant kept stored
+    (``stored_ids``: its array already holds every row as served)."""
     if rows.dim() != 2 or rows.shape[1] != 2 or rows.dtype != torch.int64:
         raise ShapeError(f"{EXCEPTION_ROWS} must be int64 [E, 2], got {rows.dtype} "
                          f"{tuple(rows.shape)}", array=EXCEPTION_ROWS, rule="shape", path=path)
@@ -519,6 +592,15 @@ def check_exceptions(rows: torch.Tensor, values: torch.Tensor, *, n_pairs: int, 
         raise IntegrityError(f"{EXCEPTION_ROWS}[{r}, 0] = {int(v[r])} is not a steering "
                              "variant (1-3)", array=EXCEPTION_ROWS, row=r, rule="variant 1-3",
                              path=path)
+    for sv in stored_ids:
+        bad = v == sv
+        if bool(bad.any()):
+            r = int(torch.nonzero(bad)[0])
+            raise IntegrityError(f"{EXCEPTION_ROWS}[{r}] is an exception of variant {sv} "
+                                 f"({STEERING_VARIANTS[sv]}), which {MANIFEST_KEY}."
+                                 f"stored_variants keeps stored: exceptions are rows of "
+                                 "derived variants only", array=EXCEPTION_ROWS, row=r,
+                                 rule="exceptions of derived variants", path=path)
     bad = (p < 0) | (p >= n_pairs)
     if bool(bad.any()):
         r = int(torch.nonzero(bad)[0])
@@ -539,6 +621,15 @@ def check_exceptions(rows: torch.Tensor, values: torch.Tensor, *, n_pairs: int, 
 
 
 # --- serving ----------------------------------------------------------------------------------
+def _gather_via(table: Callable[[str, torch.Tensor], torch.Tensor]
+                ) -> Callable[[str, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """A kept-array gather ``(name, rows, out)`` made of a table gather ``(name, rows)``."""
+    def gather(name: str, rows: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        got = table(name, rows)
+        return got if out is None else out.copy_(got)
+    return gather
+
+
 @dataclass(frozen=True)
 class RowCache:
     """One variant's derived rows computed once per row of a table (what :meth:`DerivedSteering.
@@ -571,6 +662,8 @@ class DerivedSteering:
         self.dtype = torch_dtype(spec.dtype)
         self.n_pairs = n_pairs
         self.dim = dim
+        #: variants kept stored: served by a row gather of their array, never computed
+        self.stored_ids: tuple[int, ...] = spec.stored_ids
         rows = exception_rows.to(torch.int64)
         self.exception_keys = (rows[:, 0] * n_pairs + rows[:, 1]).contiguous()
         self.exception_values = exception_values
@@ -606,7 +699,8 @@ class DerivedSteering:
         rows of the steering dtype). A table row's cluster is the one its pairs name (a scan
         of the pair columns); pairs naming another are computed per batch."""
         keywords = arrays["keyword_embs"]
-        if self.formula.name == "jasper-v1" and keywords.device.type != "meta" \
+        if self.formula.name == "jasper-v1" and 2 not in self.stored_ids \
+                and keywords.device.type != "meta" \
                 and keywords.numel() * 4 <= UNIT_TABLE_MAX_BYTES:
             work = torch.float64 if keywords.dtype == torch.float64 else torch.float32
             self.keyword_units = unit(keywords.to(work))
@@ -614,7 +708,7 @@ class DerivedSteering:
         if centroids.device.type == "meta":
             return
         plan: list[tuple[int, str, torch.Tensor, torch.Tensor | None]] = []
-        for v in (1, 2, 3):
+        for v in self.spec.derived_ids:
             needs = self.formula.needs(v)
             if needs == frozenset("c"):
                 plan.append((v, "c", centroids, None))
@@ -676,15 +770,25 @@ class DerivedSteering:
                csr: tuple[torch.Tensor, torch.Tensor],
                questions: torch.Tensor | None = None, sources: torch.Tensor | None = None,
                clusters: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None,
+               stored: Callable[[str, torch.Tensor, torch.Tensor | None], torch.Tensor]
+               | None = None) -> torch.Tensor:
         """Each pair's steering row of its variant (0: zeros), into ``out`` when given.
 
         ``table(name, rows)`` gathers rows of a stored table; ``csr`` is (keyword offsets,
         keyword ids); ``questions``/``sources``/``clusters`` are the batch's already gathered
-        question rows, source rows and cluster ids (gathered here when not given)."""
+        question rows, source rows and cluster ids (gathered here when not given).
+        ``stored(name, rows, out)`` gathers rows of a kept steering array into ``out`` (when
+        given; default: ``table``): a kept variant is served by that one row gather, as a
+        stored-steering dataset serves it."""
         b = pair_ids.shape[0]
         res = out if out is not None else torch.empty((b, self.dim), dtype=self.dtype,
                                                       device=pair_ids.device)
+        kept = stored if stored is not None else _gather_via(table)
+        for v in self.stored_ids:  # a batch of one kept variant: one gather into the batch
+            if b and bool((variant == v).all()):
+                got = kept(STEERING[v - 1], pair_ids, res)
+                return got if got is res else res.copy_(got)
         if clusters is None:
             clusters = table("pair_cluster_id", pair_ids).to(torch.int64)
         todo = self._serve_cached(res, pair_ids, variant, clusters, table)
@@ -693,6 +797,9 @@ class DerivedSteering:
             if where.numel() == 0:
                 continue
             pids = pair_ids.index_select(0, where)
+            if v in self.stored_ids:
+                res.index_copy_(0, where, kept(STEERING[v - 1], pids, None).to(res.dtype))
+                continue
             needs = self.formula.needs(v)
             if "k" in needs and self.formula.name == "jasper-v1":
                 self._keyword(res, where, pids, table, csr, questions, clusters)
@@ -805,8 +912,11 @@ class DeriveReport:
 
     def __str__(self) -> str:
         per = ", ".join(f"{k} {v}" for k, v in self.exceptions.items())
+        kept = [n for n in KEEPABLE if n not in self.exceptions]
+        also = f"; kept stored, copied: {', '.join(kept)}" if kept else ""
         return (f"derived steering ({self.formula.name}): {self.total} of "
-                f"{3 * self.n_pairs} stored rows kept as exceptions ({per}); tolerance "
+                f"{len(self.exceptions) * self.n_pairs} stored rows kept as exceptions "
+                f"({per}){also}; tolerance "
                 f"atol={self.atol:g} rtol={self.rtol:g}; largest difference within it "
                 f"{self.max_abs_diff:.3g}")
 
@@ -815,12 +925,13 @@ def derived_chunks(
     f: Formula, *, questions: torch.Tensor, sources: torch.Tensor, centroids: torch.Tensor,
     keyword_embs: torch.Tensor, pair_index: torch.Tensor, pair_cluster_id: torch.Tensor,
     keyword_offsets: torch.Tensor, keyword_ids: torch.Tensor, dtype: torch.dtype,
-    chunk: int = 1 << 14,
+    chunk: int = 1 << 14, variants: Sequence[int] = (1, 2, 3),
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Every derived steering row of a dataset, as ``(variant, first pair, rows)`` chunks
-    (tables may be tensors or maps; bounded memory)."""
+    """Every derived steering row of a dataset (of ``variants``: the derived ones of a
+    dataset that keeps some stored), as ``(variant, first pair, rows)`` chunks (tables may
+    be tensors or maps; bounded memory)."""
     n = int(pair_index.shape[0])
-    for v in (1, 2, 3):
+    for v in variants:
         needs = f.needs(v)
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
@@ -839,18 +950,20 @@ def derived_chunks(
 def find_exceptions(
     f: Formula, stored: Sequence[Any], tables: Mapping[str, torch.Tensor], *,
     dtype: torch.dtype, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-    chunk: int = 1 << 14,
+    chunk: int = 1 << 14, variants: Sequence[int] = (1, 2, 3),
 ) -> tuple[torch.Tensor, torch.Tensor, DeriveReport]:
-    """Check every stored steering row (``stored``: the three arrays in variant order, tensors
-    or maps) against ``f`` computed from ``tables`` (the dataset's arrays by name); returns the
-    exception rows ``[E, 2]``, their stored values ``[E, D]`` (in ``dtype``) and the report.
-    A row is reproduced when every element is within ``atol + rtol * |stored|``."""
+    """Check every stored steering row of ``variants`` (``stored``: the three arrays in
+    variant order, tensors or maps; those of other variants are not read) against ``f``
+    computed from ``tables`` (the dataset's arrays by name); returns the exception rows
+    ``[E, 2]``, their stored values ``[E, D]`` (in ``dtype``) and the report. A row is
+    reproduced when every element is within ``atol + rtol * |stored|``."""
     n = int(tables["pair_index"].shape[0])
     d = int(tables["centroid_embs"].shape[1])
-    report = DeriveReport(f, n, atol, rtol, {v: 0 for v in STEERING_VARIANTS[1:]})
+    report = DeriveReport(f, n, atol, rtol, {STEERING_VARIANTS[v]: 0 for v in variants})
     rows: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
-    for v, start, got in derived_chunks(f, dtype=dtype, chunk=chunk, **table_args(tables)):
+    for v, start, got in derived_chunks(f, dtype=dtype, chunk=chunk, variants=variants,
+                                        **table_args(tables)):
         want = stored[v - 1][start : start + got.shape[0]].to(dtype)
         diff = (got.to(torch.float64) - want.to(torch.float64)).abs()
         bound = atol + rtol * want.to(torch.float64).abs()
@@ -886,13 +999,15 @@ FORMULA_INPUTS: tuple[str, ...] = ("question_embs", "source_embs", "centroid_emb
 def derive_arrays(
     arrays: Mapping[str, Any], manifest: Manifest, f: Formula = JASPER_V1, *,
     atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, chunk: int = 1 << 14,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, keep: Sequence[str] | str | None = None,
 ) -> tuple[dict[str, torch.Tensor], Manifest, DeriveReport]:
-    """A stored-steering dataset's arrays and manifest turned into a derived one: the three
+    """A stored-steering dataset's arrays and manifest turned into a derived one: the
     steering arrays are dropped, every one of their rows is checked against ``f`` and the
     rows it does not reproduce within (``atol``, ``rtol``) become the stored exceptions, so
-    the batches served stay what they were (up to the tolerance). ``arrays`` may hold maps or
-    anything sliceable by rows for the steering arrays (then pass their ``dtype``)."""
+    the batches served stay what they were (up to the tolerance). ``keep`` (variant names,
+    :func:`kept_variants`) keeps those variants' arrays as they are (not compared; they must
+    have the served ``dtype``). ``arrays`` may hold maps or anything sliceable by rows for the
+    steering arrays (then pass their ``dtype``)."""
     import copy
 
     if derived_spec(manifest) is not None:
@@ -901,15 +1016,24 @@ def derive_arrays(
         dtype = arrays[STEERING[0]].dtype
         for n in STEERING[1:]:
             dtype = torch.promote_types(dtype, arrays[n].dtype)
-    rows, vals, report = find_exceptions(f, [arrays[n] for n in STEERING], arrays,
-                                         dtype=dtype, atol=atol, rtol=rtol, chunk=chunk)
-    out = {n: t for n, t in arrays.items() if n not in STEERING}
-    out[EXCEPTION_ROWS], out[EXCEPTION_VALUES] = rows, vals
-    m = copy.deepcopy(manifest)
     from jasper.dtypes import dtype_name
 
-    m.derived_steering = DerivedSpec(f, dtype_name(dtype), int(rows.shape[0]), atol, rtol,
-                                     3 * int(arrays["pair_index"].shape[0])).to_dict()
+    spec = DerivedSpec(f, dtype_name(dtype), stored_variants=kept_variants(keep))
+    for n in spec.stored_arrays:
+        if arrays[n].dtype != dtype:
+            raise ValueError(f"{n} is {arrays[n].dtype} but the steering is served as {dtype} "
+                             "(the widest of the three arrays): a kept array is copied as it "
+                             "is, so it must have the served dtype")
+    rows, vals, report = find_exceptions(f, [arrays[n] for n in STEERING], arrays,
+                                         dtype=dtype, atol=atol, rtol=rtol, chunk=chunk,
+                                         variants=spec.derived_ids)
+    out = {n: t for n, t in arrays.items() if n not in spec.derived_arrays}
+    out[EXCEPTION_ROWS], out[EXCEPTION_VALUES] = rows, vals
+    m = copy.deepcopy(manifest)
+    m.derived_steering = DerivedSpec(
+        f, spec.dtype, int(rows.shape[0]), atol, rtol,
+        len(spec.derived_ids) * int(arrays["pair_index"].shape[0]),
+        spec.stored_variants).to_dict()
     m.arrays = {}
     return out, m, report
 
@@ -929,6 +1053,7 @@ __all__ = [
     "FORMULAS",
     "FORMULA_INPUTS",
     "JASPER_V1",
+    "KEEPABLE",
     "MANIFEST_KEY",
     "STEERING",
     "DeriveReport",
@@ -947,6 +1072,7 @@ __all__ = [
     "derived_spec",
     "find_exceptions",
     "formula",
+    "kept_variants",
     "keyword_rows_of",
     "keyword_slots_of",
     "steering_rows",

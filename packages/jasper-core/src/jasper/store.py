@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,14 +210,15 @@ def check_layout(arrays: Mapping[str, ArraySource], manifest: Manifest) -> None:
 
 
 def check_steering_layout(arrays: Mapping[str, ArraySource], manifest: Manifest) -> None:
-    """:func:`check_layout` of the ``jasper-steering`` kind (derived steering: the steering
-    arrays are not stored and the exception arrays are, :mod:`jasper.steering`)."""
-    from jasper.steering import STEERING, check_exception_layout, derived_spec, stored_names
+    """:func:`check_layout` of the ``jasper-steering`` kind (derived steering: the derived
+    steering arrays are not stored, those of kept variants and the exception arrays are,
+    :mod:`jasper.steering`)."""
+    from jasper.steering import check_exception_layout, derived_spec, stored_names
 
     derived = derived_spec(manifest)
     expected = stored_names(manifest)
     if derived is not None:
-        given = [n for n in STEERING if n in arrays]
+        given = [n for n in derived.derived_arrays if n in arrays]
         if given:
             raise ShapeError(f"the manifest declares derived steering, so {', '.join(given)} "
                              "must not be written (each batch computes them)", array=given[0],
@@ -232,7 +233,8 @@ def check_steering_layout(arrays: Mapping[str, ArraySource], manifest: Manifest)
         raise ShapeError(f"unknown arrays {', '.join(unknown)}; the data model has: "
                          f"{', '.join(expected)}", array=unknown[0], rule="known array")
     if derived is not None:
-        check_exception_layout({n: arrays[n] for n in expected if n not in ARRAYS}, derived,
+        check_exception_layout({n: arrays[n] for n in (*derived.stored_arrays, *expected)
+                                if n not in ARRAYS or n in derived.stored_arrays}, derived,
                                manifest.embedding_dim)
     n_pairs = arrays["pair_index"].shape[0]
     for name, spec in ARRAYS.items():
@@ -512,6 +514,7 @@ def convert(
     derive_steering: str | None = None,
     atol: float | None = None,
     rtol: float | None = None,
+    keep_steering: Sequence[str] | str | None = None,
     **options: Any,
 ) -> ConvertReport:
     """Convert the dataset at ``src`` into backend ``to`` at ``dst``, streaming array by array.
@@ -521,6 +524,9 @@ def convert(
     checked against the formula and the rows it does not reproduce within ``atol`` + ``rtol``
     * ``|stored|`` (defaults :data:`~jasper.steering.DEFAULT_ATOL`, ``DEFAULT_RTOL``) are kept
     as stored exceptions, so the batches served do not change; the report counts them.
+    ``keep_steering`` (variant names ``centroid``, ``keyword``, ``residual``; at most two)
+    keeps those variants stored: their arrays are copied (checksums verified like any copied
+    array), not compared, and only the other variants are derived.
 
     Bit-exact and verified: a jasper-written source must record a checksum for every array and
     an unedited manifest (:func:`jasper.validation.check_manifest_trust`), and every array's
@@ -536,12 +542,19 @@ def convert(
         check_manifest_trust(reader.manifest, names, reader.path)
         sources: dict[str, Any] = {n: reader.source(n) for n in names}
         manifest = copy.deepcopy(reader.manifest)
+        # the source's checksums, before a derivation rewrites the manifest's array records:
+        # every array copied is verified against them
+        recorded = {n: rec.checksum for n, rec in manifest.arrays.items() if rec.checksum}
         derived = None
+        if keep_steering and derive_steering is None:
+            raise WriteOptionError("keep_steering (--keep-steering) names the steering "
+                                   "variants a derived dataset keeps stored: it needs "
+                                   "derive_steering (--derive-steering)")
         if derive_steering is not None:
             sources, manifest, derived = _derive_sources(reader, sources, manifest,
-                                                         derive_steering, atol, rtol)
-        expected = {n: rec.checksum for n, rec in manifest.arrays.items()
-                    if rec.checksum and n in sources}
+                                                         derive_steering, atol, rtol,
+                                                         keep_steering)
+        expected = {n: c for n, c in recorded.items() if n in sources}
         carried, dropped = _carry_options(manifest, reader.backend_name, to, options)
         opts = {**carried, **options}
         out = write_store(dst, sources, manifest, backend=to, overwrite=overwrite,
@@ -563,8 +576,9 @@ class _RowSlices:
 
 
 def _derive_sources(reader: StoreReader, sources: dict[str, Any], manifest: Manifest,
-                    formula_name: str, atol: float | None,
-                    rtol: float | None) -> tuple[dict[str, Any], Manifest, Any]:
+                    formula_name: str, atol: float | None, rtol: float | None,
+                    keep: Sequence[str] | str | None = None
+                    ) -> tuple[dict[str, Any], Manifest, Any]:
     """The sources and manifest of a conversion to derived steering (see :func:`convert`)."""
     from jasper import steering
 
@@ -572,10 +586,13 @@ def _derive_sources(reader: StoreReader, sources: dict[str, Any], manifest: Mani
         raise WriteOptionError(f"{reader.path}: its steering is derived already")
     try:
         f = steering.formula(formula_name)
+        kept_names = steering.kept_variants(keep)
     except ValueError as exc:
         raise WriteOptionError(str(exc)) from None
-    # the steering arrays are read, not copied: verify their bytes as a copy would be
-    for n in steering.STEERING:
+    kept_arrays = {steering.STEERING[steering.KEEPABLE.index(n)] for n in kept_names}
+    # the derived steering arrays are read, not copied: verify their bytes as a copy would be
+    # (the kept ones are copied, and verified by the copy)
+    for n in (a for a in steering.STEERING if a not in kept_arrays):
         rec = manifest.arrays.get(n)
         if rec is not None and rec.checksum:
             h = Checksummer()
@@ -592,11 +609,15 @@ def _derive_sources(reader: StoreReader, sources: dict[str, Any], manifest: Mani
     dtype = reader.info(steering.STEERING[0]).dtype
     for n in steering.STEERING[1:]:
         dtype = torch.promote_types(dtype, reader.info(n).dtype)
-    out, m, report = steering.derive_arrays(
-        {**tables, **stored}, manifest, f, dtype=dtype,
-        atol=steering.DEFAULT_ATOL if atol is None else atol,
-        rtol=steering.DEFAULT_RTOL if rtol is None else rtol)
-    kept = {n: s for n, s in sources.items() if n not in steering.STEERING}
+    try:
+        out, m, report = steering.derive_arrays(
+            {**tables, **stored}, manifest, f, dtype=dtype,
+            atol=steering.DEFAULT_ATOL if atol is None else atol,
+            rtol=steering.DEFAULT_RTOL if rtol is None else rtol, keep=kept_names)
+    except ValueError as exc:  # a kept array of another dtype than the one served
+        raise WriteOptionError(f"{reader.path}: {exc}") from None
+    kept = {n: s for n, s in sources.items()
+            if n not in steering.STEERING or n in kept_arrays}
     for n in steering.EXCEPTION_ARRAYS:
         kept[n] = out[n]
     return kept, m, report

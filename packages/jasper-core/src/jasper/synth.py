@@ -67,6 +67,9 @@ class SynthConfig:
     dataset_name: str = "synthetic"
     #: Declare the steering derived instead of storing it (jasper.steering).
     derived_steering: bool = False
+    #: With ``derived_steering``: the variants kept stored (``centroid``, ``keyword``,
+    #: ``residual``; at most two), computed by the same kernel (jasper.build.BuildConfig).
+    keep_steering: tuple[str, ...] = ()
     #: Store index arrays in the narrowest integer dtype (jasper.index_dtypes); False: int64.
     compact_indices: bool = True
 
@@ -77,6 +80,13 @@ class SynthConfig:
             raise ValueError(f"dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.dtype!r}")
         if abs(sum(self.split_ratios) - 1.0) > 1e-6 or min(self.split_ratios) < 0:
             raise ValueError(f"split_ratios must be non-negative and sum to 1: {self.split_ratios}")
+        if self.keep_steering:
+            from jasper.steering import kept_variants
+
+            if not self.derived_steering:
+                raise ValueError("keep_steering names the steering variants a derived dataset "
+                                 "keeps stored: it needs derived_steering=True")
+            kept_variants(self.keep_steering)  # ValueError naming the bad value
 
     # Tables default to a quarter of the pairs, capped at 10^6 rows, so that 10^7 pairs at D=384
     # need about 3 GB of tables in RAM while the pair arrays stream through scratch files.
@@ -95,7 +105,8 @@ class SynthConfig:
 
     def pair_bytes(self) -> int:
         d = self.embedding_dim
-        steering = 0 if self.derived_steering else 3 * d * torch_dtype(self.dtype).itemsize
+        kept = len(self.keep_steering) if self.derived_steering else 3
+        steering = kept * d * torch_dtype(self.dtype).itemsize
         return self.n_pairs * (steering + 16 * self.n_neg + 40)
 
 
@@ -229,6 +240,7 @@ def synthesize(
     build_cfg = BuildConfig(n_neg=cfg.n_neg, split_ratios=cfg.split_ratios, dtype=cfg.dtype,
                             seed=cfg.seed, dataset_name=cfg.dataset_name,
                             memory_limit=memory_limit, derived_steering=cfg.derived_steering,
+                            keep_steering=tuple(cfg.keep_steering),
                             compact_indices=cfg.compact_indices)
     arrays, manifest = build_arrays(
         tables.questions, tables.sources, out["pair_index"],

@@ -200,9 +200,10 @@ class TableSet(abc.ABC):
         self.derived_spec = derived_spec(location.manifest)
         #: the per-batch steering of a derived dataset (None: steering is stored)
         self.derived: DerivedSteering | None = None
-        #: arrays that exist only as shape and dtype (meta tensors): derived steering
+        #: arrays that exist only as shape and dtype (meta tensors): derived steering (the
+        #: variants a partially derived dataset keeps stored are real arrays)
         self.virtual: frozenset[str] = frozenset(
-            STEERING if self.derived_spec is not None else ())
+            self.derived_spec.derived_arrays if self.derived_spec is not None else ())
 
     @property
     def steering_dtype(self) -> torch.dtype:
@@ -233,7 +234,8 @@ class TableSet(abc.ABC):
                                      n_pairs=self.n_pairs, dim=self.embedding_dim,
                                      dtype=self.steering_dtype,
                                      expected=self.derived_spec.exceptions,
-                                     path=self.location.path)
+                                     path=self.location.path,
+                                     stored_ids=self.derived_spec.stored_ids)
             self.arrays = {**self._place(arrays), **virtual}
             if self.derived_spec is not None:
                 self.derived = DerivedSteering(
@@ -326,7 +328,8 @@ class TableSet(abc.ABC):
         return self.derived.gather(
             pair_ids, variant, table=lambda name, rows: self.gather(name, rows),
             csr=(self.arrays["pair_keyword_offsets"], self.arrays["pair_keyword_ids"]),
-            questions=questions, sources=sources, clusters=clusters, out=out)
+            questions=questions, sources=sources, clusters=clusters, out=out,
+            stored=lambda name, rows, into: self.gather(name, rows, into))
 
     # --- reloads ------------------------------------------------------------------------------
     def read_fresh(self, names: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -622,12 +622,13 @@ def validate(
 def _check_derived(arrays: dict[str, Checkable], reader: StoreReader, manifest: Manifest,
                    path: Path) -> frozenset[str]:
     """Derived steering: the exception arrays' rules, and shape-only stand-ins for the
-    steering arrays in ``arrays``; returns their names (nothing when steering is stored)."""
+    derived steering arrays in ``arrays`` (those a partially derived dataset keeps stored are
+    checked as stored arrays); returns their names (nothing when steering is stored)."""
     from jasper.dtypes import torch_dtype
     from jasper.steering import (
         EXCEPTION_ROWS,
         EXCEPTION_VALUES,
-        STEERING,
+        check_exception_layout,
         check_exceptions,
         derived_spec,
         placeholder,
@@ -638,11 +639,17 @@ def _check_derived(arrays: dict[str, Checkable], reader: StoreReader, manifest: 
         return frozenset()
     n_pairs, dim = int(arrays["pair_index"].shape[0]), int(manifest.embedding_dim)
     dtype = torch_dtype(spec.dtype)
-    check_exceptions(reader.read(EXCEPTION_ROWS), reader.read(EXCEPTION_VALUES),
-                     n_pairs=n_pairs, dim=dim, dtype=dtype, expected=spec.exceptions, path=path)
-    for n in STEERING:
+    rows, values = reader.read(EXCEPTION_ROWS), reader.read(EXCEPTION_VALUES)
+    try:
+        check_exception_layout({**{n: reader.info(n) for n in spec.stored_arrays},
+                                EXCEPTION_ROWS: rows, EXCEPTION_VALUES: values}, spec, dim)
+    except ShapeError as exc:
+        raise ShapeError(str(exc), array=exc.array, rule=exc.rule, path=path) from None
+    check_exceptions(rows, values, n_pairs=n_pairs, dim=dim, dtype=dtype,
+                     expected=spec.exceptions, path=path, stored_ids=spec.stored_ids)
+    for n in spec.derived_arrays:
         arrays[n] = placeholder(n_pairs, dim, dtype)
-    return frozenset(STEERING)
+    return frozenset(spec.derived_arrays)
 
 
 def _check_derived_values(reader: StoreReader, manifest: Manifest, path: Path, *,
@@ -657,7 +664,7 @@ def _check_derived_values(reader: StoreReader, manifest: Manifest, path: Path, *
     tables = {n: reader.map(n) if mapped else reader.read(n) for n in FORMULA_INPUTS}
     rows = 0
     for v, start, got in derived_chunks(spec.formula, dtype=torch_dtype(spec.dtype),
-                                        **table_args(tables)):
+                                        variants=spec.derived_ids, **table_args(tables)):
         _check_finite(f"{STEERING[v - 1]} (derived)", got, path, row_offset=start)
         rows += int(got.shape[0])
     return rows
