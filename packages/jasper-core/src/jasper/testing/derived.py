@@ -1,6 +1,7 @@
 """Conformance for derived steering (:mod:`jasper.steering`): a dataset that stores no steering
-arrays (and one that keeps stored exceptions) written through the backend serves batches
-bit-identical to the same dataset with stored steering, in every mode the backend offers.
+arrays (one that keeps stored exceptions, and one that keeps some variants stored) written
+through the backend serves batches bit-identical to the same dataset with stored steering, in
+every mode the backend offers.
 :class:`~jasper.testing.conformance.BackendConformance` includes these tests; they use its
 hooks (``write_dataset``, ``caps``, ``require_write``, ``write_options``).
 """
@@ -26,8 +27,10 @@ class DerivedSteeringConformance(KitHooks):
 
     derived_pairs: ClassVar[int] = 64
 
-    def _synth(self, derived: bool) -> tuple[dict[str, torch.Tensor], Manifest]:
-        return self.synth_twin(self.derived_pairs, 11, derived_steering=derived)
+    def _synth(self, derived: bool, keep: tuple[str, ...] = ()
+               ) -> tuple[dict[str, torch.Tensor], Manifest]:
+        return self.synth_twin(self.derived_pairs, 11, derived_steering=derived,
+                               keep_steering=keep)
 
     def _modes(self, backend: BackendEntrypoint) -> list[bool]:
         caps = self.caps(backend)
@@ -57,6 +60,36 @@ class DerivedSteeringConformance(KitHooks):
         assert report.checksums_verified == len(stored_names(Manifest.load(b)))
         assert report.derived_rows_checked == 3 * self.derived_pairs
         self._assert_same_batches(backend, a, b)
+
+    def test_partially_derived_steering_serves_the_stored_values(
+            self, backend: BackendEntrypoint, tmp_path: Path) -> None:
+        """A derived dataset that keeps some steering variants stored (``derived_steering.
+        stored_variants``; here each one alone, and keyword with residual) validates deeply
+        and serves batches bit-identical to the stored dataset, preloaded and mapped or by
+        rows; the kept array's bytes are the stored dataset's.
+
+        Fix: store a kept steering array like any stored steering array (its name is in
+        :func:`jasper.steering.stored_names`), next to the two exception arrays.
+        """
+        import jasper
+        from jasper.steering import STEERING, derived_spec, stored_names
+
+        self.require_write(backend)
+        stored, m_stored = self._synth(False)
+        a = self.write_dataset(backend, tmp_path / "stored", stored, m_stored)
+        for keep in (("centroid",), ("keyword",), ("residual",), ("keyword", "residual")):
+            partial, m_partial = self._synth(True, keep)
+            spec = derived_spec(m_partial)
+            assert spec is not None and spec.stored_variants == keep
+            assert set(STEERING) & set(partial) == set(spec.stored_arrays)
+            b = self.write_dataset(backend, tmp_path / "-".join(keep), partial, m_partial)
+            report = jasper.validate(b, deep=True, backend=backend.name)
+            assert report.checksums_verified == len(stored_names(Manifest.load(b)))
+            assert report.derived_rows_checked == (3 - len(keep)) * self.derived_pairs
+            for name in spec.stored_arrays:
+                assert Manifest.load(b).arrays[name].checksum == \
+                    Manifest.load(a).arrays[name].checksum, name
+            self._assert_same_batches(backend, a, b)
 
     def test_derived_steering_keeps_altered_rows_as_exceptions(
             self, backend: BackendEntrypoint, tmp_path: Path) -> None:
