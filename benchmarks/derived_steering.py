@@ -1,14 +1,16 @@
 """Derived against stored steering (a plain script): bytes per pair and serving speed.
 
-For D in {384, 1024} it writes the same synthetic dataset twice (``jasper synth``'s pipeline,
-once with stored and once with derived steering, bit-identical batches) and reports
+For D in {384, 1024} it writes the same synthetic dataset three times (``jasper synth``'s
+pipeline: stored steering, derived steering, and derived with the keyword variant kept stored
+(``--keep-steering keyword``); bit-identical batches) and reports
 
   - bytes per pair of the pair-level arrays (from the manifests: exact), on disk (the whole
     directory / N_p) and in RAM (a preloaded dataset's ``memory_bytes()`` / N_p),
   - CPU serving samples/s of the batched gather (``__getitems__``, B=1024, random positions)
     with the schedule's late mix (epoch 40: 0 zero / 0.2 centroid / 0.4 keyword / 0.4
     residual, the heaviest for derived steering) and per forced variant, stored and derived
-    measured alternately in one run (target: derived >= 0.8 x stored),
+    measured alternately in one run (target: derived >= 0.8 x stored), for both derived
+    datasets,
   - the largest pair count whose pair-level arrays preload into 16 GB, either way (arithmetic
     from the bytes per pair; the tables, shared by many pairs, are listed separately).
 
@@ -34,6 +36,10 @@ os.environ.setdefault("JASPER_PROGRESS", "0")
 
 GB16 = 16 * 10**9
 VARIANTS: tuple[str | None, ...] = (None, "centroid", "keyword", "residual")
+#: The datasets compared: name -> the variants a derived one keeps stored (None: stored).
+KINDS: dict[str, tuple[str, ...] | None] = {"stored": None, "derived": (),
+                                            "derived, keyword stored": ("keyword",)}
+DERIVED_KINDS: tuple[str, ...] = tuple(k for k, v in KINDS.items() if v is not None)
 
 
 def _pair_bytes(manifest: Any) -> tuple[int, int]:
@@ -73,10 +79,11 @@ def measure(root: Path, pairs: int, dim: int, n_batches: int, batch: int,
 
     out: dict[str, Any] = {"pairs": pairs, "dim": dim, "batch": batch}
     paths = {}
-    for kind in ("stored", "derived"):
+    for kind, keep in KINDS.items():
         cfg = SynthConfig(n_pairs=pairs, embedding_dim=dim, n_neg=8, seed=0,
-                          derived_steering=kind == "derived")
-        path = write_synthetic(root / f"{kind}-{dim}", cfg, backend="pt", overwrite=True)
+                          derived_steering=keep is not None, keep_steering=keep or ())
+        path = write_synthetic(root / f"{kind.replace(', ', '-').replace(' ', '-')}-{dim}", cfg,
+                               backend="pt", overwrite=True)
         paths[kind] = path
         pair_b, table_b = _pair_bytes(Manifest.load(path))
         with jasper.JASPERSteeringDataset(path, "train", use_mmap=False) as ds:
@@ -85,29 +92,34 @@ def measure(root: Path, pairs: int, dim: int, n_batches: int, batch: int,
                      "disk_bytes_per_pair": dir_size(path) / pairs, "ram_bytes_per_pair":
                      ram / pairs, "max_pairs_16GB_pair_arrays": int(GB16 // (pair_b / pairs))}
     g = torch.Generator().manual_seed(0)
-    with jasper.JASPERSteeringDataset(paths["stored"], "train", use_mmap=False) as s, \
-            jasper.JASPERSteeringDataset(paths["derived"], "train", use_mmap=False) as d:
-        n = len(s)
+    opened = {k: jasper.JASPERSteeringDataset(p, "train", use_mmap=False)
+              for k, p in paths.items()}
+    try:
+        n = len(opened["stored"])
         batches = [torch.randint(0, n, (batch,), generator=g) for _ in range(n_batches)]
         rates: dict[str, dict[str, list[tuple[float, float]]]] = {}
         for variant in VARIANTS:
             key = variant or "schedule@40"
-            rates[key] = {"stored": [], "derived": []}
-            for ds in (s, d):
+            rates[key] = {k: [] for k in KINDS}
+            for ds in opened.values():
                 ds.set_epoch(40)
                 ds.force_steering(variant)
-            for _ in range(rounds):  # alternate, so drift hits both alike
-                rates[key]["stored"].append(_rate(s, batches))
-                rates[key]["derived"].append(_rate(d, batches))
-        out["serving"] = {}
-        for k, v in rates.items():
-            best = {kind: (max(r[0] for r in v[kind]), max(r[1] for r in v[kind]))
-                    for kind in ("stored", "derived")}
-            out["serving"][k] = {
-                "stored": best["stored"][0], "derived": best["derived"][0],
-                "ratio": best["derived"][0] / best["stored"][0],
-                "stored_cpu": best["stored"][1], "derived_cpu": best["derived"][1],
-                "ratio_cpu": best["derived"][1] / best["stored"][1]}
+            for _ in range(rounds):  # alternate, so drift hits every dataset alike
+                for k, ds in opened.items():
+                    rates[key][k].append(_rate(ds, batches))
+    finally:
+        for ds in opened.values():
+            ds.close()
+    out["serving"] = {}
+    for key, v in rates.items():
+        best = {k: (max(r[0] for r in v[k]), max(r[1] for r in v[k])) for k in KINDS}
+        row: dict[str, Any] = {"stored": best["stored"][0], "stored_cpu": best["stored"][1]}
+        for k in DERIVED_KINDS:
+            row[k] = best[k][0]
+            row[f"{k} cpu"] = best[k][1]
+            row[f"{k} ratio"] = best[k][0] / best["stored"][0]
+            row[f"{k} ratio_cpu"] = best[k][1] / best["stored"][1]
+        out["serving"][key] = row
     return out
 
 
@@ -115,19 +127,21 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| D | steering | pair-level B/pair | disk B/pair | RAM B/pair (preloaded) | "
              "max pairs in 16 GB (pair arrays) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        for kind in ("stored", "derived"):
+        for kind in KINDS:
             k = r[kind]
             lines.append(f"| {r['dim']} | {kind} | {k['pair_bytes_per_pair']:,.0f} | "
                          f"{k['disk_bytes_per_pair']:,.0f} | {k['ram_bytes_per_pair']:,.0f} | "
                          f"{k['max_pairs_16GB_pair_arrays']:,} |")
-    lines += ["", "| D | variant mix | stored samples/s | derived samples/s | derived / stored "
-              "| stored samples/CPU-s | derived samples/CPU-s | derived / stored (CPU) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| D | variant mix | steering | samples/s | / stored | samples/CPU-s "
+              "| / stored (CPU) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for key, v in r["serving"].items():
-            lines.append(f"| {r['dim']} | {key} | {v['stored']:,.0f} | {v['derived']:,.0f} | "
-                         f"{v['ratio']:.2f} | {v['stored_cpu']:,.0f} | {v['derived_cpu']:,.0f} | "
-                         f"{v['ratio_cpu']:.2f} |")
+            lines.append(f"| {r['dim']} | {key} | stored | {v['stored']:,.0f} | 1.00 | "
+                         f"{v['stored_cpu']:,.0f} | 1.00 |")
+            for k in DERIVED_KINDS:
+                lines.append(f"| {r['dim']} | {key} | {k} | {v[k]:,.0f} | "
+                             f"{v[f'{k} ratio']:.2f} | {v[f'{k} cpu']:,.0f} | "
+                             f"{v[f'{k} ratio_cpu']:.2f} |")
     return "\n".join(lines)
 
 
