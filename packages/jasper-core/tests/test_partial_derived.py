@@ -367,3 +367,36 @@ def test_cli_convert_keep_steering(stored: Path, tmp_path: Path,
         main(["convert", str(stored), str(tmp_path / "e"), "--to", "pt", "--keep-steering",
               "keyword", "--no-progress"])
     assert "needs --derive-steering" in str(info.value.code)
+
+
+# --- jasper.build -----------------------------------------------------------------------------
+def test_build_keeps_the_named_variants_with_the_stored_bits(tmp_path: Path,
+                                                             stored: Path) -> None:
+    """A build with ``keep_steering`` writes the kept array exactly as the stored build does
+    (the same kernel) and serves the stored build's batches."""
+    from jasper.build import BuildConfig, BuildError, build_dataset
+
+    with jasper.JASPERSteeringDataset(stored, "train") as s:
+        tables = {n: s.tables.arrays[n].numpy() for n in ("question_embs", "source_embs",
+                                                         "pair_index")}
+    out = {}
+    for name, cfg in (("stored", BuildConfig(n_neg=4, n_clusters=3, seed=1)),
+                      ("partial", BuildConfig(n_neg=4, n_clusters=3, seed=1,
+                                              derived_steering=True,
+                                              keep_steering=("residual",)))):
+        out[name] = build_dataset(tmp_path / name, tables["question_embs"],
+                                  tables["source_embs"], tables["pair_index"], config=cfg,
+                                  progress=False)
+    m = Manifest.load(out["partial"])
+    assert m.derived_steering is not None
+    assert m.derived_steering["stored_variants"] == ["residual"]
+    assert m.arrays["steering_residual"].checksum == \
+        Manifest.load(out["stored"]).arrays["steering_residual"].checksum
+    assert "steering_residual" in m.extra["build"]["derived"]
+    assert "steering_centroid" not in m.extra["build"]["derived"]
+    for use_mmap in (False, True):
+        _same_batches(out["stored"], out["partial"], use_mmap=use_mmap)
+    with pytest.raises(BuildError, match="needs derived_steering"):
+        BuildConfig(keep_steering=("keyword",))
+    with pytest.raises(BuildError, match="keep_steering: 'bogus' is not a steering variant"):
+        BuildConfig(derived_steering=True, keep_steering=("bogus",))
