@@ -179,6 +179,38 @@ def test_newer_layout_version_is_refused(small_dataset: Path,
         jasper.open_store(path)
 
 
+def _null_root_symbol_table_message(file: Path) -> None:
+    """Turn the root group's symbol-table message into a NIL message (type 0), as a fuzzed
+    input did: HDF5 then cannot tell what the root object is. The message is found by its
+    data, the B-tree and local-heap addresses that a version-0 superblock also caches in the
+    root group's symbol-table entry (bytes 56..96: name offset, header address, cache type,
+    reserved, B-tree address, heap address)."""
+    import struct
+
+    data = bytearray(file.read_bytes())
+    assert data[:8] == b"\x89HDF\r\n\x1a\n" and data[8] == 0, "expected a version-0 superblock"
+    cache_type, = struct.unpack_from("<I", data, 72)
+    assert cache_type == 1, "the root entry caches no symbol-table addresses"
+    stab = bytes(data[80:96])  # B-tree address, heap address
+    # message header: type u16, size u16 (16), flags u8, 3 reserved bytes; then the addresses
+    at = data.find(struct.pack("<HH", 0x11, 16), 96)
+    while at >= 0 and bytes(data[at + 8 : at + 24]) != stab:
+        at = data.find(struct.pack("<HH", 0x11, 16), at + 1)
+    assert at >= 0, "the root group's symbol-table message was not found"
+    data[at : at + 2] = b"\0\0"
+    file.write_bytes(bytes(data))
+
+
+def test_root_group_of_unknown_type(small_dataset: Path,
+                                    copy_dataset: Callable[[Path], Path]) -> None:
+    # h5py raises KeyError ("unable to determine object type") reading the root's attributes
+    path = copy_dataset(small_dataset)
+    _null_root_symbol_table_message(path / FILE_NAME)
+    with pytest.raises(FormatError, match="HDF5 read failed") as err:
+        jasper.open_store(path)
+    assert str(path / FILE_NAME) in str(err.value)
+
+
 class _NotATensor:
     """Pickling this needs the full unpickler, which jasper refuses."""
 

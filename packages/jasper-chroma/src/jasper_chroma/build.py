@@ -22,9 +22,13 @@ import numpy as np
 from jasper.build import BuildConfig, build_dataset
 from jasper.errors import FormatError
 from jasper.location import is_url
-from jasper_chroma.client import ChromaStoreError, get_client, get_collection
+from jasper_chroma.client import ChromaStoreError, chroma_errors, get_client, get_collection
 from jasper_chroma.layout import ServerLocation, is_server
 from jasper_chroma.reader import PAGE, fetch_ids
+
+#: What to do when reading the store a dataset is built from fails.
+SOURCE_FAILED = ("check that the Chroma store is reachable and intact (a damaged local store: "
+                 "restore it from a copy)")
 
 
 def open_store_location(location: str | Path) -> tuple[Any, str]:
@@ -59,20 +63,19 @@ def _build_then_commit(out: str | Path, backend: str | None, overwrite: bool,
 def all_ids(collection: Any, where: str) -> list[str]:
     """Every id of ``collection``, sorted (the row order of the built dataset)."""
     ids: list[str] = []
-    total = int(collection.count())
-    for offset in range(0, total, PAGE):
-        try:
+    with chroma_errors(where, f"listing ids of {collection.name!r} failed", SOURCE_FAILED):
+        total = int(collection.count())
+        for offset in range(0, total, PAGE):
             ids += collection.get(include=[], limit=PAGE, offset=offset)["ids"]
-        except Exception as exc:
-            raise ChromaStoreError(f"{where}: listing ids of {collection.name!r} failed: "
-                                   f"{exc}") from None
     return sorted(ids)
 
 
 def _dim(collection: Any, ids: list[str], where: str) -> int:
     if not ids:
         raise ChromaStoreError(f"{where}: collection {collection.name!r} is empty")
-    emb = collection.get(ids=ids[:1], include=["embeddings"])["embeddings"]
+    with chroma_errors(where, f"reading an embedding of {collection.name!r} failed",
+                       SOURCE_FAILED):
+        emb = collection.get(ids=ids[:1], include=["embeddings"])["embeddings"]
     return int(np.shape(emb)[1])
 
 
@@ -81,24 +84,27 @@ def read_corpus(location: str | Path, *, question_collection: str = "questions",
                 progress: bool | None = None) -> dict[str, Any]:
     """The store's tables, pairs and keywords as arrays (rows in sorted id order)."""
     client, where = open_store_location(location)
-    qcol = get_collection(client, question_collection, where)
-    pcol = get_collection(client, passage_collection, where)
+    qcol = get_collection(client, question_collection, where, SOURCE_FAILED)
+    pcol = get_collection(client, passage_collection, where, SOURCE_FAILED)
     q_ids, p_ids = all_ids(qcol, where), all_ids(pcol, where)
     d = _dim(qcol, q_ids, where)
     if _dim(pcol, p_ids, where) != d:
         raise ChromaStoreError(f"{where}: collection {passage_collection!r} has dimension "
                                f"{_dim(pcol, p_ids, where)} but {question_collection!r} has {d}")
     questions = np.empty((len(q_ids), d), dtype=np.float32)
-    fetch_ids(qcol, q_ids, questions, where, progress)
+    fetch_ids(qcol, q_ids, questions, where, progress, advice=SOURCE_FAILED)
     sources = np.empty((len(p_ids), d), dtype=np.float32)
-    metas = fetch_ids(pcol, p_ids, sources, where, progress, include_metadata=True)
+    metas = fetch_ids(pcol, p_ids, sources, where, progress, include_metadata=True,
+                      advice=SOURCE_FAILED)
     q_row = {q: i for i, q in enumerate(q_ids)}
     pairs, relevance, kw_lists = [], [], []
     kw_names: list[str] = []
-    try:
-        kcol = client.get_collection(keyword_collection, embedding_function=None)
-    except Exception:
-        kcol = None
+    with chroma_errors(where, f"opening collection {keyword_collection!r} failed",
+                       SOURCE_FAILED):
+        try:
+            kcol = client.get_collection(keyword_collection, embedding_function=None)
+        except Exception:  # keywords are optional: a store without them builds without them
+            kcol = None
     kw_row: dict[str, int] = {}
     if kcol is not None:
         kw_names = all_ids(kcol, where)
@@ -130,7 +136,7 @@ def read_corpus(location: str | Path, *, question_collection: str = "questions",
     }
     if kcol is not None and kw_names:
         keywords = np.empty((len(kw_names), d), dtype=np.float32)
-        fetch_ids(kcol, kw_names, keywords, where, progress)
+        fetch_ids(kcol, kw_names, keywords, where, progress, advice=SOURCE_FAILED)
         out["keywords"], out["pair_keywords"] = keywords, kw_lists
     return out
 
@@ -145,11 +151,9 @@ def chroma_neighbours(collection: Any, ids: list[str], sources: np.ndarray, wher
         found = np.empty((len(uniq), k), dtype=np.int64)
         for start in range(0, len(uniq), 512):
             part = uniq[start : start + 512]
-            try:
+            with chroma_errors(where, f"nearest-neighbour query on {collection.name!r} failed",
+                               SOURCE_FAILED):
                 res = collection.query(query_embeddings=sources[part], n_results=k, include=[])
-            except Exception as exc:
-                raise ChromaStoreError(f"{where}: nearest-neighbour query on "
-                                       f"{collection.name!r} failed: {exc}") from None
             for j, hit in enumerate(res["ids"]):
                 got = [row_of[h] for h in hit][:k]
                 got += [int(part[j])] * (k - len(got))  # the positive pads; the miner drops it
@@ -211,11 +215,9 @@ def _documents(collection: Any, ids: list[str], where: str) -> list[str]:
     docs: dict[str, str] = {}
     for start in range(0, len(ids), PAGE):
         want = ids[start : start + PAGE]
-        try:
+        with chroma_errors(where, f"reading documents of {collection.name!r} failed",
+                           SOURCE_FAILED):
             got = collection.get(ids=want, include=["documents"])
-        except Exception as exc:
-            raise ChromaStoreError(f"{where}: reading documents of {collection.name!r} failed: "
-                                   f"{exc}") from None
         docs.update(zip(got["ids"], [d or "" for d in (got["documents"] or [""] * len(want))]))
     return [docs.get(i, "") for i in ids]
 

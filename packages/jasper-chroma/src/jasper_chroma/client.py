@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,36 @@ _FORKED_FROM: int | None = None
 
 class ChromaStoreError(JasperError, ValueError):
     """A Chroma store is missing something (collection, id) or answered with an error."""
+
+
+#: What a failed Chroma call of a local store most likely means, and what to do about it.
+DAMAGED_STORE = ("the Chroma database (chroma.sqlite3) or an index file in this directory is "
+                 "damaged; restore the dataset from a copy or write it again")
+#: The same for a store on a server.
+SERVER_FAILED = "check that the Chroma server is running and its store is intact"
+#: Never turned into a ChromaStoreError: jasper's own errors, and the interpreter's exits.
+_PASS_THROUGH = (JasperError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+@contextlib.contextmanager
+def chroma_errors(where: str, doing: str, advice: str = "") -> Iterator[None]:
+    """Turn any failure of the Chroma calls inside into a :class:`ChromaStoreError`
+    ``"{where}: {doing}: {type}: {message}; {advice}"`` (``doing`` says what failed, e.g.
+    ``"reading collection 'x' failed"``).
+
+    chromadb's Rust code panics on some damaged stores (a flipped byte in ``chroma.sqlite3``:
+    ``Result::unwrap()`` on a column that is no longer UTF-8); pyo3 raises that as
+    ``pyo3_runtime.PanicException``, a ``BaseException``, so ``except Exception`` misses it.
+    jasper's own errors, Ctrl-C, ``sys.exit`` and a closed generator pass through unchanged.
+    """
+    try:
+        yield
+    except _PASS_THROUGH:
+        raise
+    except BaseException as exc:
+        tail = f"; {advice}" if advice else ""
+        raise ChromaStoreError(f"{where}: {doing}: {type(exc).__name__}: "
+                               f"{str(exc)[:300]}{tail}") from None
 
 
 class ForkedClientError(BackendError, RuntimeError):
@@ -81,7 +112,8 @@ def get_client(location: Path | ServerLocation) -> Any:
             return client
         import chromadb
 
-        try:
+        where = location.url() if isinstance(location, ServerLocation) else str(location)
+        with chroma_errors(where, "cannot connect to Chroma"):
             if isinstance(location, ServerLocation):
                 client = chromadb.HttpClient(host=location.host, port=location.port,
                                              tenant=location.tenant, database=location.database,
@@ -91,12 +123,6 @@ def get_client(location: Path | ServerLocation) -> Any:
                 if not Path(location).is_dir():
                     raise FormatError(location, "the Chroma directory does not exist")
                 client = chromadb.PersistentClient(path=str(location), settings=settings())
-        except (JasperError, KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # chromadb's Rust panics are BaseExceptions (pyo3)
-            where = location.url() if isinstance(location, ServerLocation) else str(location)
-            raise ChromaStoreError(f"{where}: cannot connect to Chroma: "
-                                   f"{type(exc).__name__}: {str(exc)[:300]}") from None
         _USED_BY = os.getpid()
         _CLIENTS[key] = client
         return client
@@ -109,15 +135,10 @@ def open_persistent(path: Path, where: str) -> Any:
     check_not_forked()
     import chromadb
 
-    with _LOCK:
-        try:
-            client = chromadb.PersistentClient(path=str(path), settings=settings())
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # chromadb's Rust panics are BaseExceptions (pyo3): e.g.
-            # SQLite cannot open the database of a version a commit is deleting
-            raise ChromaStoreError(f"{where}: cannot open the Chroma directory: "
-                                   f"{type(exc).__name__}: {str(exc)[:300]}") from None
+    # e.g. SQLite cannot open the database of a version a commit is deleting
+    with _LOCK, chroma_errors(where, "cannot open the Chroma directory",
+                              DAMAGED_STORE):
+        client = chromadb.PersistentClient(path=str(path), settings=settings())
         _USED_BY = os.getpid()
     return client
 
@@ -127,7 +148,8 @@ def release_client(location: Path | ServerLocation) -> None:
     with _LOCK:
         client = _CLIENTS.pop((os.getpid(), str(location)), None)
     if client is not None and hasattr(client, "close"):
-        with contextlib.suppress(Exception):  # best effort; the data is already written
+        # best effort; the data is already written (a panic of Chroma's is suppressed too)
+        with contextlib.suppress(ChromaStoreError), chroma_errors("", "closing"):
             client.close()
 
 
@@ -166,11 +188,13 @@ class WriterLock:
             self._fd = None
 
 
-def get_collection(client: Any, name: str, where: str) -> Any:
+def get_collection(client: Any, name: str, where: str, advice: str = "") -> Any:
     """An existing collection, never with an embedding function; a typed error naming the
-    location and collection when it is missing."""
-    try:
-        return client.get_collection(name, embedding_function=None)
-    except Exception as exc:
-        raise ChromaStoreError(f"{where}: collection {name!r} not found "
-                               f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    location and collection when it is missing or cannot be read (``advice`` says what to do
+    then)."""
+    with chroma_errors(where, f"opening collection {name!r} failed", advice):
+        try:
+            return client.get_collection(name, embedding_function=None)
+        except Exception as exc:
+            raise ChromaStoreError(f"{where}: collection {name!r} not found "
+                                   f"({type(exc).__name__}: {str(exc)[:200]})") from None

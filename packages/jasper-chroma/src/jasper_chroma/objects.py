@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from jasper_chroma.client import ChromaStoreError, get_client
+from jasper_chroma.client import SERVER_FAILED, ChromaStoreError, chroma_errors, get_client
 from jasper_chroma.layout import ServerDataset
 
 #: Raw bytes per part record (1.4 MB of base64 per HTTP request: well under Chroma's limits).
@@ -59,10 +60,10 @@ class ChromaObjects:
     def client(self) -> Any:
         return get_client(self.dataset.server)
 
-    def _fail(self, what: str, exc: Exception) -> ChromaStoreError:
-        return ChromaStoreError(f"{self.where}: {what} in collection "
-                                f"{self.dataset.objects_collection!r} failed: "
-                                f"{type(exc).__name__}: {str(exc)[:300]}")
+    def _calling(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """:func:`chroma_errors` for a call on the object collection."""
+        return chroma_errors(self.where, f"{what} in collection "
+                             f"{self.dataset.objects_collection!r} failed", SERVER_FAILED)
 
     def collection(self, create: bool = False) -> Any:
         """The object collection (created by a writer; None for a reader when absent)."""
@@ -70,7 +71,7 @@ class ChromaObjects:
             return self._col
         client = self.client()
         name = self.dataset.objects_collection
-        try:
+        with chroma_errors(self.where, f"cannot open collection {name!r}", SERVER_FAILED):
             if create:
                 self._col = client.get_or_create_collection(
                     name, embedding_function=None, metadata={"jasper": "objects"})
@@ -80,9 +81,6 @@ class ChromaObjects:
                 if name not in names:
                     return None
                 self._col = client.get_collection(name, embedding_function=None)
-        except Exception as exc:
-            raise ChromaStoreError(f"{self.where}: cannot open collection {name!r}: "
-                                   f"{type(exc).__name__}: {str(exc)[:300]}") from None
         return self._col
 
     # --- ObjectStore ---------------------------------------------------------------------------
@@ -90,10 +88,8 @@ class ChromaObjects:
         col = self.collection()
         if col is None:
             raise FileNotFoundError(key)
-        try:
+        with self._calling(f"reading object {key!r}"):
             got = col.get(ids=[f"o:{key}"], include=["metadatas"])
-        except Exception as exc:
-            raise self._fail(f"reading object {key!r}", exc) from None
         if not got["ids"]:
             raise FileNotFoundError(key)
         head = got["metadatas"][0] or {}
@@ -104,10 +100,8 @@ class ChromaObjects:
             ids = [f"p:{key}:{nonce}:{i}" for i in range(parts)]
             chunks: dict[str, bytes] = {}
             for start in range(0, len(ids), _PAGE):
-                try:
+                with self._calling(f"reading object {key!r}"):
                     page = col.get(ids=ids[start:start + _PAGE], include=["metadatas"])
-                except Exception as exc:
-                    raise self._fail(f"reading object {key!r}", exc) from None
                 for i, m in zip(page["ids"], page["metadatas"]):
                     chunks[i] = base64.b64decode((m or {}).get("b", ""))
             missing = [i for i in ids if i not in chunks]
@@ -127,7 +121,7 @@ class ChromaObjects:
         old = self._header(key)
         nonce = uuid.uuid4().hex[:12]
         head: dict[str, Any] = {"size": len(data)}
-        try:
+        with self._calling(f"writing object {key!r}"):
             if len(data) <= PART_BYTES:
                 head.update(parts=0, b=base64.b64encode(data).decode("ascii"))
             else:
@@ -141,8 +135,6 @@ class ChromaObjects:
                                 for i in idx])
                 head.update(parts=n, nonce=nonce)
             col.upsert(ids=[f"o:{key}"], embeddings=[[0.0]], metadatas=[head])
-        except Exception as exc:
-            raise self._fail(f"writing object {key!r}", exc) from None
         if old is not None and int(old.get("parts", 0)):
             self._delete_parts(key, old)
 
@@ -152,10 +144,8 @@ class ChromaObjects:
         if col is not None:
             offset = 0
             while True:
-                try:
+                with self._calling("listing objects"):
                     ids = col.get(include=[], limit=_PAGE, offset=offset)["ids"]
-                except Exception as exc:
-                    raise self._fail("listing objects", exc) from None
                 for i in ids:
                     # a part without its header (a put cut short) is listed too, so that the
                     # generation it belongs to is found and deleted whole
@@ -179,21 +169,17 @@ class ChromaObjects:
             return
         for start in range(0, len(objects), _PAGE):
             batch = objects[start:start + _PAGE]
-            try:
+            with self._calling(f"deleting objects {batch[0]!r}.."):
                 # headers first: each object is gone at once; then every part of it
                 col.delete(ids=[f"o:{k}" for k in batch])
                 col.delete(where={"key": {"$in": batch}})
-            except Exception as exc:
-                raise self._fail(f"deleting objects {batch[0]!r}..", exc) from None
         self._drop_if_empty(col)
 
     def _drop_if_empty(self, col: Any) -> None:
         # a first write that failed leaves no empty object collection behind (nothing at the
         # target). A writer that created it concurrently gets a typed error on its next put.
-        try:
+        with self._calling("counting objects"):
             empty = int(col.count()) == 0
-        except Exception as exc:
-            raise self._fail("counting objects", exc) from None
         if empty:
             self.drop_collection(self.dataset.objects_collection)
             self._col = None
@@ -209,26 +195,20 @@ class ChromaObjects:
                 total += int(head["size"]) if head else 0
                 continue
             name = self.dataset.table_collection(*ck)
-            try:
-                col = self.client().get_collection(name, embedding_function=None)
+            client = self.client()
+            with chroma_errors(self.where, f"sizing collection {name!r} failed", SERVER_FAILED):
+                col = client.get_collection(name, embedding_function=None)
                 n = int(col.count())
                 first = col.get(limit=1, include=["embeddings"])["embeddings"] if n else []
                 total += n * (len(first[0]) if len(first) else 0) * 4
-            except Exception as exc:
-                raise ChromaStoreError(f"{self.where}: sizing collection {name!r} failed: "
-                                       f"{type(exc).__name__}: {str(exc)[:200]}") from None
         return total
 
     # --- helpers ----------------------------------------------------------------------------
     def table_collections(self) -> builtins.list[tuple[str, str]]:
         """``(generation, table)`` of every table collection of this dataset on the server."""
-        try:
-            listed = self.client().list_collections()
-        except ChromaStoreError:
-            raise
-        except Exception as exc:
-            raise ChromaStoreError(f"{self.where}: listing collections failed: "
-                                   f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        client = self.client()
+        with chroma_errors(self.where, "listing collections failed", SERVER_FAILED):
+            listed = client.list_collections()
         out = []
         for c in listed:
             parsed = self.dataset.parse_table_collection(c.name if hasattr(c, "name") else str(c))
@@ -237,29 +217,26 @@ class ChromaObjects:
         return out
 
     def drop_collection(self, name: str) -> None:
-        try:
-            self.client().delete_collection(name)
-        except Exception as exc:
-            if "does not exist" in str(exc).lower() or "not found" in str(exc).lower():
-                return
-            raise ChromaStoreError(f"{self.where}: deleting collection {name!r} failed: "
-                                   f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        client = self.client()
+        with chroma_errors(self.where, f"deleting collection {name!r} failed", SERVER_FAILED):
+            try:
+                client.delete_collection(name)
+            except Exception as exc:
+                if "does not exist" in str(exc).lower() or "not found" in str(exc).lower():
+                    return
+                raise
 
     def _header(self, key: str) -> dict[str, Any] | None:
         col = self.collection()
         if col is None:
             return None
-        try:
+        with self._calling(f"reading object {key!r}"):
             got = col.get(ids=[f"o:{key}"], include=["metadatas"])
-        except Exception as exc:
-            raise self._fail(f"reading object {key!r}", exc) from None
         return dict(got["metadatas"][0] or {}) if got["ids"] else None
 
     def _delete_parts(self, key: str, head: dict[str, Any]) -> None:
         ids = [f"p:{key}:{head.get('nonce', '')}:{i}" for i in range(int(head["parts"]))]
         col = self.collection()
         for start in range(0, len(ids), _PAGE):
-            try:
+            with self._calling(f"deleting parts of object {key!r}"):
                 col.delete(ids=ids[start:start + _PAGE])
-            except Exception as exc:
-                raise self._fail(f"deleting parts of object {key!r}", exc) from None

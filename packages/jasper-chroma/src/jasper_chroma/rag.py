@@ -33,7 +33,15 @@ from typing import Any
 import numpy as np
 
 from jasper.errors import FormatError
-from jasper_chroma.client import ChromaStoreError, WriterLock, get_client, get_collection
+from jasper_chroma.client import (
+    DAMAGED_STORE,
+    SERVER_FAILED,
+    ChromaStoreError,
+    WriterLock,
+    chroma_errors,
+    get_client,
+    get_collection,
+)
 from jasper_chroma.layout import ServerLocation, is_server
 from jasper_chroma.rag_names import STRATEGIES
 from jasper_chroma.reader import PAGE
@@ -101,6 +109,11 @@ class TripletGenerator(abc.ABC):
     def where(self) -> str:
         return str(self.location)
 
+    @property
+    def advice(self) -> str:
+        """What to do when a Chroma call on the store fails (ends its error messages)."""
+        return SERVER_FAILED if is_server(self.location) else DAMAGED_STORE
+
     def questions(self) -> Any:
         return get_collection(self.client(), self.question_collection, self.where)
 
@@ -120,11 +133,13 @@ class TripletGenerator(abc.ABC):
     def _relevance(self) -> _Relevance:
         col = self.passages()
         rel = _Relevance()
-        total = int(col.count())
         rows: list[tuple[str, dict[str, Any]]] = []
-        for offset in range(0, total, PAGE):
-            got = col.get(include=["metadatas"], limit=PAGE, offset=offset)
-            rows += list(zip(got["ids"], got["metadatas"] or [{}] * len(got["ids"])))
+        with chroma_errors(self.where, f"reading the metadata of {col.name!r} failed",
+                           self.advice):
+            total = int(col.count())
+            for offset in range(0, total, PAGE):
+                got = col.get(include=["metadatas"], limit=PAGE, offset=offset)
+                rows += list(zip(got["ids"], got["metadatas"] or [{}] * len(got["ids"])))
         rows.sort()
         rel.passages = [pid for pid, _ in rows]
         for pid, meta in rows:
@@ -166,13 +181,18 @@ class TripletGenerator(abc.ABC):
         col = self.passages()
         for qid in sorted(rel.relevant):
             mine = [p for p, _ in rel.relevant[qid]]
-            got = col.get(ids=mine, include=["embeddings"])
+            with chroma_errors(self.where, f"reading embeddings of {col.name!r} failed",
+                               self.advice):
+                got = col.get(ids=mine, include=["embeddings"])
+                n = min(int(col.count()), len(mine) + 8)
             emb = {i: e for i, e in zip(got["ids"], got["embeddings"])}
-            n = min(int(col.count()), len(mine) + 8)
             for p in mine:
                 if p not in emb:
                     raise ChromaStoreError(f"{self.where}: collection {col.name!r} has no id {p!r}")
-                hits = col.query(query_embeddings=[emb[p]], n_results=n, include=[])["ids"][0]
+                with chroma_errors(self.where, f"nearest-neighbour query on {col.name!r} failed",
+                                   self.advice):
+                    hits = col.query(query_embeddings=[emb[p]], n_results=n,
+                                     include=[])["ids"][0]
                 best = next((h for h in hits if h not in mine), None)
                 if best is not None:
                     yield Triplet(qid, p, best, FIRST_BETTER)

@@ -20,8 +20,11 @@ from jasper.files import PIN_ATTEMPTS, DatasetChangedError, names_directory
 from jasper.location import Location
 from jasper.progress import count_bar
 from jasper_chroma.client import (
+    DAMAGED_STORE,
+    SERVER_FAILED,
     ChromaStoreError,
     check_not_forked,
+    chroma_errors,
     get_client,
     get_collection,
     open_persistent,
@@ -43,14 +46,15 @@ def _storage_logical(dtype: np.dtype) -> str:
 
 def fetch_ids(collection: Any, ids: list[str], out: np.ndarray | torch.Tensor, where: str,
               progress: bool | None = None, include_metadata: bool = False,
-              ) -> list[dict[str, Any] | None]:
+              advice: str = "") -> list[dict[str, Any] | None]:
     """Fill ``out[i]`` with the embedding of ``ids[i]`` (distinct ids), paging by ids.
 
     Chroma returns a page in insertion order, not request order, and silently drops ids it
     does not have: every row is placed by its returned id, and a missing id is a
     :class:`ChromaStoreError` naming the collection and the id. float64 from Chroma is cast to
     ``out``'s dtype in the assignment (no intermediate array of the whole table). Returns the
-    metadata of each id when asked (else an empty list).
+    metadata of each id when asked (else an empty list). A failed read (a panic of chromadb's
+    Rust code included) is a :class:`ChromaStoreError` ending in ``advice``.
     """
     check_not_forked()  # a collection object inherited through fork would hang
     as_numpy = isinstance(out, np.ndarray) or out.dtype != torch.bfloat16
@@ -60,11 +64,8 @@ def fetch_ids(collection: Any, ids: list[str], out: np.ndarray | torch.Tensor, w
     with count_bar(len(ids), f"reading {collection.name}", progress, unit="row") as update:
         for start in range(0, len(ids), PAGE):
             want = ids[start : start + PAGE]
-            try:
+            with chroma_errors(where, f"reading collection {collection.name!r} failed", advice):
                 got = collection.get(ids=want, include=include)
-            except Exception as exc:
-                raise ChromaStoreError(f"{where}: reading collection {collection.name!r} "
-                                       f"failed: {type(exc).__name__}: {str(exc)[:300]}") from None
             pos = {i: start + k for k, i in enumerate(want)}
             returned = got["ids"]
             if len(returned) != len(want):
@@ -91,13 +92,14 @@ def fetch_ids(collection: Any, ids: list[str], out: np.ndarray | torch.Tensor, w
 
 
 def fetch_all(collection: Any, out: torch.Tensor, where: str,
-              progress: bool | None = None) -> None:
+              progress: bool | None = None, advice: str = "") -> None:
     """Fill ``out`` with every row of a jasper-written collection (row ``r`` is id ``str(r)``),
     paging by ``limit``/``offset``: faster than paging by ids over HTTP (measured, see the
     README), and as safe: every returned id is placed by its value, an id that is not a row
     number in range is an error, and after the last page every row must have been seen (the
     first missing one is named). Pages come in insertion order, which for jasper's writes is
-    row order, so most pages are one contiguous slice assignment."""
+    row order, so most pages are one contiguous slice assignment. A failed read is a
+    :class:`ChromaStoreError` ending in ``advice``."""
     check_not_forked()
     n = int(out.shape[0])
     seen = np.zeros(n, dtype=bool)
@@ -106,11 +108,8 @@ def fetch_all(collection: Any, out: torch.Tensor, where: str,
     offset = 0
     with count_bar(n, f"reading {collection.name}", progress, unit="row") as update:
         while True:
-            try:
+            with chroma_errors(where, f"reading collection {collection.name!r} failed", advice):
                 got = collection.get(include=["embeddings"], limit=PAGE, offset=offset)
-            except Exception as exc:
-                raise ChromaStoreError(f"{where}: reading collection {collection.name!r} "
-                                       f"failed: {type(exc).__name__}: {str(exc)[:300]}") from None
             ids = got["ids"]
             if not ids:
                 break
@@ -156,9 +155,9 @@ def fetch_all(collection: Any, out: torch.Tensor, where: str,
 
 
 def fetch_rows(collection: Any, rows: np.ndarray, out: np.ndarray | torch.Tensor,
-               where: str, progress: bool | None = None) -> None:
+               where: str, progress: bool | None = None, advice: str = "") -> None:
     """:func:`fetch_ids` of a jasper-written collection: row ``r`` is id ``str(r)``."""
-    fetch_ids(collection, [str(int(r)) for r in rows], out, where, progress)
+    fetch_ids(collection, [str(int(r)) for r in rows], out, where, progress, advice=advice)
 
 
 class ChromaReader(StoreReader):
@@ -237,6 +236,11 @@ class ChromaReader(StoreReader):
             return self.dataset.url
         return str(self.path / CHROMA_DIR)
 
+    @property
+    def advice(self) -> str:
+        """What to do when a Chroma call of this reader fails (ends its error messages)."""
+        return SERVER_FAILED if self.dataset is not None else DAMAGED_STORE
+
     def _object(self, key: str) -> bytes:
         try:
             return self._objects.get(self._prefix + key)
@@ -260,7 +264,7 @@ class ChromaReader(StoreReader):
                 client = get_client(self.dataset.server)
             else:
                 client = self._pin().client
-            col = get_collection(client, name, self.where)
+            col = get_collection(client, name, self.where, self.advice)
             self._cols[key] = col
         return col
 
@@ -322,7 +326,7 @@ class ChromaReader(StoreReader):
         if name in self.layout.tables:
             n = info.shape[0]
             if n:
-                fetch_all(self._collection(name), out, self.where, self.progress)
+                fetch_all(self._collection(name), out, self.where, self.progress, self.advice)
             return out
         arr = self._open_npy(name)
         try:
@@ -347,7 +351,7 @@ class ChromaReader(StoreReader):
             uniq, inv = np.unique(idx, return_inverse=True)
             part = torch.empty((len(uniq), *info.shape[1:]), dtype=info.dtype)
             if len(uniq):
-                fetch_rows(self._collection(name), uniq, part, self.where)
+                fetch_rows(self._collection(name), uniq, part, self.where, advice=self.advice)
             return part[torch.from_numpy(inv.reshape(-1))]
         arr = self._open_npy(name)
         return from_storage(np.array(arr[idx]), self._logical(name, arr))
@@ -376,12 +380,10 @@ class ChromaReader(StoreReader):
 
     def count(self, table: str) -> int:
         """Rows the collection of ``table`` holds now."""
-        try:
-            return int(self._collection(table).count())
-        except JasperError:
-            raise
-        except Exception as exc:
-            raise ChromaStoreError(f"{self.where}: counting {table} failed: {exc}") from None
+        col = self._collection(table)
+        with chroma_errors(self.where, f"counting {table} in collection {col.name!r} failed",
+                           self.advice):
+            return int(col.count())
 
 
 
@@ -431,10 +433,10 @@ class _LocalPin:
         try:
             for table, rec in reader.layout.tables.items():
                 if rec.rows:  # load each collection now, while its files are surely there
-                    col = get_collection(client, rec.collection, reader.where)
+                    col = get_collection(client, rec.collection, reader.where, reader.advice)
                     reader._cols[f"{os.getpid()}:{table}"] = col
                     fetch_ids(col, ["0"], np.empty((1, rec.cols), np.float32), reader.where,
-                              False)
+                              False, advice=reader.advice)
         except BaseException:
             pin.close()
             raise
@@ -450,7 +452,9 @@ class _LocalPin:
     def close(self) -> None:
         client, self.client = self.client, None
         if client is not None:
-            with contextlib.suppress(Exception):  # best effort: releases Chroma's system
+            # best effort: releases Chroma's system; a panic here (a damaged store) must not
+            # replace the typed error a failed open is being closed for
+            with contextlib.suppress(ChromaStoreError), chroma_errors("", "closing"):
                 client.close()
         if self.dir_fd >= 0:
             with contextlib.suppress(OSError):

@@ -215,7 +215,9 @@ class HDF5Reader(StoreReader):
     def _open_handles(self) -> _Handles:
         f = self._wrap(None, lambda: open_h5(self.files))
         try:
-            version = f.attrs.get(ATTR_LAYOUT_VERSION)
+            # reading the root group's attributes opens the root object: a damaged header
+            # there (no message saying it is a group) fails in h5py with a KeyError
+            version = self._wrap(None, lambda: f.attrs.get(ATTR_LAYOUT_VERSION))
             if version is not None:
                 check_format_version(version, LAYOUT_VERSION, self.file,
                                      f"file attribute {ATTR_LAYOUT_VERSION}", "jasper-hdf5")
