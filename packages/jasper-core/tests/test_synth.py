@@ -101,3 +101,17 @@ def test_bad_config_is_refused() -> None:
         SynthConfig(split_ratios=(0.5, 0.1, 0.1))
     with pytest.raises(ValueError, match="dtype"):
         SynthConfig(dtype="int8")
+
+
+@pytest.mark.parametrize("table", ["n_questions", "n_sources", "n_keywords"])
+def test_a_table_smaller_than_the_clusters_is_refused(table: str) -> None:
+    # before: materialize indexed past a cluster's members (IndexError) or drew from nothing
+    with pytest.raises(ValueError, match=f"{table}=3 is below n_clusters=4"):
+        SynthConfig(n_pairs=200, embedding_dim=8, n_neg=2, n_clusters=4, **{table: 3})
+    materialize(SynthConfig(n_pairs=200, embedding_dim=8, n_neg=2, n_clusters=4, **{table: 4}))
+
+
+def test_pairs_without_keywords_are_refused() -> None:
+    # before: numpy's "low >= high" ValueError from deep inside materialize
+    with pytest.raises(ValueError, match="max_keywords_per_pair must be at least 1"):
+        SynthConfig(max_keywords_per_pair=0)

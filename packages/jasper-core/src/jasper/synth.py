@@ -78,6 +78,16 @@ class SynthConfig:
             raise ValueError("n_pairs, embedding_dim, n_neg and n_clusters must be positive")
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.dtype!r}")
+        # every cluster draws its questions, sources and keywords from its own members, so
+        # each table needs at least one row per cluster (fewer indexed past a cluster's end)
+        for name in ("n_questions", "n_sources", "n_keywords"):
+            n = getattr(self, name)
+            if n is not None and n < self.n_clusters:
+                raise ValueError(f"{name}={n} is below n_clusters={self.n_clusters}: each "
+                                 f"cluster needs at least one row of its own")
+        if self.max_keywords_per_pair < 1:
+            raise ValueError(f"max_keywords_per_pair must be at least 1 (every synthetic pair "
+                             f"has keywords), got {self.max_keywords_per_pair}")
         if abs(sum(self.split_ratios) - 1.0) > 1e-6 or min(self.split_ratios) < 0:
             raise ValueError(f"split_ratios must be non-negative and sum to 1: {self.split_ratios}")
         if self.keep_steering:
