@@ -148,12 +148,15 @@ def h5_datasets(path: Path) -> list[dict[str, Any]]:
     """Every dataset of an HDF5 file: name, shape, dtype, jasper_name, byte offset and size."""
     import h5py
 
+    def _text(value: object) -> object:  # fixed-length attributes read back as bytes
+        return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+
     out: list[dict[str, Any]] = []
     with h5py.File(path, "r") as f:
         def visit(name: str, obj: object) -> None:
             if isinstance(obj, h5py.Dataset):
                 out.append({"name": name, "shape": obj.shape, "dtype": str(obj.dtype),
-                            "jasper_name": obj.attrs.get("jasper_name"),
+                            "jasper_name": _text(obj.attrs.get("jasper_name")),
                             "offset": obj.id.get_offset(), "size": obj.id.get_storage_size()})
         f.visititems(visit)
     return out

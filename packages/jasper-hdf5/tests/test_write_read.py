@@ -22,7 +22,7 @@ from jasper.manifest import Manifest
 from jasper.schema import ARRAYS
 from jasper.store import write_store
 from jasper.synth import SynthConfig
-from jasper_hdf5.layout import ATTR_DTYPE, ATTR_NAME, FILE_NAME, PATHS
+from jasper_hdf5.layout import ATTR_DTYPE, ATTR_NAME, FILE_NAME, PATHS, attr_text
 from jasper_hdf5.writer import CHUNK_BYTES, WriteOptions
 
 
@@ -74,8 +74,8 @@ def test_float_dtypes_keep_logical_dtype_and_bits(tmp_path: Path, dtype: str) ->
     out = write_store(tmp_path / dtype, arrays, manifest, backend="hdf5", compression="gzip")
     with h5py.File(out / FILE_NAME) as f:
         d = f[PATHS["source_embs"]]
-        assert d.attrs[ATTR_DTYPE] == dtype
-        assert d.attrs[ATTR_NAME] == "source_embs"
+        assert attr_text(d.attrs[ATTR_DTYPE]) == dtype
+        assert attr_text(d.attrs[ATTR_NAME]) == "source_embs"
         if dtype == "bfloat16":
             assert d.dtype == np.uint16  # the bit pattern; numpy has no bfloat16
     with jasper.open_store(out) as reader:
@@ -98,7 +98,21 @@ def test_layout_matches_the_original_groups(small_dataset: Path) -> None:
         assert set(f["splits"]) == {"train", "val", "test"}
         assert f.attrs["jasper_layout_version"] == 1
         for name in ARRAYS:  # a steering dataset: the cluster kind's group is absent
-            assert f[PATHS[name]].attrs[ATTR_NAME] == name
+            assert attr_text(f[PATHS[name]].attrs[ATTR_NAME]) == name
+
+
+def test_jasper_attributes_are_fixed_length_strings(small_dataset: Path) -> None:
+    """A variable-length string attribute's bytes sit in the global heap and HDF5 follows the
+    heap pointer on read: a fuzzed file with a damaged pointer crashed the reader (SIGSEGV in
+    attrs.get). jasper writes its attributes as fixed-length strings in the object header."""
+    with h5py.File(small_dataset / FILE_NAME) as f:
+        objects = [f, *(f[PATHS[name]] for name in ARRAYS)]
+        for obj in objects:
+            for key in obj.attrs:
+                attr = h5py.h5a.open(obj.id, key.encode())
+                kind = attr.get_type()
+                if kind.get_class() == h5py.h5t.STRING:
+                    assert not kind.is_variable_str(), f"{obj.name}:{key} is variable-length"
 
 
 def test_chunks_are_whole_rows_of_bounded_size(tmp_path: Path) -> None:

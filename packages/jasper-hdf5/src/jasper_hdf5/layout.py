@@ -34,6 +34,13 @@ FORMAT_NAME = "jasper-hdf5"
 ATTR_NAME = "jasper_name"
 ATTR_DTYPE = "jasper_dtype"
 
+
+def attr_text(value: object) -> str:
+    """An attribute read back as text, fixed-length (bytes, what jasper writes) or
+    variable-length (str, what files of earlier jasper-hdf5 builds hold)."""
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+
 #: Array name -> HDF5 path written by jasper (the first path read as well).
 PATHS: dict[str, str] = {
     "question_embs": "embeddings/questions",

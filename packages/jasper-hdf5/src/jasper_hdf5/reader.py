@@ -46,6 +46,7 @@ from jasper_hdf5.layout import (
     LAYOUT_VERSION,
     LEGACY_KEYWORD_GROUP,
     SPLIT_PT_FALLBACK,
+    attr_text,
     candidate_paths,
 )
 
@@ -341,7 +342,7 @@ class HDF5Reader(StoreReader):
         stored = np.dtype(dset.dtype)
         attr = dset.attrs.get(ATTR_DTYPE)
         if attr is not None:
-            logical = attr.decode() if isinstance(attr, bytes) else str(attr)
+            logical = attr_text(attr)
             if logical not in STORAGE_NUMPY or STORAGE_NUMPY[logical] != stored.newbyteorder("="):
                 raise ShapeError(
                     f"{self.file}: {name} ({hpath}) is stored as {stored} but its {ATTR_DTYPE} "

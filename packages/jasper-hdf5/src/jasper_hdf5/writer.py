@@ -41,6 +41,16 @@ from jasper_hdf5.layout import (
     PATHS,
 )
 
+
+def fixed_text(text: str) -> np.bytes_:
+    """``text`` as the value of a jasper attribute: a fixed-length ASCII string (numpy ``S``),
+    stored inside the object header. h5py stores a ``str`` or ``bytes`` as a variable-length
+    string whose bytes live in the file's global heap, and HDF5 follows that heap pointer when
+    the attribute is read: a damaged pointer crashed the reading process (found by fuzzing),
+    where a damaged fixed-length string only reads as other bytes, which the reader's rules
+    refuse."""
+    return np.bytes_(text.encode("ascii"))
+
 #: Accepted values of the ``compression`` write option.
 COMPRESSIONS: tuple[str, ...] = ("none", "lzf", "gzip")
 #: The compression used when none is given (see the README for the measurements behind it).
@@ -173,7 +183,7 @@ def write_file(directory: Path, arrays: Mapping[str, ArraySource], opts: WriteOp
     # write would complete) and raised between blocks, so every interrupt stops the write.
     with (deferred_interrupts() as gate,
           h5py.File(path, "w", rdcc_nbytes=WRITE_CACHE_BYTES, rdcc_w0=1.0) as f):
-        f.attrs[ATTR_FORMAT] = FORMAT_NAME
+        f.attrs[ATTR_FORMAT] = fixed_text(FORMAT_NAME)
         f.attrs[ATTR_LAYOUT_VERSION] = LAYOUT_VERSION
         for name, source in arrays.items():
             _write_array(f, path, name, source, opts, gate, guard)
@@ -188,8 +198,8 @@ def _write_array(f: Any, path: Path, name: str, source: ArraySource, opts: Write
     stored = STORAGE_NUMPY[logical]
     kw = dataset_options(opts, shape, logical)
     dset = f.create_dataset(PATHS[name], shape=shape, dtype=stored, **kw)
-    dset.attrs[ATTR_NAME] = name
-    dset.attrs[ATTR_DTYPE] = logical
+    dset.attrs[ATTR_NAME] = fixed_text(name)
+    dset.attrs[ATTR_DTYPE] = fixed_text(logical)
     block = max(1, WRITE_BLOCK_BYTES // max(1, source.row_bytes()))
     chunk = kw.get("chunks")
     if chunk is not None:
