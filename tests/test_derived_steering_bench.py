@@ -28,6 +28,12 @@ def test_derived_steering_benchmark_runs(tmp_path: Path) -> None:
         assert round(saved) == 3 * r["dim"] * 4 * r["pairs"]
         assert derived["ram_bytes_per_pair"] < stored["ram_bytes_per_pair"]
         assert derived["max_pairs_16GB_pair_arrays"] > stored["max_pairs_16GB_pair_arrays"]
+        # keeping the keyword variant stored keeps exactly its float32 row per pair
+        kept = r["derived, keyword stored"]
+        extra = (kept["pair_bytes_per_pair"] - derived["pair_bytes_per_pair"]) * r["pairs"]
+        assert round(extra) == r["dim"] * 4 * r["pairs"]
         assert set(r["serving"]) == {"schedule@40", "centroid", "keyword", "residual"}
-        assert all(v["stored"] > 0 and v["derived"] > 0 and v["ratio_cpu"] > 0
-                   for v in r["serving"].values())
+        for v in r["serving"].values():
+            assert v["stored"] > 0 and v["stored_cpu"] > 0
+            for kind in ("derived", "derived, keyword stored"):
+                assert v[kind] > 0 and v[f"{kind} ratio"] > 0 and v[f"{kind} ratio_cpu"] > 0
