@@ -570,16 +570,18 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         neg_ids = t.gather(NEGATIVES, pids, dtype=torch.int64).reshape(-1)
         batch = JasperBatch()
         batch["question_emb"] = t.gather(QUESTION_TABLE, q, o.get("question_emb"))
-        batch["target_source_emb"] = t.gather(SOURCE_TABLE, s, o.get("target_source_emb"))
+        neg_out = o.get("negative_embs")
+        # targets and negatives are rows of one table: one gather call (one read in storage)
+        target, negs = t.gather_many(
+            SOURCE_TABLE, (s, neg_ids),
+            (o.get("target_source_emb"), None if neg_out is None else neg_out.view(b * k, d)))
+        batch["target_source_emb"] = target
         cluster = t.gather("pair_cluster_id", pids, o.get("cluster_id"), torch.int64)
         # derived steering reuses the rows just gathered (question, source, cluster)
         batch["steering"] = t.gather_steering(pids, variant, o.get("steering"),
                                               questions=batch["question_emb"],
                                               sources=batch["target_source_emb"],
                                               clusters=cluster)
-        neg_out = o.get("negative_embs")
-        negs = t.gather(SOURCE_TABLE, neg_ids,
-                        None if neg_out is None else neg_out.view(b * k, d))
         batch["negative_embs"] = neg_out if neg_out is not None else negs.view(b, k, d)
         batch["cluster_id"] = cluster
         batch["relevance"] = t.gather("pair_relevance", pids, o.get("relevance"), torch.float32)

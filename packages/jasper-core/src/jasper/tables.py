@@ -297,6 +297,12 @@ class TableSet(abc.ABC):
         """Rows ``rows`` of array ``name`` (cast to ``dtype``), written into ``out`` if given."""
         return take(self.arrays[name], rows, out, dtype)
 
+    def gather_many(self, name: str, rows: Sequence[torch.Tensor],
+                    out: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """:meth:`gather` of several row sets of one array (each into its ``out``, if given).
+        A table set whose rows live in storage reads them all in one request series."""
+        return [self.gather(name, r, o) for r, o in zip(rows, out, strict=True)]
+
     def gather_steering(self, pair_ids: torch.Tensor, variant: torch.Tensor,
                         out: torch.Tensor | None = None, *,
                         questions: torch.Tensor | None = None,
@@ -583,6 +589,20 @@ class RowTables(TableSet):
         if out is not None:
             return out.copy_(got)
         return got if dtype is None or got.dtype == dtype else got.to(dtype)
+
+    def gather_many(self, name: str, rows: Sequence[torch.Tensor],
+                    out: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        if name not in LAZY_ARRAYS or len(rows) < 2:
+            return super().gather_many(name, rows, out)
+        # one read of the union: rows wanted by several sets (a target that is also another
+        # pair's negative) and chunks holding rows of several sets are read once
+        got = self.gather(name, torch.cat(list(rows)))
+        parts, at = [], 0
+        for r, o in zip(rows, out, strict=True):
+            part = got[at : at + r.shape[0]]
+            at += r.shape[0]
+            parts.append(part if o is None else o.copy_(part))
+        return parts
 
     def read_fresh(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         lazy = [n for n in names if n in LAZY_ARRAYS]

@@ -1,12 +1,14 @@
 """A bounded on-disk cache of the reads of lazy rows from an object store.
 
-Lazy rows over ``s3://`` fetch each shard's index and the inner chunks holding requested rows as
-ranged GETs; a second epoch (or another process on the same machine) asks for the same byte
-ranges again. With the cache on, every such read of an object is kept as one file under the
-cache directory, keyed by the object's full location and the byte range. Committed objects never
-change (a write goes to a fresh generation prefix, :mod:`jasper.location`), so an entry is
-valid for as long as it exists. Only lazy row reads go through the cache (a span covering a
-whole shard is one whole-object read, kept too); a preload's shard reads bypass it.
+Lazy rows over ``s3://`` fetch the inner chunks holding requested rows as ranged GETs; a second
+epoch (or another process on the same machine) needs the same chunks again. With the cache on,
+:mod:`jasper_zarr.rowread` keeps every inner chunk it fetched as one file under the cache
+directory (its stored bytes, checksum included), keyed by the object's full location and the
+chunk number, so that how a batch's reads were coalesced never changes what a later batch finds.
+Arrays of other zarr writers, read through zarr, go through :class:`CachingStore`, which keys
+an entry by object and byte range. Committed objects never change (a write goes to a fresh
+generation prefix, :mod:`jasper.location`), so an entry is valid for as long as it exists. A
+preload's shard reads bypass the cache.
 
 - **Off by default.** ``JASPER_ZARR_CACHE_DIR=/local/disk/dir`` turns it on;
   ``JASPER_ZARR_CACHE_BYTES`` bounds it (default :data:`DEFAULT_MAX_BYTES`; suffixes ``K``,

@@ -6,9 +6,9 @@
   tensor: no second copy of the array. A bytes progress bar follows large arrays.
 - **Lazy rows.** Core's :meth:`~jasper.backend.StoreReader.read_rows` checks, sorts and
   de-duplicates the rows and un-permutes the result; :meth:`ZarrReader.read_sorted_rows` reads
-  the sorted rows as core's plan (:mod:`jasper.rows`) says: one slice when they coalesce into
-  one span, else exactly those rows in one zarr selection (zarr reads each shard's index once
-  and only the inner chunks holding a requested row, as ranged requests in flight together).
+  the inner chunks holding them as coalesced ranged reads, all in flight together, with the
+  shard indexes kept per reader (:mod:`jasper_zarr.rowread`); arrays of other zarr writers go
+  through zarr's own selection.
 - **Missing chunks are errors.** zarr reads a missing chunk as the fill value, silently, on
   every version. The writer stores every chunk; the reader lists each array's objects once
   before its first read and raises :class:`~jasper.errors.FormatError` naming the first
@@ -113,6 +113,9 @@ class ZarrReader(StoreReader):
         self._names: list[str] | None = None
         #: arrays opened on the chunk-caching store, for lazy row reads (jasper_zarr.cache)
         self._row_arrays: dict[str, Any] = {}
+        #: shard indexes of lazy row reads, read once per array (jasper_zarr.rowread)
+        self._indexes: dict[str, Any] = {}
+        self._layouts: dict[str, ShardLayout | None] = {}
         self._lock = threading.Lock()
 
     @property
@@ -125,7 +128,7 @@ class ZarrReader(StoreReader):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.update(_pid=None, _group=None, _arrays={}, _names=None, _row_arrays={},
-                     _lock=None, _listing=None)
+                     _lock=None, _listing=None, _indexes={}, _layouts={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -142,7 +145,7 @@ class ZarrReader(StoreReader):
             if self._group is not None and self._pid == pid:
                 return self._group
             self._arrays, self._names = {}, None
-            self._row_arrays = {}
+            self._row_arrays, self._indexes, self._layouts = {}, {}, {}
             if self._pinned is not None:
                 store = PinnedStore(self._pinned)
             else:
@@ -199,7 +202,7 @@ class ZarrReader(StoreReader):
 
     def close(self) -> None:
         self._group, self._pid, self._arrays, self._names = None, None, {}, None
-        self._listing = None
+        self._listing, self._indexes, self._layouts = None, {}, {}
         if self._pinned is not None:
             self._pinned.close()
 
@@ -406,10 +409,13 @@ class ZarrReader(StoreReader):
     def _shard_layout(self, name: str) -> ShardLayout | None:
         """The writer's layout of array ``name`` when the fast preload can read it, else
         ``None`` (a zarr array of other software: read through zarr)."""
+        if name in self._layouts:
+            return self._layouts[name]
         arr = self._array(name)
-        return self._wrap(name, lambda: ShardLayout.of(arr.metadata.to_dict(),
-                                                       np.dtype(str(arr.dtype)),
-                                                       arr.metadata.fill_value))
+        layout = self._layouts[name] = self._wrap(
+            name, lambda: ShardLayout.of(arr.metadata.to_dict(), np.dtype(str(arr.dtype)),
+                                         arr.metadata.fill_value))
+        return layout
 
     def _preload_shards(self, name: str, arr: Any, layout: ShardLayout, buf: np.ndarray,
                         update: Callable[[int], Any]) -> None:
@@ -548,17 +554,21 @@ class ZarrReader(StoreReader):
         """Sorted unique ``rows`` (core's :meth:`StoreReader.read_rows` checked, sorted and
         de-duplicated them and un-permutes the result).
 
-        Core's plan (:func:`jasper.rows.plan_spans`) decides the read: rows that coalesce into
-        one span are one slice read (zarr copies whole runs of rows); otherwise one orthogonal
-        selection of exactly these rows, in which zarr reads each shard's index once and each
-        inner chunk holding a requested row once, all requests in flight together. Reading the
-        coalesced spans instead would decode the gap rows too and, over an object store, make
-        one request series per span (measured slower: random rows 3.6-5.1k rows/s as spans vs
-        7.8k rows/s as one selection, on the same local group).
+        An array in the writer's layout is read by :func:`jasper_zarr.rowread.read_rows`: only
+        the inner chunks holding the rows, as coalesced ranged reads all in flight together,
+        shard indexes read once per reader, the chunk cache consulted per chunk. Any other
+        layout goes through zarr: one slice when the rows coalesce into one span, else one
+        orthogonal selection of exactly these rows.
         """
         info = self.info(name)
         self._check_chunks(name)
         _, logical, _ = self._metadata(name)
+        layout = self._shard_layout(name)
+        if layout is not None:
+            data = torch.empty((int(rows.shape[0]), *info.shape[1:]), dtype=info.dtype)
+            self._wrap(name, lambda: self._rows_in_layout(name, layout, rows.numpy(),
+                                                          _storage_view(data, logical)))
+            return data
         spans = plan_spans(rows, merge_gap_rows(ArrayInfo(info.shape[1:], info.dtype).nbytes))
         if len(spans) == 1:
             a, b = spans[0]
@@ -572,6 +582,58 @@ class ZarrReader(StoreReader):
         idx = rows.numpy()
         self._wrap(name, lambda: arr.get_orthogonal_selection((idx,), out=_ndbuffer(buf)))
         return data
+
+    def _rows_in_layout(self, name: str, layout: ShardLayout, rows: np.ndarray,
+                        out: np.ndarray) -> None:
+        from jasper_zarr import rowread
+
+        indexes = self._indexes.get(name)
+        if indexes is None or indexes.layout != layout:
+            indexes = self._indexes[name] = rowread.ShardIndexes(layout, name, self._where_str)
+        fetcher = rowread.RangeFetcher(self._array(name).store, self._where_str, name)
+        local_fd = None
+        if self._pinned is not None:
+            suffixes = self._local_suffixes(name, layout)
+            cache, gap = None, rowread.LOCAL_GAP_BYTES
+            local_fd = self._local_fd(name)
+        else:
+            def suffixes(keys: list[str]) -> list[tuple[np.ndarray, int | None]]:
+                return fetcher.suffixes(keys, layout.index_bytes)
+
+            cache, gap = ChunkCache.from_env(), rowread.REMOTE_GAP_BYTES
+        rowread.read_rows(layout, name, rows, out, indexes=indexes, fetcher=fetcher,
+                          suffixes=suffixes, gap_bytes=gap, where=self._where_str,
+                          pool=_preload_pool(), local_fd=local_fd, cache=cache,
+                          scope=str(self.where))
+
+    def _local_fd(self, name: str) -> Callable[[str], int]:
+        """The pinned descriptor of shard object ``key`` (missing: a FormatError)."""
+        assert self._pinned is not None
+        pinned = self._pinned
+
+        def fd(key: str) -> int:
+            got = pinned.fd(key)
+            if got is None:
+                raise FormatError(self._where_str(key), f"chunk object {key!r} of array "
+                                  f"{name!r} is missing", array=name)
+            return got
+
+        return fd
+
+    def _local_suffixes(self, name: str, layout: ShardLayout
+                        ) -> Callable[[list[str]], list[tuple[np.ndarray, int | None]]]:
+        """Shard index reader of a pinned local group: each tail with the file's size."""
+        fd_of = self._local_fd(name)
+
+        def suffixes(keys: list[str]) -> list[tuple[np.ndarray, int | None]]:
+            out: list[tuple[np.ndarray, int | None]] = []
+            for key in keys:
+                fd = fd_of(key)
+                size = os.fstat(fd).st_size
+                out.append((read_range(fd, max(0, size - layout.index_bytes), size), size))
+            return out
+
+        return suffixes
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}

@@ -35,6 +35,7 @@ is a :class:`~jasper.errors.FormatError` naming the shard object and the array.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -173,7 +174,10 @@ def _little(codec: Mapping[str, Any]) -> bool:
     return endian in ("little", None)
 
 
+@functools.cache
 def _decoder(compressor: str) -> Callable[[Any, Any], Any] | None:
+    """The numcodecs decode function of ``compressor`` (codec objects hold only their
+    settings, so one serves every thread)."""
     if compressor == "zstd":
         from numcodecs.zstd import Zstd
 
@@ -288,34 +292,53 @@ def decode_piece(layout: ShardLayout, piece: Piece, data: np.ndarray, out: np.nd
         raise FormatError(where, f"shard object ends at byte {piece.start + data.size}, inside "
                           f"its data (truncated, or an index pointing past its end)",
                           array=array)
-    decode = _decoder(layout.compressor)
-    rb, scratch = layout.row_bytes, None
+    rb = layout.row_bytes
+    scratch: list[np.ndarray] = []
     for j, off, nbytes in piece.chunks:
         rows = _chunk_rows(layout, piece.shard, j)
         dest = out[j * layout.chunk_rows * rb : (j * layout.chunk_rows + rows) * rb]
         lo = off - piece.start
-        payload = data[lo : lo + nbytes - CRC_BYTES]
-        if crc32c(payload) != _stored_crc(data[lo + nbytes - CRC_BYTES : lo + nbytes]):
-            raise _bad_chunk(layout, piece.shard, j, where, array,
-                             "fails its crc32c (corrupt shard object)")
-        if decode is None:
-            dest[...] = payload[: dest.size]
-            continue
-        full = rows == layout.chunk_rows
-        if not full and scratch is None:
-            scratch = np.empty(layout.chunk_bytes, dtype=np.uint8)
-        try:
-            # the output is exactly one chunk: numcodecs refuses a chunk that decodes larger
-            decode(payload, dest if full else scratch)
-        except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
-            raise _bad_chunk(layout, piece.shard, j, where, array,
-                             f"does not decode as {layout.compressor}: {exc}") from None
-        if not full:
-            assert scratch is not None
-            dest[...] = scratch[: dest.size]
+        decode_chunk(layout, piece.shard, j, data[lo : lo + nbytes], dest, where, array,
+                     scratch)
 
 
-def _preadv_exact(fd: int, views: list[memoryview], offset: int) -> int:
+def decode_chunk(layout: ShardLayout, shard: int, chunk: int, stored: np.ndarray,
+                 dest: np.ndarray, where: str, array: str,
+                 scratch: list[np.ndarray] | None = None) -> None:
+    """Check the crc32c of one stored inner chunk (``stored``: its bytes with the trailing
+    checksum, uint8) and decode it into ``dest`` (flat uint8: the chunk's rows inside the
+    array, or a whole padded chunk). ``scratch`` keeps a reusable buffer for partial chunks."""
+    payload = stored[: stored.size - CRC_BYTES]
+    if stored.size < CRC_BYTES or crc32c(payload) != _stored_crc(stored[-CRC_BYTES:]):
+        raise _bad_chunk(layout, shard, chunk, where, array,
+                         "fails its crc32c (corrupt shard object)")
+    decode = _decoder(layout.compressor)
+    if decode is None:
+        if payload.size < dest.size:
+            raise _bad_chunk(layout, shard, chunk, where, array,
+                             "is shorter than its rows (corrupt index)")
+        dest[...] = payload[: dest.size]
+        return
+    full = dest.size == layout.chunk_bytes
+    if full:
+        target = dest
+    else:
+        if scratch is None:
+            scratch = []
+        if not scratch:
+            scratch.append(np.empty(layout.chunk_bytes, dtype=np.uint8))
+        target = scratch[0]
+    try:
+        # the output is exactly one chunk: numcodecs refuses a chunk that decodes larger
+        decode(payload, target)
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
+        raise _bad_chunk(layout, shard, chunk, where, array,
+                         f"does not decode as {layout.compressor}: {exc}") from None
+    if not full:
+        dest[...] = target[: dest.size]
+
+
+def preadv_exact(fd: int, views: list[memoryview], offset: int) -> int:
     """``preadv`` all of ``views`` from ``offset``; fewer bytes only at the end of the file."""
     total = 0
     while views:
@@ -335,7 +358,7 @@ def read_index_local(layout: ShardLayout, fd: int, where: str, array: str) -> np
     """The checked index of the shard object open as ``fd``."""
     size = os.fstat(fd).st_size
     tail = np.empty(min(size, layout.index_bytes), dtype=np.uint8)
-    got = _preadv_exact(fd, [tail.data], size - tail.size)
+    got = preadv_exact(fd, [tail.data], size - tail.size)
     return parse_index(layout, tail[:got], size, where, array)
 
 
@@ -359,7 +382,7 @@ def read_piece_local(layout: ShardLayout, piece: Piece, fd: int, out: np.ndarray
             views.append(pad.data)
         views.append(crcs[i].data)
         checks.append((j, dest, pad))
-    if _preadv_exact(fd, views, piece.start) != piece.stop - piece.start:
+    if preadv_exact(fd, views, piece.start) != piece.stop - piece.start:
         raise FormatError(where, "shard object ends inside its data (truncated while being "
                           "read?)", array=array)
     for i, (j, dest, pad) in enumerate(checks):
@@ -371,5 +394,5 @@ def read_piece_local(layout: ShardLayout, piece: Piece, fd: int, out: np.ndarray
                              "fails its crc32c (corrupt shard object)")
 
 
-__all__ = ["Piece", "ShardLayout", "crc32c", "decode_piece", "fill_chunks", "parse_index",
-           "plan_pieces", "read_index_local", "read_piece_local"]
+__all__ = ["Piece", "ShardLayout", "crc32c", "decode_chunk", "decode_piece", "fill_chunks", "parse_index",
+           "plan_pieces", "preadv_exact", "read_index_local", "read_piece_local"]
