@@ -49,6 +49,7 @@ from jasper_hdf5.layout import (
     attr_text,
     candidate_paths,
 )
+from jasper_hdf5.structure import StructureError, check_group_index, find_superblock
 
 if TYPE_CHECKING:
     import torch
@@ -84,6 +85,15 @@ def open_h5(files: DatasetDir, name: str = FILE_NAME) -> Any:
             file, "HDF5 file", "An hdf5 dataset directory holds dataset.h5 beside config.json"
         ) from None
     try:
+        # HDF5 follows the group index unchecked (a damaged B-tree can loop it forever):
+        # walk it first, with bounds (jasper_hdf5.structure)
+        size = os.fstat(fd).st_size
+        try:
+            check_group_index(lambda at, n: os.pread(fd, n, at), size)
+        except StructureError as exc:
+            if not _has_signature(fd):
+                raise FormatError(file, "not an HDF5 file (no HDF5 signature)") from None
+            raise FormatError(file, f"damaged HDF5 group index: {exc}") from None
         proc = files.fd_path(fd, name)
         # "best-effort": take HDF5's file lock where the filesystem supports it, and open anyway
         # where it does not (NFS, some container mounts), instead of failing.
@@ -95,6 +105,14 @@ def open_h5(files: DatasetDir, name: str = FILE_NAME) -> Any:
                           f"{str(exc).replace(proc, name)}") from None
     finally:
         os.close(fd)
+
+
+def _has_signature(fd: int) -> bool:
+    try:
+        find_superblock(lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size)
+    except StructureError:
+        return False
+    return True
 
 
 def load_pt_split(files: DatasetDir, member: str, name: str) -> torch.Tensor:
@@ -281,6 +299,10 @@ class HDF5Reader(StoreReader):
         node = f
         parts = hpath.split("/")
         for i, part in enumerate(parts):
+            if not isinstance(node, h5py.Group):
+                where = "/".join(parts[:i])
+                raise FormatError(self.file, f"{where!r} is a {type(node).__name__}, expected "
+                                  f"a group holding {hpath!r}", array=name)
             link = node.get(part, getlink=True)
             if link is None:
                 return None
