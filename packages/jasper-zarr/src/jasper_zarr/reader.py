@@ -508,7 +508,7 @@ class ZarrReader(StoreReader):
 
             if len(items) <= 1:
                 return [one(i) for i in items]
-            return list(_preload_pool().map(one, items))
+            return list(_preload_pool(pinned is not None).map(one, items))
 
         shards = list(range(layout.n_shards))
         pieces = [p for ps in run(index_of, shards, lambda s: s) for p in ps]
@@ -603,7 +603,7 @@ class ZarrReader(StoreReader):
             cache, gap = ChunkCache.from_env(), rowread.REMOTE_GAP_BYTES
         rowread.read_rows(layout, name, rows, out, indexes=indexes, fetcher=fetcher,
                           suffixes=suffixes, gap_bytes=gap, where=self._where_str,
-                          pool=_preload_pool(), local_fd=local_fd, cache=cache,
+                          pool=_preload_pool(local_fd is not None), local_fd=local_fd, cache=cache,
                           scope=str(self.where))
 
     def _local_fd(self, name: str) -> Callable[[str], int]:
@@ -636,21 +636,25 @@ class ZarrReader(StoreReader):
         return suffixes
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, bool], ThreadPoolExecutor] = {}
 
 
-def _preload_pool() -> ThreadPoolExecutor:
-    """This process's preload threads, started once (starting threads for every array cost
-    more than reading a small one on a loaded machine); a forked child makes its own."""
-    pid = os.getpid()
-    pool = _pools.get(pid)
+def _preload_pool(local: bool = False) -> ThreadPoolExecutor:
+    """This process's read threads, started once (starting threads for every array cost more
+    than reading a small one on a loaded machine); a forked child makes its own. Reads of
+    local files are CPU work (page-cache copies, checksums): one thread per core, as more only
+    contend; reads over a network wait on it: :data:`PRELOAD_THREADS`."""
+    key = (os.getpid(), local)
+    pool = _pools.get(key)
     if pool is None:
         with _pool_lock:
-            pool = _pools.get(pid)
+            pool = _pools.get(key)
             if pool is None:
-                _pools.clear()
-                pool = _pools[pid] = ThreadPoolExecutor(PRELOAD_THREADS,
-                                                        thread_name_prefix="jasper-zarr-read")
+                for old in [k for k in _pools if k[0] != key[0]]:
+                    del _pools[old]
+                size = max(2, os.cpu_count() or 2) if local else PRELOAD_THREADS
+                pool = _pools[key] = ThreadPoolExecutor(
+                    min(size, PRELOAD_THREADS), thread_name_prefix="jasper-zarr-read")
     return pool
 
 
