@@ -18,11 +18,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zarr_testutil import write_small
 
 import jasper
 from jasper.errors import FormatError
 from jasper.testing.conformance import assert_bit_equal
-from jasper.testing.data import make_arrays
 from jasper_zarr.cache import ENV_DIR
 from jasper_zarr.layout import shard_key
 from jasper_zarr.rowread import needed_chunks, plan_reads
@@ -30,15 +30,6 @@ from jasper_zarr.shardread import CRC_BYTES, EMPTY, ShardLayout
 
 PRESETS = ["none", "zstd", "blosc-lz4"]
 LAZY = ["question_embs", "source_embs", "steering_centroid"]
-
-
-def _write(where, preset: str = "none", *, n_pairs: int = 301, dim: int = 24,
-           dtype: str = "float32", chunk_rows: int = 7, shard_bytes: int = 4096):
-    arrays, manifest = make_arrays(n_pairs=n_pairs, embedding_dim=dim, dtype=dtype)
-    opts = jasper.get_backend("zarr").write_presets[preset]
-    path = jasper.write_store(where, arrays, manifest, backend="zarr", chunk_rows=chunk_rows,
-                              shard_bytes=shard_bytes, overwrite=True, **opts)
-    return path, arrays
 
 
 def _rows_path(reader, name: str) -> None:
@@ -52,7 +43,7 @@ def _rows_path(reader, name: str) -> None:
        data=st.data())
 def test_lazy_rows_equal_the_written_rows(tmp_path_factory, preset, dtype, chunk_rows,
                                           shard_bytes, data) -> None:
-    path, arrays = _write(tmp_path_factory.mktemp("r") / "ds", preset, n_pairs=60, dim=5,
+    path, arrays = write_small(tmp_path_factory.mktemp("r") / "ds", preset, n_pairs=60, dim=5,
                           dtype=dtype, chunk_rows=chunk_rows, shard_bytes=shard_bytes)
     with jasper.open_store(path) as reader:
         for name in LAZY:
@@ -65,7 +56,7 @@ def test_lazy_rows_equal_the_written_rows(tmp_path_factory, preset, dtype, chunk
 
 
 def test_lazy_rows_on_the_s3_server_equal_local(tmp_path: Path, s3_url: str) -> None:
-    path, arrays = _write(tmp_path / "ds", "zstd")
+    path, arrays = write_small(tmp_path / "ds", "zstd")
     jasper.convert(path, s3_url, to="zarr", progress=False)
     gen = torch.Generator().manual_seed(3)
     with jasper.open_store(s3_url) as reader:
@@ -126,7 +117,7 @@ def test_plan_reads_each_needed_chunk_once_and_merges_only_within_the_gap() -> N
 @pytest.mark.parametrize("preset", PRESETS)
 def test_flipped_byte_in_a_coalesced_read_names_the_shard_and_array(tmp_path: Path,
                                                                    preset) -> None:
-    path, arrays = _write(tmp_path / "ds", preset)
+    path, arrays = write_small(tmp_path / "ds", preset)
     shard = path / shard_key("steering_centroid", 1, 2)
     data = bytearray(shard.read_bytes())
     data[5] ^= 0x01  # inside the shard's first inner chunk
@@ -146,7 +137,7 @@ def test_flipped_byte_in_a_coalesced_read_names_the_shard_and_array(tmp_path: Pa
 
 
 def test_truncated_shard_is_a_format_error_on_lazy_rows(tmp_path: Path) -> None:
-    path, _ = _write(tmp_path / "ds")
+    path, _ = write_small(tmp_path / "ds")
     shard = path / shard_key("source_embs", 0, 2)
     shard.write_bytes(shard.read_bytes()[:-30])
     with jasper.open_store(path) as reader, pytest.raises(
@@ -156,7 +147,7 @@ def test_truncated_shard_is_a_format_error_on_lazy_rows(tmp_path: Path) -> None:
 
 def test_cache_entries_are_per_chunk_and_checked(tmp_path: Path, s3_url: str,
                                                  monkeypatch) -> None:
-    path, arrays = _write(tmp_path / "ds", "none")
+    path, arrays = write_small(tmp_path / "ds", "none")
     jasper.convert(path, s3_url, to="zarr", progress=False)
     cache_dir = tmp_path / "cache"
     monkeypatch.setenv(ENV_DIR, str(cache_dir))

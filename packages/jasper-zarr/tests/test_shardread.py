@@ -16,12 +16,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zarr_testutil import write_small
 
 import jasper
 from jasper.errors import FormatError
 from jasper.location import Location, committed_generation, generation_prefix
 from jasper.testing.conformance import assert_bit_equal
-from jasper.testing.data import make_arrays
 from jasper_zarr.layout import shard_key
 from jasper_zarr.reader import ZarrReader, _storage_view
 from jasper_zarr.shardread import CRC_BYTES, EMPTY, ShardLayout, crc32c
@@ -50,19 +50,10 @@ def _fast(reader: ZarrReader, name: str) -> torch.Tensor:
     return reader.read_into(name, out)
 
 
-def _write(where, preset: str = "none", *, n_pairs: int = 301, dim: int = 24,
-           dtype: str = "float32", chunk_rows: int = 7, shard_bytes: int = 4096):
-    arrays, manifest = make_arrays(n_pairs=n_pairs, embedding_dim=dim, dtype=dtype)
-    opts = jasper.get_backend("zarr").write_presets[preset]
-    path = jasper.write_store(where, arrays, manifest, backend="zarr", chunk_rows=chunk_rows,
-                              shard_bytes=shard_bytes, overwrite=True, **opts)
-    return path, arrays
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_fast_preload_equals_zarr_across_shards_and_partial_last_shard(tmp_path: Path,
                                                                        preset) -> None:
-    path, arrays = _write(tmp_path / "ds", preset)
+    path, arrays = write_small(tmp_path / "ds", preset)
     with jasper.open_store(path) as reader:
         layout = reader._shard_layout("question_embs")
         assert layout is not None and layout.n_shards >= 3
@@ -83,7 +74,7 @@ def test_fast_preload_equals_zarr_across_shards_and_partial_last_shard(tmp_path:
        shard_bytes=st.integers(16, 3000))
 def test_fast_preload_equals_zarr_any_shape(tmp_path_factory, preset, dtype, n_pairs, dim,
                                             chunk_rows, shard_bytes) -> None:
-    path, arrays = _write(tmp_path_factory.mktemp("h") / "ds", preset, n_pairs=n_pairs,
+    path, arrays = write_small(tmp_path_factory.mktemp("h") / "ds", preset, n_pairs=n_pairs,
                           dim=dim, dtype=dtype, chunk_rows=chunk_rows,
                           shard_bytes=shard_bytes)
     with jasper.open_store(path) as reader:
@@ -103,7 +94,7 @@ def _layout(path: Path, name: str) -> ShardLayout:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_corrupt_shard_index_is_a_format_error_naming_file_and_array(tmp_path: Path,
                                                                      preset) -> None:
-    path, _ = _write(tmp_path / "ds", preset)
+    path, _ = write_small(tmp_path / "ds", preset)
     layout = _layout(path, "question_embs")
     shard = path / shard_key("question_embs", 1, 2)
     data = bytearray(shard.read_bytes())
@@ -116,7 +107,7 @@ def test_corrupt_shard_index_is_a_format_error_naming_file_and_array(tmp_path: P
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_flipped_chunk_byte_is_a_format_error_not_garbage(tmp_path: Path, preset) -> None:
-    path, _ = _write(tmp_path / "ds", preset)
+    path, _ = write_small(tmp_path / "ds", preset)
     shard = path / shard_key("question_embs", 2, 2)
     data = bytearray(shard.read_bytes())
     data[5] ^= 0x01  # inside the first inner chunk
@@ -129,7 +120,7 @@ def test_flipped_chunk_byte_is_a_format_error_not_garbage(tmp_path: Path, preset
 
 @pytest.mark.parametrize("cut", [1, 200])
 def test_truncated_shard_is_a_format_error(tmp_path: Path, cut: int) -> None:
-    path, _ = _write(tmp_path / "ds")
+    path, _ = write_small(tmp_path / "ds")
     shard = path / shard_key("source_embs", 0, 2)
     data = shard.read_bytes()
     shard.write_bytes(data[:cut])
@@ -150,7 +141,7 @@ def _rewrite_index(shard: Path, layout: ShardLayout, edit) -> None:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_never_written_inner_chunk_reads_the_fill_value_as_zarr_does(tmp_path: Path,
                                                                      preset) -> None:
-    path, arrays = _write(tmp_path / "ds", preset)
+    path, arrays = write_small(tmp_path / "ds", preset)
     layout = _layout(path, "question_embs")
 
     def unset(index: np.ndarray) -> None:
@@ -167,7 +158,7 @@ def test_never_written_inner_chunk_reads_the_fill_value_as_zarr_does(tmp_path: P
 
 
 def test_index_pointing_past_the_shard_is_a_format_error(tmp_path: Path) -> None:
-    path, _ = _write(tmp_path / "ds", "zstd")
+    path, _ = write_small(tmp_path / "ds", "zstd")
     layout = _layout(path, "question_embs")
 
     def stretch(index: np.ndarray) -> None:
@@ -197,7 +188,7 @@ def _third_party(kind: str):
 def test_other_codec_chains_fall_back_to_zarr(tmp_path: Path, kind: str) -> None:
     import zarr
 
-    path, arrays = _write(tmp_path / "ds")
+    path, arrays = write_small(tmp_path / "ds")
     expected = arrays["question_embs"]
     group = zarr.open_group(path, mode="r+")
     attrs = dict(group["question_embs"].attrs)
@@ -215,7 +206,7 @@ def test_other_codec_chains_fall_back_to_zarr(tmp_path: Path, kind: str) -> None
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_fast_path_on_the_server_and_vanished_shard(s3_url, preset) -> None:
-    _, arrays = _write(s3_url, preset)
+    _, arrays = write_small(s3_url, preset)
     loc = Location.parse(s3_url)
     prefix = generation_prefix(committed_generation(S3Objects(loc), loc))
     with jasper.open_store(s3_url) as reader:
