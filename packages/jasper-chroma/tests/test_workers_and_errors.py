@@ -157,8 +157,15 @@ def test_local_reader_keeps_its_version_through_an_overwrite(tmp_path: Path) -> 
             got = old.read(name)
             assert torch.equal(got, value), f"{name} of the old reader comes from the new version"
             assert checksum(got) == old.manifest.arrays[name].checksum
+        # Chroma opens new SQLite connections by name whenever it wants: the commit left the old
+        # store's files on disk (held for this reader), not only the descriptors already open
+        held = [p for p in tmp_path.iterdir() if ".jasper-held-" in p.name]
+        assert len(held) == 1 and (held[0] / "chroma" / "chroma.sqlite3").is_file()
     with jasper.open_store(target) as new:
         assert torch.equal(new.read("source_embs"), b["source_embs"])
+    # the first write after the reader closed removes the held version
+    jasper.write_store(target, a, manifest_a, backend="chroma", overwrite=True, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["live"]
 
 
 @pytest.mark.parametrize(("version", "match"), [("x", "not a positive integer"),

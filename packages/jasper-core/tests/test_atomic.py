@@ -149,6 +149,59 @@ def test_overwrite_in_both_swap_modes(tmp_path: Path, env: dict[str, str],
     assert leftovers(tmp_path) == []
 
 
+
+# --- an old version a reader holds ----------------------------------------------------------
+@pytest.mark.parametrize("env", SWAP_MODES)
+def test_a_held_old_version_outlives_its_replacement_until_its_reader_closes(
+        tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that opens files by name after opening (Chroma) holds its version: the commit
+    that replaces it keeps every file of it, and the first write after the reader closed removes
+    it. Without the hold the old files are deleted at the commit."""
+    from jasper.files import DatasetDir
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    arrays, manifest = tiny()
+    manifest.dataset_name = "old"
+    target = write_store(tmp_path / "ds", arrays, manifest, backend="pt")
+    old = tree(target)
+    reader = DatasetDir(target)
+    assert reader.hold()
+    by_name = Path(f"/proc/self/fd/{reader.fd}")
+    manifest.dataset_name = "new"
+    write_store(target, arrays, manifest, backend="pt", overwrite=True)
+    assert Manifest.load(target).dataset_name == "new"
+    assert tree(by_name) == old  # still readable by name through the reader's descriptor
+    held = [n for n in leftovers(tmp_path) if atomic.HELD_MARK in n]
+    assert len(held) == 1 and tree(tmp_path / held[0]) == old
+    assert atomic.clean_leftovers(target) == []  # still held
+    # a held version is no interrupted swap: it never comes back as the dataset
+    os.rename(target, tmp_path / "moved-away")
+    assert atomic.recover_interrupted_commit(target) is None
+    os.rename(tmp_path / "moved-away", target)
+    reader.close()
+    write_store(target, arrays, manifest, backend="pt", overwrite=True)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_version_being_deleted_cannot_be_held(tmp_path: Path) -> None:
+    """The commit deletes under an exclusive lock: a reader that opened the old directory just
+    before the swap is told to open the path again instead of pinning half-deleted files."""
+    import fcntl
+
+    from jasper.files import DatasetDir
+
+    arrays, manifest = tiny()
+    target = write_store(tmp_path / "ds", arrays, manifest, backend="pt")
+    deleting = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(deleting, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not DatasetDir(target).hold()
+        assert not atomic.remove_unless_held(target) and target.exists()
+    finally:
+        os.close(deleting)
+    assert atomic.remove_unless_held(target) and not target.exists()
+
 _CRASH_BETWEEN_RENAMES = textwrap.dedent("""
     import os, signal, sys
     from jasper import atomic

@@ -404,6 +404,11 @@ class _LocalPin:
         # a descriptor of our own: the client's path stays valid (and unique) while it is open
         dir_fd = os.dup(files.fd)
         try:
+            # Chroma opens SQLite connections by name whenever it wants one, long after this
+            # pin: the commit that replaces this version must leave its files in place
+            if not files.hold():
+                raise DatasetChangedError(reader.path, "the dataset is being replaced; open it "
+                                          "again")
             arrays_fd = _open_subdir(dir_fd, ARRAYS_DIR, reader.path)
             try:
                 npys = {}

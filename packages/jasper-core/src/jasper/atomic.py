@@ -21,14 +21,23 @@ conversion). Everything else is an :class:`~jasper.errors.OverwriteRefusedError`
 Every temporary name carries the writer's pid, so :func:`clean_leftovers` removes only what dead
 writers left.
 
+An old version is deleted only when no reader holds it. A reader that must open files by name
+after it opened the dataset (Chroma's SQLite opens new connections by path, through
+``/proc/self/fd/N``) calls :func:`hold_version` on its directory descriptor: a shared ``flock``.
+The commit takes an exclusive one (never waiting) before deleting; when a reader holds the old
+version it is renamed to a held name instead, and the first write after the last such reader
+closes removes it (:func:`clean_leftovers`). A held version is never restored as the dataset.
+
 ``JASPER_NO_RENAMEAT2=1`` forces the two-rename fallback (the tests run both ways).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -51,6 +60,8 @@ from jasper.interrupts import checkpoint
 TMP_MARK = ".jasper-tmp-"
 #: Name part of an old dataset moved aside by the two-rename fallback.
 TRASH_MARK = ".jasper-old-"
+#: Name part of an old version a reader still held when its replacement was committed.
+HELD_MARK = ".jasper-held-"
 #: Name part of a writer's scratch space (e.g. synth's memory-mapped pair arrays).
 SCRATCH_MARK = ".jasper-scratch-"
 #: Files whose presence (as a regular file) makes a directory a dataset jasper may replace:
@@ -166,7 +177,8 @@ def recover_interrupted_commit(target: str | Path,
 
 def clean_leftovers(target: str | Path) -> list[Path]:
     """Restore an interrupted swap's old dataset, then remove temporary, trash and scratch
-    directories of ``target`` whose writer is dead. Returns what was removed."""
+    directories of ``target`` whose writer is dead, and old versions no reader holds any more.
+    Returns what was removed."""
     target = Path(os.path.abspath(target))
     if not target.parent.is_dir():
         return []
@@ -174,9 +186,60 @@ def clean_leftovers(target: str | Path) -> list[Path]:
     removed: list[Path] = []
     for mark in (TRASH_MARK, TMP_MARK, SCRATCH_MARK):
         for p in _dead_writers(target, mark):
-            shutil.rmtree(p, ignore_errors=True)
+            if remove_unless_held(p):
+                removed.append(p)
+    # a held old version is complete and no writer's work: whoever wrote it, it goes as soon
+    # as no reader holds it
+    for p in sorted(target.parent.glob(f".{target.name}{HELD_MARK}*")):
+        if remove_unless_held(p):
             removed.append(p)
     return removed
+
+
+def hold_version(fd: int) -> bool:
+    """Keep the dataset version open on directory descriptor ``fd`` from being deleted by a
+    commit that replaces it, for as long as the descriptor (or a duplicate, or a forked child's
+    copy) stays open: a shared ``flock``. False when a writer is deleting that version already
+    (open the path again: it names the new one). Where the file system has no locks it returns
+    True and holds nothing."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def remove_unless_held(path: Path) -> bool:
+    """Delete the directory ``path`` unless a reader holds it (:func:`hold_version`); True when
+    it was deleted. The exclusive lock is kept while deleting, so a reader that opens ``path``
+    meanwhile cannot hold a half-deleted version."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+        return not os.path.lexists(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _retire(old: Path, target: Path) -> None:
+    """Delete the old version a commit replaced, or, while a reader holds it, rename it to a
+    held name: never restored as the dataset, removed by the first write after its readers."""
+    if remove_unless_held(old):
+        return
+    with contextlib.suppress(OSError):
+        os.rename(old, leftover_name(target, HELD_MARK))
 
 
 def leftover_name(target: Path, mark: str) -> Path:
@@ -353,7 +416,7 @@ def commit(tmp: Path, target: Path, expected: _Identity | None,
             _renameat2(tmp, target, _RENAME_EXCHANGE)
             raise _raced(target)
         _fsync_dir(target.parent)
-        shutil.rmtree(tmp, ignore_errors=True)  # the old dataset; the new one is in place
+        _retire(tmp, target)  # the old dataset; the new one is in place
         return
     _commit_two_renames(tmp, target, expected, markers)
 
@@ -374,7 +437,7 @@ def _commit_two_renames(tmp: Path, target: Path, expected: _Identity,
     except FileExistsError:
         raise _raced(target) from None  # the other writer's dataset is at target
     _fsync_dir(target.parent)
-    shutil.rmtree(trash, ignore_errors=True)
+    _retire(trash, target)
 
 
 @contextmanager

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
+from jasper.atomic import hold_version
 from jasper.errors import DatasetNotFoundError, FormatError, JasperError, UnsafeFileError
 
 T = TypeVar("T")
@@ -249,6 +250,13 @@ class DatasetDir:
     @property
     def generation(self) -> Generation:
         return self.pin()
+
+    def hold(self) -> bool:
+        """Keep this version from being deleted by a commit that replaces it while the
+        descriptor is open (:func:`jasper.atomic.hold_version`): for readers whose libraries
+        open files by name after the dataset was opened. False when a writer is deleting this
+        version already: open the path again."""
+        return hold_version(self.fd)
 
     def close(self) -> None:
         """Close the directory descriptor (files and maps opened through it stay valid)."""
