@@ -12,7 +12,6 @@ bytes per pair of the pair-level arrays of both manifests.
 from __future__ import annotations
 
 import gc
-import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -32,17 +31,11 @@ MIX_EPOCH = 40
 VARIANTS = ("mix", "centroid", "keyword", "residual")
 
 
-def _keeps_supported() -> bool:
-    from jasper.store import convert
-
-    return "keep_steering" in inspect.signature(convert).parameters
-
-
 #: steering layouts measured against stored: name -> convert options
-LAYOUTS: dict[str, dict[str, Any]] = {"derived": {"derive_steering": "jasper-v1"}}
-if _keeps_supported():
-    LAYOUTS["derived, keyword stored"] = {"derive_steering": "jasper-v1",
-                                          "keep_steering": ("keyword",)}
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "derived": {"derive_steering": "jasper-v1"},
+    "derived, keyword stored": {"derive_steering": "jasper-v1", "keep_steering": ("keyword",)},
+}
 
 
 def pair_bytes_per_pair(path: Path) -> float:

@@ -75,12 +75,12 @@ def gbps(e: dict[str, Any] | None) -> float:
 
 
 # --- formatting ------------------------------------------------------------------------------
-def _ok(x: float) -> bool:
+def measured(x: float) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
 
 
 def f_rate(x: float) -> str:
-    if not _ok(x):
+    if not measured(x):
         return "n/a"
     if x >= 1e6:
         return f"{x / 1e6:.2f}M"
@@ -90,25 +90,25 @@ def f_rate(x: float) -> str:
 
 
 def f_num(x: float | None, digits: int = 2, suffix: str = "") -> str:
-    if not _ok(x):
+    if not measured(x):
         return "n/a"
     return f"{x:.{digits}f}{suffix}"
 
 
 def f_ratio(x: float | None) -> str:
-    if not _ok(x):
+    if not measured(x):
         return "n/a"
     return f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
 
 
 def f_s(x: float | None) -> str:
-    if not _ok(x):
+    if not measured(x):
         return "n/a"
     return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
 def f_mb(x: float | None) -> str:
-    return "n/a" if not _ok(x) else f"{x / MB:,.1f}"
+    return "n/a" if not measured(x) else f"{x / MB:,.1f}"
 
 
 def table(header: list[str], rows: Iterable[list[str]]) -> str:
@@ -120,8 +120,8 @@ def table(header: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _target(value: float, goal: float, higher: bool = True) -> str:
-    if not _ok(value):
+def target_verdict(value: float, goal: float, higher: bool = True) -> str:
+    if not measured(value):
         return "not measured"
     met = value >= goal if higher else value <= goal
     return "met" if met else "missed"
@@ -169,7 +169,7 @@ def _jasper_label(info: dict[str, Any]) -> str:
 
 
 def _best(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    entries = [e for e in entries if _ok(rate(e))]
+    entries = [e for e in entries if measured(rate(e))]
     return max(entries, key=rate) if entries else None
 
 
@@ -201,7 +201,7 @@ def _headline(r: Results, machine: dict[str, Any] | None = None,
                             for e in r.find(grid=grid, kind="gpu_index_select")})
         if not sizes:
             continue
-        b = _headline_batch(sizes)
+        b = headline_batch(sizes)
         ceiling = r.one(grid=grid, kind="cpu_raw_gather", batch_size=b)
         ref = r.one(grid=grid, kind="peer", peer="reference", batch_size=b)
         for e in sorted(r.find(grid=grid, kind="jasper_loader", batch_size=b, mapped=False),
@@ -212,15 +212,15 @@ def _headline(r: Results, machine: dict[str, Any] | None = None,
             vs_ref = rate(e) / rate(ref)
             rows.append([label, f"{info['backend']} {_jasper_label(info)} B={b}",
                          f"{f_rate(rate(e))}/s", f"{f_ratio(frac)} of raw gather "
-                         f"({_target(frac, TARGET_CEILING)}, target >= {TARGET_CEILING})",
+                         f"({target_verdict(frac, TARGET_CEILING)}, target >= {TARGET_CEILING})",
                          f"{f_ratio(vs_ref)} the per-item reference "
-                         f"({_target(vs_ref, TARGET_REFERENCE)}, target >= {TARGET_REFERENCE:.0f}x)"])
+                         f"({target_verdict(vs_ref, TARGET_REFERENCE)}, target >= {TARGET_REFERENCE:.0f}x)"])
         gpu_ceiling = r.one(grid=grid, kind="gpu_index_select", batch_size=b)
         gpu_rows = r.find(grid=grid, kind="gpu_loader", batch_size=b)
         for e in gpu_rows:
             frac = rate(e) / rate(gpu_ceiling)
             i = e["extra_info"]
-            verdict = gpu_na or _target(frac, TARGET_GPU)
+            verdict = gpu_na or target_verdict(frac, TARGET_GPU)
             rows.append([label, f"{i['backend']} {_jasper_label(i)} B={b}", f"{f_rate(rate(e))}/s",
                          f"{f_ratio(frac)} of the on-device index_select loop "
                          f"({verdict}, target >= {TARGET_GPU})", ""])
@@ -231,7 +231,7 @@ def _headline(r: Results, machine: dict[str, Any] | None = None,
         for backend, mapped, kind, ratio in _pss_ratios(r, grid):
             rows.append([label, f"{backend} ({'mmap' if mapped else 'preload'}) PSS 2 worker "
                                 f"{kind} / 0 workers",
-                         "", f"{f_ratio(ratio)} ({_target(ratio, TARGET_PSS, higher=False)}, "
+                         "", f"{f_ratio(ratio)} ({target_verdict(ratio, TARGET_PSS, higher=False)}, "
                          f"target <= {TARGET_PSS})", ""])
     text = " ".join(c for row in rows for c in row[3:])
     counts = {k: len(re.findall(rf"\({k}[,:]", text)) for k in ("met", "missed", NOT_APPLICABLE)}
@@ -262,7 +262,7 @@ def _pss_ratios(r: Results, grid: str) -> list[tuple[str, bool, str, float]]:
         i = e["extra_info"]
         for kind in ("processes", "threads"):
             ratio = _pss_ratio(i, kind)
-            if _ok(ratio):
+            if measured(ratio):
                 out.append((i["backend"], bool(i.get("mapped")), kind, ratio))
     return sorted(out)
 
@@ -298,7 +298,7 @@ def _q1(r: Results) -> str:
                     backend, preset, f_mb(data), f_mb(files),
                     f"{f_s(secs(raw))} ({files / secs(raw) / MB:,.0f} MB/s)" if raw else "n/a",
                     cell(st), cell(dsp), f_s(secs(dsm)) if dsm else "n/a",
-                    f_num(resident * 100 if _ok(resident) else None, 0, "%") if temp == "cold" else "-",
+                    f_num(resident * 100 if measured(resident) else None, 0, "%") if temp == "cold" else "-",
                 ])
             parts.append(f"**{label}, {temp}**\n\n" + table(
                 ["backend", "preset", "data MB", "file MB", "raw read of the files (ceiling)",
@@ -338,7 +338,7 @@ def _q2(r: Results) -> str:
                 i["backend"], "mmap" if i.get("mapped") else "preload", f_mb(i["data_bytes"]),
                 f"{f_mb(i['rss_delta'])} ({f_ratio(i['rss_delta'] / i['data_bytes'])})",
                 "; ".join(cells),
-                *[f"{f_ratio(x)} ({_target(x, TARGET_PSS, higher=False)})"
+                *[f"{f_ratio(x)} ({target_verdict(x, TARGET_PSS, higher=False)})"
                   for x in (_pss_ratio(i, "processes"), _pss_ratio(i, "threads"))],
             ])
         parts.append(f"**{label}**\n\n" + table(
@@ -459,7 +459,7 @@ def _q5(r: Results) -> str:
                                  f"{f_rate(rate(e))}/s",
                                  f_ratio(rate(e) / rate(ceiling)) if ceiling else "n/a",
                                  jname, f_ratio(ratio)])
-                    if _ok(ratio) and ratio < 1.1:
+                    if measured(ratio) and ratio < 1.1:
                         wins.append((b, path, e, best, ratio))
         parts.append(f"**{label}**\n\n" + table(
             ["batch", "path", "peer", "samples/s", "of raw gather ceiling",
@@ -636,7 +636,7 @@ def _mark_smoke(fig: Any) -> None:
              transform=fig.transFigure, fontsize=9, color="red", ha="left", va="top")
 
 
-def _headline_batch(sizes: list[int]) -> int:
+def headline_batch(sizes: list[int]) -> int:
     return 1024 if 1024 in sizes else sizes[len(sizes) // 2]
 
 
@@ -691,11 +691,11 @@ def _chart_serving(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
     if not grids:
         return None
     grid, label = grids[0]
-    entries = [e for k in JASPER_CPU for e in r.find(grid=grid, kind=k) if _ok(rate(e))]
+    entries = [e for k in JASPER_CPU for e in r.find(grid=grid, kind=k) if measured(rate(e))]
     if not entries:
         return None
     sizes = sorted({e["extra_info"]["batch_size"] for e in entries})
-    head = _headline_batch(sizes)
+    head = headline_batch(sizes)
     keys = sorted({(e["extra_info"]["backend"], "mmap" if e["extra_info"].get("mapped")
                     else "preload") for e in entries})
 
@@ -717,7 +717,7 @@ def _chart_serving(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
             got = bars_of(backend, path, b)
             groups.append((f"{backend}, {PATH_NAMES[path]}",
                            [(n, got.get(n, 0.0), C_JASPER) for n in order[(backend, path)]]))
-        _grouped_bars(ax, groups, ceiling if _ok(ceiling) else None)
+        _grouped_bars(ax, groups, ceiling if measured(ceiling) else None)
         ax.set_title(f"batch {b}", pad=28)
         ax.set_xlabel("samples/s (linear)")
     fig.suptitle(f"Question 3, serving: jasper's CPU paths by backend and data path, against the "
@@ -735,11 +735,11 @@ def _chart_peers(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
     if not grids:
         return None
     grid, label = grids[0]
-    peers = [e for e in r.find(grid=grid, kind="peer") if _ok(rate(e))]
+    peers = [e for e in r.find(grid=grid, kind="peer") if measured(rate(e))]
     if not peers:
         return None
     sizes = sorted({e["extra_info"]["batch_size"] for e in peers})
-    jasper = [e for k in JASPER_CPU for e in r.find(grid=grid, kind=k) if _ok(rate(e))]
+    jasper = [e for k in JASPER_CPU for e in r.find(grid=grid, kind=k) if measured(rate(e))]
     paths = [p for p in PATH_NAMES if any(_peer_path(e["extra_info"]) == p for e in peers)
              or any(_jasper_path(e["extra_info"]) == p for e in jasper)]
     per_panel = len(peers) / len(sizes) + 2 * len(paths)
@@ -760,7 +760,7 @@ def _chart_peers(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
                     bars.append((_peer_label(e["extra_info"]), rate(e), C_PEER))
             if bars:
                 groups.append((PATH_NAMES[path], sorted(bars, key=lambda t: -t[1])))
-        _grouped_bars(ax, groups, ceiling if _ok(ceiling) else None, log=True)
+        _grouped_bars(ax, groups, ceiling if measured(ceiling) else None, log=True)
         ax.set_title(f"batch {b}", pad=28)
         ax.set_xlabel("samples/s (log scale)")
     fig.suptitle(f"Question 5, peers: same bytes, same index stream ({label})\n"
@@ -836,9 +836,9 @@ def _chart_memory(r: Results, plt: Any, cfg: dict[str, Any]) -> Any:
     ax.set_xlabel("summed PSS of main process + workers after one epoch, MB")
     ax.legend(fontsize=8)
     title = f"Question 2, memory with DataLoader workers ({r.grids()[0][1]})"
-    measured = sorted({e["extra_info"]["backend"] for e in mem})
+    probed = sorted({e["extra_info"]["backend"] for e in mem})
     if cfg.get("memory_all_backends") is False:
-        title += (f"\nmeasured for {', '.join(measured)} only: this mode probes the base "
+        title += (f"\nmeasured for {', '.join(probed)} only: this mode probes the base "
                   "backend alone to stay short")
     ax.set_title(title, fontsize=10)
     return fig

@@ -9,16 +9,16 @@ from typing import Any
 
 from benchlib.report import (
     Results,
-    _headline_batch,
-    _ok,
-    _target,
     f_mb,
     f_rate,
     f_ratio,
     f_s,
+    headline_batch,
+    measured,
     rate,
     secs,
     table,
+    target_verdict,
 )
 
 #: the performance issue's targets (reported, never asserted)
@@ -33,7 +33,7 @@ def later_targets(r: Results) -> str:
     rows: list[list[str]] = []
     for grid, label in r.grids():
         sizes = sorted({e["extra_info"]["batch_size"] for e in r.find(grid=grid, kind="cpu_raw_gather")})
-        b = _headline_batch(sizes) if sizes else HEADLINE_BATCH
+        b = headline_batch(sizes) if sizes else HEADLINE_BATCH
         ceiling = r.one(grid=grid, kind="cpu_raw_gather", batch_size=b)
         for e in sorted(r.find(grid=grid, kind="jasper_loader", batch_size=b, workers=0),
                         key=lambda e: (e["extra_info"]["backend"], bool(e["extra_info"].get("mapped")))):
@@ -42,12 +42,12 @@ def later_targets(r: Results) -> str:
             path = "mmap" if i.get("mapped") else "preload"
             rows.append([label, f"{i['backend']} {path}: DataLoader, 0 workers, B={b}",
                          f"{f_rate(rate(e))}/s", f"{f_ratio(frac)} of raw gather "
-                         f"({_target(frac, TARGET_LOADER)}, target >= {TARGET_LOADER})"])
+                         f"({target_verdict(frac, TARGET_LOADER)}, target >= {TARGET_LOADER})"])
         for e in r.find(grid=grid, kind="derived_serving"):
             i = e["extra_info"]
             rows.append([label, f"{i['layout']} steering, {_variant(i['variant'])}",
                          f"{f_rate(i['derived_samples_s'])}/s",
-                         f"{f_ratio(i['ratio'])} of stored ({_target(i['ratio'], TARGET_DERIVED)}, "
+                         f"{f_ratio(i['ratio'])} of stored ({target_verdict(i['ratio'], TARGET_DERIVED)}, "
                          f"target >= {TARGET_DERIVED})"])
         for kind, what in (("zarr_local_preload", "zarr preload, local, preset {preset}"),
                            ("s3_preload", "zarr preload from the S3 server")):
@@ -57,7 +57,7 @@ def later_targets(r: Results) -> str:
                              f"{i['preload_mb_s']:,.0f} MB/s",
                              f"{f_ratio(i['ratio'])} of the raw "
                              f"{'read' if kind == 'zarr_local_preload' else 'concurrent GET'} "
-                             f"({_target(i['ratio'], TARGET_ZARR_PRELOAD)}, "
+                             f"({target_verdict(i['ratio'], TARGET_ZARR_PRELOAD)}, "
                              f"target >= {TARGET_ZARR_PRELOAD})"])
     if not rows:
         return "_no measurements (see Skipped)_\n"
@@ -109,7 +109,7 @@ def zarr(r: Results) -> str:
             rows.append([f"local, {i['preset']}", f_mb(i["file_bytes"]),
                          f"{i['raw_mb_s']:,.0f} MB/s", f"{i['preload_mb_s']:,.0f} MB/s",
                          f_ratio(i["ratio"]),
-                         f"{pipe_mb:,.0f} MB/s" if _ok(pipe_mb) else "n/a"])
+                         f"{pipe_mb:,.0f} MB/s" if measured(pipe_mb) else "n/a"])
         for e in r.find(grid=grid, kind="s3_preload"):
             i = e["extra_info"]
             rows.append([f"S3 server ({i.get('server')})", f_mb(i["file_bytes"]),
