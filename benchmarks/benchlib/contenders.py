@@ -167,7 +167,8 @@ def _identity(batch: Any) -> Any:
 
 def dataloader(dataset: Any, stream: torch.Tensor, workers: int, *,
                collate: Callable[[Any], Any] | None = _identity,
-               worker_type: str = "process") -> torch.utils.data.DataLoader:
+               worker_type: str = "process", jasper_loader: bool = False
+               ) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` that serves exactly ``stream`` (one batch per row).
 
     With ``collate=_identity`` and a dataset with ``__getitems__`` (jasper's), each batch is one
@@ -175,7 +176,9 @@ def dataloader(dataset: Any, stream: torch.Tensor, workers: int, *,
     per-item dicts (what the original system did). ``worker_type="process"``: forked, persistent
     workers (timed rounds see steady-state serving, the warm-up round pays the fork);
     ``"thread"``: jasper's ``ThreadedLoader``, which ``create_loader`` uses for datasets held in
-    memory or mapped.
+    memory or mapped. ``jasper_loader=True``: no workers and worker processes run in jasper's
+    ``JasperLoader`` too (what ``create_loader`` returns), e.g. to compare memory between
+    epochs loader against loader.
     """
     from torch.utils.data import DataLoader
 
@@ -192,6 +195,8 @@ def dataloader(dataset: Any, stream: torch.Tensor, workers: int, *,
         kwargs["prefetch"] = 2 * workers
     elif workers > 0:
         kwargs.update(persistent_workers=True, multiprocessing_context="fork")
+    if jasper_loader and cls is DataLoader:
+        cls = optional_import("jasper.loader", "jasper's loader module is missing").JasperLoader
     return cls(dataset, batch_size=stream.shape[1], sampler=stream.reshape(-1).tolist(),
                drop_last=True, num_workers=workers, pin_memory=False, **kwargs)
 

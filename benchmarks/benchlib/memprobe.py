@@ -4,9 +4,10 @@
 
 Opens PATH with ``JASPERSteeringDataset(..., use_mmap=...)`` and records the resident set size
 before and after; then, for each worker count in turn (worker processes, then worker threads as
-``create_loader`` starts them for data in memory), serves one epoch of the train split and records
-the summed proportional set size of this process and its workers (shared pages counted once in
-total) before shutting them down.
+``create_loader`` starts them for data in memory), serves one epoch of the train split through
+jasper's loaders and records the summed proportional set size of this process and its workers
+(shared pages counted once in total) after the epoch, and its peak during the epoch (sampled
+every few batches: the batches in flight), before shutting them down.
 Prints one JSON object on stdout.
 """
 
@@ -19,6 +20,9 @@ import os
 import sys
 import time
 from pathlib import Path
+
+#: batches between two samples of the peak (a sample reads every process's smaps_rollup)
+PEAK_EVERY = 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchlib.measure import child_pids, pss_bytes, rss_bytes
 
     gc.collect()
-    out: dict = {"rss_before": rss_bytes(), "pss": {}, "procs": {}, "epoch_s": {}}
+    out: dict = {"rss_before": rss_bytes(), "pss": {}, "pss_peak": {}, "procs": {},
+                 "epoch_s": {}}
     t0 = time.perf_counter()
     ds = jasper_dataset(args.path, use_mmap=args.mmap)
     out["open_s"] = time.perf_counter() - t0
@@ -45,21 +50,27 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(w, t) for w in args.workers for t in (("process", "thread") if w else ("none",))]
     for workers, kind in runs:
         try:
-            loader = dataloader(ds, stream, workers, worker_type=kind)
+            loader = dataloader(ds, stream, workers, worker_type=kind, jasper_loader=True)
         except Unavailable:
             continue
         label = f"{workers} {'processes' if kind == 'process' else 'threads'}" if workers else "0"
         it = iter(loader)
+        peak = 0
         t0 = time.perf_counter()
-        for _ in it:
-            pass
+        for i, _ in enumerate(it):
+            if i % PEAK_EVERY == PEAK_EVERY - 1:
+                peak = max(peak, pss_bytes([os.getpid(), *child_pids()]))
         out["epoch_s"][label] = time.perf_counter() - t0
         gc.collect()
         pids = [os.getpid(), *child_pids()]
+        out["pss_peak"][label] = max(peak, pss_bytes(pids))
         out["procs"][label] = len(pids)
         out["pss"][label] = pss_bytes(pids)
-        if hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        # persistent worker processes belong to the DataLoader's iterator, which a JasperLoader
+        # keeps as the DataLoader does: stop them before the next worker count is measured
+        for owner in (it, getattr(loader, "_iterator", None)):
+            if hasattr(owner, "_shutdown_workers"):
+                owner._shutdown_workers()
         del it, loader
         gc.collect()
     print(json.dumps(out))

