@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -88,14 +89,34 @@ def stream_for(point: GridPoint, batch_size: int, samples: int) -> torch.Tensor:
 
 def run_serving(benchmark: Any, batches: Callable[[], Iterable[Any]], shape: tuple[int, int],
                 point: GridPoint, question: int, kind: str, preset: BackendPreset | None = None,
-                end_sync: Callable[[], None] | None = None, **extra: Any) -> None:
+                end_sync: Callable[[], None] | None = None, paired: bool = False,
+                **extra: Any) -> None:
     """Time whole passes of ``batches()`` (``shape`` = (batches per pass, batch size)) and
     record throughput and latency.
 
     ``end_sync`` ends every pass (``torch.cuda.synchronize`` for device work); latencies are then
     the host-side gaps between batches, which on a GPU are launch times, not kernel times.
+    ``paired``: a pass of the raw-gather ceiling over the same index stream runs before every
+    round (untimed by the benchmark, timed here), so the ratio to the ceiling divides two
+    measurements taken side by side; a ceiling measured once, minutes earlier, moves with
+    whatever else the machine did in between (``paired_ceiling_s``: its rounds' seconds).
     """
     clock = Clock()
+    ceiling_s: list[float] = []
+    setup = None
+    if paired:
+        _, arrays = arrays_of(point)
+        gather = C.RawGather(arrays, shape[1])
+        stream = stream_for(point, shape[1], CFG.samples(point))
+
+        def setup() -> None:
+            t0 = time.perf_counter()
+            for _ in C.iterate_direct(gather, stream):
+                pass
+            ceiling_s.append(time.perf_counter() - t0)
+
+        setup()  # warm-up of the ceiling too
+        ceiling_s.clear()
 
     def one_pass() -> int:
         clock.start()
@@ -110,9 +131,11 @@ def run_serving(benchmark: Any, batches: Callable[[], Iterable[Any]], shape: tup
     first_pass = one_pass()  # warm-up: workers start, pages fault in
     ttfb = clock.first
     clock.latencies.clear()
-    got = benchmark.pedantic(one_pass, rounds=CFG.rounds)
+    got = benchmark.pedantic(one_pass, setup=setup, rounds=CFG.rounds)
     n_batches, b = shape
     assert got == first_pass == n_batches, f"served {got} batches, expected {n_batches}"
+    if ceiling_s:
+        extra["paired_ceiling_s"] = ceiling_s
     tag(benchmark, question, kind, point, preset, batch_size=b, n_batches=n_batches,
         samples=n_batches * b, bytes_per_sample=bytes_per_sample(point), ttfb_s=ttfb,
         p50_ms=percentile_ms(clock.latencies, 50), p99_ms=percentile_ms(clock.latencies, 99),
@@ -164,7 +187,7 @@ def test_jasper_getitems(benchmark, point, preset, mapped, batch_size):
     rows = [r.tolist() for r in stream]
     _check_batch(ds.__getitems__(rows[0]), point, stream[0])
     run_serving(benchmark, lambda: (ds.__getitems__(r) for r in rows), stream.shape, point, 3,
-                "jasper_getitems", preset, mapped=mapped, workers=0,
+                "jasper_getitems", preset, paired=True, mapped=mapped, workers=0,
                 contender=f"jasper __getitems__ ({'mmap' if mapped else 'preload'})")
 
 
@@ -185,7 +208,9 @@ def test_jasper_loader(benchmark, point, preset, mapped, batch_size, workers, wo
     except C.Unavailable as exc:
         pytest.skip(str(exc))
     try:
+        # in-process paths (no workers, threads) are timed side by side with the ceiling
         run_serving(benchmark, lambda: loader, stream.shape, point, 3, "jasper_loader", preset,
+                    paired=workers == 0 or worker_type == "thread",
                     mapped=mapped, workers=workers, worker_type=worker_type,
                     contender=f"jasper DataLoader w{workers} ({'mmap' if mapped else 'preload'})")
     finally:

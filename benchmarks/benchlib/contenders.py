@@ -82,11 +82,23 @@ def index_stream(n_items: int, batch_size: int, n_batches: int, seed: int = 0) -
 
 # --- preloaded arrays (ceilings and peers read the same bytes) -------------------------------
 def load_arrays(path: Path, names: tuple[str, ...] = SERVED_ARRAYS) -> dict[str, torch.Tensor]:
-    """The arrays a batch touches, preloaded into RAM through jasper's store API."""
+    """The arrays a batch touches, preloaded into RAM through jasper's store API, on huge pages
+    where jasper's datasets put theirs (``jasper.allocator.huge_empty``): the ceiling and the
+    peers gather from memory as good as jasper's own."""
     from jasper.store import open_store
 
+    try:
+        from jasper.allocator import huge_empty
+    except ImportError:  # a revision before huge pages (compare_revisions)
+        def huge_empty(shape: Any, dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(tuple(shape), dtype=dtype)
+
     with open_store(path) as reader:
-        return {n: reader.read(n) for n in names}
+        out = {}
+        for n in names:
+            info = reader.info(n)
+            out[n] = reader.read_into(n, huge_empty(info.shape, info.dtype))
+        return out
 
 
 # --- ceiling: raw gather into one preallocated buffer ----------------------------------------

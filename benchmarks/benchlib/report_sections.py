@@ -9,6 +9,7 @@ from typing import Any
 
 from benchlib.report import (
     Results,
+    ceiling_rate,
     f_mb,
     f_rate,
     f_ratio,
@@ -38,7 +39,7 @@ def later_targets(r: Results) -> str:
         for e in sorted(r.find(grid=grid, kind="jasper_loader", batch_size=b, workers=0),
                         key=lambda e: (e["extra_info"]["backend"], bool(e["extra_info"].get("mapped")))):
             i = e["extra_info"]
-            frac = rate(e) / rate(ceiling) if ceiling else math.nan
+            frac = rate(e) / ceiling_rate(r, e, grid) if ceiling else math.nan
             path = "mmap" if i.get("mapped") else "preload"
             rows.append([label, f"{i['backend']} {path}: DataLoader, 0 workers, B={b}",
                          f"{f_rate(rate(e))}/s", f"{f_ratio(frac)} of raw gather "

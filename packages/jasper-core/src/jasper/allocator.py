@@ -1,4 +1,4 @@
-"""Host allocator tuning for batch assembly (glibc only).
+"""Host memory for batch assembly: glibc's allocator tuned, and huge pages for preloaded arrays.
 
 Every batch is a few fresh tensors of several MB (``negative_embs`` alone is 12.6 MB at batch
 1024, D=384, n_neg=8). glibc serves allocations above its mmap threshold (128 KiB, adapting up to
@@ -29,7 +29,12 @@ import functools
 import logging
 import os
 import platform
+import sys
 import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
 
 LOGGER = logging.getLogger(__name__)
 
@@ -55,6 +60,53 @@ def tune_host_allocator() -> bool:
         if _applied is None:
             _applied = _apply()
         return _applied
+
+
+#: Linux's MADV_HUGEPAGE (asm-generic/mman-common.h).
+MADV_HUGEPAGE = 14
+HUGE_PAGE = 2 << 20
+#: Below this a tensor is not worth a system call (numpy's threshold for its own arrays).
+HUGE_MIN_BYTES = 4 << 20
+
+_madvise: Any = None
+
+
+def advise_huge_pages(address: int, nbytes: int) -> bool:
+    """Ask for transparent huge pages on the whole 2 MiB pages inside ``address:address+nbytes``
+    (``MADV_HUGEPAGE``, as numpy does for its large arrays; torch does not); True when the kernel
+    took the advice. Never raises: elsewhere, or with huge pages off, nothing changes.
+
+    Two gains for memory about to be written whole and then read at random rows: one page fault
+    per 2 MiB instead of per 4 KiB while it is filled, and far fewer TLB misses in the batch
+    gathers afterwards (a random row of a 150 MB table is a TLB miss on 4 KiB pages). Measured
+    on the development machine (2 cores, loaded): ``index_select`` of 9,216 random rows of a
+    100,000 x 384 float32 table took 3.41 ms on huge pages against 3.70 ms (best of 30), 3.85
+    against 4.50 ms (median).
+    """
+    global _madvise
+    if not sys.platform.startswith("linux") or nbytes < HUGE_MIN_BYTES:
+        return False
+    lo = -(-address // HUGE_PAGE) * HUGE_PAGE
+    hi = (address + nbytes) // HUGE_PAGE * HUGE_PAGE
+    if hi <= lo:
+        return False
+    try:
+        if _madvise is None:
+            fn = ctypes.CDLL(None, use_errno=True).madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _madvise = fn
+        return int(_madvise(lo, hi - lo, MADV_HUGEPAGE)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def huge_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor advised onto huge pages before anything touches it
+    (:func:`advise_huge_pages`): for arrays a preload fills and batches gather rows from."""
+    t = torch.empty(tuple(shape), dtype=dtype)
+    advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
+    return t
 
 
 def release_free_memory() -> bool:

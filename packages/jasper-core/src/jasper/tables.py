@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from jasper.allocator import huge_empty
 from jasper.backend import ArrayInfo, StoreReader
 from jasper.manifest import Manifest
 from jasper.registry import get_backend
@@ -432,7 +433,7 @@ class PreloadedTables(TableSet):
             st_dtype = steering_dtype(infos)
             # One buffer for the three steering arrays plus a zero row: one gather serves any
             # variant.
-            table = torch.empty((1 + len(STEERING) * n_pairs, d), dtype=st_dtype)
+            table = huge_empty((1 + len(STEERING) * n_pairs, d), st_dtype)
             table[0].zero_()
             for i, name in enumerate(STEERING):
                 view = table[1 + i * n_pairs : 1 + (i + 1) * n_pairs]
@@ -449,8 +450,9 @@ class PreloadedTables(TableSet):
             # negatives and tiers live in shared memory so that a reload reaches forked (and
             # persistent) workers by an in-place update
             shared = name in RELOADABLE and self.device.type == "cpu"
-            out = shared_empty(info.shape, info.dtype) if shared else torch.empty(
-                info.shape, dtype=info.dtype)
+            # huge pages: batches gather random rows, and on 4 KiB pages each is a TLB miss
+            out = shared_empty(info.shape, info.dtype) if shared else huge_empty(
+                info.shape, info.dtype)
             arrays[name] = reader.read_into(name, out)
         return arrays
 

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from jasper.allocator import advise_huge_pages
 from jasper.backend import ArrayInfo, StoreReader
 from jasper.dtypes import STORAGE_NUMPY, dtype_name, torch_dtype
 from jasper.errors import DatasetNotFoundError, FormatError, JasperError, ShapeError
@@ -41,7 +42,6 @@ from jasper.progress import byte_bar
 from jasper.rows import merge_gap_rows, plan_spans, span_positions
 from jasper.schema import ALL_ARRAYS
 from jasper_zarr.cache import CachingStore, ChunkCache
-from jasper_zarr.hugepages import advise_huge_pages
 from jasper_zarr.layout import (
     ATTR_DTYPE,
     ATTR_FORMAT,
