@@ -87,7 +87,7 @@ def test_every_family_has_a_quick_sample(quick_results: list[dict]) -> None:
     assert {r["family"] for r in quick_results} - {"prepare"} == set(FAMILIES)
 
 
-FUZZ_TARGETS = ["manifest", "pt", "hdf5", "memmap"]
+FUZZ_TARGETS = ["manifest", "pt", "hdf5", "memmap", "zarr", "chroma"]
 #: fuzz targets whose deterministic smoke run (seed 1) finds a bug today, with the issue item
 FUZZ_KNOWN: dict[str, str] = {}
 

@@ -7,4 +7,4 @@ stops, the input is saved (``--artifacts``), and the exit status is nonzero.
 """
 
 #: the fuzz targets, one per reader
-TARGETS = ("manifest", "pt", "hdf5", "memmap")
+TARGETS = ("manifest", "pt", "hdf5", "memmap", "zarr", "chroma")

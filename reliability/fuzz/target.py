@@ -4,7 +4,11 @@
 Targets: ``manifest`` (``config.json`` -> :meth:`jasper.manifest.Manifest.load`), ``pt`` (one
 array file of a jasper-pt dataset -> the safe ``.pt`` loader through the backend), ``hdf5``
 (``dataset.h5`` -> the jasper-hdf5 reader, whole reads and row reads), ``memmap`` (one ``.npy``
-or the SQLite catalogue of a memmap-sqlite dataset -> its reader). Each input replaces the file
+or the SQLite catalogue of a memmap-sqlite dataset -> its reader), ``zarr`` (any file of a
+jasper-zarr group: ``zarr.json`` metadata or a shard object -> the zarr reader, preload and lazy
+rows), ``chroma`` (``chroma.json`` or a side ``.npy`` of a jasper-chroma dataset -> its reader;
+Chroma's own SQLite file is left to the corpus and region families, as each input would start
+a Chroma runtime). Each input replaces the file
 in a pristine dataset written at start-up; a :class:`jasper.errors.JasperError` is the wanted
 answer to bad bytes, any other exception escapes and is a finding.
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["jasper", "jasper_pt", "jasper_hdf5",
-                                         "jasper_memmap_sqlite"]):
+                                         "jasper_memmap_sqlite", "jasper_zarr", "jasper_chroma"]):
     import jasper.manifest
     import jasper.store
     import jasper.synth
@@ -28,7 +32,8 @@ with atheris.instrument_imports(include=["jasper", "jasper_pt", "jasper_hdf5",
 
 from reliability.fuzz import TARGETS
 
-BACKEND = {"manifest": "pt", "pt": "pt", "hdf5": "hdf5", "memmap": "memmap-sqlite"}
+BACKEND = {"manifest": "pt", "pt": "pt", "hdf5": "hdf5", "memmap": "memmap-sqlite",
+           "zarr": "zarr", "chroma": "chroma"}
 
 
 def _pristine(name: str, root: Path) -> tuple[Path, list[str]]:
@@ -45,6 +50,11 @@ def _pristine(name: str, root: Path) -> tuple[Path, list[str]]:
         files = [p.name for p in ds.glob("*.h5")]
     elif name == "pt":
         files = sorted(p.name for p in ds.glob("*.pt"))
+    elif name == "zarr":
+        files = sorted(str(p.relative_to(ds)) for p in ds.rglob("*")
+                       if p.is_file() and p.name != "config.json")
+    elif name == "chroma":
+        files = ["chroma.json", *sorted(str(p.relative_to(ds)) for p in ds.glob("arrays/*.npy"))]
     else:
         files = [*sorted(p.name for p in ds.glob("*.npy")), "catalogue.db"]
     return ds, files
