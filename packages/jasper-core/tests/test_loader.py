@@ -276,19 +276,28 @@ def test_thread_workers_serve_what_zero_workers_serve_in_order(tagged: Path,
 @pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "threads"])
 def test_every_pass_hands_the_batches_heap_back(tagged: Path, workers: int,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tuned heap keeps freed batches for reuse during a pass; the loader releases it when
-    a pass ends, also one abandoned half-way."""
-    import jasper.loader as loader_module
+    """The tuned heap keeps freed batches for reuse during a pass; once a pass ends (also one
+    abandoned half-way) and no next one starts within the idle delay, it goes back."""
+    import time
+
+    from jasper import allocator
 
     calls: list[int] = []
-    monkeypatch.setattr(loader_module, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(allocator, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(allocator, "IDLE_RELEASE_S", 0.3)
+    monkeypatch.setattr(allocator.release_when_idle, "__defaults__", (0.3,))
     loader = create_loader(tagged, "train", batch_size=16, num_workers=workers)
-    for _ in loader:
-        assert calls == []  # never inside a pass: the next batches reuse that memory
-    assert calls == [1]
+    for _ in range(3):  # passes that follow at once keep the heap
+        for _ in loader:
+            pass
+    time.sleep(0.1)
+    assert calls == []
+    time.sleep(0.6)
+    assert calls == [1]  # idle after the last pass: released once
     it = iter(loader)
     next(it)
     it.close()
+    time.sleep(0.6)
     assert calls == [1, 1]
 
 def test_worker_type_choice(tagged: Path) -> None:

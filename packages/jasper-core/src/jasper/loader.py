@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from jasper.allocator import release_free_memory
+from jasper.allocator import cancel_idle_release, release_when_idle
 from jasper.dataset import BATCH_KEYS, JASPERSteeringDataset, passthrough_collate
 
 LOGGER = logging.getLogger(__name__)
@@ -394,14 +394,15 @@ class JasperLoader(DataLoader):
         skip, self._resume_skip = self._resume_skip, 0
         self._skip_once = skip  # taken by the index sampler the iteration builds
         self._yielded = skip  # a restored pass continues counting where it stopped
+        cancel_idle_release()  # this pass reuses what the last one left in the heap
         try:
             for batch in self._iterate():
                 self._yielded += 1
                 yield batch
         finally:
-            # the batches of this pass are freed: what the tuned heap kept of them goes back to
-            # the kernel (jasper.allocator), so memory between epochs is the data's
-            release_free_memory()
+            # the batches of this pass are freed: unless the next pass starts at once, what the
+            # tuned heap kept of them goes back to the kernel (jasper.allocator)
+            release_when_idle()
         self._pass = None
         self._yielded = 0
 
