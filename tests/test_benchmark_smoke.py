@@ -278,8 +278,8 @@ def test_drop_pages_evicts_the_page_cache(benchlib, tmp_path: Path) -> None:
 
 def test_report_targets_compare_the_right_way(benchlib) -> None:
     r = benchlib.report
-    assert r._target(0.6, r.TARGET_CEILING) == "met"
-    assert r._target(0.4, r.TARGET_CEILING) == "missed"
-    assert r._target(1.05, r.TARGET_PSS, higher=False) == "met"
-    assert r._target(1.2, r.TARGET_PSS, higher=False) == "missed"
-    assert r._target(float("nan"), r.TARGET_PSS) == "not measured"
+    assert r.target_verdict(0.6, r.TARGET_CEILING) == "met"
+    assert r.target_verdict(0.4, r.TARGET_CEILING) == "missed"
+    assert r.target_verdict(1.05, r.TARGET_PSS, higher=False) == "met"
+    assert r.target_verdict(1.2, r.TARGET_PSS, higher=False) == "missed"
+    assert r.target_verdict(float("nan"), r.TARGET_PSS) == "not measured"
