@@ -202,8 +202,14 @@ def hold_version(fd: int) -> bool:
     copy) stays open: a shared ``flock``. False when a writer is deleting that version already
     (open the path again: it names the new one). Where the file system has no locks it returns
     True and holds nothing."""
+    return _try_lock(fd, fcntl.LOCK_SH)
+
+
+def _try_lock(fd: int, kind: int) -> bool:
+    """``flock(fd, kind)`` without waiting: False when another holder conflicts; True when
+    taken, or when the file system has no locks (nothing is held then)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError:
@@ -221,12 +227,8 @@ def remove_unless_held(path: Path) -> bool:
         shutil.rmtree(path, ignore_errors=True)
         return not os.path.lexists(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd, fcntl.LOCK_EX):
             return False
-        except OSError:
-            pass
         shutil.rmtree(path, ignore_errors=True)
         return True
     finally:
