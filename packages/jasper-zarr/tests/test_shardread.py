@@ -118,6 +118,35 @@ def test_flipped_chunk_byte_is_a_format_error_not_garbage(tmp_path: Path, preset
         reader.read("question_embs")
 
 
+@pytest.mark.parametrize("where", ["middle", "padding"])
+def test_damaged_later_chunk_is_named_by_its_number(tmp_path: Path, where: str) -> None:
+    """A flipped byte in a chunk other than the first, or in the padding the writer stores
+    after the array's last row, fails that chunk's crc32c and the error names that chunk."""
+    path, arrays = write_small(tmp_path / "ds", "none")
+    n = int(arrays["question_embs"].shape[0])
+    with jasper.open_store(path) as reader:
+        layout = reader._shard_layout("question_embs")
+    assert layout is not None
+    shard_no = layout.n_shards - 1 if where == "padding" else 0
+    first, last = layout.shard_span(shard_no)
+    rows = last - first
+    stored = -(-rows // layout.chunk_rows)
+    assert where != "padding" or rows % layout.chunk_rows, "the last chunk must be partial"
+    chunk = stored - 1 if where == "padding" else stored // 2
+    assert chunk > 0
+    shard = path / shard_key("question_embs", shard_no, 2)
+    data = bytearray(shard.read_bytes())
+    index = np.frombuffer(bytes(data[-layout.index_bytes : -CRC_BYTES]), dtype="<u8")
+    offset, nbytes = int(index[2 * chunk]), int(index[2 * chunk + 1])
+    data[offset + nbytes - CRC_BYTES - 1] ^= 0x01  # the chunk's last byte before its crc32c
+    shard.write_bytes(bytes(data))
+    row = first + chunk * layout.chunk_rows
+    assert where != "padding" or row + layout.chunk_rows > n
+    with jasper.open_store(path) as reader, pytest.raises(
+            FormatError, match=rf"inner chunk {chunk} \(rows from {row}\) fails its crc32c"):
+        reader.read("question_embs")
+
+
 @pytest.mark.parametrize("cut", [1, 200])
 def test_truncated_shard_is_a_format_error(tmp_path: Path, cut: int) -> None:
     path, _ = write_small(tmp_path / "ds")

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -323,15 +322,38 @@ class ZarrReader(StoreReader):
 
         present = self._wrap(None, lambda: sync(children()))
         names = self._names = [n for n in ALL_ARRAYS if n in present]
-        if isinstance(self.where, Location) and len(names) > 1:
-            # one round trip per member's zarr.json: open them all at once, not one by one
-            # as they are used (a damaged one raises again, naming itself, when it is used)
-            list(_preload_pool().map(self._try_array, names))
+        if len(names) > 1:
+            self._open_arrays(names)
         return names
 
-    def _try_array(self, name: str) -> None:
-        with contextlib.suppress(JasperError):
-            self._array(name)
+    def _open_arrays(self, names: list[str]) -> None:
+        """Open the metadata of every array in ``names`` at once, in one call into zarr's
+        event loop: one by one, each open is a round trip to that loop (and over an object
+        store one request), about 1 ms apiece locally, which was most of the time it took to
+        open a dataset. An array that fails here is left unopened: its first use opens it
+        again and raises the error naming its own ``zarr.json``."""
+        import asyncio
+
+        import zarr
+        from zarr.core.sync import sync
+
+        group = self._open_group()
+        async_group = getattr(group, "_async_group", None)
+        todo = [n for n in names if n not in self._arrays]
+        if async_group is None or not todo:
+            return
+
+        async def open_all() -> list[Any]:
+            return await asyncio.gather(*(async_group.getitem(n) for n in todo),
+                                        return_exceptions=True)
+
+        try:
+            got = sync(open_all())
+        except Exception:  # the loop itself failed: every array opens on its first use
+            return
+        for name, node in zip(todo, got, strict=True):
+            if isinstance(node, zarr.AsyncArray):
+                self._arrays.setdefault(name, zarr.Array(node))
 
     def info(self, name: str) -> ArrayInfo:
         shape, logical, _ = self._metadata(name)
