@@ -555,7 +555,8 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         """
         self._ensure_ready()
         t = self.tables
-        # compact (int32) ids are widened per batch, after the select: a batch carries int64
+        # compact (int32) ids are widened per batch, after the select, where they reach the
+        # batch or arithmetic; row ids that only index other tables keep their stored type
         pids = self.split_indices.index_select(0, idx).to(torch.int64)
         if draw is None:
             variant = self._variants_at(idx, pids)
@@ -567,7 +568,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         d, k = self.embedding_dim, self.n_neg
         o = out or {}
         q, s = t.pair_columns(pids)
-        neg_ids = t.gather(NEGATIVES, pids, dtype=torch.int64).reshape(-1)
+        neg_ids = t.gather(NEGATIVES, pids).reshape(-1)
         batch = JasperBatch()
         batch["question_emb"] = t.gather(QUESTION_TABLE, q, o.get("question_emb"))
         neg_out = o.get("negative_embs")

@@ -287,11 +287,11 @@ class TableSet(abc.ABC):
 
     # --- gathers ------------------------------------------------------------------------------
     def pair_columns(self, pair_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The question rows and source rows of ``pair_ids`` (two contiguous int64 tensors,
-        widened from a compact int32 ``pair_index`` after the select)."""
+        """The question rows and source rows of ``pair_ids`` (two contiguous tensors in the
+        stored index type: row ids only index other tables, and ``index_select`` takes int32
+        as it takes int64, so a compact ``pair_index`` is not widened per batch)."""
         assert self._q_col is not None and self._s_col is not None
-        return (self._q_col.index_select(0, pair_ids).to(torch.int64),
-                self._s_col.index_select(0, pair_ids).to(torch.int64))
+        return self._q_col.index_select(0, pair_ids), self._s_col.index_select(0, pair_ids)
 
     def gather(self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None,
                dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -552,7 +552,7 @@ class MappedTables(TableSet):
         return 0  # maps are file pages the kernel may drop, not memory this set holds
 
     def pair_columns(self, pair_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pair = self.arrays[PAIR_INDEX].index_select(0, pair_ids).to(torch.int64)
+        pair = self.arrays[PAIR_INDEX].index_select(0, pair_ids)
         return pair[:, 0].contiguous(), pair[:, 1].contiguous()
 
 
@@ -587,7 +587,7 @@ class RowTables(TableSet):
         if name not in LAZY_ARRAYS:
             return super().gather(name, rows, out, dtype)
         assert self._reader is not None
-        got = self._reader.read_rows(name, rows)
+        got = self._reader.read_rows(name, rows.to(torch.int64))  # read_rows takes int64
         if out is not None:
             return out.copy_(got)
         return got if dtype is None or got.dtype == dtype else got.to(dtype)
