@@ -28,6 +28,7 @@ shapes and dtypes are exactly the specified ones. What changes is how it is serv
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
@@ -39,6 +40,7 @@ import torch
 from torch.utils.data import Dataset, Subset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
+from jasper import batchpool
 from jasper.allocator import tune_host_allocator
 from jasper.backend import ArrayInfo
 from jasper.curriculum import (
@@ -73,7 +75,6 @@ from jasper.tables import (
     StoreLocation,
     TableSet,
     open_tables,
-    shared_empty,
 )
 from jasper.validation import check_info_columns, check_replacement
 
@@ -117,6 +118,29 @@ class JasperBatch(dict[str, Any]):
         if type(key) is int and key == 0:
             return _CollatedMarker(self)
         raise KeyError(key)
+
+    #: In a worker process, a batch in a reusable buffer: (the pool's flags, slot, a key whose
+    #: tensor lies in the buffer). Pickling carries it to the receiving process, which gives the
+    #: buffer back when it drops the batch (:mod:`jasper.batchpool`).
+    lease: tuple[torch.Tensor, int, str] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.lease is None:
+            return (JasperBatch, (dict(self),))
+        return (_rebuild_leased_batch, (dict(self), *self.lease))
+
+    # copies stay in this process: they must not carry the lease (a copy's death would give
+    # the buffer back while the batch itself is still in flight)
+    def __copy__(self) -> JasperBatch:
+        return JasperBatch(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> JasperBatch:
+        return JasperBatch(copy.deepcopy(dict(self), memo))
+
+
+def _rebuild_leased_batch(items: dict[str, Any], flags: torch.Tensor, slot: int,
+                          key: str) -> JasperBatch:
+    return JasperBatch(batchpool.rebuild_leased(items, flags, slot, key))
 
 
 class _CollatedMarker:
@@ -507,18 +531,45 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             if int(lo) < 0 or int(hi) >= n:
                 bad = int(idx[(idx < 0) | (idx >= n)][0])
                 raise IndexError(f"Index {bad} out of range [0, {n}) of the {self.split} split")
-        if out is None and get_worker_info() is not None and self.device.type == "cpu":
-            out = self.empty_batch(idx.numel(), shared=True)
-        return self.gather(idx, out)
+        if out is not None or get_worker_info() is None or self.device.type != "cpu":
+            return self.gather(idx, out)
+        # a worker process: assemble in shared memory, so sending the batch copies nothing,
+        # and in a buffer the main process gives back once it has dropped the batch
+        layout = batchpool.BatchLayout.of(self._batch_shapes(idx.numel()))
+        fields, lease = batchpool.pool().acquire(layout)
+        batch = self.gather(idx, fields)
+        if lease is not None:
+            buffer = next(iter(fields.values())).untyped_storage().data_ptr()
+            key = next((k for k, v in batch.items()
+                        if v.untyped_storage().data_ptr() == buffer), None)
+            if key is None:
+                batchpool.pool().release(lease)
+            else:
+                batch.lease = (lease.flags, lease.slot, key)
+        return batch
 
     def empty_batch(self, batch_size: int, *, shared: bool = False, pin: bool = False,
                     device: torch.device | str | None = None) -> JasperBatch:
         """Uninitialised output buffers for :meth:`gather` (optionally in shared or pinned
         memory, or on another device)."""
+        shapes = self._batch_shapes(batch_size)
+        dev = torch.device(device) if device is not None else self.device
+        if shared and dev.type == "cpu":
+            # one shared buffer for every field: one file and one mapping per batch
+            layout = batchpool.BatchLayout.of(shapes)
+            return JasperBatch(layout.views(torch.UntypedStorage._new_shared(layout.nbytes)))
+        batch = JasperBatch()
+        for key, (shape, dtype) in shapes.items():
+            batch[key] = torch.empty(shape, dtype=dtype, device=dev,
+                                     pin_memory=pin and dev.type == "cpu")
+        return batch
+
+    def _batch_shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of every field of a batch of ``batch_size`` samples."""
         b, d, k = batch_size, self.embedding_dim, self.n_neg
         emb = self._infos[QUESTION_TABLE].dtype
         src = self._infos[SOURCE_TABLE].dtype
-        shapes = {
+        return {
             "question_emb": ((b, d), emb),
             "target_source_emb": ((b, d), src),
             "steering": ((b, d), self.tables.steering_dtype),
@@ -529,15 +580,6 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
             "steering_variant": ((b,), torch.int64),
             "negative_tiers": ((b, k), torch.int64),
         }
-        dev = torch.device(device) if device is not None else self.device
-        batch = JasperBatch()
-        for key, (shape, dtype) in shapes.items():
-            if shared and dev.type == "cpu":
-                batch[key] = shared_empty(shape, dtype)
-            else:
-                batch[key] = torch.empty(shape, dtype=dtype, device=dev,
-                                         pin_memory=pin and dev.type == "cpu")
-        return batch
 
     def gather(
         self,
