@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gc
 import multiprocessing
+import time
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def test_layout_puts_every_field_in_one_aligned_buffer() -> None:
 def test_a_given_back_slot_is_reused_only_when_nothing_here_refers_to_it() -> None:
     """The receiver gave the buffer back (its finalizer clears the flag, as ``release`` does
     here), but this process may still hold a view or a numpy array of the batch."""
-    pool = batchpool.BatchPool()
+    pool = batchpool.BatchPool(idle_release_s=0)
     batch, slot = _leased(pool, 1.0)
     view = batch["a"][3:5]
     array = batch["t"].numpy()[1:]
@@ -71,8 +72,24 @@ def test_a_given_back_slot_is_reused_only_when_nothing_here_refers_to_it() -> No
     assert pool.slots() == 3
 
 
+def test_an_idle_pool_drops_its_free_buffers_and_keeps_busy_ones() -> None:
+    pool = batchpool.BatchPool(idle_release_s=0.2)
+    busy, _ = _leased(pool, 1.0)
+    free, slot = _leased(pool, 2.0)
+    pool.release(batchpool.Lease(free.lease[0], slot))
+    del free
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while pool.slots() > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.slots() == 1  # the busy batch's buffer stays, and its values with it
+    assert torch.equal(busy["a"], torch.ones(B, 8))
+    _again, again_slot = _leased(pool, 3.0)  # a dropped slot is made again when next used
+    assert again_slot == slot and pool.slots() == 2
+
+
 def test_a_received_batch_is_an_ordinary_batch() -> None:
-    pool = batchpool.BatchPool()
+    pool = batchpool.BatchPool(idle_release_s=0)
     batch, _ = _leased(pool, 1.0)
     got = ForkingPickler.loads(bytes(ForkingPickler.dumps(batch)))
     assert type(got) is JasperBatch and got.lease is None
@@ -80,7 +97,7 @@ def test_a_received_batch_is_an_ordinary_batch() -> None:
 
 
 def test_a_batch_never_sent_keeps_its_slot_and_the_pool_falls_back_to_fresh_buffers() -> None:
-    pool = batchpool.BatchPool()
+    pool = batchpool.BatchPool(idle_release_s=0)
     for _ in range(batchpool.SLOTS_PER_LAYOUT):
         _leased(pool, 0.0)  # dropped without being sent: no receiver ever gives them back
     gc.collect()
@@ -90,7 +107,7 @@ def test_a_batch_never_sent_keeps_its_slot_and_the_pool_falls_back_to_fresh_buff
 
 
 def test_copies_do_not_carry_the_lease() -> None:
-    pool = batchpool.BatchPool()
+    pool = batchpool.BatchPool(idle_release_s=0)
     batch, slot = _leased(pool, 1.0)
     for c in (copy.copy(batch), copy.deepcopy(batch)):
         assert type(c) is JasperBatch and c.lease is None
@@ -102,7 +119,7 @@ def test_copies_do_not_carry_the_lease() -> None:
 
 def test_pool_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JASPER_BATCH_POOL", "0")
-    fields, lease = batchpool.BatchPool().acquire(_layout())
+    fields, lease = batchpool.BatchPool(idle_release_s=0).acquire(_layout())
     assert lease is None and fields["a"].is_shared()
 
 

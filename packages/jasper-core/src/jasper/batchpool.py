@@ -17,6 +17,11 @@ clear **and** nothing in the worker still refers to the buffer. A batch that nev
 receiver through its own pickling (a collate function that builds new tensors, say) keeps its
 slot busy for good: the pool then allocates a fresh buffer, as if it did not exist.
 
+Between passes the buffers would hold a worker's high-water mark of batches in flight (4 x 70 MB
+at batch 4096): a worker drops its free buffers once it has assembled nothing for
+:data:`IDLE_RELEASE_S` seconds, as the in-process loaders hand their free heap back
+(:mod:`jasper.allocator`).
+
 One rule for users: a batch the main process sends on to a third process must be copied first
 (``clone``), since the worker reuses the buffer once the main process drops it. Set
 ``JASPER_BATCH_POOL=0`` to give every batch fresh shared memory.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +45,8 @@ SLOTS_PER_LAYOUT = 8
 MAX_SLOTS = 64
 #: Fields start at multiples of this many bytes (a cache line).
 ALIGN = 64
+#: A pool idle this many seconds drops its free buffers.
+IDLE_RELEASE_S = 1.0
 
 # Shape and dtype of every field of a batch: what a pool buffer is laid out from.
 Shapes = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
@@ -101,12 +109,16 @@ class BatchPool:
     """One process's batch buffers (see the module docstring). Not shared between processes: a
     forked child starts with an empty pool."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_release_s: float = IDLE_RELEASE_S) -> None:
         self.pid = os.getpid()
+        self.idle_release_s = idle_release_s
         self._lock = threading.Lock()
         self._flags: torch.Tensor | None = None
-        self._storages: list[torch.UntypedStorage] = []
+        # a slot's buffer; None once dropped while idle (made again when the slot is next used)
+        self._storages: list[torch.UntypedStorage | None] = []
         self._slots: dict[BatchLayout, list[int]] = {}
+        self._last_use = time.monotonic()
+        self._reaper: threading.Thread | None = None
 
     def acquire(self, layout: BatchLayout) -> tuple[dict[str, torch.Tensor], Lease | None]:
         """The fields of a batch in a shared buffer, and its lease (``None``: a fresh buffer
@@ -114,31 +126,66 @@ class BatchPool:
         if not enabled():
             return layout.views(torch.UntypedStorage._new_shared(layout.nbytes)), None
         with self._lock:
+            self._last_use = time.monotonic()
             if self._flags is None:
                 self._flags = torch.zeros(MAX_SLOTS, dtype=torch.int32).share_memory_()
             flags = self._flags
             busy = flags.numpy()
             slots = self._slots.setdefault(layout, [])
             for slot in slots:
+                storage = self._storages[slot]
                 # the pool's own reference is the only one left in this process
-                if busy[slot] == 0 and _use_count(self._storages[slot]) == 1:
+                if busy[slot] == 0 and (storage is None or _use_count(storage) == 1):
                     break
             else:
                 if len(slots) >= SLOTS_PER_LAYOUT or len(self._storages) >= MAX_SLOTS:
                     return layout.views(torch.UntypedStorage._new_shared(layout.nbytes)), None
                 slot = len(self._storages)
-                self._storages.append(torch.UntypedStorage._new_shared(layout.nbytes))
+                self._storages.append(None)
                 slots.append(slot)
+            storage = self._storages[slot]
+            if storage is None:
+                storage = self._storages[slot] = torch.UntypedStorage._new_shared(layout.nbytes)
             busy[slot] = 1
-            return layout.views(self._storages[slot]), Lease(flags, slot)
+            self._start_reaper()
+            return layout.views(storage), Lease(flags, slot)
 
     def release(self, lease: Lease) -> None:
         """Give ``lease``'s slot back at once (its batch never left this process)."""
         lease.flags[lease.slot] = 0
 
+    def drop_free(self) -> int:
+        """Drop the buffers of free slots (their memory goes back to the system); returns how
+        many were dropped."""
+        with self._lock:
+            if self._flags is None:
+                return 0
+            busy = self._flags.numpy()
+            dropped = 0
+            for slot, storage in enumerate(self._storages):
+                if storage is not None and busy[slot] == 0 and _use_count(storage) == 1:
+                    self._storages[slot] = None
+                    dropped += 1
+            return dropped
+
     def slots(self) -> int:
-        """Buffers this pool holds."""
-        return len(self._storages)
+        """Buffers this pool holds now."""
+        return sum(s is not None for s in self._storages)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None and self.idle_release_s > 0:
+            self._reaper = threading.Thread(target=self._reap, name="jasper-batchpool",
+                                            daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        # one polling thread per pool (a timer re-armed per batch would start a thread per
+        # batch); it polls while idle too, since the receiver may give buffers back later
+        period = min(self.idle_release_s / 4, 0.25)
+        while self.pid == os.getpid():
+            time.sleep(period)
+            if time.monotonic() - self._last_use >= self.idle_release_s:
+                self.drop_free()
 
 
 _pool: BatchPool | None = None
@@ -180,6 +227,7 @@ def rebuild_leased(items: dict[str, Any], flags: torch.Tensor, slot: int, key: s
 
 __all__ = [
     "ALIGN",
+    "IDLE_RELEASE_S",
     "MAX_SLOTS",
     "SLOTS_PER_LAYOUT",
     "BatchLayout",
