@@ -54,6 +54,28 @@ def test_out_of_range_is_a_typed_index_error_naming_array_and_row() -> None:
         as_row_index(torch.tensor([0.5]))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=64), st.sampled_from([list, tuple]))
+def test_a_list_of_ints_converts_as_torch_would(values: list[int], kind: type) -> None:
+    """The numpy fast path for Python lists gives exactly torch's int64 tensor."""
+    got = as_row_index(kind(values))
+    assert got.dtype == torch.int64 and got.tolist() == values
+
+
+@pytest.mark.parametrize("bad", [[0.5, 1], [True, False], [1, 2.0], ["1"], [2**63], [2**64], [None]])
+def test_a_list_that_is_not_integers_is_refused(bad: list[object]) -> None:
+    with pytest.raises((TypeError, ValueError, OverflowError, RuntimeError)):
+        as_row_index(bad)
+
+
+def test_nested_lists_and_numpy_ints_convert() -> None:
+    import numpy as np
+
+    assert as_row_index([[1, 2], [3, 4]]).tolist() == [[1, 2], [3, 4]]
+    assert as_row_index([np.int32(3), np.int64(5)]).tolist() == [3, 5]
+    assert as_row_index([]).dtype == torch.int64
+
+
 def test_gather_rows_keeps_the_index_shape() -> None:
     src = torch.arange(20).reshape(10, 2)
     idx = torch.tensor([[3, 1], [3, 9]])

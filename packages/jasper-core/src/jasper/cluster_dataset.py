@@ -53,6 +53,7 @@ from jasper import records
 from jasper.atomic import pid_alive
 from jasper.backend import StoreReader
 from jasper.errors import CapabilityError, FormatError, JasperError, ShapeError
+from jasper.rows import as_row_index
 from jasper.schema import (
     CLUSTER_ARRAYS,
     CLUSTER_KIND,
@@ -97,11 +98,8 @@ class SampleNotFoundError(JasperError, KeyError):
 
 
 def as_index(rows: object) -> torch.Tensor:
-    """``rows`` (tensor, list, range, numpy array) as an int64 CPU tensor."""
-    t = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(rows)
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise TypeError(f"row indices must be integers, got {t.dtype}")
-    return t.to(device="cpu", dtype=torch.int64).reshape(-1)
+    """``rows`` (tensor, list, range, numpy array) as a flat int64 CPU tensor."""
+    return as_row_index(rows, "indices").reshape(-1)
 
 
 def check_bounds(rows: torch.Tensor, n: int, what: str) -> None:

@@ -33,12 +33,33 @@ class RowIndexError(IntegrityError, IndexError):
 def as_row_index(rows: object, what: str = "rows") -> torch.Tensor:
     """``rows`` (tensor, list, range, numpy array) as an int64 CPU tensor; ``TypeError`` for
     anything that is not integers."""
-    t = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(rows)
+    if isinstance(rows, torch.Tensor):
+        t = rows
+    elif isinstance(rows, list | tuple):
+        t = _from_sequence(rows)
+    else:
+        t = torch.as_tensor(rows)
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{what}: row indices must be integers, got {t.dtype}")
     if t.dtype != torch.int64:
         t = t.to(torch.int64)
     return t.cpu()
+
+
+def _from_sequence(rows: list[object] | tuple[object, ...]) -> torch.Tensor:
+    # a DataLoader hands every batch over as a list of Python ints: numpy converts one 3-4x
+    # faster than torch.as_tensor (34 vs 93-150 us at 1024 ints), which is a per-batch cost
+    if not rows:
+        return torch.empty(0, dtype=torch.int64)
+    import numpy as np
+
+    try:
+        arr = np.asarray(rows)
+    except (ValueError, TypeError, OverflowError):
+        arr = None
+    if arr is not None and arr.dtype.kind == "i":  # (unsigned only past int64: refused below)
+        return torch.from_numpy(arr)
+    return torch.as_tensor(rows)  # anything else: torch's conversion and its errors
 
 
 def check_rows(rows: torch.Tensor, n: int, array: str, path: str | Path | None = None) -> None:

@@ -304,15 +304,23 @@ class TableSet(abc.ABC):
         A table set whose rows live in storage reads them all in one request series."""
         return [self.gather(name, r, o) for r, o in zip(rows, out, strict=True)]
 
+    def steering_rows(self, pair_ids: torch.Tensor, variant: torch.Tensor) -> torch.Tensor | None:
+        """Where steering is served by one gather of a stacked table, each pair's row in it for
+        its variant (to be passed back as ``gather_steering(rows=)``); ``None`` elsewhere."""
+        return None
+
     def gather_steering(self, pair_ids: torch.Tensor, variant: torch.Tensor,
                         out: torch.Tensor | None = None, *,
+                        rows: torch.Tensor | None = None,
                         questions: torch.Tensor | None = None,
                         sources: torch.Tensor | None = None,
                         clusters: torch.Tensor | None = None) -> torch.Tensor:
         """Each pair's steering row of its variant (0: zeros), written into ``out`` if given.
 
-        Derived steering is computed from the batch's ``questions``, ``sources`` and
-        ``clusters`` rows when the caller has gathered them already (else gathered here)."""
+        ``rows``: what :meth:`steering_rows` gave for these pairs and variants (precomputed
+        once per epoch by the dataset). Derived steering is computed from the batch's
+        ``questions``, ``sources`` and ``clusters`` rows when the caller has gathered them
+        already (else gathered here)."""
         if self.derived is not None:
             return self._derive(pair_ids, variant, out, questions, sources, clusters)
         # separate arrays cannot be stacked without a copy: gather each variant from its array
@@ -474,16 +482,26 @@ class PreloadedTables(TableSet):
             arrays[name] = out[name]  # drop the CPU copy as soon as the device copy exists
         return out
 
+    def steering_rows(self, pair_ids: torch.Tensor, variant: torch.Tensor) -> torch.Tensor | None:
+        if self.derived is not None or self.steering_table is None:
+            return None
+        rows = torch.where(variant > 0, 1 + (variant - 1) * self.n_pairs + pair_ids,
+                           torch.zeros_like(pair_ids))
+        # int32 where the table's rows allow it (index_select takes either)
+        return rows.to(torch.int32) if self.steering_table.shape[0] < 2**31 else rows
+
     def gather_steering(self, pair_ids: torch.Tensor, variant: torch.Tensor,
                         out: torch.Tensor | None = None, *,
+                        rows: torch.Tensor | None = None,
                         questions: torch.Tensor | None = None,
                         sources: torch.Tensor | None = None,
                         clusters: torch.Tensor | None = None) -> torch.Tensor:
         if self.derived is not None:
             return self._derive(pair_ids, variant, out, questions, sources, clusters)
         assert self.steering_table is not None
-        rows = torch.where(variant > 0, 1 + (variant - 1) * self.n_pairs + pair_ids,
-                           torch.zeros_like(pair_ids))
+        if rows is None:
+            rows = self.steering_rows(pair_ids.to(torch.int64), variant)
+            assert rows is not None
         return take(self.steering_table, rows, out)
 
     def replace(self, names: Sequence[str], *, validate: Callable[[Mapping[str, torch.Tensor]],
