@@ -61,15 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         it = iter(loader)
         peak = 0
         t0 = time.perf_counter()
-        batch = None
-        for i, batch in enumerate(it):
+        _batch = None
+        for i, _batch in enumerate(it):
             if i % PEAK_EVERY == PEAK_EVERY - 1:
                 peak = max(peak, pss_bytes([os.getpid(), *child_pids()]))
         out["epoch_s"][label] = time.perf_counter() - t0
         # no batch outlives its epoch here: a loop variable still bound to the last batch
         # (70 MB at B=4096) was counted in this worker count's memory, and again in the next
         # count's, whose forked workers inherit it and keep it once this process frees it
-        del batch
+        del _batch
         gc.collect()
         # memory between epochs: jasper's loaders hand the batches' heap back once idle
         time.sleep(idle_s + 0.5 if idle_s else 0.0)
