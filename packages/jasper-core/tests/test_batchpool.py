@@ -98,12 +98,33 @@ def test_a_received_batch_is_an_ordinary_batch() -> None:
 
 def test_a_batch_never_sent_keeps_its_slot_and_the_pool_falls_back_to_fresh_buffers() -> None:
     pool = batchpool.BatchPool(idle_release_s=0)
-    for _ in range(batchpool.SLOTS_PER_LAYOUT):
+    for _ in range(batchpool.SLOTS):
         _leased(pool, 0.0)  # dropped without being sent: no receiver ever gives them back
     gc.collect()
     fields, lease = pool.acquire(_layout())
     assert lease is None and fields["a"].is_shared()
-    assert pool.slots() == batchpool.SLOTS_PER_LAYOUT
+    assert pool.slots() == batchpool.SLOTS
+
+
+def test_changing_batch_sizes_reuse_free_buffers_of_other_sizes() -> None:
+    """A sampler whose batch sizes vary must not make a worker hold a buffer per size."""
+    pool = batchpool.BatchPool(idle_release_s=0)
+    held = []
+    for size in range(1, 3 * batchpool.SLOTS):
+        layout = batchpool.BatchLayout.of({"a": ((size, 8), torch.float32)})
+        fields, lease = pool.acquire(layout)
+        assert lease is not None  # every earlier slot was given back: one is always free
+        assert fields["a"].shape == (size, 8)
+        fields["a"].fill_(size)
+        if size % 5 == 0:
+            held.append((size, fields["a"]))  # kept here: its slot stays taken
+        else:
+            del fields
+            gc.collect()
+            pool.release(lease)
+        assert pool.slots() <= batchpool.SLOTS
+    for size, t in held:
+        assert torch.equal(t, torch.full((size, 8), float(size)))
 
 
 def test_copies_do_not_carry_the_lease() -> None:
@@ -174,8 +195,8 @@ def test_worker_batches_reuse_buffers_and_held_batches_never_change(
         for i, got in enumerate(loader):
             most = max(most, got["slots"])
             assert torch.equal(got["batch"]["negative_embs"], want[i]["negative_embs"])
-        assert n > 3 * batchpool.SLOTS_PER_LAYOUT
-        assert most < batchpool.SLOTS_PER_LAYOUT
+        assert n > 3 * batchpool.SLOTS
+        assert most < batchpool.SLOTS
         # epochs 2 and 3: everything of epoch 2 held (whole batches, views, numpy arrays) while
         # epoch 3 runs through the same workers
         held = [got["batch"] for got in loader]

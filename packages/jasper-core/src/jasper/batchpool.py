@@ -6,8 +6,9 @@ fault per 4 KiB as the gather writes it: at batch 1024, D=384, n_neg=8 (17 MB a 
 into fresh shared memory took 32 ms against 5 ms into a reused buffer (one thread, loaded 2-core
 machine), which is why worker processes served preloaded data at 0.17x of the in-process gather.
 
-So a worker keeps a few buffers per batch layout (:data:`SLOTS_PER_LAYOUT`), each one shared
-storage that holds every field of a batch. A batch assembled in a buffer carries a
+So a worker keeps a few buffers (:data:`SLOTS`), each one shared storage that holds every field
+of a batch; a buffer free for one batch shape is re-made for another when all are taken, so
+batches of changing sizes cannot make a worker hold more than :data:`SLOTS` of them. A batch assembled in a buffer carries a
 :class:`Lease` (the worker's flag tensor and the slot); when the batch is pickled to the main
 process the lease travels with it, and there :func:`rebuild_leased` puts a finalizer on the
 received storage that clears the slot's flag once the last tensor, view or numpy array of that
@@ -39,10 +40,9 @@ from typing import Any
 
 import torch
 
-#: Buffers a worker keeps per batch layout (batches in flight to, or held by, the receiver).
-SLOTS_PER_LAYOUT = 8
-#: Slots a process keeps in all (its flag tensor's length).
-MAX_SLOTS = 64
+#: Buffers a process keeps at most (batches in flight to, or held by, the receiver); beyond
+#: them a batch gets fresh shared memory.
+SLOTS = 8
 #: Fields start at multiples of this many bytes (a cache line).
 ALIGN = 64
 #: A pool idle this many seconds drops its free buffers.
@@ -114,38 +114,50 @@ class BatchPool:
         self.idle_release_s = idle_release_s
         self._lock = threading.Lock()
         self._flags: torch.Tensor | None = None
-        # a slot's buffer; None once dropped while idle (made again when the slot is next used)
+        # per slot: its buffer and the layout it was made for (None: no buffer, made when the
+        # slot is next used; a slot's buffer is dropped while idle or re-made for a new layout)
         self._storages: list[torch.UntypedStorage | None] = []
-        self._slots: dict[BatchLayout, list[int]] = {}
+        self._layouts: list[BatchLayout | None] = []
         self._last_use = time.monotonic()
         self._reaper: threading.Thread | None = None
 
+    def _free(self, slot: int, busy: Any) -> bool:
+        storage = self._storages[slot]
+        # the receiver gave it back, and the pool's own reference is the only one left here
+        return busy[slot] == 0 and (storage is None or _use_count(storage) == 1)
+
     def acquire(self, layout: BatchLayout) -> tuple[dict[str, torch.Tensor], Lease | None]:
         """The fields of a batch in a shared buffer, and its lease (``None``: a fresh buffer
-        outside the pool, when the layout's slots are all busy or pooling is off)."""
+        outside the pool, when every slot is busy or pooling is off)."""
         if not enabled():
             return layout.views(torch.UntypedStorage._new_shared(layout.nbytes)), None
         with self._lock:
             self._last_use = time.monotonic()
             if self._flags is None:
-                self._flags = torch.zeros(MAX_SLOTS, dtype=torch.int32).share_memory_()
+                self._flags = torch.zeros(SLOTS, dtype=torch.int32).share_memory_()
             flags = self._flags
             busy = flags.numpy()
-            slots = self._slots.setdefault(layout, [])
-            for slot in slots:
-                storage = self._storages[slot]
-                # the pool's own reference is the only one left in this process
-                if busy[slot] == 0 and (storage is None or _use_count(storage) == 1):
-                    break
-            else:
-                if len(slots) >= SLOTS_PER_LAYOUT or len(self._storages) >= MAX_SLOTS:
-                    return layout.views(torch.UntypedStorage._new_shared(layout.nbytes)), None
-                slot = len(self._storages)
+            n = len(self._storages)
+            # a free buffer of this layout; else a free slot without a buffer; else a new slot;
+            # else a free slot whose buffer is re-made for this layout
+            slot = next((i for i in range(n) if self._layouts[i] == layout
+                         and self._storages[i] is not None and self._free(i, busy)), None)
+            if slot is None:
+                slot = next((i for i in range(n) if self._storages[i] is None
+                             and busy[i] == 0), None)
+            if slot is None and n < SLOTS:
+                slot = n
                 self._storages.append(None)
-                slots.append(slot)
+                self._layouts.append(None)
+            if slot is None:
+                slot = next((i for i in range(n) if self._free(i, busy)), None)
+            if slot is None:
+                return layout.views(torch.UntypedStorage._new_shared(layout.nbytes)), None
             storage = self._storages[slot]
-            if storage is None:
+            if storage is None or self._layouts[slot] != layout:
+                self._storages[slot] = None  # the old buffer goes before the new one is made
                 storage = self._storages[slot] = torch.UntypedStorage._new_shared(layout.nbytes)
+                self._layouts[slot] = layout
             busy[slot] = 1
             self._start_reaper()
             return layout.views(storage), Lease(flags, slot)
@@ -163,7 +175,7 @@ class BatchPool:
             busy = self._flags.numpy()
             dropped = 0
             for slot, storage in enumerate(self._storages):
-                if storage is not None and busy[slot] == 0 and _use_count(storage) == 1:
+                if storage is not None and self._free(slot, busy):
                     self._storages[slot] = None
                     dropped += 1
             return dropped
@@ -228,8 +240,7 @@ def rebuild_leased(items: dict[str, Any], flags: torch.Tensor, slot: int, key: s
 __all__ = [
     "ALIGN",
     "IDLE_RELEASE_S",
-    "MAX_SLOTS",
-    "SLOTS_PER_LAYOUT",
+    "SLOTS",
     "BatchLayout",
     "BatchPool",
     "Lease",
