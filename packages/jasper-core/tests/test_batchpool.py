@@ -88,6 +88,25 @@ def test_an_idle_pool_drops_its_free_buffers_and_keeps_busy_ones() -> None:
     assert again_slot == slot and pool.slots() == 2
 
 
+def test_the_slot_waits_for_every_storage_object_of_the_buffer() -> None:
+    """Should a receiver get one buffer as several storage objects (``from_numpy`` makes one
+    per call), the slot comes back only when the last of them is gone."""
+    flags = torch.ones(4, dtype=torch.int32)
+    buffer = np.zeros(16, dtype=np.float32)
+    items = batchpool.rebuild_leased({"a": torch.from_numpy(buffer), "b": torch.from_numpy(buffer),
+                                      "other": torch.zeros(3)}, flags, 2, "b")
+    assert items["a"].untyped_storage() is not items["b"].untyped_storage()
+    del items["b"]
+    gc.collect()
+    assert int(flags[2]) == 1  # "a" still maps the buffer
+    del items["other"]
+    gc.collect()
+    assert int(flags[2]) == 1
+    del items["a"]
+    gc.collect()
+    assert flags.tolist() == [1, 1, 0, 1]
+
+
 def test_a_received_batch_is_an_ordinary_batch() -> None:
     pool = batchpool.BatchPool(idle_release_s=0)
     batch, _ = _leased(pool, 1.0)
@@ -212,6 +231,15 @@ def test_worker_batches_reuse_buffers_and_held_batches_never_change(
                     assert torch.equal(value, want[i][key]), (i, key)
             assert torch.equal(views[i], want[i]["question_emb"][1:3])
             assert np.array_equal(arrays[i], want[i]["steering"].numpy())
+        # epochs 4 and 5: only a view of one field held (not the first field, whose storage a
+        # receiver might watch alone), everything else of the batch dropped
+        del held, views, arrays
+        negatives = [got["batch"]["negative_embs"][2:4] for got in loader]
+        gc.collect()
+        for _ in loader:
+            pass
+        for i in range(n):
+            assert torch.equal(negatives[i], want[i]["negative_embs"][2:4]), i
     finally:
         it = loader._iterator
         if it is not None:

@@ -223,17 +223,35 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _clear(flags: torch.Tensor, slot: int) -> None:
-    flags[slot] = 0
+class _Countdown:
+    """Clears a slot's flag when the last of several storages that map its buffer is gone."""
+
+    __slots__ = ("flags", "left", "lock", "slot")
+
+    def __init__(self, flags: torch.Tensor, slot: int, left: int) -> None:
+        self.flags, self.slot, self.left = flags, slot, left
+        self.lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self.lock:
+            self.left -= 1
+            if self.left == 0:
+                self.flags[self.slot] = 0
 
 
 def rebuild_leased(items: dict[str, Any], flags: torch.Tensor, slot: int, key: str
                    ) -> dict[str, Any]:
-    """The receiving side of a leased batch: ``items`` as received, with a finalizer that gives
-    the slot back once the storage of ``items[key]`` (the buffer all pooled fields share) is
-    gone from this process."""
-    storage = items[key].untyped_storage()
-    weakref.finalize(storage, _clear, flags, slot)
+    """The receiving side of a leased batch: ``items`` as received, with finalizers that give
+    the slot back once every storage object mapping the buffer of ``items[key]`` (the buffer
+    the pooled fields share) is gone from this process. torch hands the fields one storage
+    object; should it ever hand out several for one buffer, the slot waits for all of them."""
+    buffer = items[key].untyped_storage().data_ptr()
+    storages = {id(st): st for st in (v.untyped_storage() for v in items.values()
+                                      if isinstance(v, torch.Tensor))
+                if st.data_ptr() == buffer}
+    done = _Countdown(flags, slot, len(storages))
+    for st in storages.values():
+        weakref.finalize(st, done)
     return items
 
 
