@@ -34,7 +34,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,16 +73,20 @@ class BatchLayout:
 
     def views(self, storage: torch.UntypedStorage) -> dict[str, torch.Tensor]:
         """One contiguous tensor per field, each a view of ``storage``."""
-        out: dict[str, torch.Tensor] = {}
-        for key, shape, dtype, offset in self.fields:
-            strides = []
-            acc = 1
-            for s in reversed(shape):
-                strides.append(acc)
-                acc *= max(1, s)
-            out[key] = torch.empty(0, dtype=dtype).set_(
-                storage, offset // dtype.itemsize, shape, tuple(reversed(strides)))
-        return out
+        return {key: storage_view(storage, offset, shape, dtype)
+                for key, shape, dtype, offset in self.fields}
+
+
+def storage_view(storage: torch.UntypedStorage, offset: int, shape: Sequence[int],
+                 dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous ``dtype`` tensor of ``shape`` on ``storage`` from byte ``offset``."""
+    strides: list[int] = []
+    acc = 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(1, int(s))
+    return torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize,
+                                            tuple(int(s) for s in shape), strides[::-1])
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
+def lease_batch(batch: Any, fields: Mapping[str, torch.Tensor], lease: Lease) -> None:
+    """Give ``batch`` (a :class:`jasper.dataset.JasperBatch` gathered into ``fields``, the
+    views :meth:`BatchPool.acquire` returned with ``lease``) the lease its pickling carries:
+    (flags, slot, a key whose tensor lies in the buffer). A batch that holds nothing of the
+    buffer gives the slot back at once."""
+    buffer = next(iter(fields.values())).untyped_storage().data_ptr()
+    key = next((k for k, v in batch.items() if v.untyped_storage().data_ptr() == buffer), None)
+    if key is None:
+        lease.flags[lease.slot] = 0
+    else:
+        batch.lease = (lease.flags, lease.slot, key)
+
+
 class _Countdown:
     """Clears a slot's flag when the last of several storages that map its buffer is gone."""
 
@@ -263,6 +280,8 @@ __all__ = [
     "BatchPool",
     "Lease",
     "enabled",
+    "lease_batch",
     "pool",
     "rebuild_leased",
+    "storage_view",
 ]

@@ -553,13 +553,7 @@ class JASPERSteeringDataset(Dataset[dict[str, torch.Tensor]]):
         fields, lease = batchpool.pool().acquire(layout)
         batch = self.gather(idx, fields)
         if lease is not None:
-            buffer = next(iter(fields.values())).untyped_storage().data_ptr()
-            key = next((k for k, v in batch.items()
-                        if v.untyped_storage().data_ptr() == buffer), None)
-            if key is None:
-                batchpool.pool().release(lease)
-            else:
-                batch.lease = (lease.flags, lease.slot, key)
+            batchpool.lease_batch(batch, fields, lease)
         return batch
 
     def empty_batch(self, batch_size: int, *, shared: bool = False, pin: bool = False,

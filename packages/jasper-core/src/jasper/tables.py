@@ -34,6 +34,7 @@ import torch
 
 from jasper.allocator import huge_empty
 from jasper.backend import ArrayInfo, StoreReader
+from jasper.batchpool import storage_view
 from jasper.manifest import Manifest
 from jasper.registry import get_backend
 from jasper.schema import ARRAYS, STEERING_ARRAYS, STEERING_VARIANTS, Cols
@@ -89,12 +90,7 @@ def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     for s in shape:
         numel *= int(s)
     storage = torch.UntypedStorage._new_shared(max(1, numel) * dtype.itemsize)
-    strides = []
-    acc = 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= max(1, int(s))
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape), tuple(reversed(strides)))
+    return storage_view(storage, 0, shape, dtype)
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -500,7 +496,7 @@ class PreloadedTables(TableSet):
             return self._derive(pair_ids, variant, out, questions, sources, clusters)
         assert self.steering_table is not None
         if rows is None:
-            rows = self.steering_rows(pair_ids.to(torch.int64), variant)
+            rows = self.steering_rows(pair_ids, variant)
             assert rows is not None
         return take(self.steering_table, rows, out)
 
