@@ -5,7 +5,8 @@ concurrent writers, readers during a commit, Ctrl-C, the CLI), against every ins
 Each (family, backend) group asserts the campaign's goal: no untyped error, no crash, no hang,
 no silent-wrong data, no dataset lost, no leftovers, no canary. Groups that fail today are marked
 xfail with the issue item that fixes them (``reliability/known.py``); the goal is the same for
-them. The fuzz smoke run (a few seconds per reader) is here too.
+them. The fuzz smoke run is in
+test_fuzz_smoke.py, a module of its own so that a parallel run gives it a worker of its own.
 """
 
 from __future__ import annotations
@@ -85,29 +86,3 @@ def test_quick_campaign_goal(quick_results: list[dict], family: str, backend: st
 
 def test_every_family_has_a_quick_sample(quick_results: list[dict]) -> None:
     assert {r["family"] for r in quick_results} - {"prepare"} == set(FAMILIES)
-
-
-FUZZ_TARGETS = ["manifest", "pt", "hdf5", "memmap", "zarr", "chroma"]
-#: fuzz targets whose deterministic smoke run (seed 1) finds a bug today, with the issue item
-FUZZ_KNOWN: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module")
-def fuzz_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    if importlib.util.find_spec("atheris") is None:
-        pytest.skip("atheris is not installed")
-    out = tmp_path_factory.mktemp("fuzz")
-    subprocess.run([sys.executable, "-m", "reliability.fuzz", "--runs", "300", "--seed", "1",
-                    "--seconds", "60", "--json", str(out / "fuzz.json"),
-                    "--artifacts", str(out / "artifacts")],
-                   cwd=ROOT, capture_output=True, text=True, timeout=900)
-    return {r["target"]: r for r in json.loads((out / "fuzz.json").read_text())}
-
-
-@pytest.mark.parametrize("target", [
-    pytest.param(t, marks=[pytest.mark.xfail(strict=False, reason=FUZZ_KNOWN[t])]
-                 if t in FUZZ_KNOWN else []) for t in FUZZ_TARGETS])
-def test_fuzz_smoke(fuzz_results: dict[str, dict], target: str) -> None:
-    """300 inputs per reader (deterministic seed): no exception but a JasperError escapes."""
-    r = fuzz_results[target]
-    assert r["result"] == "ok", f"fuzz target {target}: {r['finding']}"

@@ -169,6 +169,12 @@ def _ddp_loader(path: str, kind: str) -> Any:
 
 
 def _ddp_main(rank: int, port: int, path: str, out: str, phase: str) -> None:
+    # mp.spawn leaves spawn as each rank's default start method; the ranks torchrun starts
+    # keep the platform's (fork on Linux), which is what a rank's worker processes meet. (Resume
+    # with spawned workers: the fresh-process test above. Spawning them here cost ~2 s a pass.)
+    import multiprocessing
+
+    multiprocessing.set_start_method("fork", force=True)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
