@@ -10,8 +10,10 @@ import torch
 from hypothesis import given, settings
 
 from jasper.steering import (
+    _EXP_PIECE,
     JASPER_V1,
     KeywordRows,
+    _exp,
     count_order,
     keyword_rows_of,
     keyword_slots_of,
@@ -100,6 +102,27 @@ def test_the_kernel_keeps_jasper_v1s_first_bits(seed, n_pairs, d, dtype, max_kw,
         got = steering_rows(JASPER_V1, 2, centroids=t["c"].index_select(0, order),
                             questions=t["q"].index_select(0, order), keywords=slots)
         assert torch.equal(_bits(got), _bits(want.index_select(0, order)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.one_of(st.integers(1, 300), st.integers(_EXP_PIECE - 70, 3 * _EXP_PIECE + 70)),
+       dtype=st.sampled_from([torch.float32, torch.float64]), threads=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_exp_gives_the_vectorised_value_at_any_length_and_thread_count(n, dtype, threads,
+                                                                        seed) -> None:
+    """The keyword weights' exp: every element the vectorised value, whatever the batch's
+    length (no scalar tail) and however many threads ATen splits a loop among."""
+    x = (torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+         * 16 - 8).to(dtype)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the reference: one thread, each element in whole vectors
+        want = _ref_exp(x)
+        torch.set_num_threads(threads)
+        got = _exp(x)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(_bits(got), _bits(want))
 
 
 def test_slots_refuse_pairs_out_of_count_order() -> None:
