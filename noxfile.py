@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
@@ -243,7 +244,39 @@ def benchmark(session: nox.Session) -> None:
         *(_pkg(b, None) for b in BACKENDS),
         "-r", str(ROOT / "benchmarks" / "requirements.txt"),
     )
-    session.run("python", str(ROOT / "benchmarks" / "run.py"), *session.posargs)
+    env = {}
+    mosaic = _mosaic_env(session)
+    if mosaic is not None:
+        env["JASPER_BENCH_MOSAIC_PYTHON"] = mosaic
+    session.run("python", str(ROOT / "benchmarks" / "run.py"), *session.posargs, env=env)
+
+
+#: Mosaic streaming's own environment, beside nox's: its pins (numpy < 2.2, torchvision,
+#: transformers < 5) cannot share the benchmark's, so its peer runs there over a pipe
+#: (benchmarks/mosaic_peer.py). Kept between runs while its requirements file is unchanged.
+MOSAIC_ENV = ROOT / ".nox" / "_mosaic-streaming"
+MOSAIC_REQUIREMENTS = ROOT / "benchmarks" / "requirements-mosaic.txt"
+
+
+def _mosaic_env(session: nox.Session) -> str | None:
+    """The Python of Mosaic's environment, built if missing or stale; None (the peer is then
+    reported unavailable) when it cannot be built here."""
+    python = MOSAIC_ENV / "bin" / "python"
+    stamp = MOSAIC_ENV / ".requirements"
+    want = MOSAIC_REQUIREMENTS.read_text()
+    if python.exists() and stamp.exists() and stamp.read_text() == want:
+        return str(python)
+    shutil.rmtree(MOSAIC_ENV, ignore_errors=True)
+    try:
+        session.run("python", "-m", "venv", str(MOSAIC_ENV))
+        session.run(str(python), "-m", "pip", "install", "--quiet", "--no-compile",
+                    "-r", str(MOSAIC_REQUIREMENTS), external=True)
+    except CommandFailed:
+        session.warn("Mosaic streaming's environment could not be built; its peer is skipped")
+        shutil.rmtree(MOSAIC_ENV, ignore_errors=True)
+        return None
+    stamp.write_text(want)
+    return str(python)
 
 
 @nox.session

@@ -119,6 +119,13 @@ def test_smoke_peers_run_or_skip_with_reason(smoke_run: Path) -> None:
             skipped = [o for o in outcomes if f"-{peer}-" in o["id"]]
             assert skipped and all(o["outcome"] == "skipped" and module in o["reason"]
                                    for o in skipped)
+    # Mosaic streaming runs only in the environment `nox -s benchmark` builds for it
+    if os.environ.get("JASPER_BENCH_MOSAIC_PYTHON"):
+        assert "mosaic" in peers
+    else:
+        skipped = [o for o in outcomes if "-mosaic-" in o["id"]]
+        assert skipped and all(o["outcome"] == "skipped"
+                               and "JASPER_BENCH_MOSAIC_PYTHON" in o["reason"] for o in skipped)
 
 
 def test_gpu_part_code_runs_on_the_cpu_device(smoke_run: Path) -> None:

@@ -26,16 +26,20 @@ read from storage per batch), so the report compares like with like:
   target and negative rows (sorted and de-duplicated, as Lance's own guidance for random access
   advises, and un-permuted);
 
-Mosaic streaming is not measured: ``import streaming`` (mosaicml-streaming 0.13) imports
-torchvision and transformers; torchvision's PyPI wheels fail to load against torch's CPU build,
-and transformers pins a huggingface-hub that breaks ``datasets`` (see benchmarks/README.md).
+- Mosaic streaming (``lazy``): an MDS dataset (``MDSWriter``, uncompressed, local shards) of
+  denormalised samples, read by ``LocalDataset`` (its random-access map dataset) through a
+  ``DataLoader`` with ``default_collate``. It runs in an environment of its own (its pins conflict
+  with the other peers'), driven over a pipe (``benchmarks/mosaic_peer.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -513,6 +517,100 @@ class LancePeer:
         return _batch_from(p, rows, self._emb(self.questions, qs[:, 0]),
                            self._emb(self.sources, qs[:, 1]),
                            self._emb(self.sources, rows["hard_negatives"].numpy().reshape(-1)))
+
+
+class MosaicPeer:
+    """Mosaic streaming, run by ``benchmarks/mosaic_peer.py`` in Mosaic's own environment
+    (``JASPER_BENCH_MOSAIC_PYTHON``, which ``nox -s benchmark`` builds and sets): MDS shards of
+    denormalised samples (Mosaic has no join), ``LocalDataset`` random access per item and
+    ``default_collate``. This process times each pass and the gaps between batches as the
+    child reports them, one short line per batch over a pipe (microseconds against the
+    milliseconds a batch takes)."""
+
+    name = "Mosaic streaming LocalDataset + default_collate"
+    path = "lazy"
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], cache: Path) -> None:
+        python = os.environ.get("JASPER_BENCH_MOSAIC_PYTHON")
+        if not python:
+            raise Unavailable("Mosaic streaming runs in an environment of its own (it pins numpy "
+                              "below 2.2 and imports torchvision and transformers); `nox -s "
+                              "benchmark` builds it and sets JASPER_BENCH_MOSAIC_PYTHON")
+        self.bf16 = arrays["question_embs"].dtype == torch.bfloat16
+        self.cache = cache
+        mds = cache / "mds"
+        inputs = None
+        if not (mds / ".complete").is_file():
+            names = (*_PAIR_FIELDS, "question_embs", "source_embs", "train_idx")
+
+            def write_inputs(tmp: Path) -> None:
+                for n in names:
+                    np.save(tmp / f"{n}.npy", _numpy(arrays[n]))
+
+            inputs = _atomic_build(cache / "inputs", write_inputs)
+        self.proc = subprocess.Popen(
+            [python, str(Path(__file__).resolve().parents[1] / "mosaic_peer.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        try:
+            self.built = self._ask(op="build", inputs=str(inputs or ""), mds=str(mds))
+        except BaseException:
+            self.close()
+            raise
+        if inputs is not None:  # the shards hold everything now
+            shutil.rmtree(inputs, ignore_errors=True)
+
+    def _send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the Mosaic peer's process ended (exit {self.proc.wait()})")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"Mosaic peer: {reply['error']}")
+        return reply
+
+    def _ask(self, **cmd: Any) -> dict[str, Any]:
+        self._send(**cmd)
+        return self._read()
+
+    def use_stream(self, stream: torch.Tensor) -> None:
+        """Serve exactly ``stream`` (one batch per row) from now on."""
+        where = self.cache / f"stream-{stream.shape[0]}x{stream.shape[1]}.npy"
+        np.save(where, stream.numpy())
+        try:
+            self._ask(op="open", mds=str(self.cache / "mds"), stream=str(where))
+        finally:  # the child holds the stream in memory now
+            where.unlink()
+
+    def first_batch(self) -> Batch:
+        """The stream's first batch as the child collated it (bfloat16 viewed back)."""
+        out = self.cache / "first.npz"
+        self._ask(op="first", out=str(out))
+        with np.load(out) as z:
+            batch = {k: _torch(z[k], self.bf16) for k in z.files}
+        out.unlink()
+        return batch
+
+    def passes(self) -> Iterator[None]:
+        """One pass over the stream: yields as each batch is ready in the child."""
+        self._send(op="pass")
+        while "done" not in self._read():
+            yield None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, RuntimeError):  # it may have died already
+                self._ask(op="quit")
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def iterate_direct(fn: BatchFn, stream: torch.Tensor) -> Iterator[Any]:

@@ -428,10 +428,12 @@ PEER_NAMES = {"reference": "per-item reference + default_collate",
               "tensordict": "tensordict memmap", "hf_datasets": "HF datasets (torch format)",
               "numpy_memmap": "numpy memmap + __getitems__",
               "safetensors": "safetensors load_file + indexing",
-              "lance": "Lance take"}
+              "lance": "Lance take",
+              "mosaic": "Mosaic streaming LocalDataset + default_collate"}
 #: The data path of each peer for runs whose entries do not record it (runs before peers did).
 PEER_PATHS = {"reference": "preload", "tensordict": "mmap", "hf_datasets": "mmap",
-              "numpy_memmap": "mmap", "safetensors": "preload", "lance": "lazy"}
+              "numpy_memmap": "mmap", "safetensors": "preload", "lance": "lazy",
+              "mosaic": "lazy"}
 #: Why each peer is where it is, for the report's "where a peer wins" notes.
 PEER_WHY = {
     "reference": "one Python dict per item, then default_collate stacks them",
@@ -444,6 +446,9 @@ PEER_WHY = {
                    "allocation per field",
     "lance": "a take per table per batch through Lance's reader: decoding and Arrow conversion "
              "on top of the bytes",
+    "mosaic": "random access is one sample at a time (LocalDataset opens the sample's shard file, "
+              "reads its offsets and bytes, decodes each column), then default_collate stacks "
+              "the per-sample dicts: the per-item pattern of the reference, from files",
 }
 
 
