@@ -268,9 +268,11 @@ def _mosaic_env(session: nox.Session) -> str | None:
         return str(python)
     shutil.rmtree(MOSAIC_ENV, ignore_errors=True)
     try:
-        session.run("python", "-m", "venv", str(MOSAIC_ENV))
-        session.run(str(python), "-m", "pip", "install", "--quiet", "--no-compile",
-                    "-r", str(MOSAIC_REQUIREMENTS), external=True)
+        # run_install: building it is installation, so `nox -s benchmark --install-only`
+        # builds it too (session.run is skipped there, and the stamp below would then fail)
+        session.run_install("python", "-m", "venv", str(MOSAIC_ENV))
+        session.run_install(str(python), "-m", "pip", "install", "--quiet", "--no-compile",
+                            "-r", str(MOSAIC_REQUIREMENTS), external=True)
     except CommandFailed:
         session.warn("Mosaic streaming's environment could not be built; its peer is skipped")
         shutil.rmtree(MOSAIC_ENV, ignore_errors=True)
