@@ -384,3 +384,86 @@ def test_thread_workers_bound_the_batches_alive_and_allocate_in_the_consumer(
     rest = list(it)
     assert len(rest) == len(loader) - 1 and len(allocated) == len(loader)
     assert set(allocated) == {threading.get_ident()}
+
+
+def _freeze_seen_by_workers(counts: torch.Tensor) -> Callable[[int], None]:
+    def init(worker_id: int) -> None:
+        import gc
+
+        counts[worker_id] = gc.get_freeze_count()
+    return init
+
+
+def test_forked_workers_keep_the_collector_off_what_they_share(tagged: Path) -> None:
+    """While forked workers live, the objects that existed at the fork sit in the collector's
+    permanent generation, in the training process and in the workers; the freeze ends with the
+    workers (each epoch for non-persistent ones)."""
+    import gc
+
+    from jasper import gcfreeze
+    from jasper.dataset import passthrough_collate
+    from jasper.loader import JasperLoader
+
+    assert gc.get_freeze_count() == 0 and gcfreeze.holders() == 0
+    ds = JASPERSteeringDataset(tagged, "val")
+    counts = torch.full((2,), -1, dtype=torch.int64).share_memory_()
+    loader = JasperLoader(ds, batch_size=8, num_workers=2, collate_fn=passthrough_collate,
+                          multiprocessing_context="fork",
+                          worker_init_fn=_freeze_seen_by_workers(counts))
+    for epoch in range(2):
+        counts.fill_(-1)
+        it = iter(loader)
+        next(it)
+        assert gc.get_freeze_count() > 0 and gcfreeze.holders() == 1
+        for _ in it:
+            pass
+        del it
+        assert bool((counts > 0).all()), f"epoch {epoch}: workers saw {counts.tolist()}"
+        assert gc.get_freeze_count() == 0 and gcfreeze.holders() == 0, f"epoch {epoch}"
+
+
+def test_persistent_workers_hold_the_freeze_until_the_loader_goes(tagged: Path) -> None:
+    import gc
+
+    from jasper import gcfreeze
+
+    loader = create_loader(tagged, "val", batch_size=8, num_workers=2, worker_type="process",
+                           persistent_workers=True)
+    for _ in range(2):
+        for _ in loader:
+            assert gcfreeze.holders() == 1
+    assert gcfreeze.holders() == 1 and gc.get_freeze_count() > 0  # the workers still live
+    del loader
+    assert gcfreeze.holders() == 0 and gc.get_freeze_count() == 0
+
+
+def test_the_freeze_leaves_spawned_workers_threads_users_and_opt_outs_alone(
+        tagged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from jasper import gcfreeze
+
+    def held_while_serving(loader: Any) -> int:
+        it = iter(loader)
+        next(it)
+        held = gcfreeze.holders()
+        del it
+        return held
+
+    spawned = create_loader(tagged, "val", batch_size=8, num_workers=1, worker_type="process",
+                            multiprocessing_context="spawn")
+    assert held_while_serving(spawned) == 0  # a spawned child shares no pages
+    assert held_while_serving(create_loader(tagged, "val", batch_size=8, num_workers=2,
+                                            worker_type="thread")) == 0
+    forked = create_loader(tagged, "val", batch_size=8, num_workers=1, worker_type="process")
+    monkeypatch.setenv("JASPER_GC_FREEZE", "0")
+    assert held_while_serving(forked) == 0 and gc.get_freeze_count() == 0
+    monkeypatch.delenv("JASPER_GC_FREEZE")
+
+    # a user's own freeze is theirs: jasper adds to it and never undoes it
+    gc.freeze()
+    try:
+        assert held_while_serving(forked) == 1
+        assert gcfreeze.holders() == 0 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+from jasper import gcfreeze
 from jasper.allocator import cancel_idle_release, release_when_idle
 from jasper.dataset import BATCH_KEYS, JASPERSteeringDataset, passthrough_collate
 
@@ -316,10 +319,28 @@ class JasperLoader(DataLoader):
 
     def _get_iterator(self) -> Any:
         self._making_iterator = True
+        # forked workers share this process's pages: keep the collector off the objects they
+        # share while they live (jasper.gcfreeze), from just before the fork
+        release = gcfreeze.freeze_for_fork() if self._forks_workers() else None
         try:
-            return super()._get_iterator()
+            iterator = super()._get_iterator()
+        except BaseException:
+            if release is not None:
+                release()
+            raise
         finally:
             self._making_iterator = False
+        if release is not None:
+            weakref.finalize(iterator, release)  # the workers go with their iterator
+        return iterator
+
+    def _forks_workers(self) -> bool:
+        if self.num_workers == 0:
+            return False
+        context = self.multiprocessing_context
+        method = (context.get_start_method() if context is not None
+                  else multiprocessing.get_start_method())
+        return method == "fork"
 
     @property
     def _in_process(self) -> bool:
