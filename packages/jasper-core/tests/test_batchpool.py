@@ -245,3 +245,29 @@ def test_worker_batches_reuse_buffers_and_held_batches_never_change(
         if it is not None:
             it._shutdown_workers()  # type: ignore[attr-defined]
         ds.close()
+
+
+def test_an_idle_pool_hands_its_free_heap_back_once_per_idle_spell(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker inherits the tuned heap, which keeps what its batches' temporaries freed: once
+    idle, the reaper trims it (after dropping free buffers), and not again until the pool was
+    used or a buffer came back."""
+    trims: list[float] = []
+    monkeypatch.setattr(batchpool, "release_free_memory", lambda: trims.append(1.0) or True)
+    pool = batchpool.BatchPool(idle_release_s=0.2)
+    batch, slot = _leased(pool, 1.0)
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(trims) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    wait_for(1)
+    assert len(trims) == 1 and pool.slots() == 1  # idle: trimmed, the busy buffer kept
+    time.sleep(0.6)
+    assert len(trims) == 1  # still idle, nothing given back: no second trim
+    pool.release(batchpool.Lease(batch.lease[0], slot))
+    del batch
+    gc.collect()
+    wait_for(2)
+    assert len(trims) == 2 and pool.slots() == 0  # the buffer came back: dropped, trimmed
