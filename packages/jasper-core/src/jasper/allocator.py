@@ -30,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 import platform
 import sys
 import threading
@@ -38,6 +37,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from jasper.envflags import switched_off
 
 LOGGER = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def tune_host_allocator() -> bool:
     than glibc, or when ``mallopt`` refuses.
     """
     global _applied
-    if os.environ.get("JASPER_TUNE_MALLOC", "").strip().lower() in {"0", "false", "no", "off"}:
+    if switched_off("JASPER_TUNE_MALLOC"):
         return False
     with _lock:
         if _applied is None:

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from jasper.allocator import release_free_memory
+from jasper.envflags import switched_off
 
 #: Buffers a process keeps at most (batches in flight to, or held by, the receiver); beyond
 #: them a batch gets fresh shared memory.
@@ -109,7 +110,7 @@ def _use_count(storage: torch.UntypedStorage) -> int:
 def enabled() -> bool:
     """Whether worker batches are reused (``JASPER_BATCH_POOL`` is not ``0``) and this torch
     can tell when nothing in the worker refers to a buffer any more."""
-    if os.environ.get("JASPER_BATCH_POOL", "").strip().lower() in {"0", "false", "no", "off"}:
+    if switched_off("JASPER_BATCH_POOL"):
         return False
     return hasattr(torch._C, "_storage_Use_Count")
 

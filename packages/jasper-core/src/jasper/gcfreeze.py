@@ -23,11 +23,11 @@ it. ``JASPER_GC_FREEZE=0`` leaves the collector alone.
 from __future__ import annotations
 
 import gc
-import os
 import threading
 from collections.abc import Callable
 
-_OFF = {"0", "false", "no", "off"}
+from jasper.envflags import switched_off
+
 _lock = threading.Lock()
 _holders = 0  # loaders whose forked workers are alive
 _ours = False  # the freeze is jasper's to give back (the permanent generation was empty)
@@ -35,7 +35,7 @@ _ours = False  # the freeze is jasper's to give back (the permanent generation w
 
 def enabled() -> bool:
     """Whether jasper freezes the collector for forked workers (``JASPER_GC_FREEZE`` is not 0)."""
-    return os.environ.get("JASPER_GC_FREEZE", "").strip().lower() not in _OFF
+    return not switched_off("JASPER_GC_FREEZE")
 
 
 def holders() -> int:

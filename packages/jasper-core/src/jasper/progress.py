@@ -6,15 +6,16 @@ environment variable ``JASPER_PROGRESS=0`` turns every bar off.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from jasper.envflags import switched_off
+
 
 def progress_enabled(progress: bool | None) -> bool:
-    if os.environ.get("JASPER_PROGRESS", "").strip() in {"0", "false", "no", "off"}:
+    if switched_off("JASPER_PROGRESS"):
         return False
     if progress is not None:
         return progress
